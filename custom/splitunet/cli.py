@@ -1,0 +1,121 @@
+"""The ``splitunet`` command (also ``python -m splitunet``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+
+__all__ = ["main", "build_parser"]
+
+
+def _phantom(args) -> int:
+    from splitunet.data.phantom import generate_phantom
+
+    out = generate_phantom(args.out, args.cases, shape=tuple(args.shape), seed=args.seed, progress=not args.quiet)
+    print(f"wrote {args.cases} phantom cases in MSD Task01 layout to {out}")
+    return 0
+
+
+def _partition(args) -> int:
+    from splitunet.data.partition import partition_msd
+
+    summary = partition_msd(args.src, args.out, progress=not args.quiet)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _prepare(args) -> int:
+    from splitunet.deployment import default_site_modalities, prepare_simulator_workspace, read_or_create_secret
+
+    secret = args.case_key_secret or read_or_create_secret(Path(args.workspace) / "case_key_secret.txt")
+    workspace = prepare_simulator_workspace(
+        args.workspace, args.data, default_site_modalities(args.num_sites), secret, layout=args.layout
+    )
+    print(f"simulator workspace ready: {workspace}/local (site settings and class allow-list)")
+    print(f"run: nvflare simulator jobs/split_unet -w {args.workspace} -n {args.num_sites} -t {args.num_sites}")
+    return 0
+
+
+def _stage_byoc(args) -> int:
+    from splitunet.deployment import find_job, stage_byoc_job
+
+    out = stage_byoc_job(args.job or find_job("split_unet"), args.out)
+    print(f"BYOC job (carries custom/splitunet) written to {out}")
+    return 0
+
+
+def _demo(args) -> int:
+    from splitunet.demo import DemoSettings, run_demo
+
+    server_args = {}
+    if args.iterations:
+        server_args["num_iterations"] = args.iterations
+    settings = DemoSettings(cases=args.cases, shape=tuple(args.shape), seed=args.seed, server_args=server_args,
+                            timeout_s=args.timeout)
+    summary = run_demo(args.workspace, settings)
+    dice = summary["dice"]
+    print(f"\nDice on held-out phantom cases after {summary['iterations']} iterations: "
+          f"TC {dice['TC']:.3f}  WT {dice['WT']:.3f}  ET {dice['ET']:.3f}")
+    print(f"results: {Path(args.workspace).resolve() / 'results.json'}")
+    if summary.get("preview_png"):
+        print(f"figure:  {summary['preview_png']}")
+    if summary.get("tensorboard"):
+        print(f"tensorboard --logdir {summary['tensorboard']}")
+    print(f"elapsed: {summary['elapsed_s']:.0f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitunet", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    phantom = commands.add_parser("phantom", help="write a brain-tumour MRI phantom in MSD Task01 layout")
+    phantom.add_argument("--out", required=True, type=Path)
+    phantom.add_argument("--cases", required=True, type=int)
+    phantom.add_argument("--shape", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--quiet", action="store_true", help="no progress bar")
+    phantom.set_defaults(run=_phantom)
+
+    partition = commands.add_parser("partition", help="split an MSD dataset into one folder per party")
+    partition.add_argument("--src", required=True, type=Path)
+    partition.add_argument("--out", required=True, type=Path)
+    partition.add_argument("--quiet", action="store_true")
+    partition.set_defaults(run=_partition)
+
+    prepare = commands.add_parser("prepare", help="write a simulator workspace's local/ (site settings, allow-list)")
+    prepare.add_argument("--data", required=True, type=Path, help="output of `splitunet partition`")
+    prepare.add_argument("--workspace", required=True, type=Path)
+    prepare.add_argument("--num-sites", type=int, default=4)
+    prepare.add_argument("--layout", default="msd")
+    prepare.add_argument("--case-key-secret", default=None, help="default: random, kept in WORKSPACE")
+    prepare.set_defaults(run=_prepare)
+
+    stage = commands.add_parser("stage-byoc", help="copy a job with the splitunet package in its custom/ folder")
+    stage.add_argument("--out", required=True, type=Path)
+    stage.add_argument("--job", type=Path, default=None, help="default: jobs/split_unet")
+    stage.set_defaults(run=_stage_byoc)
+
+    demo = commands.add_parser("demo", help="train the main job on phantom data in the FLARE simulator")
+    demo.add_argument("--workspace", type=Path, default=Path("splitunet_demo"))
+    demo.add_argument("--cases", type=int, default=24)
+    demo.add_argument("--shape", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
+    demo.add_argument("--iterations", type=int, default=0, help="default: the job's num_iterations")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--timeout", type=float, default=1800.0, help="seconds before the simulator is stopped")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (SplitUNetDataError, SplitUNetConfigError) as error:
+        print(f"splitunet {args.command}: error: {error}", file=sys.stderr)
+        return 2

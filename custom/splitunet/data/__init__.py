@@ -1,0 +1,1 @@
+"""Data handling: NIfTI input/output, case keys, partitioning, per-party folders and crop sampling."""

@@ -1,0 +1,84 @@
+"""Keyed case hashes: how parties agree on shared cases without sending patient IDs.
+
+The data holders share a secret out of band; each turns its case IDs into ``HMAC-SHA256(secret, case_id)`` keys
+and sends only the keys. Without the secret, a key cannot be checked against a guessed patient ID (which a plain
+hash would allow).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from splitunet.errors import SplitUNetDataError
+
+__all__ = ["KEY_LENGTH", "case_key", "CaseMatch", "match_case_keys"]
+
+# Hex characters kept: 128 bits, ample against collisions among thousands of cases, short in logs.
+KEY_LENGTH = 32
+
+
+def case_key(case_id: str, secret: str) -> str:
+    """Keyed hash of a case ID.
+
+    Args:
+        case_id: the party's case identifier (e.g. ``"BRATS_001"``); must match across parties exactly.
+        secret: secret shared by the data holders, never sent to the server.
+
+    Returns:
+        the first :data:`KEY_LENGTH` hex characters of ``HMAC-SHA256(secret, case_id)``.
+
+    Raises:
+        ValueError: empty secret or case ID.
+    """
+    if not isinstance(secret, str) or not secret:
+        raise ValueError("case key secret must be a non-empty string")
+    if not isinstance(case_id, str) or not case_id:
+        raise ValueError("case ID must be a non-empty string")
+    return hmac.new(secret.encode("utf-8"), case_id.encode("utf-8"), hashlib.sha256).hexdigest()[:KEY_LENGTH]
+
+
+@dataclass
+class CaseMatch:
+    """Which keyed cases the parties share.
+
+    Attributes:
+        common: keys present at every party, sorted.
+        missing: for each party that lacks some, the keys present at another party but not at this one, sorted.
+            Parties that lack nothing are absent.
+    """
+
+    common: list[str] = field(default_factory=list)
+    missing: dict[str, list[str]] = field(default_factory=dict)
+
+
+def match_case_keys(party_keys: Mapping[str, Iterable[str]]) -> CaseMatch:
+    """Find the cases every party holds, and which each party lacks.
+
+    Args:
+        party_keys: party name -> that party's case keys (any number of parties).
+
+    Returns:
+        a :class:`CaseMatch`.
+
+    Raises:
+        ValueError: no parties.
+        SplitUNetDataError: a party lists the same key twice (two of its case IDs would be indistinguishable).
+    """
+    if not party_keys:
+        raise ValueError("match_case_keys needs at least one party")
+    sets: dict[str, set[str]] = {}
+    for party, keys in party_keys.items():
+        keys = list(keys)
+        unique = set(keys)
+        if len(unique) != len(keys):
+            seen: set[str] = set()
+            dup = sorted({k for k in keys if k in seen or seen.add(k)})
+            raise SplitUNetDataError(f"case keys listed more than once: {', '.join(dup)}", party=party)
+        sets[party] = unique
+    everywhere = set.intersection(*sets.values())
+    anywhere = set.union(*sets.values())
+    missing = {party: sorted(anywhere - keys) for party, keys in sets.items() if anywhere - keys}
+    return CaseMatch(common=sorted(everywhere), missing=missing)

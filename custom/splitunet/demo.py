@@ -1,0 +1,139 @@
+"""``splitunet demo``: phantom data, vertical partition, the main job in the FLARE simulator, results and a figure."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from splitunet.checkpoint import write_json_atomic
+from splitunet.data.nifti_io import read_volume
+from splitunet.data.partition import partition_msd
+from splitunet.data.phantom import generate_phantom
+from splitunet.deployment import (
+    copy_job_with_overrides,
+    default_site_modalities,
+    find_job,
+    prepare_simulator_workspace,
+    read_or_create_secret,
+)
+from splitunet.devices import THREADS_ENV_VAR
+from splitunet.errors import SplitUNetConfigError
+from splitunet.labels import get_layout, labels_to_regions
+from splitunet.protocol import LABELS_PARTY, MODALITIES
+from splitunet.simulator import find_run_file, run_simulator
+from splitunet.visualize import plot_case_overview
+
+__all__ = ["DemoSettings", "run_demo", "ensure_partitioned_phantom"]
+
+
+class DemoSettings:
+    """Size of the demo run. The defaults fit in 10 minutes on 2 CPU cores (see README for measured times)."""
+
+    def __init__(
+        self,
+        cases: int = 24,
+        shape: Sequence[int] = (64, 64, 64),
+        seed: int = 0,
+        num_sites: int = len(MODALITIES),
+        server_args: Mapping | None = None,
+        client_args: Mapping | None = None,
+        threads_per_party: int = 1,
+        timeout_s: float = 1800.0,
+    ):
+        self.cases = cases
+        self.shape = tuple(shape)
+        self.seed = seed
+        self.num_sites = num_sites
+        self.server_args = dict(server_args or {})
+        self.client_args = dict(client_args or {})
+        self.threads_per_party = threads_per_party
+        self.timeout_s = timeout_s
+
+
+def ensure_partitioned_phantom(data_dir: Path, cases: int, shape: Sequence[int], seed: int) -> Path:
+    """Make phantom data in MSD layout and split it per party, unless already there. Returns the partition."""
+    source, parties = data_dir / "phantom_msd", data_dir / "parties"
+    if not (source / "dataset.json").is_file():
+        print(f"Generating {cases} phantom cases of shape {tuple(shape)} in {source}", flush=True)
+        generate_phantom(source, cases, shape=tuple(shape), seed=seed)
+    if not (parties / LABELS_PARTY).is_dir():
+        print(f"Partitioning into one folder per party in {parties}", flush=True)
+        partition_msd(source, parties)
+    return parties
+
+
+def _preview(results: Mapping, parties: Path, out_png: Path) -> Path | None:
+    predictions = results.get("predictions") or {}
+    if not predictions:
+        return None
+    case, prediction_path = next(iter(predictions.items()))
+    layout = get_layout("msd")
+    flair, _, _ = read_volume(parties / "flair" / f"{case}.nii.gz", party="demo", case=case)
+    labels, _, _ = read_volume(parties / LABELS_PARTY / f"{case}.nii.gz", party="demo", case=case)
+    predicted, _, _ = read_volume(prediction_path, party="demo", case=case)
+    dice = results.get("dice", {})
+    title = f"{case} (held out): FLAIR, Dice TC {dice.get('TC', float('nan')):.2f} WT {dice.get('WT', float('nan')):.2f} " \
+            f"ET {dice.get('ET', float('nan')):.2f} over the validation cases"
+    return plot_case_overview(
+        flair,
+        labels_to_regions(np.rint(labels).astype(np.int64), layout),
+        labels_to_regions(np.rint(predicted).astype(np.int64), layout),
+        out_png,
+        title,
+    )
+
+
+def run_demo(workspace: str | Path, settings: DemoSettings | None = None, job_dir: str | Path | None = None) -> dict:
+    """Run the main job on phantom data in the FLARE simulator and write ``<workspace>/results.json``.
+
+    Returns:
+        the summary written to ``results.json``.
+    """
+    settings = settings or DemoSettings()
+    workspace = Path(workspace).resolve()
+    started = time.perf_counter()
+    parties = ensure_partitioned_phantom(workspace / "data", settings.cases, settings.shape, settings.seed)
+    site_modalities = default_site_modalities(settings.num_sites)
+    sim_workspace = workspace / "simulator"
+    if sim_workspace.exists():
+        shutil.rmtree(sim_workspace)  # a fresh run each time: stale checkpoints must not pass for new ones
+    prepare_simulator_workspace(sim_workspace, parties, site_modalities, read_or_create_secret(workspace / "data" / "case_key_secret.txt"))
+    job = copy_job_with_overrides(
+        job_dir or find_job("split_unet"), workspace / "job" / "split_unet", settings.server_args, settings.client_args
+    )
+    log_file = workspace / "simulator.log"
+    print(f"Running the FLARE simulator with sites {site_modalities} (full log: {log_file})", flush=True)
+    return_code = run_simulator(
+        job, sim_workspace, list(site_modalities), log_file, timeout_s=settings.timeout_s,
+        env={THREADS_ENV_VAR: str(settings.threads_per_party)},
+    )
+    server_results_path = find_run_file(sim_workspace, "server", "results.json")
+    if server_results_path is None:
+        raise SplitUNetConfigError(f"the simulator (exit code {return_code}) wrote no results; see {log_file}")
+    results = json.loads(server_results_path.read_text())
+    if results.get("status") != "completed":
+        raise SplitUNetConfigError(f"the run ended {results.get('status')}: {results.get('error')}; see {log_file}")
+    preview = _preview(results, parties, workspace / "preview.png")
+    tb_dir = server_results_path.parent / "tb_events"
+    summary = {
+        "dice": {region: results["dice"][region] for region in ("TC", "WT", "ET")},
+        "iterations": results["iterations"],
+        "best": results.get("best"),
+        "history": results.get("history"),
+        "sites": results.get("sites"),
+        "timing_per_iteration_s": results.get("timing_per_iteration_s"),
+        "checkpoints": results.get("checkpoints"),
+        "tensorboard": str(tb_dir) if tb_dir.is_dir() else None,
+        "preview_png": str(preview) if preview else None,
+        "server_results": str(server_results_path),
+        "simulator_log": str(log_file),
+        "simulator_exit_code": return_code,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    write_json_atomic(summary, workspace / "results.json")
+    return summary

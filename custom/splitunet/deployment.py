@@ -1,0 +1,143 @@
+"""How FLARE finds the bundle: job folders, the class allow-list and the party settings of a workspace.
+
+The job folders in ``jobs/`` carry no ``custom/`` code: sites run the installed ``splitunet`` package, and
+their ``local/resources.json`` allows its classes (FLARE >= 2.8 builds only allow-listed classes for jobs that
+bring no custom code). :func:`stage_byoc_job` makes the other variant, a job that carries the package (BYOC),
+copied from the single source in ``custom/``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+import splitunet
+from splitunet.checkpoint import write_json_atomic
+from splitunet.errors import SplitUNetConfigError
+from splitunet.party_settings import SERVER_PARTY, SETTINGS_FILE_NAME, write_settings
+from splitunet.protocol import LABELS_PARTY, MODALITIES
+
+__all__ = [
+    "ALLOW_LIST_PREFIX",
+    "bundle_root",
+    "find_job",
+    "allow_splitunet_classes",
+    "prepare_simulator_workspace",
+    "default_site_modalities",
+    "stage_byoc_job",
+    "copy_job_with_overrides",
+    "read_or_create_secret",
+]
+
+ALLOW_LIST_PREFIX = "splitunet."
+
+
+def bundle_root() -> Path:
+    """The checkout this package was installed from (editable install), holding ``jobs/``."""
+    return Path(splitunet.__file__).resolve().parents[2]
+
+
+def find_job(name: str = "split_unet") -> Path:
+    """Path of a job folder shipped in the bundle's ``jobs/``."""
+    path = bundle_root() / "jobs" / name
+    if not (path / "meta.json").is_file():
+        raise SplitUNetConfigError(f"job {name!r} not found at {path}; pass the job folder explicitly")
+    return path
+
+
+def allow_splitunet_classes(local_dir: str | Path) -> Path:
+    """Add ``splitunet.`` to the class allow-list in ``<local_dir>/resources.json``.
+
+    A configured allow-list replaces FLARE's default one, so FLARE's defaults are written out beside ours.
+    """
+    path = Path(local_dir) / "resources.json"
+    resources = json.loads(path.read_text()) if path.is_file() else {}
+    allow_list = list(resources.get("class_allow_list", DEFAULT_CLASS_ALLOW_LIST))
+    if ALLOW_LIST_PREFIX not in allow_list:
+        allow_list.append(ALLOW_LIST_PREFIX)
+    resources["class_allow_list"] = allow_list
+    return write_json_atomic(resources, path)
+
+
+def default_site_modalities(num_sites: int = len(MODALITIES)) -> dict[str, str]:
+    """``site-1 -> flair, site-2 -> t1, ...``: the simulator's site names bound to modalities."""
+    if not 1 <= num_sites <= len(MODALITIES):
+        raise SplitUNetConfigError(f"num_sites must be 1..{len(MODALITIES)}, got {num_sites}")
+    return {f"site-{i + 1}": MODALITIES[i] for i in range(num_sites)}
+
+
+def prepare_simulator_workspace(
+    workspace: str | Path,
+    partition_dir: str | Path,
+    site_modalities: Mapping[str, str],
+    case_key_secret: str,
+    layout: str = "msd",
+) -> Path:
+    """Write ``<workspace>/local`` for ``nvflare simulator -w <workspace>``.
+
+    The simulator copies ``<workspace>/local`` into every party, so one settings file names every party's data
+    folder, and one ``resources.json`` allows the installed package's classes.
+    """
+    workspace, partition_dir = Path(workspace).resolve(), Path(partition_dir).resolve()
+    local_dir = workspace / "local"
+    local_dir.mkdir(parents=True, exist_ok=True)
+    parties = {site: {"modality": m, "data_dir": str(partition_dir / m)} for site, m in site_modalities.items()}
+    parties[SERVER_PARTY] = {"labels_dir": str(partition_dir / LABELS_PARTY), "layout": layout}
+    write_settings(local_dir / SETTINGS_FILE_NAME, parties, case_key_secret)
+    allow_splitunet_classes(local_dir)
+    return workspace
+
+
+def read_or_create_secret(path: str | Path) -> str:
+    """The data holders' shared secret for case keys, kept in ``path`` (created random if absent).
+
+    For simulator and demo workspaces only: a real consortium agrees on the secret out of band and each data
+    holder writes it into its own settings file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(16))
+    return path.read_text().strip()
+
+
+def _app_config_files(job_dir: Path) -> list[Path]:
+    return sorted(job_dir.glob("*/config/config_fed_*.json"))
+
+
+def copy_job_with_overrides(
+    job_dir: str | Path, out_dir: str | Path, server_args: Mapping | None = None, client_args: Mapping | None = None
+) -> Path:
+    """Copy a job folder, overriding arguments of its workflow (server) and executor (clients).
+
+    Used by the demo and tests to size a run; the job's structure stays the shipped one.
+    """
+    job_dir, out_dir = Path(job_dir), Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(job_dir, out_dir)
+    for config_path in _app_config_files(out_dir):
+        config = json.loads(config_path.read_text())
+        for workflow in config.get("workflows", []):
+            workflow.setdefault("args", {}).update(server_args or {})
+        for executor in config.get("executors", []):
+            executor["executor"].setdefault("args", {}).update(client_args or {})
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def stage_byoc_job(job_dir: str | Path, out_dir: str | Path) -> Path:
+    """Copy a job and put the ``splitunet`` package into each app's ``custom/`` (bring-your-own-code).
+
+    FLARE then skips the class allow-list for that job, but only users with the BYOC right may submit it.
+    """
+    out_dir = copy_job_with_overrides(job_dir, out_dir)
+    package_dir = Path(splitunet.__file__).resolve().parent
+    for app_dir in sorted({path.parents[1] for path in _app_config_files(out_dir)}):
+        shutil.copytree(package_dir, app_dir / "custom" / "splitunet", ignore=shutil.ignore_patterns("__pycache__"))
+    return out_dir

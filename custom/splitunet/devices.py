@@ -1,0 +1,27 @@
+"""Device and thread choices shared by every party."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["THREADS_ENV_VAR", "select_device", "configure_threads"]
+
+# Several parties on one host (simulator, POC) would each take every core; the demo sets this to share them.
+THREADS_ENV_VAR = "SPLITUNET_TORCH_THREADS"
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when this party has a GPU, else CPU; otherwise the named device."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def configure_threads(num_threads: int = 0) -> int:
+    """Set torch's intra-op threads from the argument, else ``$SPLITUNET_TORCH_THREADS``; 0 keeps torch's default."""
+    num_threads = int(num_threads or os.environ.get(THREADS_ENV_VAR, 0) or 0)
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    return torch.get_num_threads()

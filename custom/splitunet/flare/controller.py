@@ -1,0 +1,425 @@
+"""FLARE server workflow of Split-U-Net: adapts :class:`~splitunet.server.trainer.ServerTrainer` to FLARE tasks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from nvflare.apis.analytix import AnalyticsDataType
+from nvflare.apis.client import Client
+from nvflare.apis.controller_spec import ClientTask, SendOrder, Task
+from nvflare.apis.dxo import DXO, from_shareable
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.impl.controller import Controller
+from nvflare.apis.shareable import Shareable
+from nvflare.apis.signal import Signal
+from nvflare.app_common.widgets.streaming import AnalyticsSender
+
+from splitunet.checkpoint import save_checkpoint, write_json_atomic
+from splitunet.data.case_keys import match_case_keys
+from splitunet.data.nifti_io import save_nifti_atomic
+from splitunet.data.party_data import LabelFolder
+from splitunet.data.sampling import RandomCropPlanner
+from splitunet.devices import configure_threads, select_device
+from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.flare.replies import reply_error_message
+from splitunet.flare.workspace_paths import run_dir, site_config_dir
+from splitunet.labels import get_layout, regions_to_labels
+from splitunet.model_config import SplitModelConfig
+from splitunet.party_settings import load_server_settings
+from splitunet.protocol import MODALITIES, DataKind, MetaKey, TaskName
+from splitunet.server.trainer import LOSSES, ServerTrainer
+from splitunet.transport import control_dxo, dxo_to_features, features_to_dxo, register_tensor_support
+
+__all__ = ["SplitLearningController", "SplitRunError"]
+
+
+class SplitRunError(RuntimeError):
+    """The run cannot go on (a site failed or stopped answering); the message names the site and step."""
+
+
+class SplitLearningController(Controller):
+    """Server workflow of Split-U-Net (Roth et al., DeCaF@MICCAI 2022) over FLARE tasks.
+
+    Every iteration sends each site ONE task that carries the gradients of the previous step and the crop plan
+    of the next, so a step costs one round trip. Crops are chosen without looking at labels (keys, origins and
+    flips are the same at every site, keeping the modalities voxel-aligned). Task data and results pass through
+    FLARE's filters in both directions.
+
+    Args:
+        num_iterations: training iterations.
+        batch_size: crops per iteration.
+        crop_size: training crop ``(D, H, W)``; also the sliding-window size at validation.
+        features: BasicUNet feature sizes (5 or 6 ints).
+        skip_levels: skip levels x0..x3 that sites send (x4 is always sent).
+        fusion: ``"concat"`` or ``"mean"``.
+        loss: ``"dice_ce"`` or ``"dice_focal"``.
+        learning_rate: Adam learning rate at every party.
+        weight_decay: Adam weight decay.
+        transfer_dtype: ``"float32"`` or ``"float16"`` on the wire.
+        val_every: validate every this many iterations (and after the last).
+        num_val_cases: held-out cases (chosen by seed among the cases every party has).
+        sw_batch_size: windows per round trip at validation.
+        sw_overlap: sliding-window overlap.
+        num_preview_cases: held-out cases whose final segmentation is written as NIfTI at the server.
+        sites: site names to use; default every connected client.
+        seed: seed of the case split, crop sampling and initialisation.
+        task_timeout: seconds a site may take to answer one task before the run stops naming it.
+        task_check_period: how often FLARE checks task status (its 0.2 s default adds latency to every step).
+        device: ``"auto"`` or a torch device for the decoder.
+        num_threads: torch CPU threads at the server (0: default or ``$SPLITUNET_TORCH_THREADS``).
+        log_every: iterations between log lines with the timing split.
+        analytics: stream metrics as FLARE analytics events (a ``TBAnalyticsReceiver`` in the job writes them
+            to TensorBoard).
+    """
+
+    def __init__(
+        self,
+        num_iterations: int = 300,
+        batch_size: int = 2,
+        crop_size: Sequence[int] = (48, 48, 48),
+        features: Sequence[int] = (8, 16, 32, 64, 128, 8),
+        skip_levels: Sequence[int] = (0, 1, 2, 3),
+        fusion: str = "concat",
+        loss: str = "dice_ce",
+        learning_rate: float = 2e-3,
+        weight_decay: float = 1e-5,
+        transfer_dtype: str = "float32",
+        val_every: int = 100,
+        num_val_cases: int = 4,
+        sw_batch_size: int = 4,
+        sw_overlap: float = 0.25,
+        num_preview_cases: int = 1,
+        sites: Sequence[str] | None = None,
+        seed: int = 0,
+        task_timeout: int = 600,
+        task_check_period: float = 0.005,
+        device: str = "auto",
+        num_threads: int = 0,
+        log_every: int = 10,
+        analytics: bool = True,
+    ):
+        super().__init__(task_check_period=task_check_period)
+        self.model_config = SplitModelConfig(
+            features=tuple(features),
+            skip_levels=tuple(skip_levels),
+            fusion=fusion,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            seed=seed,
+            transfer_dtype=transfer_dtype,
+        )
+        positive = {
+            "num_iterations": num_iterations,
+            "batch_size": batch_size,
+            "val_every": val_every,
+            "num_val_cases": num_val_cases,
+            "sw_batch_size": sw_batch_size,
+            "task_timeout": task_timeout,
+            "log_every": log_every,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise SplitUNetConfigError(f"{name} must be an int >= 1, got {value!r}")
+        # Instance norm at the bottleneck (1/16 resolution) needs more than one voxel.
+        if len(crop_size) != 3 or min(crop_size) < 32:
+            raise SplitUNetConfigError(f"crop_size must be three ints >= 32, got {crop_size}")
+        if loss not in LOSSES:
+            raise SplitUNetConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if not 0 <= sw_overlap < 1:
+            raise SplitUNetConfigError(f"sw_overlap must be in [0, 1), got {sw_overlap}")
+        self.num_iterations = num_iterations
+        self.batch_size = batch_size
+        self.crop_size = tuple(int(c) for c in crop_size)
+        self.loss_name = loss
+        self.val_every = val_every
+        self.num_val_cases = num_val_cases
+        self.sw_batch_size = sw_batch_size
+        self.sw_overlap = float(sw_overlap)
+        self.num_preview_cases = int(num_preview_cases)
+        self.requested_sites = list(sites) if sites else None
+        self.seed = int(seed)
+        self.task_timeout = task_timeout
+        self.task_check_period = float(task_check_period)
+        self.device_name = device
+        self.num_threads = num_threads
+        self.log_every = log_every
+        self.analytics = bool(analytics)
+        self.analytics_sender: AnalyticsSender | None = None
+        self.trainer: ServerTrainer | None = None
+        self.sites: list[str] = []
+        self.site_modality: dict[str, str] = {}
+        self.results: dict = {}
+
+    # ----------------------------------------------------------------------------------------- FLARE hooks
+    def start_controller(self, fl_ctx: FLContext):
+        register_tensor_support()
+        configure_threads(self.num_threads)
+        # Controller(task_check_period=...) does not reach WFCommServer in nvflare 2.9 (see DESIGN.md).
+        self.communicator._task_check_period = self.task_check_period
+        if self.analytics:
+            # Fires FLARE analytics events that any AnalyticsReceiver of the job picks up.
+            self.analytics_sender = AnalyticsSender()
+            self.analytics_sender.engine = self._engine
+
+    def stop_controller(self, fl_ctx: FLContext):
+        self.cancel_all_tasks(fl_ctx=fl_ctx)
+
+    def process_result_of_unknown_task(
+        self, client: Client, task_name: str, client_task_id: str, result: Shareable, fl_ctx: FLContext
+    ):
+        self.log_warning(fl_ctx, f"dropped late result of task {task_name} from {client.name}")
+
+    def control_flow(self, abort_signal: Signal, fl_ctx: FLContext):
+        out_dir = run_dir(fl_ctx)
+        self.results = {"status": "running", "iterations": 0}
+        try:
+            self._run(abort_signal, fl_ctx, out_dir)
+            self.results["status"] = "aborted" if abort_signal.triggered else "completed"
+        except (SplitRunError, SplitUNetDataError, SplitUNetConfigError) as error:
+            self.results.update(status="failed", error=str(error))
+            write_json_atomic(self.results, out_dir / "results.json")
+            self.system_panic(f"Split-U-Net run stopped: {error}", fl_ctx)
+            return
+        write_json_atomic(self.results, out_dir / "results.json")
+        self.log_info(fl_ctx, f"results written to {out_dir / 'results.json'}")
+
+    # ----------------------------------------------------------------------------------------- the run
+    def _run(self, abort_signal: Signal, fl_ctx: FLContext, out_dir: Path):
+        server_party = fl_ctx.get_identity_name()
+        settings = load_server_settings(server_party, site_config_dir(fl_ctx))
+        labels = LabelFolder(settings.labels_dir, settings.layout, party=server_party)
+        self.layout = get_layout(settings.layout)
+        self.trainer = ServerTrainer(labels, settings.case_key_secret, select_device(self.device_name), self.loss_name)
+        self.sites = self.requested_sites or sorted(client.name for client in self._engine.get_clients())
+        if not self.sites:
+            raise SplitRunError("no sites are connected")
+
+        train_keys, val_keys, shapes = self._setup(abort_signal, fl_ctx)
+        self.trainer.build(self.model_config, num_sites=len(self.sites))
+        planner = RandomCropPlanner(
+            {key: shapes[key] for key in train_keys}, self.crop_size, self.batch_size, seed=self.seed
+        )
+        self.results.update(
+            sites={site: self.site_modality[site] for site in self.sites},
+            num_train_cases=len(train_keys),
+            num_val_cases=len(val_keys),
+            model=self.model_config.to_dict(),
+            crop_size=list(self.crop_size),
+            batch_size=self.batch_size,
+            history=[],
+            loss_curve=[],
+            checkpoints={"server": {}, "sites": {}},
+        )
+        self.log_info(
+            fl_ctx,
+            f"training {self.num_iterations} iterations on {len(train_keys)} cases, validating on {len(val_keys)}; "
+            f"sites in decoder order: {[(s, self.site_modality[s]) for s in self.sites]}",
+        )
+        best = -1.0
+        grads = None
+        timing_sum = np.zeros(3)
+        for iteration in range(1, self.num_iterations + 1):
+            if abort_signal.triggered:
+                return
+            plan = planner.next_plan()
+            start = time.perf_counter()
+            replies = self._round_trip(TaskName.STEP, self._step_data(grads, plan, iteration), iteration, fl_ctx,
+                                       abort_signal)
+            round_trip_s = time.perf_counter() - start
+            features = [dxo_to_features(replies[s], DataKind.ACTIVATIONS, party=s) for s in self.sites]
+            site_s = max(float(replies[s].get_meta_prop(MetaKey.SITE_COMPUTE_S, 0.0)) for s in self.sites)
+            step = self.trainer.train_step(plan, features)
+            grads = step.grads
+            timing = np.array([site_s, step.compute_s, max(round_trip_s - site_s, 0.0)])
+            timing_sum += timing
+            self.results["iterations"] = iteration
+            self.results["loss_curve"].append(step.loss)
+            self._track(iteration, loss=step.loss, site_compute_s=timing[0], server_compute_s=timing[1],
+                        wait_transfer_s=timing[2])
+            if iteration % self.log_every == 0 or iteration == 1:
+                mean = timing_sum / iteration
+                self.log_info(
+                    fl_ctx,
+                    f"iteration {iteration}/{self.num_iterations} loss {step.loss:.4f} | mean per step: "
+                    f"site compute {mean[0]:.3f}s, server compute {mean[1]:.3f}s, waiting/transfer {mean[2]:.3f}s",
+                )
+            if iteration % self.val_every == 0 or iteration == self.num_iterations:
+                # Deliver the pending gradients first so that every encoder is at step `iteration`.
+                self._round_trip(TaskName.STEP, self._step_data(grads, None, iteration), iteration, fl_ctx,
+                                 abort_signal)
+                grads = None
+                final = iteration == self.num_iterations
+                dice = self._validate(val_keys, shapes, iteration, fl_ctx, abort_signal, out_dir, final)
+                self.results["history"].append({"iteration": iteration, "loss": step.loss, "dice": dice})
+                self._save("last", iteration, fl_ctx, abort_signal, out_dir)
+                if dice["mean"] > best:
+                    best = dice["mean"]
+                    self.results["best"] = {"iteration": iteration, "dice": dice}
+                    self._save("best", iteration, fl_ctx, abort_signal, out_dir)
+                self.results["dice"] = dice
+        mean = timing_sum / max(self.results["iterations"], 1)
+        self.results["timing_per_iteration_s"] = {
+            "site_compute": float(mean[0]),
+            "server_compute": float(mean[1]),
+            "waiting_transfer": float(mean[2]),
+        }
+
+    def _setup(self, abort_signal: Signal, fl_ctx: FLContext):
+        """Sites report modality and keyed cases; the server matches them with its labels."""
+        meta = {MetaKey.CONFIG: self.model_config.to_dict()}
+        replies = self._round_trip(TaskName.SETUP, self._control_data(meta), 0, fl_ctx, abort_signal)
+        cases_by_party = {}
+        for site in self.sites:
+            self.site_modality[site] = replies[site].get_meta_prop(MetaKey.MODALITY)
+            cases_by_party[site] = replies[site].get_meta_prop(MetaKey.CASES)
+        by_modality = {}
+        for site, modality in self.site_modality.items():
+            if modality in by_modality:
+                raise SplitUNetConfigError(f"sites {by_modality[modality]} and {site} both hold modality {modality}")
+            by_modality[modality] = site
+        # A fixed decoder input order, whatever the site names: the order of MODALITIES.
+        self.sites.sort(key=lambda site: MODALITIES.index(self.site_modality[site]))
+
+        label_cases = self.trainer.describe_cases()
+        server = self.trainer.party
+        match = match_case_keys({server: label_cases.keys(), **{s: c.keys() for s, c in cases_by_party.items()}})
+        for party, missing in match.missing.items():
+            for key in missing:
+                name = self.trainer.case_name(key)
+                where = "has no label" if party == server else f"is missing at {party} ({self.site_modality[party]})"
+                self.log_warning(fl_ctx, f"case {name} (key {key[:8]}) {where}; left out of training")
+        self.results["left_out_cases"] = {party: len(keys) for party, keys in match.missing.items() if keys}
+        if len(match.common) < 2:
+            raise SplitUNetConfigError(f"only {len(match.common)} cases are present at every party; need at least 2")
+        for key in match.common:
+            for site in self.sites:
+                if cases_by_party[site][key]["affine_digest"] != label_cases[key]["affine_digest"]:
+                    raise SplitUNetDataError(
+                        f"{self.site_modality[site]} volume (shape {cases_by_party[site][key]['shape']}) is not "
+                        f"voxel-aligned with the label (shape {label_cases[key]['shape']}): shape or affine differs",
+                        party=site,
+                        case=self.trainer.case_name(key),
+                        file=self.trainer.labels.path(self.trainer.case_name(key)),
+                    )
+        rng = np.random.default_rng(self.seed)
+        order = [match.common[i] for i in rng.permutation(len(match.common))]
+        num_val = min(self.num_val_cases, len(order) - 1)
+        val_keys, train_keys = sorted(order[:num_val]), sorted(order[num_val:])
+        shapes = {key: tuple(label_cases[key]["shape"]) for key in match.common}
+        self.results["val_cases"] = [self.trainer.case_name(key) for key in val_keys]
+        return train_keys, val_keys, shapes
+
+    def _step_data(self, grads, plan, iteration: int) -> dict[str, Shareable]:
+        meta = {MetaKey.PLAN: plan, MetaKey.ITERATION: iteration}
+        if grads is None:
+            return self._control_data(meta)
+        return {
+            site: features_to_dxo(site_grads, DataKind.GRADIENTS, dict(meta)).to_shareable()
+            for site, site_grads in zip(self.sites, grads)
+        }
+
+    def _control_data(self, meta: dict) -> dict[str, Shareable]:
+        # One Shareable per task: FLARE writes task headers into it, so tasks must not share one.
+        return {site: control_dxo(dict(meta)).to_shareable() for site in self.sites}
+
+    def _encode_fn(self, iteration: int, fl_ctx: FLContext, abort_signal: Signal):
+        def encode(plan: dict):
+            data = self._control_data({MetaKey.PLAN: plan})
+            replies = self._round_trip(TaskName.ENCODE, data, iteration, fl_ctx, abort_signal)
+            return [dxo_to_features(replies[s], DataKind.ACTIVATIONS, party=s) for s in self.sites]
+
+        return encode
+
+    def _validate(self, val_keys, shapes, iteration, fl_ctx, abort_signal, out_dir: Path, final: bool) -> dict:
+        start = time.perf_counter()
+        keep = val_keys[: self.num_preview_cases] if final else ()
+        dice, kept = self.trainer.validate(
+            val_keys, shapes, self._encode_fn(iteration, fl_ctx, abort_signal), self.crop_size,
+            self.sw_batch_size, self.sw_overlap, keep=keep,
+        )
+        self.log_info(
+            fl_ctx,
+            f"validation at iteration {iteration}: Dice TC {dice['TC']:.3f} WT {dice['WT']:.3f} ET {dice['ET']:.3f} "
+            f"(mean {dice['mean']:.3f}) on {len(val_keys)} held-out cases in {time.perf_counter() - start:.1f}s",
+        )
+        self._track(iteration, **{f"val_dice_{region}": value for region, value in dice.items()})
+        if kept:
+            previews = {}
+            for key, probabilities in kept.items():
+                case = self.trainer.case_name(key)
+                _, affine = self.trainer.labels.read(case)
+                segmentation = regions_to_labels(probabilities.numpy(), self.layout)
+                path = out_dir / "predictions" / f"{case}.nii.gz"
+                save_nifti_atomic(segmentation.astype(np.uint8), affine, path)
+                previews[case] = str(path)
+            self.results["predictions"] = previews
+        return dice
+
+    def _save(self, tag: str, iteration: int, fl_ctx: FLContext, abort_signal: Signal, out_dir: Path):
+        state = self.trainer.state_dict()
+        state.update(iteration=iteration, sites=self.sites, site_modality=self.site_modality)
+        path = save_checkpoint(state, out_dir / "models" / f"decoder_{tag}.pt")
+        self.results["checkpoints"]["server"][tag] = str(path)
+        data = self._control_data({MetaKey.TAG: tag, MetaKey.ITERATION: iteration})
+        replies = self._round_trip(TaskName.SAVE, data, iteration, fl_ctx, abort_signal)
+        for site in self.sites:
+            self.results["checkpoints"]["sites"].setdefault(site, {})[tag] = replies[site].get_meta_prop(
+                MetaKey.SAVED_PATH
+            )
+
+    def _track(self, step: int, **scalars: float):
+        if self.analytics_sender is None:
+            return
+        for name, value in scalars.items():
+            self.analytics_sender.add(name, float(value), AnalyticsDataType.SCALAR, global_step=step)
+
+    # ----------------------------------------------------------------------------------------- transport
+    def _round_trip(
+        self,
+        task_name: str,
+        data_by_site: Mapping[str, Shareable],
+        iteration: int,
+        fl_ctx: FLContext,
+        abort_signal: Signal,
+    ) -> dict[str, DXO]:
+        """Send one task to each site at once and wait for every reply (or stop, naming the site)."""
+        replies: dict[str, Shareable] = {}
+
+        def on_result(client_task: ClientTask, fl_ctx: FLContext):
+            replies[client_task.client.name] = client_task.result
+
+        tasks = {}
+        for site in self.sites:
+            task = Task(name=task_name, data=data_by_site[site], timeout=self.task_timeout,
+                        result_received_cb=on_result)
+            self.send(task, fl_ctx, targets=[site], send_order=SendOrder.ANY)
+            tasks[site] = task
+        deadline = time.monotonic() + self.task_timeout
+        while len(replies) < len(tasks):
+            if abort_signal.triggered:
+                self.cancel_all_tasks(fl_ctx=fl_ctx)
+                raise SplitRunError(f"aborted while waiting for {task_name} at iteration {iteration}")
+            for site, task in tasks.items():
+                if site not in replies and task.completion_status is not None:
+                    raise SplitRunError(
+                        f"site {site} did not answer task {task_name} at iteration {iteration} "
+                        f"(status {task.completion_status}, timeout {self.task_timeout}s)"
+                    )
+            if time.monotonic() > deadline:
+                silent = sorted(set(tasks) - set(replies))
+                self.cancel_all_tasks(fl_ctx=fl_ctx)
+                raise SplitRunError(
+                    f"site(s) {silent} did not answer task {task_name} within {self.task_timeout}s "
+                    f"at iteration {iteration}"
+                )
+            time.sleep(self.task_check_period)
+        dxos = {}
+        for site in self.sites:
+            error = reply_error_message(replies[site])
+            if error:
+                raise SplitRunError(f"site {site} failed task {task_name} at iteration {iteration}: {error}")
+            dxos[site] = from_shareable(replies[site])
+        return dxos

@@ -1,0 +1,126 @@
+"""FLARE executor of a modality site: adapts :class:`~splitunet.site.trainer.SiteTrainer` to FLARE tasks."""
+
+from __future__ import annotations
+
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+
+from splitunet.checkpoint import save_checkpoint
+from splitunet.data.party_data import ModalityFolder
+from splitunet.devices import configure_threads, select_device
+from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.flare.replies import error_reply
+from splitunet.flare.workspace_paths import run_dir, site_config_dir
+from splitunet.model_config import SplitModelConfig
+from splitunet.party_settings import load_site_settings
+from splitunet.protocol import DataKind, MetaKey, TaskName
+from splitunet.site.trainer import SiteTrainer
+from splitunet.transport import control_dxo, dxo_to_features, features_to_dxo, register_tensor_support
+
+__all__ = ["SplitSiteExecutor"]
+
+
+class SplitSiteExecutor(Executor):
+    """Runs one modality site of Split-U-Net.
+
+    The site reads its modality and data folder from its own settings (``local/splitunet_site.json`` or
+    ``$SPLITUNET_SITE_CONFIG``), so one client app serves every site of a consortium. Images, labels and encoder
+    weights never leave the site: replies carry only features (as filtered by the site's result filters).
+
+    Args:
+        device: ``"auto"`` (CUDA if this site has a GPU, else CPU) or a torch device name.
+        num_threads: torch CPU threads; 0 keeps torch's default (or ``$SPLITUNET_TORCH_THREADS``).
+    """
+
+    def __init__(self, device: str = "auto", num_threads: int = 0):
+        super().__init__()
+        if not isinstance(num_threads, int) or num_threads < 0:
+            raise SplitUNetConfigError(f"num_threads must be an int >= 0, got {num_threads!r}")
+        self.device_name = device
+        self.num_threads = num_threads
+        self.trainer: SiteTrainer | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            register_tensor_support()
+            configure_threads(self.num_threads)
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        party = fl_ctx.get_identity_name()
+        handlers = {
+            TaskName.SETUP: self._setup,
+            TaskName.STEP: self._step,
+            TaskName.ENCODE: self._encode,
+            TaskName.SAVE: self._save,
+        }
+        handler = handlers.get(task_name)
+        if handler is None:
+            self.log_error(fl_ctx, f"unknown task {task_name!r}")
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        try:
+            return handler(from_shareable(shareable), party, fl_ctx)
+        except (SplitUNetDataError, SplitUNetConfigError, ValueError, RuntimeError) as error:
+            message = f"{party}: {error}"
+            self.log_error(fl_ctx, f"task {task_name} failed: {message}")
+            return error_reply(message)
+
+    def _setup(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
+        settings = load_site_settings(party, site_config_dir(fl_ctx))
+        device = select_device(self.device_name)
+        folder = ModalityFolder(settings.data_dir, settings.modality, party=party)
+        self.trainer = SiteTrainer(folder, settings.case_key_secret, device)
+        self.trainer.build(SplitModelConfig.from_dict(dxo.get_meta_prop(MetaKey.CONFIG)))
+        self.log_info(
+            fl_ctx,
+            f"{party}: modality {settings.modality}, {len(self.trainer.key_to_case)} cases from {settings.data_dir} "
+            f"(settings {settings.source}), device {device}",
+        )
+        return control_dxo(
+            {MetaKey.MODALITY: settings.modality, MetaKey.CASES: self.trainer.describe_cases()}
+        ).to_shareable()
+
+    def _require_trainer(self) -> SiteTrainer:
+        if self.trainer is None:
+            raise RuntimeError("the setup task has not run at this site")
+        return self.trainer
+
+    def _step(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
+        trainer = self._require_trainer()
+        compute_s = 0.0
+        if dxo.data_kind == DataKind.GRADIENTS:
+            grads = dxo_to_features(dxo, DataKind.GRADIENTS, party=party)
+            _, seconds = trainer.timed(trainer.backward, grads)
+            compute_s += seconds
+        elif dxo.data_kind != DataKind.CONTROL:
+            raise ValueError(f"step task carries data kind {dxo.data_kind!r}; expected gradients or control")
+        plan = dxo.get_meta_prop(MetaKey.PLAN)
+        meta = {MetaKey.ITERATION: dxo.get_meta_prop(MetaKey.ITERATION)}
+        if plan is None:
+            meta[MetaKey.SITE_COMPUTE_S] = compute_s
+            return control_dxo(meta).to_shareable()
+        features, seconds = trainer.timed(trainer.forward, plan)
+        meta[MetaKey.SITE_COMPUTE_S] = compute_s + seconds
+        return features_to_dxo(features, DataKind.ACTIVATIONS, meta).to_shareable()
+
+    def _encode(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
+        trainer = self._require_trainer()
+        features, seconds = trainer.timed(trainer.encode, dxo.get_meta_prop(MetaKey.PLAN))
+        return features_to_dxo(features, DataKind.ACTIVATIONS, {MetaKey.SITE_COMPUTE_S: seconds}).to_shareable()
+
+    def _save(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
+        trainer = self._require_trainer()
+        tag = dxo.get_meta_prop(MetaKey.TAG)
+        if tag not in ("best", "last"):
+            raise ValueError(f"checkpoint tag must be 'best' or 'last', got {tag!r}")
+        state = trainer.state_dict()
+        state[MetaKey.ITERATION] = dxo.get_meta_prop(MetaKey.ITERATION)
+        path = save_checkpoint(state, run_dir(fl_ctx) / "models" / f"encoder_{trainer.modality}_{tag}.pt")
+        self.log_info(fl_ctx, f"{party}: saved {tag} encoder checkpoint to {path}")
+        return control_dxo({MetaKey.SAVED_PATH: str(path)}).to_shareable()

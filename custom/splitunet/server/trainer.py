@@ -1,0 +1,220 @@
+"""The server half of a Split-U-Net step, in plain torch: fuse, decode, loss, backward, return gradients."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss, DiceFocalLoss
+from monai.metrics import DiceMetric
+
+from splitunet.data.case_keys import case_key
+from splitunet.data.party_data import LabelFolder
+from splitunet.data.sampling import extract_crop, window_plan
+from splitunet.errors import SplitUNetDataError
+from splitunet.model_config import SplitModelConfig
+from splitunet.networks import ServerDecoder
+from splitunet.protocol import REGIONS
+
+__all__ = ["ServerTrainer", "StepResult", "make_loss", "LOSSES"]
+
+LOSSES = ("dice_ce", "dice_focal")
+
+# Encodes one plan at every site and returns their features in site order.
+EncodeFn = Callable[[dict], Sequence[Mapping[int, torch.Tensor]]]
+
+
+def make_loss(name: str) -> torch.nn.Module:
+    """MONAI loss on sigmoid outputs of the overlapping TC/WT/ET regions."""
+    if name == "dice_ce":
+        return DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    if name == "dice_focal":
+        return DiceFocalLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+
+
+@dataclass
+class StepResult:
+    """Outcome of one server step: the loss and, per site in order, the gradients of its features."""
+
+    loss: float
+    grads: list[dict[int, torch.Tensor]]
+    compute_s: float
+
+
+class ServerTrainer:
+    """Holds the labels, the decoder and the loss; turns the sites' features into their gradients.
+
+    Args:
+        labels: the label holder's folder.
+        case_key_secret: secret shared by the data holders for keyed case hashes.
+        device: where the decoder runs.
+        loss: ``"dice_ce"`` or ``"dice_focal"``.
+    """
+
+    def __init__(
+        self,
+        labels: LabelFolder,
+        case_key_secret: str,
+        device: torch.device | str = "cpu",
+        loss: str = "dice_ce",
+    ):
+        self.labels = labels
+        self.party = labels.party
+        self.device = torch.device(device)
+        self.loss_fn = make_loss(loss)
+        self.key_to_case: dict[str, str] = {}
+        for case_id in labels.case_ids:
+            key = case_key(case_id, case_key_secret)
+            if key in self.key_to_case:
+                raise SplitUNetDataError(
+                    f"case IDs {self.key_to_case[key]!r} and {case_id!r} share a key", party=self.party, case=case_id
+                )
+            self.key_to_case[key] = case_id
+        self.config: SplitModelConfig | None = None
+        self.decoder: ServerDecoder | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.num_sites = 0
+
+    def describe_cases(self) -> dict[str, dict]:
+        """Keyed case list with shape and affine digest of each label volume."""
+        return {key: self.labels.describe(case_id) for key, case_id in sorted(self.key_to_case.items())}
+
+    def case_name(self, key: str) -> str:
+        """The case ID behind a key, for messages at the server (which holds the labels and their IDs)."""
+        return self.key_to_case.get(key, key)
+
+    def build(self, config: SplitModelConfig, num_sites: int) -> None:
+        """Create the decoder for ``num_sites`` sites and its optimiser."""
+        self.config = config
+        self.num_sites = num_sites
+        torch.manual_seed(config.seed)
+        self.decoder = ServerDecoder(
+            num_sites=num_sites,
+            features=config.features,
+            skip_levels=config.skip_levels,
+            fusion=config.fusion,
+            out_channels=len(REGIONS),
+        ).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.decoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+
+    def _target(self, plan: Mapping) -> torch.Tensor:
+        crops = []
+        for key, origin, flips in zip(plan["keys"], plan["origins"], plan["flips"]):
+            regions, _ = self.labels.read(self.key_to_case[key])
+            crops.append(extract_crop(regions, origin, plan["size"], flips))
+        return torch.from_numpy(np.stack(crops).astype(np.float32)).to(self.device, non_blocking=True)
+
+    def _leaves(self, site_features: Sequence[Mapping[int, torch.Tensor]]) -> list[dict[int, torch.Tensor]]:
+        if len(site_features) != self.num_sites:
+            raise ValueError(f"expected features from {self.num_sites} sites, got {len(site_features)}")
+        # Received features become leaves: their .grad is exactly what each site needs back.
+        return [
+            {level: t.to(self.device, dtype=torch.float32).requires_grad_(True) for level, t in features.items()}
+            for features in site_features
+        ]
+
+    def train_step(self, plan: Mapping, site_features: Sequence[Mapping[int, torch.Tensor]]) -> StepResult:
+        """Decode, compute the loss against the server-held labels, update the decoder, return site gradients."""
+        start = time.perf_counter()
+        self.decoder.train()
+        leaves = self._leaves(site_features)
+        logits = self.decoder(leaves)
+        loss = self.loss_fn(logits, self._target(plan))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        wire_dtype = getattr(torch, self.config.transfer_dtype)
+        grads = [{level: leaf.grad.detach().to(wire_dtype) for level, leaf in leaf_map.items()} for leaf_map in leaves]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return StepResult(loss=float(loss.detach()), grads=grads, compute_s=time.perf_counter() - start)
+
+    @torch.no_grad()
+    def decode(self, site_features: Sequence[Mapping[int, torch.Tensor]]) -> torch.Tensor:
+        """Inference: fuse and decode features to logits."""
+        self.decoder.eval()
+        inputs = [{level: t.to(self.device, dtype=torch.float32) for level, t in f.items()} for f in site_features]
+        return self.decoder(inputs)
+
+    @torch.no_grad()
+    def infer_volume(
+        self,
+        key: str,
+        shape: Sequence[int],
+        encode: EncodeFn,
+        roi_size: Sequence[int],
+        sw_batch_size: int = 4,
+        overlap: float = 0.25,
+    ) -> torch.Tensor:
+        """Sliding-window inference of a whole volume whose image the server never sees.
+
+        MONAI's ``sliding_window_inference`` runs over a grid of voxel coordinates: each window it hands to the
+        predictor tells where that window starts, the sites encode that window of their volume, and the
+        decoder's logits go back to MONAI for Gaussian blending. The window is clipped to the volume so that
+        MONAI never pads the coordinate grid.
+
+        Returns:
+            sigmoid probabilities ``(3, D, H, W)`` on the CPU.
+        """
+        shape = tuple(int(s) for s in shape)
+        roi = tuple(min(int(r), s) for r, s in zip(roi_size, shape))
+        grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
+
+        def predictor(windows: torch.Tensor) -> torch.Tensor:
+            origins = windows[:, :, 0, 0, 0].round().long().tolist()
+            features = encode(window_plan([key] * len(origins), origins, roi))
+            return self.decode(features).cpu()
+
+        logits = sliding_window_inference(
+            grid[None], roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian", sw_device="cpu", device="cpu"
+        )
+        return torch.sigmoid(logits[0])
+
+    def validate(
+        self,
+        keys: Sequence[str],
+        shapes: Mapping[str, Sequence[int]],
+        encode: EncodeFn,
+        roi_size: Sequence[int],
+        sw_batch_size: int = 4,
+        overlap: float = 0.25,
+        keep: Sequence[str] = (),
+    ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Dice per region (MONAI ``DiceMetric``) over whole held-out volumes.
+
+        Returns:
+            ``({"TC":..., "WT":..., "ET":..., "mean":...}, {key: probabilities})`` for keys listed in ``keep``.
+        """
+        metric = DiceMetric(include_background=True, reduction="mean_batch")
+        kept = {}
+        for key in keys:
+            probabilities = self.infer_volume(key, shapes[key], encode, roi_size, sw_batch_size, overlap)
+            regions, _ = self.labels.read(self.key_to_case[key])
+            metric((probabilities[None] > 0.5).float(), torch.from_numpy(regions[None].astype(np.float32)))
+            if key in keep:
+                kept[key] = probabilities
+        per_region = metric.aggregate().tolist()
+        dice = {region: float(value) for region, value in zip(REGIONS, per_region)}
+        dice["mean"] = float(np.nanmean(per_region))
+        return dice, kept
+
+    def state_dict(self) -> dict:
+        """Decoder and optimiser state (stays at the server)."""
+        return {
+            "config": self.config.to_dict(),
+            "num_sites": self.num_sites,
+            "decoder": self.decoder.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict` output."""
+        self.decoder.load_state_dict(state["decoder"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,155 @@
+"""The site half of a Split-U-Net step, in plain torch: no FLARE here, so it runs in one process too."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from splitunet.data.case_keys import case_key
+from splitunet.data.party_data import ModalityFolder
+from splitunet.data.sampling import extract_crop
+from splitunet.errors import SplitUNetDataError
+from splitunet.model_config import SplitModelConfig
+from splitunet.networks import SiteEncoder
+from splitunet.protocol import MODALITIES
+
+__all__ = ["SiteTrainer"]
+
+
+class SiteTrainer:
+    """Encodes crops of one modality and applies the gradients the server returns for them.
+
+    The server names crops by keyed case hash; only this site can map a key back to its file. Between
+    :meth:`forward` and :meth:`backward` the trainer keeps the autograd graph of the features it sent.
+
+    Args:
+        folder: this site's modality folder.
+        case_key_secret: secret shared by the data holders for keyed case hashes.
+        device: where the encoder runs.
+    """
+
+    def __init__(self, folder: ModalityFolder, case_key_secret: str, device: torch.device | str = "cpu"):
+        self.folder = folder
+        self.party = folder.party
+        self.modality = folder.modality
+        self.device = torch.device(device)
+        self.key_to_case: dict[str, str] = {}
+        for case_id in folder.case_ids:
+            key = case_key(case_id, case_key_secret)
+            if key in self.key_to_case:
+                raise SplitUNetDataError(
+                    f"case IDs {self.key_to_case[key]!r} and {case_id!r} share a key", party=self.party, case=case_id
+                )
+            self.key_to_case[key] = case_id
+        self.config: SplitModelConfig | None = None
+        self.encoder: SiteEncoder | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.steps_applied = 0
+        self._pending: dict[int, torch.Tensor] | None = None
+
+    def describe_cases(self) -> dict[str, dict]:
+        """Keyed case list with shape and affine digest: all the server learns about this site's data."""
+        return {key: self.folder.describe(case_id) for key, case_id in sorted(self.key_to_case.items())}
+
+    def build(self, config: SplitModelConfig) -> None:
+        """Create the encoder and its optimiser from the server's model settings."""
+        self.config = config
+        # Offset by modality so that encoders of different sites do not start identical.
+        torch.manual_seed(config.seed + 1 + MODALITIES.index(self.modality))
+        self.encoder = SiteEncoder(in_channels=1, features=config.features).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.encoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self._pending = None
+
+    def _batch(self, plan: Mapping) -> torch.Tensor:
+        crops = []
+        for key, origin, flips in zip(plan["keys"], plan["origins"], plan["flips"]):
+            case_id = self.key_to_case.get(key)
+            if case_id is None:
+                raise SplitUNetDataError(f"server asked for unknown case key {key}", party=self.party)
+            volume, _ = self.folder.read(case_id)
+            crops.append(extract_crop(volume, origin, plan["size"], flips))
+        batch = torch.from_numpy(np.stack(crops)[:, None])
+        return batch.to(self.device, non_blocking=True)
+
+    def _require_built(self) -> None:
+        if self.encoder is None:
+            raise RuntimeError(f"{self.party}: encoder not built; the setup task must come first")
+
+    def _to_wire(self, features: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+        dtype = getattr(torch, self.config.transfer_dtype)
+        return {level: features[level].detach().to(dtype) for level in self.config.sent_levels}
+
+    def forward(self, plan: Mapping) -> dict[int, torch.Tensor]:
+        """Encode the planned crops for training; returns the features to send (detached), keeps the graph."""
+        self._require_built()
+        if self._pending is not None:
+            raise RuntimeError(f"{self.party}: forward called while the previous step's gradients are pending")
+        self.encoder.train()
+        features = self.encoder(self._batch(plan))
+        self._pending = {level: features[level] for level in self.config.sent_levels}
+        return self._to_wire(features)
+
+    def backward(self, grads: Mapping[int, torch.Tensor]) -> None:
+        """Back-propagate the server's gradients through the pending features and step the optimiser."""
+        self._require_built()
+        if self._pending is None:
+            raise RuntimeError(f"{self.party}: received gradients but no forward pass is pending")
+        if set(grads) != set(self._pending):
+            raise ValueError(
+                f"{self.party}: gradients for levels {sorted(grads)} do not match sent levels {sorted(self._pending)}"
+            )
+        outputs, grad_tensors = [], []
+        for level, output in self._pending.items():
+            grad = grads[level].to(device=output.device, dtype=output.dtype)
+            if grad.shape != output.shape:
+                raise ValueError(f"{self.party}: gradient x{level} has shape {tuple(grad.shape)}, "
+                                 f"expected {tuple(output.shape)}")
+            outputs.append(output)
+            grad_tensors.append(grad)
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(outputs, grad_tensors)
+        self.optimizer.step()
+        self._pending = None
+        self.steps_applied += 1
+
+    @torch.no_grad()
+    def encode(self, plan: Mapping) -> dict[int, torch.Tensor]:
+        """Encode windows for inference (no graph kept)."""
+        self._require_built()
+        self.encoder.eval()
+        features = self.encoder(self._batch(plan))
+        return self._to_wire(features)
+
+    def state_dict(self) -> dict:
+        """Encoder and optimiser state (stays at the site)."""
+        self._require_built()
+        return {
+            "modality": self.modality,
+            "party": self.party,
+            "config": self.config.to_dict(),
+            "encoder": self.encoder.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "steps_applied": self.steps_applied,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict` output (the encoder must be built with the same config)."""
+        self._require_built()
+        if state["modality"] != self.modality:
+            raise ValueError(f"{self.party}: checkpoint is for modality {state['modality']}, not {self.modality}")
+        self.encoder.load_state_dict(state["encoder"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_applied = int(state.get("steps_applied", 0))
+
+    def timed(self, fn, *args):
+        """Run ``fn(*args)`` and return ``(result, seconds)``; synchronises CUDA so the time is real."""
+        start = time.perf_counter()
+        result = fn(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return result, time.perf_counter() - start

@@ -1,0 +1,69 @@
+"""The one place where tensors become FLARE DXOs and back.
+
+Activations and gradients travel as DXOs (kinds in :class:`splitunet.protocol.DataKind`) inside task data and
+task results, so FLARE filters see them. Torch tensors in a DXO need FLARE's ``TensorDecomposer`` registered
+with FOBS on both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from nvflare.apis.dxo import DXO
+
+from splitunet.protocol import DataKind, level_index, level_key
+
+__all__ = ["register_tensor_support", "features_to_dxo", "dxo_to_features", "control_dxo"]
+
+_registered = False
+
+
+def register_tensor_support() -> None:
+    """Register FLARE's torch tensor decomposer with FOBS (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from nvflare.app_opt.pt.decomposers import TensorDecomposer
+    from nvflare.fuel.utils import fobs
+
+    fobs.register(TensorDecomposer)
+    _registered = True
+
+
+def features_to_dxo(features: Mapping[int, torch.Tensor], data_kind: str, meta: dict | None = None) -> DXO:
+    """Pack per-level tensors (level index -> tensor) as a DXO with keys ``x0``..``x4``.
+
+    Tensors are detached, moved to the CPU and made contiguous; dtype and shape are kept.
+    """
+    data = {level_key(level): tensor.detach().cpu().contiguous() for level, tensor in features.items()}
+    return DXO(data_kind=data_kind, data=data, meta=dict(meta or {}))
+
+
+def dxo_to_features(
+    dxo: DXO, expected_kind: str, *, device: torch.device | str | None = None, party: str = "?"
+) -> dict[int, torch.Tensor]:
+    """Unpack :func:`features_to_dxo` output, checking kind, keys and types.
+
+    Raises:
+        ValueError: naming ``party``, if the DXO is of another kind or holds something other than level tensors.
+    """
+    if dxo.data_kind != expected_kind:
+        raise ValueError(f"{party} sent data kind {dxo.data_kind!r}, expected {expected_kind!r}")
+    features = {}
+    for key, value in (dxo.data or {}).items():
+        try:
+            level = level_index(key)
+        except ValueError:
+            raise ValueError(f"{party} sent unexpected entry {key!r} in {expected_kind}") from None
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{party} sent {key} as {type(value).__name__}, expected a torch tensor")
+        features[level] = value if device is None else value.to(device)
+    if not features:
+        raise ValueError(f"{party} sent an empty {expected_kind}")
+    return features
+
+
+def control_dxo(meta: dict) -> DXO:
+    """A DXO without tensors (setup, plans, acknowledgements)."""
+    return DXO(data_kind=DataKind.CONTROL, data={}, meta=dict(meta))

@@ -1,0 +1,73 @@
+"""End to end: the main job trains through FLARE tasks in the simulator on a tiny phantom."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from splitunet.demo import DemoSettings, run_demo
+
+pytestmark = pytest.mark.e2e
+
+TINY_SERVER_ARGS = {
+    "num_iterations": 16,
+    "batch_size": 2,
+    "crop_size": [32, 32, 32],
+    "features": [4, 8, 8, 16, 16, 4],
+    "val_every": 8,
+    "num_val_cases": 2,
+    "learning_rate": 0.005,
+    "log_every": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("demo")
+    settings = DemoSettings(cases=6, shape=(40, 40, 40), seed=3, server_args=TINY_SERVER_ARGS, timeout_s=600)
+    summary = run_demo(workspace, settings)
+    return workspace, summary
+
+
+def test_results_hold_dice_and_iterations(demo_run):
+    workspace, summary = demo_run
+    on_disk = json.loads((workspace / "results.json").read_text())
+    assert on_disk["iterations"] == TINY_SERVER_ARGS["num_iterations"]
+    assert set(on_disk["dice"]) == {"TC", "WT", "ET"}
+    assert all(0.0 <= value <= 1.0 for value in on_disk["dice"].values())
+    assert sorted(on_disk["sites"].values()) == ["flair", "t1", "t1gd", "t2"]
+    assert Path(on_disk["preview_png"]).is_file()
+
+
+def test_loss_falls(demo_run):
+    workspace, _ = demo_run
+    server_results = json.loads(Path(json.loads((workspace / "results.json").read_text())["server_results"]).read_text())
+    curve = np.array(server_results["loss_curve"])
+    assert len(curve) == TINY_SERVER_ARGS["num_iterations"]
+    assert np.isfinite(curve).all()
+    assert curve[-4:].mean() < curve[:4].mean()
+
+
+def test_checkpoints_only_at_their_owners(demo_run):
+    workspace, summary = demo_run
+    simulator = workspace / "simulator"
+    encoders = sorted(simulator.glob("**/encoder_*.pt"))
+    decoders = sorted(simulator.glob("**/decoder_*.pt"))
+    assert decoders and all(path.relative_to(simulator).parts[0] == "server" for path in decoders)
+    assert {path.name for path in decoders} == {"decoder_best.pt", "decoder_last.pt"}
+    # Each site holds exactly its own modality's encoder, best and last; the server holds none.
+    by_party = {}
+    for path in encoders:
+        by_party.setdefault(path.relative_to(simulator).parts[0], set()).add(path.name)
+    assert "server" not in by_party
+    for site, modality in summary["sites"].items():
+        assert by_party[site] == {f"encoder_{modality}_best.pt", f"encoder_{modality}_last.pt"}
+
+
+def test_tensorboard_events_written(demo_run):
+    _, summary = demo_run
+    assert summary["tensorboard"] is not None
+    assert list(Path(summary["tensorboard"]).glob("**/events.out.tfevents.*"))
