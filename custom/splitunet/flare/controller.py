@@ -77,7 +77,7 @@ class SplitLearningController(Controller):
 
     def __init__(
         self,
-        num_iterations: int = 300,
+        num_iterations: int = 200,
         batch_size: int = 2,
         crop_size: Sequence[int] = (48, 48, 48),
         features: Sequence[int] = (8, 16, 32, 64, 128, 8),
