@@ -178,7 +178,9 @@ class SplitLearningController(Controller):
         try:
             self._run(abort_signal, fl_ctx, out_dir)
             self.results["status"] = "aborted" if abort_signal.triggered else "completed"
-        except (SplitRunError, SplitUNetDataError, SplitUNetConfigError) as error:
+        except Exception as error:  # noqa: BLE001 - any failure must still leave a results file saying why
+            if not isinstance(error, (SplitRunError, SplitUNetDataError, SplitUNetConfigError)):
+                self.log_exception(fl_ctx, f"unexpected error: {error}")
             self.results.update(status="failed", error=str(error))
             write_json_atomic(self.results, out_dir / "results.json")
             self.system_panic(f"Split-U-Net run stopped: {error}", fl_ctx)

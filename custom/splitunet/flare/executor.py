@@ -66,8 +66,10 @@ class SplitSiteExecutor(Executor):
             return make_reply(ReturnCode.TASK_ABORTED)
         try:
             return handler(from_shareable(shareable), party, fl_ctx)
-        except (SplitUNetDataError, SplitUNetConfigError, ValueError, RuntimeError) as error:
-            message = f"{party}: {error}"
+        except Exception as error:  # noqa: BLE001 - the server must learn why, not just that, a site failed
+            if not isinstance(error, (SplitUNetDataError, SplitUNetConfigError, ValueError, RuntimeError)):
+                self.log_exception(fl_ctx, f"unexpected error in task {task_name}")
+            message = f"{party}: {type(error).__name__}: {error}" if isinstance(error, OSError) else f"{party}: {error}"
             self.log_error(fl_ctx, f"task {task_name} failed: {message}")
             return error_reply(message)
 

@@ -1,0 +1,65 @@
+"""deployment: allow-list, simulator workspace, staged BYOC job, job copies with overrides."""
+
+from __future__ import annotations
+
+import json
+
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+from splitunet.deployment import (
+    ALLOW_LIST_PREFIX,
+    allow_splitunet_classes,
+    copy_job_with_overrides,
+    default_site_modalities,
+    find_job,
+    prepare_simulator_workspace,
+    stage_byoc_job,
+)
+from splitunet.party_settings import load_server_settings, load_site_settings
+
+
+def test_allow_list_keeps_flare_defaults_and_existing_entries(tmp_path):
+    (tmp_path / "resources.json").write_text(json.dumps({"format_version": 2, "class_allow_list": ["mylab."]}))
+    allow_splitunet_classes(tmp_path)
+    allow_splitunet_classes(tmp_path)  # idempotent
+    resources = json.loads((tmp_path / "resources.json").read_text())
+    assert resources["format_version"] == 2
+    assert resources["class_allow_list"] == ["mylab.", ALLOW_LIST_PREFIX]
+    allow_splitunet_classes(tmp_path / "fresh")
+    fresh = json.loads((tmp_path / "fresh" / "resources.json").read_text())["class_allow_list"]
+    assert set(DEFAULT_CLASS_ALLOW_LIST) < set(fresh) and ALLOW_LIST_PREFIX in fresh
+
+
+def test_simulator_workspace_settings_resolve_per_party(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPLITUNET_SITE_CONFIG", raising=False)
+    workspace = prepare_simulator_workspace(tmp_path / "ws", tmp_path / "parties", default_site_modalities(4), "k")
+    local = workspace / "local"
+    assert load_site_settings("site-3", local).data_dir == (tmp_path / "parties" / "t1gd").resolve()
+    assert load_server_settings("simulator_server", local).labels_dir == (tmp_path / "parties" / "labels").resolve()
+
+
+def test_job_copy_overrides_workflow_and_executor_args(tmp_path):
+    out = copy_job_with_overrides(find_job(), tmp_path / "job", {"num_iterations": 3}, {"num_threads": 1})
+    server = json.loads((out / "app/config/config_fed_server.json").read_text())
+    client = json.loads((out / "app/config/config_fed_client.json").read_text())
+    assert server["workflows"][0]["args"]["num_iterations"] == 3
+    assert server["workflows"][0]["args"]["crop_size"]  # the rest is the shipped job's
+    assert client["executors"][0]["executor"]["args"] == {"device": "auto", "num_threads": 1}
+
+
+def test_byoc_job_carries_the_package(tmp_path):
+    out = stage_byoc_job(find_job(), tmp_path / "byoc")
+    package = out / "app" / "custom" / "splitunet"
+    assert (package / "flare" / "executor.py").is_file() and (package / "networks" / "site_encoder.py").is_file()
+    assert not list(package.glob("**/__pycache__"))
+
+
+def test_shipped_job_names_only_allowed_classes():
+    job = find_job()
+    allowed = set(DEFAULT_CLASS_ALLOW_LIST)
+    for config_file in job.glob("*/config/*.json"):
+        text = json.loads(config_file.read_text())
+        components = text.get("components", []) + text.get("workflows", [])
+        components += [e["executor"] for e in text.get("executors", [])]
+        for component in components:
+            assert component["path"].startswith(ALLOW_LIST_PREFIX) or component["path"] in allowed
