@@ -76,3 +76,13 @@ def test_keys_of_real_ids_match():
     match = match_case_keys({"site-1": site_1, "site-2": site_2})
     assert match.common == sorted(site_2)
     assert match.missing == {"site-2": [case_key("BRATS_001", "shared")]}
+
+
+def test_keys_to_case_ids_maps_back_and_reports_collisions(monkeypatch):
+    from splitunet.data import case_keys
+
+    mapping = case_keys.keys_to_case_ids(["BRATS_001", "BRATS_002"], "s", party="site-1")
+    assert mapping == {case_key(case_id, "s"): case_id for case_id in ("BRATS_001", "BRATS_002")}
+    monkeypatch.setattr(case_keys, "case_key", lambda case_id, secret: "same")
+    with pytest.raises(SplitUNetDataError, match="site-1"):
+        case_keys.keys_to_case_ids(["A", "B"], "s", party="site-1")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from splitunet.errors import SplitUNetDataError
 
-__all__ = ["KEY_LENGTH", "case_key", "CaseMatch", "match_case_keys"]
+__all__ = ["KEY_LENGTH", "case_key", "keys_to_case_ids", "CaseMatch", "match_case_keys"]
 
 # Hex characters kept: 128 bits, ample against collisions among thousands of cases, short in logs.
 KEY_LENGTH = 32
@@ -38,6 +38,22 @@ def case_key(case_id: str, secret: str) -> str:
     if not isinstance(case_id, str) or not case_id:
         raise ValueError("case ID must be a non-empty string")
     return hmac.new(secret.encode("utf-8"), case_id.encode("utf-8"), hashlib.sha256).hexdigest()[:KEY_LENGTH]
+
+
+def keys_to_case_ids(case_ids: Iterable[str], secret: str, *, party: str) -> dict[str, str]:
+    """Map each case's key back to its ID (only a data holder can build this map).
+
+    Raises:
+        SplitUNetDataError: if two case IDs collide on one key.
+    """
+    mapping: dict[str, str] = {}
+    for case_id in case_ids:
+        key = case_key(case_id, secret)
+        if key in mapping:
+            raise SplitUNetDataError(f"case IDs {mapping[key]!r} and {case_id!r} share a key", party=party,
+                                     case=case_id)
+        mapping[key] = case_id
+    return mapping
 
 
 @dataclass

@@ -12,10 +12,9 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceFocalLoss
 from monai.metrics import DiceMetric
 
-from splitunet.data.case_keys import case_key
+from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.party_data import LabelFolder
 from splitunet.data.sampling import extract_crop, window_plan
-from splitunet.errors import SplitUNetDataError
 from splitunet.model_config import SplitModelConfig
 from splitunet.networks import ServerDecoder
 from splitunet.protocol import REGIONS
@@ -67,14 +66,7 @@ class ServerTrainer:
         self.party = labels.party
         self.device = torch.device(device)
         self.loss_fn = make_loss(loss)
-        self.key_to_case: dict[str, str] = {}
-        for case_id in labels.case_ids:
-            key = case_key(case_id, case_key_secret)
-            if key in self.key_to_case:
-                raise SplitUNetDataError(
-                    f"case IDs {self.key_to_case[key]!r} and {case_id!r} share a key", party=self.party, case=case_id
-                )
-            self.key_to_case[key] = case_id
+        self.key_to_case = keys_to_case_ids(labels.case_ids, case_key_secret, party=self.party)
         self.config: SplitModelConfig | None = None
         self.decoder: ServerDecoder | None = None
         self.optimizer: torch.optim.Optimizer | None = None

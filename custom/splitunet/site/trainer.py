@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from splitunet.data.case_keys import case_key
+from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.party_data import ModalityFolder
 from splitunet.data.sampling import extract_crop
 from splitunet.errors import SplitUNetDataError
@@ -36,14 +36,7 @@ class SiteTrainer:
         self.party = folder.party
         self.modality = folder.modality
         self.device = torch.device(device)
-        self.key_to_case: dict[str, str] = {}
-        for case_id in folder.case_ids:
-            key = case_key(case_id, case_key_secret)
-            if key in self.key_to_case:
-                raise SplitUNetDataError(
-                    f"case IDs {self.key_to_case[key]!r} and {case_id!r} share a key", party=self.party, case=case_id
-                )
-            self.key_to_case[key] = case_id
+        self.key_to_case = keys_to_case_ids(folder.case_ids, case_key_secret, party=self.party)
         self.config: SplitModelConfig | None = None
         self.encoder: SiteEncoder | None = None
         self.optimizer: torch.optim.Optimizer | None = None
