@@ -1,9 +1,12 @@
-"""End to end: bad site input stops the run with a message naming the site and the file or folder."""
+"""End to end: bad site input is named (site, case, file or folder) instead of crashing deep in training."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from splitunet.demo import ensure_partitioned_phantom
@@ -12,21 +15,61 @@ from splitunet.party_settings import SETTINGS_FILE_NAME
 from splitunet.simulator import find_run_file, run_simulator
 
 pytestmark = pytest.mark.e2e
+SITES = default_site_modalities(4)
+TINY = {"num_iterations": 2, "crop_size": [32, 32, 32], "features": [4, 8, 8, 16, 16, 4], "num_val_cases": 1,
+        "val_every": 2}
 
 
-def test_missing_site_data_folder_is_named(tmp_path):
-    parties = ensure_partitioned_phantom(tmp_path / "data", cases=3, shape=(32, 32, 32), seed=5)
-    workspace = prepare_simulator_workspace(tmp_path / "sim", parties, default_site_modalities(4), "k")
-    settings_file = workspace / "local" / SETTINGS_FILE_NAME
-    settings = json.loads(settings_file.read_text())
-    missing = tmp_path / "no_such_folder"
-    settings["parties"]["site-2"]["data_dir"] = str(missing)
-    settings_file.write_text(json.dumps(settings))
-    job = copy_job_with_overrides(find_job(), tmp_path / "job", {"num_iterations": 2, "crop_size": [32, 32, 32]})
+@pytest.fixture(scope="module")
+def source_parties(tmp_path_factory):
+    return ensure_partitioned_phantom(tmp_path_factory.mktemp("data"), cases=4, shape=(32, 32, 32), seed=5)
 
-    run_simulator(job, workspace, list(default_site_modalities(4)), tmp_path / "sim.log", timeout_s=300, echo=False)
 
+@pytest.fixture
+def parties(source_parties, tmp_path):
+    copy = tmp_path / "parties"
+    shutil.copytree(source_parties, copy)
+    return copy
+
+
+def _run(tmp_path, parties, edit_settings=None):
+    workspace = prepare_simulator_workspace(tmp_path / "sim", parties, SITES, "k")
+    if edit_settings:
+        settings_file = workspace / "local" / SETTINGS_FILE_NAME
+        settings = json.loads(settings_file.read_text())
+        edit_settings(settings["parties"])
+        settings_file.write_text(json.dumps(settings))
+    job = copy_job_with_overrides(find_job(), tmp_path / "job", TINY)
+    log = tmp_path / "sim.log"
+    run_simulator(job, workspace, list(SITES), log, timeout_s=300, echo=False)
     results = json.loads(find_run_file(workspace, "server", "results.json").read_text())
+    return workspace, results, log.read_text()
+
+
+def test_missing_site_data_folder_is_named(tmp_path, parties):
+    missing = tmp_path / "no_such_folder"
+    workspace, results, _ = _run(tmp_path, parties, lambda p: p["site-2"].update(data_dir=str(missing)))
     assert results["status"] == "failed"
     assert "site-2" in results["error"] and str(missing) in results["error"]
     assert not list(workspace.glob("**/*_best.pt"))
+
+
+def test_case_missing_at_one_site_is_named_and_left_out(tmp_path, parties):
+    (parties / "t1gd" / "BRATS_002.nii.gz").unlink()
+    _, results, log = _run(tmp_path, parties)
+    assert results["status"] == "completed"
+    assert results["left_out_cases"] == {"site-3": 1}
+    assert "case BRATS_002" in log and "missing at site-3 (t1gd)" in log
+    assert "BRATS_002" not in results["val_cases"]
+
+
+def test_modality_not_aligned_with_label_is_named(tmp_path, parties):
+    path = parties / "flair" / "BRATS_003.nii.gz"
+    image = nib.load(path)
+    shifted = image.affine.copy()
+    shifted[:3, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), shifted, image.header), path)
+    _, results, _ = _run(tmp_path, parties)
+    assert results["status"] == "failed"
+    assert "site-1" in results["error"] and "BRATS_003" in results["error"]
+    assert "not voxel-aligned" in results["error"] and "labels" in results["error"]
