@@ -16,8 +16,9 @@ def test_python_dash_m_lists_subcommands():
 
 
 def test_phantom_then_partition(tmp_path, capsys):
-    assert main(["phantom", "--out", str(tmp_path / "msd"), "--cases", "2", "--shape", "32", "32", "32",
-                 "--quiet"]) == 0
+    assert (
+        main(["phantom", "--out", str(tmp_path / "msd"), "--cases", "2", "--shape", "32", "32", "32", "--quiet"]) == 0
+    )
     assert json.loads((tmp_path / "msd" / "dataset.json").read_text())["numTraining"] == 2
     assert main(["partition", "--src", str(tmp_path / "msd"), "--out", str(tmp_path / "parties"), "--quiet"]) == 0
     assert sorted(p.name for p in (tmp_path / "parties").iterdir()) == ["flair", "labels", "t1", "t1gd", "t2"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-
 from splitunet.deployment import (
     ALLOW_LIST_PREFIX,
     allow_splitunet_classes,

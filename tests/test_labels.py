@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from splitunet.errors import SplitUNetDataError
 from splitunet.labels import (
     LAYOUTS,
@@ -86,9 +85,7 @@ def test_float_labels_accepted():
     assert validate_labels(labels, "brats2021").dtype == np.uint8
 
 
-@pytest.mark.parametrize(
-    "layout, bad_value", [("msd", 4), ("brats2021", 3), ("brats2023", 4), ("msd", -1)]
-)
+@pytest.mark.parametrize("layout, bad_value", [("msd", 4), ("brats2021", 3), ("brats2023", 4), ("msd", -1)])
 def test_values_outside_layout(layout, bad_value):
     expected_text = f"label values {bad_value} are not in layout"
     labels = _random_labels("msd" if layout != "brats2021" else "brats2021").astype(np.int16)

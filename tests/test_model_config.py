@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from splitunet.errors import SplitUNetConfigError
 from splitunet.model_config import SplitModelConfig
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from splitunet.errors import SplitUNetConfigError
 from splitunet.party_settings import (
     SETTINGS_ENV_VAR,
@@ -77,8 +76,9 @@ def test_bad_entries(tmp_path, monkeypatch, entry, message):
 
 def test_missing_secret_and_bad_json(tmp_path, monkeypatch):
     monkeypatch.delenv(SETTINGS_ENV_VAR, raising=False)
-    (tmp_path / "splitunet_site.json").write_text(json.dumps({"parties": {"site-1": {"modality": "t1",
-                                                                                       "data_dir": "/d"}}}))
+    (tmp_path / "splitunet_site.json").write_text(
+        json.dumps({"parties": {"site-1": {"modality": "t1", "data_dir": "/d"}}})
+    )
     with pytest.raises(SplitUNetConfigError, match="case_key_secret"):
         load_site_settings("site-1", tmp_path)
     (tmp_path / "splitunet_site.json").write_text("{not json")

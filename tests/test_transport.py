@@ -6,7 +6,6 @@ import pytest
 import torch
 from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.fuel.utils import fobs
-
 from splitunet.protocol import DataKind
 from splitunet.transport import control_dxo, dxo_to_features, features_to_dxo, register_tensor_support
 
@@ -19,8 +18,9 @@ def _round_trip(dxo):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_dtype_and_shape_survive_serialization(dtype):
     features = {0: torch.randn(2, 4, 9, 10, 11).to(dtype), 4: torch.randn(2, 16, 1, 2, 3).to(dtype)}
-    received = dxo_to_features(_round_trip(features_to_dxo(features, DataKind.ACTIVATIONS, {"i": 3})),
-                               DataKind.ACTIVATIONS)
+    received = dxo_to_features(
+        _round_trip(features_to_dxo(features, DataKind.ACTIVATIONS, {"i": 3})), DataKind.ACTIVATIONS
+    )
     assert received.keys() == features.keys()
     for level, tensor in features.items():
         assert received[level].dtype == dtype

@@ -55,12 +55,15 @@ def _demo(args) -> int:
     server_args = {}
     if args.iterations:
         server_args["num_iterations"] = args.iterations
-    settings = DemoSettings(cases=args.cases, shape=tuple(args.shape), seed=args.seed, server_args=server_args,
-                            timeout_s=args.timeout)
+    settings = DemoSettings(
+        cases=args.cases, shape=tuple(args.shape), seed=args.seed, server_args=server_args, timeout_s=args.timeout
+    )
     summary = run_demo(args.workspace, settings)
     dice = summary["dice"]
-    print(f"\nDice on held-out phantom cases after {summary['iterations']} iterations: "
-          f"TC {dice['TC']:.3f}  WT {dice['WT']:.3f}  ET {dice['ET']:.3f}")
+    print(
+        f"\nDice on held-out phantom cases after {summary['iterations']} iterations: "
+        f"TC {dice['TC']:.3f}  WT {dice['WT']:.3f}  ET {dice['ET']:.3f}"
+    )
     print(f"results: {Path(args.workspace).resolve() / 'results.json'}")
     if summary.get("preview_png"):
         print(f"figure:  {summary['preview_png']}")

@@ -58,7 +58,11 @@ class DemoSettings:
 def ensure_partitioned_phantom(data_dir: Path, cases: int, shape: Sequence[int], seed: int) -> Path:
     """Make phantom data in MSD layout and split it per party, unless already there. Returns the partition."""
     source, parties = data_dir / "phantom_msd", data_dir / "parties"
-    if not (source / "dataset.json").is_file():
+    if (source / "dataset.json").is_file():
+        existing = json.loads((source / "dataset.json").read_text())["numTraining"]
+        # Re-generating would silently change what earlier results were measured on; say what is reused.
+        print(f"Reusing {existing} phantom cases in {source} (delete it to generate {cases} new ones)", flush=True)
+    else:
         print(f"Generating {cases} phantom cases of shape {tuple(shape)} in {source}", flush=True)
         generate_phantom(source, cases, shape=tuple(shape), seed=seed)
     if not (parties / LABELS_PARTY).is_dir():
@@ -77,8 +81,10 @@ def _preview(results: Mapping, parties: Path, out_png: Path) -> Path | None:
     labels, _, _ = read_volume(parties / LABELS_PARTY / f"{case}.nii.gz", party="demo", case=case)
     predicted, _, _ = read_volume(prediction_path, party="demo", case=case)
     dice = results.get("dice", {})
-    title = f"{case} (held out): FLAIR, Dice TC {dice.get('TC', float('nan')):.2f} WT {dice.get('WT', float('nan')):.2f} " \
-            f"ET {dice.get('ET', float('nan')):.2f} over the validation cases"
+    title = (
+        f"{case} (held out): FLAIR, Dice TC {dice.get('TC', float('nan')):.2f} WT {dice.get('WT', float('nan')):.2f} "
+        f"ET {dice.get('ET', float('nan')):.2f} over the validation cases"
+    )
     return plot_case_overview(
         flair,
         labels_to_regions(np.rint(labels).astype(np.int64), layout),
@@ -102,14 +108,20 @@ def run_demo(workspace: str | Path, settings: DemoSettings | None = None, job_di
     sim_workspace = workspace / "simulator"
     if sim_workspace.exists():
         shutil.rmtree(sim_workspace)  # a fresh run each time: stale checkpoints must not pass for new ones
-    prepare_simulator_workspace(sim_workspace, parties, site_modalities, read_or_create_secret(workspace / "data" / "case_key_secret.txt"))
+    prepare_simulator_workspace(
+        sim_workspace, parties, site_modalities, read_or_create_secret(workspace / "data" / "case_key_secret.txt")
+    )
     job = copy_job_with_overrides(
         job_dir or find_job("split_unet"), workspace / "job" / "split_unet", settings.server_args, settings.client_args
     )
     log_file = workspace / "simulator.log"
     print(f"Running the FLARE simulator with sites {site_modalities} (full log: {log_file})", flush=True)
     return_code = run_simulator(
-        job, sim_workspace, list(site_modalities), log_file, timeout_s=settings.timeout_s,
+        job,
+        sim_workspace,
+        list(site_modalities),
+        log_file,
+        timeout_s=settings.timeout_s,
         env={THREADS_ENV_VAR: str(settings.threads_per_party)},
     )
     server_results_path = find_run_file(sim_workspace, "server", "results.json")

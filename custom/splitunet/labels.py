@@ -92,14 +92,22 @@ LAYOUTS: dict[str, LabelLayout] = {
     ),
     "brats2021": LabelLayout(
         name="brats2021",
-        label_names={0: "background", 1: "necrotic tumour core (NCR)", 2: "peritumoral edema (ED)",
-                     4: "enhancing tumour (ET)"},
+        label_names={
+            0: "background",
+            1: "necrotic tumour core (NCR)",
+            2: "peritumoral edema (ED)",
+            4: "enhancing tumour (ET)",
+        },
         regions={"TC": (1, 4), "WT": (1, 2, 4), "ET": (4,)},
     ),
     "brats2023": LabelLayout(
         name="brats2023",
-        label_names={0: "background", 1: "necrotic tumour core (NCR)", 2: "peritumoral edema (ED)",
-                     3: "enhancing tumour (ET)"},
+        label_names={
+            0: "background",
+            1: "necrotic tumour core (NCR)",
+            2: "peritumoral edema (ED)",
+            3: "enhancing tumour (ET)",
+        },
         regions={"TC": (1, 3), "WT": (1, 2, 3), "ET": (3,)},
     ),
 }

@@ -16,8 +16,10 @@ from splitunet.errors import SplitUNetConfigError
 __all__ = ["run_simulator", "find_run_file", "PROGRESS_PATTERN"]
 
 # Log lines worth echoing to a person watching the run; the full log goes to a file.
-PROGRESS_PATTERN = re.compile(r"iteration \d+/\d+|validation at iteration|training \d+ iterations|left out|"
-                              r"Split-U-Net run stopped|failed task|did not answer|results written")
+PROGRESS_PATTERN = re.compile(
+    r"iteration \d+/\d+|validation at iteration|training \d+ iterations|left out|"
+    r"Split-U-Net run stopped|failed task|did not answer|results written"
+)
 
 
 def run_simulator(
@@ -34,15 +36,33 @@ def run_simulator(
     Raises:
         SplitUNetConfigError: when the run outlasts ``timeout_s`` (the simulator is killed first).
     """
-    command = [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(workspace),
-               "-c", ",".join(clients), "-t", str(len(clients))]
+    command = [
+        sys.executable,
+        "-m",
+        "nvflare.cli",
+        "simulator",
+        str(job_dir),
+        "-w",
+        str(workspace),
+        "-c",
+        ",".join(clients),
+        "-t",
+        str(len(clients)),
+    ]
     full_env = dict(os.environ, **(env or {}))
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(command) + "\n")
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
-                                   text=True, bufsize=1, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
         # A watchdog, because a silent hang would never wake the line loop below.
         watchdog = threading.Timer(timeout_s, _kill_group, args=(process,))
         watchdog.start()

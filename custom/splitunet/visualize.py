@@ -56,13 +56,21 @@ def plot_case_overview(
             for channel, region in enumerate(REGIONS):
                 section = masks[channel][tuple(index)].T.astype(float)
                 if section.any():
-                    axis.contour(section, levels=[0.5], colors=REGION_COLORS[region], linestyles=style,
-                                 linewidths=1.2, origin="lower")
+                    axis.contour(
+                        section,
+                        levels=[0.5],
+                        colors=REGION_COLORS[region],
+                        linestyles=style,
+                        linewidths=1.2,
+                        origin="lower",
+                    )
         axis.set_title(f"{name} slice {centre[dim]}", color="white")
         axis.axis("off")
     handles = [Line2D([], [], color=REGION_COLORS[r], label=r) for r in REGIONS]
-    handles += [Line2D([], [], color="white", linestyle="solid", label="predicted"),
-                Line2D([], [], color="white", linestyle="dashed", label="truth")]
+    handles += [
+        Line2D([], [], color="white", linestyle="solid", label="predicted"),
+        Line2D([], [], color="white", linestyle="dashed", label="truth"),
+    ]
     figure.legend(handles=handles, loc="lower center", ncol=5, facecolor="black", labelcolor="white", frameon=False)
     figure.suptitle(title, color="white")
     figure.tight_layout(rect=(0, 0.07, 1, 0.95))

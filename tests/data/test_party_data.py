@@ -7,7 +7,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from splitunet.data.nifti_io import affine_digest
 from splitunet.data.party_data import LabelFolder, ModalityFolder
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
@@ -176,8 +175,7 @@ def test_partition_layout_is_accepted(tmp_path):
     _write_modality(root / "flair")
     _write_modality(root / "t2")
     _write_labels(root / "labels")
-    for name, kind, modality in (("flair", "modality", "flair"), ("t2", "modality", "t2"),
-                                 ("labels", "labels", None)):
+    for name, kind, modality in (("flair", "modality", "flair"), ("t2", "modality", "t2"), ("labels", "labels", None)):
         info = {"party_kind": kind, "modality": modality, "layout": "msd", "cases": list(CASES)}
         (root / name / "party.json").write_text(json.dumps(info))
     # The party folder itself, or the partition root.

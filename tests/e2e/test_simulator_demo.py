@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from splitunet.demo import DemoSettings, run_demo
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +43,9 @@ def test_results_hold_dice_and_iterations(demo_run):
 
 def test_loss_falls(demo_run):
     workspace, _ = demo_run
-    server_results = json.loads(Path(json.loads((workspace / "results.json").read_text())["server_results"]).read_text())
+    server_results = json.loads(
+        Path(json.loads((workspace / "results.json").read_text())["server_results"]).read_text()
+    )
     curve = np.array(server_results["loss_curve"])
     assert len(curve) == TINY_SERVER_ARGS["num_iterations"]
     assert np.isfinite(curve).all()

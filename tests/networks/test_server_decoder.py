@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from splitunet.networks import ServerDecoder, SiteEncoder
 
 FEATURES = (4, 4, 8, 8, 16, 4)

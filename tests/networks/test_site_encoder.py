@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from monai.networks.nets import BasicUNet
-
 from splitunet.networks import SiteEncoder
 
 CASES = [

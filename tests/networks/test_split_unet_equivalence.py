@@ -14,7 +14,6 @@ import torch
 from monai.losses import DiceCELoss
 from nvflare.apis.dxo import from_shareable
 from nvflare.fuel.utils import fobs
-
 from splitunet.networks import MonolithicSplitUNet
 from splitunet.protocol import DataKind
 from splitunet.transport import dxo_to_features, features_to_dxo, register_tensor_support
@@ -40,7 +39,7 @@ def _split_step(encoders, decoder, x, target, loss_fn):
     logits = decoder(leaves, spatial_size=x.shape[2:])
     loss = loss_fn(logits, target)
     loss.backward()
-    for site, (sent, leaf_map) in enumerate(zip(site_outputs, leaves)):
+    for sent, leaf_map in zip(site_outputs, leaves):
         grads = _over_the_wire({level: leaf.grad for level, leaf in leaf_map.items()}, DataKind.GRADIENTS, "server")
         torch.autograd.backward([sent[level] for level in sent], [grads[level] for level in sent])
     return logits.detach(), loss.detach()
@@ -90,7 +89,5 @@ def test_equivalence_test_detects_a_wrong_gradient():
     monolith.decoder([leaves, other], spatial_size=x.shape[2:]).sum().backward()
     torch.autograd.backward([features[level] for level in leaves], [2 * leaves[level].grad for level in leaves])
     reference = dict(monolith.encoders[0].named_parameters())
-    mismatched = [
-        name for name, p in encoder.named_parameters() if not torch.allclose(p.grad, reference[name].grad)
-    ]
+    mismatched = [name for name, p in encoder.named_parameters() if not torch.allclose(p.grad, reference[name].grad)]
     assert mismatched

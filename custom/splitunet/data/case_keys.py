@@ -50,8 +50,9 @@ def keys_to_case_ids(case_ids: Iterable[str], secret: str, *, party: str) -> dic
     for case_id in case_ids:
         key = case_key(case_id, secret)
         if key in mapping:
-            raise SplitUNetDataError(f"case IDs {mapping[key]!r} and {case_id!r} share a key", party=party,
-                                     case=case_id)
+            raise SplitUNetDataError(
+                f"case IDs {mapping[key]!r} and {case_id!r} share a key", party=party, case=case_id
+            )
         mapping[key] = case_id
     return mapping
 

@@ -58,7 +58,8 @@ def _read_index(src: Path) -> tuple[list[tuple[str, Path, Path]], Path]:
             raise SplitUNetDataError(
                 f"dataset.json lists channels {list(modalities.values())}, expected the MSD Task01 order "
                 f"{list(MSD_CHANNEL_ORDER)}",
-                party=_PARTY, file=index_path,
+                party=_PARTY,
+                file=index_path,
             )
 
     entries = index.get("training")
@@ -79,7 +80,9 @@ def _read_index(src: Path) -> tuple[list[tuple[str, Path, Path]], Path]:
             )
         if case in seen:
             raise SplitUNetDataError(
-                f"training entries {seen[case]} and {number} are the same case", party=_PARTY, case=case,
+                f"training entries {seen[case]} and {number} are the same case",
+                party=_PARTY,
+                case=case,
                 file=index_path,
             )
         seen[case] = number
@@ -96,7 +99,9 @@ def _check_no_foreign_cases(folder: Path, cases: set[str]) -> None:
         if case is not None and not path.name.startswith(".") and case not in cases:
             raise SplitUNetDataError(
                 "output folder holds a case that is not in this dataset; use an empty output folder",
-                party=_PARTY, case=case, file=path,
+                party=_PARTY,
+                case=case,
+                file=path,
             )
 
 
@@ -159,13 +164,17 @@ def partition_msd(src: str | PathLike, out: str | PathLike, *, progress: bool = 
         if tuple(label_img.shape[:3]) != spatial:
             raise SplitUNetDataError(
                 f"label shape {list(label_img.shape[:3])} differs from image spatial shape {list(spatial)}",
-                party=_PARTY, case=case, file=label_path,
+                party=_PARTY,
+                case=case,
+                file=label_path,
             )
         if not np.allclose(label_img.affine, image.affine, rtol=0.0, atol=AFFINE_ATOL):
             raise SplitUNetDataError(
                 f"label affine differs from the image affine (tolerance {AFFINE_ATOL} mm):\n"
                 f"label:\n{label_img.affine}\nimage:\n{image.affine}",
-                party=_PARTY, case=case, file=label_path,
+                party=_PARTY,
+                case=case,
+                file=label_path,
             )
         # Read everything before writing anything, so a bad case leaves no partial set of files behind.
         channels = _read_data(image, case, image_path)
@@ -181,11 +190,14 @@ def partition_msd(src: str | PathLike, out: str | PathLike, *, progress: bool = 
         for channel, modality in enumerate(MSD_CHANNEL_ORDER):
             # The source header keeps units, orientation codes and description; the image class sets the 3D shape.
             save_nifti_atomic(
-                np.ascontiguousarray(channels[..., channel]), image.affine,
-                party_dirs[modality] / f"{case}.nii.gz", header=image.header,
+                np.ascontiguousarray(channels[..., channel]),
+                image.affine,
+                party_dirs[modality] / f"{case}.nii.gz",
+                header=image.header,
             )
-        save_nifti_atomic(labels, label_img.affine, party_dirs[LABELS_PARTY] / f"{case}.nii.gz",
-                          header=label_img.header)
+        save_nifti_atomic(
+            labels, label_img.affine, party_dirs[LABELS_PARTY] / f"{case}.nii.gz", header=label_img.header
+        )
 
     for name, folder in party_dirs.items():
         is_labels = name == LABELS_PARTY

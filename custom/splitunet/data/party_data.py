@@ -58,7 +58,9 @@ class _CaseFolder:
             if case_id in files:
                 raise SplitUNetDataError(
                     f"two files for the same case: {files[case_id].name} and {path.name}",
-                    party=self.party, case=case_id, file=path,
+                    party=self.party,
+                    case=case_id,
+                    file=path,
                 )
             files[case_id] = path
         if not files:
@@ -141,7 +143,8 @@ class ModalityFolder(_CaseFolder):
             raise SplitUNetDataError(
                 f"folder holds {info.get('party_kind')} {info.get('modality')!r}, but this site is set up for "
                 f"modality {modality!r}",
-                party=party, file=self.folder / PARTY_FILE,
+                party=party,
+                file=self.folder / PARTY_FILE,
             )
         # Per-volume z-score over the brain (nonzero voxels), as in the MONAI BraTS recipes; done here, at the
         # site, because only the site sees the intensities.
@@ -199,7 +202,8 @@ class LabelFolder(_CaseFolder):
             raise SplitUNetDataError(
                 f"folder holds {info.get('party_kind')} in layout {info.get('layout')!r}, but labels in layout "
                 f"{self.layout.name!r} were expected",
-                party=party, file=self.folder / PARTY_FILE,
+                party=party,
+                file=self.folder / PARTY_FILE,
             )
 
     def read_labels(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:

@@ -439,11 +439,13 @@ def _tumorous_anatomy(rng: np.random.Generator, anatomy: _Anatomy) -> np.ndarray
 
     # Mass effect first: the tumour occupies space the displaced tissue used to fill.
     points = warp(_mass_effect(grid, centre.astype(np.float32), strength, 1.2 * (core_radius + rim)))
-    gm, wm, csf, brain = (_sample(v, points, anatomy.spacing) for v in (anatomy.gm, anatomy.wm, anatomy.csf,
-                                                                         anatomy.brain))
+    gm, wm, csf, brain = (
+        _sample(v, points, anatomy.spacing) for v in (anatomy.gm, anatomy.wm, anatomy.csf, anatomy.brain)
+    )
     parenchyma = gm + wm
-    tumour = _tumour(rng, grid, centre, (core_radius, rim, edema_extent), wm / np.maximum(parenchyma, 1e-3),
-                     anatomy.spacing)
+    tumour = _tumour(
+        rng, grid, centre, (core_radius, rim, edema_extent), wm / np.maximum(parenchyma, 1e-3), anatomy.spacing
+    )
 
     # The solid tumour replaces every tissue inside the brain; oedema is water in GM/WM, not in CSF spaces.
     solid = tumour.core + tumour.enhancing

@@ -228,8 +228,9 @@ class SplitLearningController(Controller):
                 return
             plan = planner.next_plan()
             start = time.perf_counter()
-            replies = self._round_trip(TaskName.STEP, self._step_data(grads, plan, iteration), iteration, fl_ctx,
-                                       abort_signal)
+            replies = self._round_trip(
+                TaskName.STEP, self._step_data(grads, plan, iteration), iteration, fl_ctx, abort_signal
+            )
             round_trip_s = time.perf_counter() - start
             features = [dxo_to_features(replies[s], DataKind.ACTIVATIONS, party=s) for s in self.sites]
             site_s = max(float(replies[s].get_meta_prop(MetaKey.SITE_COMPUTE_S, 0.0)) for s in self.sites)
@@ -239,8 +240,13 @@ class SplitLearningController(Controller):
             timing_sum += timing
             self.results["iterations"] = iteration
             self.results["loss_curve"].append(step.loss)
-            self._track(iteration, loss=step.loss, site_compute_s=timing[0], server_compute_s=timing[1],
-                        wait_transfer_s=timing[2])
+            self._track(
+                iteration,
+                loss=step.loss,
+                site_compute_s=timing[0],
+                server_compute_s=timing[1],
+                wait_transfer_s=timing[2],
+            )
             if iteration % self.log_every == 0 or iteration == 1:
                 mean = timing_sum / iteration
                 self.log_info(
@@ -250,8 +256,9 @@ class SplitLearningController(Controller):
                 )
             if iteration % self.val_every == 0 or iteration == self.num_iterations:
                 # Deliver the pending gradients first so that every encoder is at step `iteration`.
-                self._round_trip(TaskName.STEP, self._step_data(grads, None, iteration), iteration, fl_ctx,
-                                 abort_signal)
+                self._round_trip(
+                    TaskName.STEP, self._step_data(grads, None, iteration), iteration, fl_ctx, abort_signal
+                )
                 grads = None
                 final = iteration == self.num_iterations
                 dice = self._validate(val_keys, shapes, iteration, fl_ctx, abort_signal, out_dir, final)
@@ -339,8 +346,13 @@ class SplitLearningController(Controller):
         start = time.perf_counter()
         keep = val_keys[: self.num_preview_cases] if final else ()
         dice, kept = self.trainer.validate(
-            val_keys, shapes, self._encode_fn(iteration, fl_ctx, abort_signal), self.crop_size,
-            self.sw_batch_size, self.sw_overlap, keep=keep,
+            val_keys,
+            shapes,
+            self._encode_fn(iteration, fl_ctx, abort_signal),
+            self.crop_size,
+            self.sw_batch_size,
+            self.sw_overlap,
+            keep=keep,
         )
         self.log_info(
             fl_ctx,
@@ -395,8 +407,9 @@ class SplitLearningController(Controller):
 
         tasks = {}
         for site in self.sites:
-            task = Task(name=task_name, data=data_by_site[site], timeout=self.task_timeout,
-                        result_received_cb=on_result)
+            task = Task(
+                name=task_name, data=data_by_site[site], timeout=self.task_timeout, result_received_cb=on_result
+            )
             self.send(task, fl_ctx, targets=[site], send_order=SendOrder.ANY)
             tasks[site] = task
         deadline = time.monotonic() + self.task_timeout

@@ -98,10 +98,14 @@ class ServerDecoder(nn.Module):
             tensors = []
             for site, features in present:
                 if level not in features:
-                    raise ValueError(f"site {site} did not send level x{level}; the decoder needs {self.required_levels}")
+                    raise ValueError(
+                        f"site {site} did not send level x{level}; the decoder needs {self.required_levels}"
+                    )
                 if features[level].shape[1] != self.features[level]:
-                    raise ValueError(f"site {site} level x{level} has {features[level].shape[1]} channels, "
-                                     f"expected {self.features[level]}")
+                    raise ValueError(
+                        f"site {site} level x{level} has {features[level].shape[1]} channels, "
+                        f"expected {self.features[level]}"
+                    )
                 tensors.append(features[level])
             fused[level] = torch.cat(tensors, dim=1) if self.fusion == "concat" else torch.stack(tensors).mean(0)
         for site, features in present:

@@ -100,8 +100,9 @@ class SiteTrainer:
         for level, output in self._pending.items():
             grad = grads[level].to(device=output.device, dtype=output.dtype)
             if grad.shape != output.shape:
-                raise ValueError(f"{self.party}: gradient x{level} has shape {tuple(grad.shape)}, "
-                                 f"expected {tuple(output.shape)}")
+                raise ValueError(
+                    f"{self.party}: gradient x{level} has shape {tuple(grad.shape)}, expected {tuple(output.shape)}"
+                )
             outputs.append(output)
             grad_tensors.append(grad)
         self.optimizer.zero_grad(set_to_none=True)
