@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
 from splitunet.deployment import (
     ALLOW_LIST_PREFIX,
     allow_splitunet_classes,
@@ -62,3 +63,11 @@ def test_shipped_job_names_only_allowed_classes():
         components += [e["executor"] for e in text.get("executors", [])]
         for component in components:
             assert component["path"].startswith(ALLOW_LIST_PREFIX) or component["path"] in allowed
+
+
+def test_allow_list_starts_from_a_provisioned_kits_default_resources(tmp_path):
+    default = {"format_version": 2, "components": [{"id": "resource_manager", "path": "x.Manager"}]}
+    (tmp_path / "resources.json.default").write_text(json.dumps(default))
+    resources = json.loads(allow_splitunet_classes(tmp_path).read_text())
+    assert resources["components"] == default["components"]
+    assert "splitunet." in resources["class_allow_list"]

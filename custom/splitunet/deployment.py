@@ -53,10 +53,15 @@ def find_job(name: str = "split_unet") -> Path:
 def allow_splitunet_classes(local_dir: str | Path) -> Path:
     """Add ``splitunet.`` to the class allow-list in ``<local_dir>/resources.json``.
 
-    A configured allow-list replaces FLARE's default one, so FLARE's defaults are written out beside ours.
+    A configured allow-list replaces FLARE's default one, so FLARE's defaults are written out beside ours. A
+    provisioned kit ships only ``resources.json.default``, and FLARE reads ``resources.json`` instead of it (no
+    merging), so a missing ``resources.json`` starts as a copy of the default: the site keeps its job launcher
+    and resource manager.
     """
     path = Path(local_dir) / "resources.json"
-    resources = json.loads(path.read_text()) if path.is_file() else {}
+    default = Path(local_dir) / "resources.json.default"
+    source = path if path.is_file() else default
+    resources = json.loads(source.read_text()) if source.is_file() else {}
     allow_list = list(resources.get("class_allow_list", DEFAULT_CLASS_ALLOW_LIST))
     if ALLOW_LIST_PREFIX not in allow_list:
         allow_list.append(ALLOW_LIST_PREFIX)
@@ -110,24 +115,51 @@ def _app_config_files(job_dir: Path) -> list[Path]:
     return sorted(job_dir.glob("*/config/config_fed_*.json"))
 
 
-def copy_job_with_overrides(
-    job_dir: str | Path, out_dir: str | Path, server_args: Mapping | None = None, client_args: Mapping | None = None
-) -> Path:
-    """Copy a job folder, overriding arguments of its workflow (server) and executor (clients).
+def _job_filters(config: dict):
+    """Every filter entry of an app config, whatever chain it is in."""
+    for chain_name in ("task_data_filters", "task_result_filters"):
+        for chain in config.get(chain_name, []):
+            yield from chain.get("filters", [])
 
-    Used by the demo and tests to size a run; the job's structure stays the shipped one.
+
+def copy_job_with_overrides(
+    job_dir: str | Path,
+    out_dir: str | Path,
+    server_args: Mapping | None = None,
+    client_args: Mapping | None = None,
+    filter_args: Mapping[str, Mapping] | None = None,
+) -> Path:
+    """Copy a job folder, overriding arguments of its workflow (server), executor (clients) and filters.
+
+    Used by the demo, sweeps and tests to size a run; the job's structure stays the shipped one.
+
+    Args:
+        job_dir: the job folder to copy.
+        out_dir: where the copy goes (replaced if present).
+        server_args: workflow arguments to set.
+        client_args: executor arguments to set.
+        filter_args: class name -> arguments to set on every filter of that class, e.g.
+            ``{"ClippedGaussianNoise": {"noise_multiplier": 0.01}}``.
     """
     job_dir, out_dir = Path(job_dir), Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(job_dir, out_dir)
+    unused = set(filter_args or {})
     for config_path in _app_config_files(out_dir):
         config = json.loads(config_path.read_text())
         for workflow in config.get("workflows", []):
             workflow.setdefault("args", {}).update(server_args or {})
         for executor in config.get("executors", []):
             executor["executor"].setdefault("args", {}).update(client_args or {})
+        for entry in _job_filters(config):
+            class_name = entry.get("path", entry.get("name", "")).rsplit(".", 1)[-1]
+            if class_name in (filter_args or {}):
+                entry.setdefault("args", {}).update(filter_args[class_name])
+                unused.discard(class_name)
         config_path.write_text(json.dumps(config, indent=2) + "\n")
+    if unused:
+        raise SplitUNetConfigError(f"job {job_dir} has no filter of class {sorted(unused)} to override")
     return out_dir
 
 
