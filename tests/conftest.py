@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from splitunet.data.partition import partition_msd
 from splitunet.data.phantom import generate_phantom
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from splitunet.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint, write_json_atomic
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from splitunet.errors import SplitUNetDataError
 from splitunet.labels import (
     LAYOUTS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from splitunet.errors import SplitUNetConfigError
 from splitunet.model_config import SplitModelConfig
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from splitunet.errors import SplitUNetConfigError
 from splitunet.party_settings import (
     SETTINGS_ENV_VAR,

@@ -6,6 +6,7 @@ import pytest
 import torch
 from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.fuel.utils import fobs
+
 from splitunet.protocol import DataKind
 from splitunet.transport import control_dxo, dxo_to_features, features_to_dxo, register_tensor_support
 

@@ -49,6 +49,26 @@ def _stage_byoc(args) -> int:
     return 0
 
 
+def _job_folder(job: str | None) -> Path | None:
+    """A job given as a folder, or by name under the bundle's ``jobs/`` (``split_unet_noise``)."""
+    if job is None or Path(job).is_dir():
+        return Path(job) if job else None
+    from splitunet.deployment import find_job
+
+    return find_job(job)
+
+
+def _defenses(args) -> int:
+    from splitunet.defense_table import DEFENSE_JOBS, run_defense_table
+    from splitunet.demo import DemoSettings
+
+    server_args = {"num_iterations": args.iterations} if args.iterations else {}
+    settings = DemoSettings(cases=args.cases, shape=tuple(args.shape), seed=args.seed, server_args=server_args)
+    run_defense_table(args.out, args.jobs or DEFENSE_JOBS, settings)
+    print((Path(args.out) / "defenses.md").read_text())
+    return 0
+
+
 def _demo(args) -> int:
     from splitunet.demo import DemoSettings, run_demo
 
@@ -58,7 +78,7 @@ def _demo(args) -> int:
     settings = DemoSettings(
         cases=args.cases, shape=tuple(args.shape), seed=args.seed, server_args=server_args, timeout_s=args.timeout
     )
-    summary = run_demo(args.workspace, settings)
+    summary = run_demo(args.workspace, settings, job_dir=_job_folder(args.job))
     dice = summary["dice"]
     print(
         f"\nDice on held-out phantom cases after {summary['iterations']} iterations: "
@@ -111,7 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=int, default=0, help="default: the job's num_iterations")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--timeout", type=float, default=1800.0, help="seconds before the simulator is stopped")
+    demo.add_argument("--job", default=None, help="job folder or name under jobs/ (default: split_unet)")
     demo.set_defaults(run=_demo)
+
+    defenses = commands.add_parser(
+        "defenses", help="run the demo once per defense job on the same phantom cases; tabulate Dice and bytes"
+    )
+    defenses.add_argument("--out", required=True, type=Path)
+    defenses.add_argument("--jobs", nargs="+", default=None, help="job names or folders (default: every shipped one)")
+    defenses.add_argument("--cases", type=int, default=24)
+    defenses.add_argument("--shape", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
+    defenses.add_argument("--iterations", type=int, default=0, help="default: each job's num_iterations")
+    defenses.add_argument("--seed", type=int, default=0)
+    defenses.set_defaults(run=_defenses)
     return parser
 
 

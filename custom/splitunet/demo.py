@@ -42,6 +42,7 @@ class DemoSettings:
         num_sites: int = len(MODALITIES),
         server_args: Mapping | None = None,
         client_args: Mapping | None = None,
+        filter_args: Mapping[str, Mapping] | None = None,
         threads_per_party: int = 1,
         timeout_s: float = 1800.0,
     ):
@@ -51,6 +52,7 @@ class DemoSettings:
         self.num_sites = num_sites
         self.server_args = dict(server_args or {})
         self.client_args = dict(client_args or {})
+        self.filter_args = {name: dict(args) for name, args in (filter_args or {}).items()}
         self.threads_per_party = threads_per_party
         self.timeout_s = timeout_s
 
@@ -94,25 +96,39 @@ def _preview(results: Mapping, parties: Path, out_png: Path) -> Path | None:
     )
 
 
-def run_demo(workspace: str | Path, settings: DemoSettings | None = None, job_dir: str | Path | None = None) -> dict:
-    """Run the main job on phantom data in the FLARE simulator and write ``<workspace>/results.json``.
+def run_demo(
+    workspace: str | Path,
+    settings: DemoSettings | None = None,
+    job_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+) -> dict:
+    """Run a job (default the main one) on phantom data in the FLARE simulator; write ``<workspace>/results.json``.
+
+    Args:
+        workspace: folder of this run (data, simulator workspace, results, figure).
+        settings: size of the run.
+        job_dir: job folder to run (default ``jobs/split_unet``).
+        data_dir: where the phantom data and the case-key secret live (default ``<workspace>/data``); runs that
+            share it train and validate on the same cases, so their results compare.
 
     Returns:
         the summary written to ``results.json``.
     """
     settings = settings or DemoSettings()
     workspace = Path(workspace).resolve()
+    data_dir = Path(data_dir).resolve() if data_dir else workspace / "data"
     started = time.perf_counter()
-    parties = ensure_partitioned_phantom(workspace / "data", settings.cases, settings.shape, settings.seed)
+    parties = ensure_partitioned_phantom(data_dir, settings.cases, settings.shape, settings.seed)
     site_modalities = default_site_modalities(settings.num_sites)
     sim_workspace = workspace / "simulator"
     if sim_workspace.exists():
         shutil.rmtree(sim_workspace)  # a fresh run each time: stale checkpoints must not pass for new ones
     prepare_simulator_workspace(
-        sim_workspace, parties, site_modalities, read_or_create_secret(workspace / "data" / "case_key_secret.txt")
+        sim_workspace, parties, site_modalities, read_or_create_secret(data_dir / "case_key_secret.txt")
     )
+    job_dir = Path(job_dir) if job_dir else find_job("split_unet")
     job = copy_job_with_overrides(
-        job_dir or find_job("split_unet"), workspace / "job" / "split_unet", settings.server_args, settings.client_args
+        job_dir, workspace / "job" / job_dir.name, settings.server_args, settings.client_args, settings.filter_args
     )
     log_file = workspace / "simulator.log"
     print(f"Running the FLARE simulator with sites {site_modalities} (full log: {log_file})", flush=True)
@@ -133,12 +149,15 @@ def run_demo(workspace: str | Path, settings: DemoSettings | None = None, job_di
     preview = _preview(results, parties, workspace / "preview.png")
     tb_dir = server_results_path.parent / "tb_events"
     summary = {
+        "job": job_dir.name,
         "dice": {region: results["dice"][region] for region in ("TC", "WT", "ET")},
         "iterations": results["iterations"],
         "best": results.get("best"),
         "history": results.get("history"),
         "sites": results.get("sites"),
         "timing_per_iteration_s": results.get("timing_per_iteration_s"),
+        "activation_bytes_per_iteration": results.get("activation_bytes_per_iteration"),
+        "filters": results.get("filters"),
         "checkpoints": results.get("checkpoints"),
         "tensorboard": str(tb_dir) if tb_dir.is_dir() else None,
         "preview_png": str(preview) if preview else None,

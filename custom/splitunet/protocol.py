@@ -75,6 +75,8 @@ class MetaKey:
     SITE_COMPUTE_S = "site_compute_s"
     TAG = "tag"
     SAVED_PATH = "saved_path"
+    FILTER_TRAIL = "splitunet_filters"  # what each privacy filter did to this DXO (data-independent facts only)
+    BLOCKED_LEVELS = "splitunet_blocked_levels"  # skip levels a site's policy never sends (on its setup reply)
 
 
 # Shareable header carrying a site's error message to the server.

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 
 import pytest
+
 from splitunet.data.case_keys import KEY_LENGTH, CaseMatch, case_key, match_case_keys
 from splitunet.errors import SplitUNetDataError
 

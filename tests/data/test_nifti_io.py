@@ -8,6 +8,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+
 from splitunet.data.nifti_io import (
     affine_digest,
     load_nifti,

@@ -7,6 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+
 from splitunet.data.partition import partition_msd
 from splitunet.errors import SplitUNetDataError
 from splitunet.protocol import LABELS_PARTY, MSD_CHANNEL_ORDER

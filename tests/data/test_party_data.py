@@ -7,6 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+
 from splitunet.data.nifti_io import affine_digest
 from splitunet.data.party_data import LabelFolder, ModalityFolder
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError

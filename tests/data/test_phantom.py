@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monai.transforms import LoadImaged
+
 from splitunet.data.phantom import generate_phantom
 
 FLAIR, T1, T1GD, T2 = range(4)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from splitunet.data.sampling import RandomCropPlanner, extract_crop, window_plan
 
 SHAPES = {"k-a": (16, 18, 20), "k-b": (20, 18, 16), "k-c": (8, 30, 12)}

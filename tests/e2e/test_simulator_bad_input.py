@@ -8,6 +8,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+
 from splitunet.demo import ensure_partitioned_phantom
 from splitunet.deployment import copy_job_with_overrides, default_site_modalities, find_job, prepare_simulator_workspace
 from splitunet.party_settings import SETTINGS_FILE_NAME

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from splitunet.demo import DemoSettings, run_demo
 
 pytestmark = pytest.mark.e2e

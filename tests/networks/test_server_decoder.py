@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from splitunet.networks import ServerDecoder, SiteEncoder
 
 FEATURES = (4, 4, 8, 8, 16, 4)

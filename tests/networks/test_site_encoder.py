@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from monai.networks.nets import BasicUNet
+
 from splitunet.networks import SiteEncoder
 
 CASES = [

@@ -14,6 +14,7 @@ import torch
 from monai.losses import DiceCELoss
 from nvflare.apis.dxo import from_shareable
 from nvflare.fuel.utils import fobs
+
 from splitunet.networks import MonolithicSplitUNet
 from splitunet.protocol import DataKind
 from splitunet.transport import dxo_to_features, features_to_dxo, register_tensor_support

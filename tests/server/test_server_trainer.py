@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from splitunet.data.party_data import LabelFolder, ModalityFolder
 from splitunet.data.sampling import RandomCropPlanner
 from splitunet.model_config import SplitModelConfig

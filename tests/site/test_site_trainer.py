@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from splitunet.data.party_data import ModalityFolder
 from splitunet.data.sampling import window_plan
 from splitunet.errors import SplitUNetDataError

@@ -29,9 +29,15 @@ from splitunet.flare.workspace_paths import run_dir, site_config_dir
 from splitunet.labels import get_layout, regions_to_labels
 from splitunet.model_config import SplitModelConfig
 from splitunet.party_settings import load_server_settings
-from splitunet.protocol import MODALITIES, DataKind, MetaKey, TaskName
+from splitunet.protocol import MODALITIES, DataKind, MetaKey, TaskName, level_key
 from splitunet.server.trainer import LOSSES, ServerTrainer
-from splitunet.transport import control_dxo, dxo_to_features, features_to_dxo, register_tensor_support
+from splitunet.transport import (
+    control_dxo,
+    dxo_to_features,
+    features_to_dxo,
+    payload_bytes,
+    register_tensor_support,
+)
 
 __all__ = ["SplitLearningController", "SplitRunError"]
 
@@ -152,6 +158,7 @@ class SplitLearningController(Controller):
         self.sites: list[str] = []
         self.site_modality: dict[str, str] = {}
         self.results: dict = {}
+        self._activation_bytes = 0
 
     # ----------------------------------------------------------------------------------------- FLARE hooks
     def start_controller(self, fl_ctx: FLContext):
@@ -232,7 +239,7 @@ class SplitLearningController(Controller):
                 TaskName.STEP, self._step_data(grads, plan, iteration), iteration, fl_ctx, abort_signal
             )
             round_trip_s = time.perf_counter() - start
-            features = [dxo_to_features(replies[s], DataKind.ACTIVATIONS, party=s) for s in self.sites]
+            features = self._features(replies, training=True)
             site_s = max(float(replies[s].get_meta_prop(MetaKey.SITE_COMPUTE_S, 0.0)) for s in self.sites)
             step = self.trainer.train_step(plan, features)
             grads = step.grads
@@ -270,6 +277,8 @@ class SplitLearningController(Controller):
                     self._save("best", iteration, fl_ctx, abort_signal, out_dir)
                 self.results["dice"] = dice
         mean = timing_sum / max(self.results["iterations"], 1)
+        # As received, after every site filter: what the defenses leave on the wire, summed over sites.
+        self.results["activation_bytes_per_iteration"] = self._activation_bytes / max(self.results["iterations"], 1)
         self.results["timing_per_iteration_s"] = {
             "site_compute": float(mean[0]),
             "server_compute": float(mean[1]),
@@ -284,6 +293,16 @@ class SplitLearningController(Controller):
         for site in self.sites:
             self.site_modality[site] = replies[site].get_meta_prop(MetaKey.MODALITY)
             cases_by_party[site] = replies[site].get_meta_prop(MetaKey.CASES)
+            blocked = set(replies[site].get_meta_prop(MetaKey.BLOCKED_LEVELS) or ()) & set(
+                self.model_config.skip_levels
+            )
+            if blocked:
+                raise SplitUNetConfigError(
+                    f"site {site} ({self.site_modality[site]}) never sends skip level(s) "
+                    f"{[level_key(v) for v in sorted(blocked)]} (BlockSkipLevels in its privacy policy or the job), "
+                    f"but the decoder expects skip_levels {list(self.model_config.skip_levels)}; configure the job "
+                    f"with skip_levels {sorted(set(self.model_config.skip_levels) - blocked)}"
+                )
         by_modality = {}
         for site, modality in self.site_modality.items():
             if modality in by_modality:
@@ -338,9 +357,31 @@ class SplitLearningController(Controller):
         def encode(plan: dict):
             data = self._control_data({MetaKey.PLAN: plan})
             replies = self._round_trip(TaskName.ENCODE, data, iteration, fl_ctx, abort_signal)
-            return [dxo_to_features(replies[s], DataKind.ACTIVATIONS, party=s) for s in self.sites]
+            return self._features(replies)
 
         return encode
+
+    def _features(self, replies: Mapping[str, DXO], training: bool = False) -> list[dict]:
+        """The sites' features in decoder order, decoded, with the levels the decoder expects; notes filters."""
+        features = []
+        for site in self.sites:
+            dxo = replies[site]
+            self._note_filters(site, dxo)
+            if training:
+                self._activation_bytes += payload_bytes(dxo)
+            features.append(
+                dxo_to_features(dxo, DataKind.ACTIVATIONS, party=site, expected_levels=self.model_config.sent_levels)
+            )
+        return features
+
+    def _note_filters(self, site: str, dxo: DXO) -> None:
+        """Count, per site and ``filter@party``, how many of the DXOs received went through it (DXO trail)."""
+        per_site = self.results.setdefault("filters", {}).setdefault(site, {})
+        for record in dxo.get_meta_prop(MetaKey.FILTER_TRAIL) or ():
+            where = f"{record.get('filter', '?')}@{record.get('party', '?')}"
+            entry = per_site.setdefault(where, {"calls": 0})
+            entry["calls"] += 1
+            entry["last"] = {k: v for k, v in record.items() if isinstance(v, (int, float, str, list))}
 
     def _validate(self, val_keys, shapes, iteration, fl_ctx, abort_signal, out_dir: Path, final: bool) -> dict:
         start = time.perf_counter()

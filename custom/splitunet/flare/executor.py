@@ -14,7 +14,7 @@ from splitunet.checkpoint import save_checkpoint
 from splitunet.data.party_data import ModalityFolder
 from splitunet.devices import configure_threads, select_device
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
-from splitunet.flare.replies import error_reply
+from splitunet.flare.replies import error_reply, reply_error_message
 from splitunet.flare.workspace_paths import run_dir, site_config_dir
 from splitunet.model_config import SplitModelConfig
 from splitunet.party_settings import load_site_settings
@@ -64,6 +64,11 @@ class SplitSiteExecutor(Executor):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
+        rejected = reply_error_message(shareable)
+        if rejected:
+            # A filter (at the server, or this site's own data filter) refused the task data.
+            self.log_error(fl_ctx, f"task {task_name} arrived rejected: {rejected}")
+            return error_reply(f"{party}: task data rejected before execution: {rejected}")
         try:
             return handler(from_shareable(shareable), party, fl_ctx)
         except Exception as error:  # noqa: BLE001 - the server must learn why, not just that, a site failed
@@ -109,12 +114,16 @@ class SplitSiteExecutor(Executor):
             return control_dxo(meta).to_shareable()
         features, seconds = trainer.timed(trainer.forward, plan)
         meta[MetaKey.SITE_COMPUTE_S] = compute_s + seconds
+        # The server's own plan, echoed so that server-side filters (captures) know which crops they see.
+        meta[MetaKey.PLAN] = plan
         return features_to_dxo(features, DataKind.ACTIVATIONS, meta).to_shareable()
 
     def _encode(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
         trainer = self._require_trainer()
-        features, seconds = trainer.timed(trainer.encode, dxo.get_meta_prop(MetaKey.PLAN))
-        return features_to_dxo(features, DataKind.ACTIVATIONS, {MetaKey.SITE_COMPUTE_S: seconds}).to_shareable()
+        plan = dxo.get_meta_prop(MetaKey.PLAN)
+        features, seconds = trainer.timed(trainer.encode, plan)
+        meta = {MetaKey.SITE_COMPUTE_S: seconds, MetaKey.PLAN: plan}
+        return features_to_dxo(features, DataKind.ACTIVATIONS, meta).to_shareable()
 
     def _save(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
         trainer = self._require_trainer()

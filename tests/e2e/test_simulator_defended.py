@@ -1,0 +1,92 @@
+"""End to end: defended job variants in the simulator; the filters run at every site on every iteration."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from splitunet.demo import DemoSettings, run_demo
+from splitunet.deployment import find_job
+from splitunet.errors import SplitUNetConfigError
+
+pytestmark = pytest.mark.e2e
+
+TINY = {
+    "num_iterations": 16,
+    "batch_size": 2,
+    "crop_size": [32, 32, 32],
+    "features": [4, 8, 8, 16, 16, 4],
+    "val_every": 8,
+    "num_val_cases": 2,
+    "learning_rate": 0.005,
+    "log_every": 4,
+}
+CALL_LINE = re.compile(
+    r"ClippedGaussianNoise call (\d+) \((site-\d) -> [^,]+, splitunet_activations, (iteration (\d+)|inference)\)"
+)
+
+
+@pytest.fixture(scope="module")
+def noise_run(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("noise")
+    settings = DemoSettings(
+        cases=6,
+        shape=(40, 40, 40),
+        seed=3,
+        server_args=TINY,
+        filter_args={"ClippedGaussianNoise": {"seed": 0}},
+        timeout_s=600,
+    )
+    summary = run_demo(workspace, settings, job_dir=find_job("split_unet_noise"))
+    return workspace, summary
+
+
+def test_noise_filter_ran_at_every_site_on_every_iteration(noise_run):
+    workspace, summary = noise_run
+    server_results = json.loads(Path(summary["server_results"]).read_text())
+    for site in summary["sites"]:
+        log = (workspace / "simulator" / site / "log.txt").read_text()
+        calls = [match for match in CALL_LINE.finditer(log)]
+        assert calls and all(match.group(2) == site for match in calls)
+        # The counter goes 1, 2, 3, ... without gaps, and every training iteration is among the calls.
+        assert [int(match.group(1)) for match in calls] == list(range(1, len(calls) + 1))
+        iterations = {int(match.group(4)) for match in calls if match.group(4)}
+        assert iterations == set(range(1, TINY["num_iterations"] + 1))
+        # What the server received says the same: every activation DXO from this site went through the filter.
+        assert server_results["filters"][site][f"ClippedGaussianNoise@{site}"]["calls"] == len(calls)
+
+
+def test_defended_training_still_reduces_the_loss(noise_run):
+    _, summary = noise_run
+    curve = np.array(json.loads(Path(summary["server_results"]).read_text())["loss_curve"])
+    assert np.isfinite(curve).all()
+    assert curve[-4:].mean() < curve[:4].mean()
+
+
+def test_blocked_level_with_a_decoder_that_expects_it_stops_at_setup_naming_the_site(tmp_path):
+    settings = DemoSettings(
+        cases=4, shape=(36, 36, 36), seed=5, server_args={**TINY, "skip_levels": [0, 1, 2, 3]}, timeout_s=300
+    )
+    with pytest.raises(SplitUNetConfigError) as error:
+        run_demo(tmp_path, settings, job_dir=find_job("split_unet_no_x0"))
+    message = str(error.value)
+    assert "site-1 (flair) never sends skip level(s) ['x0']" in message
+    assert "skip_levels [1, 2, 3]" in message
+    results = json.loads(next((tmp_path / "simulator").glob("server/*/results.json")).read_text())
+    assert results["status"] == "failed" and results["iterations"] == 0
+
+
+def test_blocked_level_with_a_matching_decoder_trains_without_it(tmp_path):
+    settings = DemoSettings(cases=4, shape=(36, 36, 36), seed=5, server_args={**TINY, "num_iterations": 8})
+    summary = run_demo(tmp_path, settings, job_dir=find_job("split_unet_no_x0"))
+    server_results = json.loads(Path(summary["server_results"]).read_text())
+    assert server_results["model"]["skip_levels"] == [1, 2, 3]
+    for site in summary["sites"]:
+        # The job asks for no x0, so the policy had nothing to withhold; it still ran on every step.
+        record = server_results["filters"][site][f"BlockSkipLevels@{site}"]
+        assert record["last"]["blocks"] == ["x0"] and record["last"]["withheld"] == []
+        assert record["calls"] >= 8

@@ -1,0 +1,59 @@
+"""The example site privacy policy (poc/privacy.json) loads in FLARE and its scopes hold what they promise."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.workspace import Workspace
+from nvflare.private.fed.app.fl_conf import create_privacy_manager
+from nvflare.private.privacy_manager import PrivacyManager
+
+from splitunet.deployment import bundle_root
+from splitunet.filters import BlockSkipLevels, ChannelDropout, ClippedGaussianNoise, FeatureGuard, QuantizeFeatures
+from splitunet.protocol import DataKind
+from splitunet.transport import dxo_to_features, features_to_dxo, register_tensor_support
+
+POLICY = bundle_root() / "poc" / "privacy.json"
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory) -> PrivacyManager:
+    """The policy loaded as a site's FLARE client loads its ``local/privacy.json``."""
+    site = tmp_path_factory.mktemp("site-1")
+    (site / "local").mkdir()
+    (site / "startup").mkdir()
+    shutil.copy(POLICY, site / "local" / "privacy.json")
+    return create_privacy_manager(Workspace(str(site), "site-1"), names_only=False)
+
+
+def _result_filters(manager, scope: str):
+    filters = manager.get_scope(scope).task_result_filters
+    return [type(f) for f in filters.get("out", [])]
+
+
+def test_scopes_and_their_filters_in_order(manager):
+    assert manager.default_scope.name == "standard"
+    assert _result_filters(manager, "public") == [FeatureGuard]
+    assert _result_filters(manager, "standard") == [ClippedGaussianNoise, QuantizeFeatures, FeatureGuard]
+    assert _result_filters(manager, "strict") == [
+        BlockSkipLevels,
+        ChannelDropout,
+        ClippedGaussianNoise,
+        QuantizeFeatures,
+        FeatureGuard,
+    ]
+
+
+def test_strict_scope_output_is_what_the_decoder_can_use(manager):
+    register_tensor_support()
+    features = {level: torch.randn(2, 4, *(32 // 2**level,) * 3) for level in range(5)}
+    shareable = features_to_dxo(features, DataKind.ACTIVATIONS, {"iteration": 1}).to_shareable()
+    for filter_ in manager.get_scope("strict").task_result_filters["out"]:
+        shareable = filter_.process(shareable, FLContext())
+    received = dxo_to_features(from_shareable(shareable), DataKind.ACTIVATIONS, expected_levels=[1, 2, 3, 4])
+    assert all(t.dtype == torch.float16 for t in received.values())
+    assert not torch.allclose(received[1].float(), features[1], atol=1e-2)
