@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from tiny_job import tiny_server_args
 
 from splitunet.checkpoint import load_checkpoint
 from splitunet.demo import ensure_partitioned_phantom
@@ -23,15 +24,7 @@ from splitunet.protocol import DataKind
 pytestmark = pytest.mark.e2e
 
 SITES = default_site_modalities(4)
-TINY = {
-    "num_iterations": 4,
-    "batch_size": 1,
-    "crop_size": [32, 32, 32],
-    "features": [4, 8, 8, 16, 16, 4],
-    "val_every": 4,
-    "num_val_cases": 1,
-    "log_every": 2,
-}
+TINY = tiny_server_args(num_iterations=4, batch_size=1, val_every=4, num_val_cases=1, log_every=2)
 NOISE_MULTIPLIER, CLIP_RMS = 0.01, 1.0
 # x0 holds 4 channels of 32^3 per sample: noise std = sigma * clip_rms * sqrt(elements).
 EXPECTED_NOISE_STD = NOISE_MULTIPLIER * CLIP_RMS * math.sqrt(4 * 32**3)

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+from tiny_job import tiny_server_args
 
 from splitunet.demo import ensure_partitioned_phantom
 from splitunet.deployment import copy_job_with_overrides, default_site_modalities, find_job
@@ -21,15 +22,7 @@ from splitunet.poc import LOOPBACK_HOST, PocConsortium, PocTimeouts
 pytestmark = pytest.mark.e2e
 
 SITES = default_site_modalities(4)  # site-1..site-4: flair, t1, t1gd, t2
-TINY_SERVER_ARGS = {
-    "num_iterations": 8,
-    "batch_size": 1,
-    "crop_size": [32, 32, 32],
-    "features": [4, 8, 8, 16, 16, 4],
-    "val_every": 8,
-    "num_val_cases": 1,
-    "log_every": 4,
-}
+TINY_SERVER_ARGS = tiny_server_args(num_iterations=8, batch_size=1, val_every=8, num_val_cases=1)
 JOB_TIMEOUT_S = 150
 
 

@@ -8,6 +8,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from tiny_job import tiny_server_args
 
 from splitunet.demo import ensure_partitioned_phantom
 from splitunet.deployment import copy_job_with_overrides, default_site_modalities, find_job, prepare_simulator_workspace
@@ -16,13 +17,7 @@ from splitunet.simulator import find_run_file, run_simulator
 
 pytestmark = pytest.mark.e2e
 SITES = default_site_modalities(4)
-TINY = {
-    "num_iterations": 2,
-    "crop_size": [32, 32, 32],
-    "features": [4, 8, 8, 16, 16, 4],
-    "num_val_cases": 1,
-    "val_every": 2,
-}
+TINY = tiny_server_args(num_iterations=2, val_every=2, num_val_cases=1)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_job import TINY_SERVER_ARGS
 
 from splitunet.demo import DemoSettings, run_demo
 from splitunet.deployment import find_job
@@ -15,16 +16,7 @@ from splitunet.errors import SplitUNetConfigError
 
 pytestmark = pytest.mark.e2e
 
-TINY = {
-    "num_iterations": 16,
-    "batch_size": 2,
-    "crop_size": [32, 32, 32],
-    "features": [4, 8, 8, 16, 16, 4],
-    "val_every": 8,
-    "num_val_cases": 2,
-    "learning_rate": 0.005,
-    "log_every": 4,
-}
+TINY = TINY_SERVER_ARGS
 CALL_LINE = re.compile(
     r"ClippedGaussianNoise call (\d+) \((site-\d) -> [^,]+, splitunet_activations, (iteration (\d+)|inference)\)"
 )
@@ -90,3 +82,19 @@ def test_blocked_level_with_a_matching_decoder_trains_without_it(tmp_path):
         record = server_results["filters"][site][f"BlockSkipLevels@{site}"]
         assert record["last"]["blocks"] == ["x0"] and record["last"]["withheld"] == []
         assert record["calls"] >= 8
+
+
+def test_a_guard_that_refuses_a_release_stops_the_run_with_its_reason(tmp_path):
+    settings = DemoSettings(
+        cases=4,
+        shape=(36, 36, 36),
+        seed=5,
+        server_args={**TINY, "num_iterations": 4},
+        filter_args={"FeatureGuard": {"max_bytes": 1000}},
+        timeout_s=300,
+    )
+    with pytest.raises(SplitUNetConfigError) as error:
+        run_demo(tmp_path, settings)
+    message = str(error.value)
+    assert re.search(r"site site-\d failed task split_step at iteration 1: FeatureGuard \(site-\d -> ", message)
+    assert "bytes exceed max_bytes 1000" in message

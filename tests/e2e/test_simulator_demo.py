@@ -7,21 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_job import TINY_SERVER_ARGS
 
 from splitunet.demo import DemoSettings, run_demo
 
 pytestmark = pytest.mark.e2e
-
-TINY_SERVER_ARGS = {
-    "num_iterations": 16,
-    "batch_size": 2,
-    "crop_size": [32, 32, 32],
-    "features": [4, 8, 8, 16, 16, 4],
-    "val_every": 8,
-    "num_val_cases": 2,
-    "learning_rate": 0.005,
-    "log_every": 4,
-}
 
 
 @pytest.fixture(scope="module")
