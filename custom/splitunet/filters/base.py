@@ -74,7 +74,9 @@ class FeatureFilter(DXOFilter):
     # Encoding filters (quantization, sparsification) must come last; others refuse encoded levels.
     accepts_encoded = False
 
-    def __init__(self, levels: Iterable[int] | None = None, data_kinds: Sequence[str] | None = None, log_every=1):
+    def __init__(
+        self, levels: Iterable[int] | None = None, data_kinds: Sequence[str] | None = None, log_every: int = 1
+    ):
         name = type(self).__name__
         kinds = _validate_kinds(data_kinds, name)
         super().__init__(supported_data_kinds=list(FEATURE_KINDS), data_kinds_to_filter=kinds)

@@ -381,7 +381,7 @@ class SplitLearningController(Controller):
             where = f"{record.get('filter', '?')}@{record.get('party', '?')}"
             entry = per_site.setdefault(where, {"calls": 0})
             entry["calls"] += 1
-            entry["last"] = {k: v for k, v in record.items() if isinstance(v, (int, float, str, list))}
+            entry["last"] = {k: v for k, v in record.items() if isinstance(v, (int, float, str, list, dict))}
 
     def _validate(self, val_keys, shapes, iteration, fl_ctx, abort_signal, out_dir: Path, final: bool) -> dict:
         start = time.perf_counter()
