@@ -69,6 +69,34 @@ def _defenses(args) -> int:
     return 0
 
 
+def _poc(args) -> int:
+    from splitunet.demo import ensure_partitioned_phantom
+    from splitunet.deployment import copy_job_with_overrides, default_site_modalities, find_job, read_or_create_secret
+    from splitunet.poc.run_job import run_job_in_poc
+
+    workspace = args.workspace.resolve()
+    if args.data:
+        parties, secret_file = args.data, args.data / "case_key_secret.txt"
+    else:
+        parties = ensure_partitioned_phantom(workspace / "data", args.cases, tuple(args.shape), args.seed)
+        secret_file = workspace / "data" / "case_key_secret.txt"
+    secret = args.case_key_secret or read_or_create_secret(secret_file)
+    sites = default_site_modalities(args.num_sites)
+    policies = {}
+    for item in args.privacy or []:
+        site, _, path = item.partition("=")
+        if site not in sites or not path:
+            raise SplitUNetConfigError(f"--privacy takes SITE=FILE with SITE among {list(sites)}, got {item!r}")
+        policies[site] = json.loads(Path(path).read_text())
+    source = _job_folder(args.job) or find_job("split_unet")
+    server_args = {"num_iterations": args.iterations} if args.iterations else {}
+    job = copy_job_with_overrides(source, workspace / "job" / source.name, server_args)
+    summary = run_job_in_poc(workspace, job, sites, parties, secret, policies, job_timeout_s=args.timeout)
+    print(json.dumps({k: summary[k] for k in ("flare_status", "status", "error", "dice", "iterations")}, indent=2))
+    print(f"results: {workspace / 'results.json'}; every POC process stopped: {summary['all_processes_stopped']}")
+    return 0 if summary["status"] == "completed" else 1
+
+
 def _demo(args) -> int:
     from splitunet.demo import DemoSettings, run_demo
 
@@ -133,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=1800.0, help="seconds before the simulator is stopped")
     demo.add_argument("--job", default=None, help="job folder or name under jobs/ (default: split_unet)")
     demo.set_defaults(run=_demo)
+
+    poc = commands.add_parser(
+        "poc", help="run a job in FLARE POC mode: a real server and site processes on 127.0.0.1, then stop them"
+    )
+    poc.add_argument("--workspace", type=Path, default=Path("splitunet_poc"))
+    poc.add_argument("--data", type=Path, default=None, help="output of `splitunet partition` (default: a phantom)")
+    poc.add_argument("--job", default=None, help="job folder or name under jobs/ (default: split_unet)")
+    poc.add_argument("--num-sites", type=int, default=4)
+    poc.add_argument("--iterations", type=int, default=0, help="default: the job's num_iterations")
+    poc.add_argument("--privacy", nargs="*", metavar="SITE=FILE", help="install FILE as SITE's local/privacy.json")
+    poc.add_argument("--case-key-secret", default=None, help="default: random, kept beside the data")
+    poc.add_argument("--cases", type=int, default=24, help="phantom cases when --data is not given")
+    poc.add_argument("--shape", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
+    poc.add_argument("--seed", type=int, default=0)
+    poc.add_argument("--timeout", type=float, default=3600.0, help="seconds the job may run")
+    poc.set_defaults(run=_poc)
 
     defenses = commands.add_parser(
         "defenses", help="run the demo once per defense job on the same phantom cases; tabulate Dice and bytes"
