@@ -71,3 +71,18 @@ def test_allow_list_starts_from_a_provisioned_kits_default_resources(tmp_path):
     resources = json.loads(allow_splitunet_classes(tmp_path).read_text())
     assert resources["components"] == default["components"]
     assert "splitunet." in resources["class_allow_list"]
+
+
+def test_capture_filter_goes_last_in_the_servers_step_chains(tmp_path):
+    from splitunet.deployment import add_capture_filter
+
+    job = copy_job_with_overrides(find_job(), tmp_path / "job")
+    add_capture_filter(job, [1, 2])
+    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    for chain_name in ("task_result_filters", "task_data_filters"):
+        step_chains = [c for c in server[chain_name] if "split_step" in c["tasks"]]
+        assert len(step_chains) == 1  # FLARE refuses two chains for one task and direction
+        last = step_chains[0]["filters"][-1]
+        assert last == {"path": "splitunet.filters.CaptureFeatures", "args": {"iterations": [1, 2]}}
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    assert "CaptureFeatures" not in json.dumps(client)

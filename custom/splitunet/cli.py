@@ -104,7 +104,12 @@ def _demo(args) -> int:
     if args.iterations:
         server_args["num_iterations"] = args.iterations
     settings = DemoSettings(
-        cases=args.cases, shape=tuple(args.shape), seed=args.seed, server_args=server_args, timeout_s=args.timeout
+        cases=args.cases,
+        shape=tuple(args.shape),
+        seed=args.seed,
+        server_args=server_args,
+        capture_iterations=args.capture or (),
+        timeout_s=args.timeout,
     )
     summary = run_demo(args.workspace, settings, job_dir=_job_folder(args.job))
     dice = summary["dice"]
@@ -160,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--timeout", type=float, default=1800.0, help="seconds before the simulator is stopped")
     demo.add_argument("--job", default=None, help="job folder or name under jobs/ (default: split_unet)")
+    demo.add_argument(
+        "--capture",
+        nargs="*",
+        type=int,
+        metavar="ITERATION",
+        help="record what the server receives and sends at these iterations (for leakage evaluation; sensitive)",
+    )
     demo.set_defaults(run=_demo)
 
     poc = commands.add_parser(

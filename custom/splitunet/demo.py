@@ -15,6 +15,7 @@ from splitunet.data.nifti_io import read_volume
 from splitunet.data.partition import partition_msd
 from splitunet.data.phantom import generate_phantom
 from splitunet.deployment import (
+    add_capture_filter,
     copy_job_with_overrides,
     default_site_modalities,
     find_job,
@@ -43,6 +44,7 @@ class DemoSettings:
         server_args: Mapping | None = None,
         client_args: Mapping | None = None,
         filter_args: Mapping[str, Mapping] | None = None,
+        capture_iterations: Sequence[int] = (),
         threads_per_party: int = 1,
         timeout_s: float = 1800.0,
     ):
@@ -53,6 +55,7 @@ class DemoSettings:
         self.server_args = dict(server_args or {})
         self.client_args = dict(client_args or {})
         self.filter_args = {name: dict(args) for name, args in (filter_args or {}).items()}
+        self.capture_iterations = tuple(int(i) for i in capture_iterations)
         self.threads_per_party = threads_per_party
         self.timeout_s = timeout_s
 
@@ -130,6 +133,8 @@ def run_demo(
     job = copy_job_with_overrides(
         job_dir, workspace / "job" / job_dir.name, settings.server_args, settings.client_args, settings.filter_args
     )
+    if settings.capture_iterations:
+        add_capture_filter(job, settings.capture_iterations)
     log_file = workspace / "simulator.log"
     print(f"Running the FLARE simulator with sites {site_modalities} (full log: {log_file})", flush=True)
     return_code = run_simulator(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
@@ -20,9 +20,10 @@ import splitunet
 from splitunet.checkpoint import write_json_atomic
 from splitunet.errors import SplitUNetConfigError
 from splitunet.party_settings import SERVER_PARTY, SETTINGS_FILE_NAME, write_settings
-from splitunet.protocol import LABELS_PARTY, MODALITIES
+from splitunet.protocol import LABELS_PARTY, MODALITIES, TaskName
 
 __all__ = [
+    "add_capture_filter",
     "ALLOW_LIST_PREFIX",
     "bundle_root",
     "find_job",
@@ -161,6 +162,34 @@ def copy_job_with_overrides(
     if unused:
         raise SplitUNetConfigError(f"job {job_dir} has no filter of class {sorted(unused)} to override")
     return out_dir
+
+
+def add_capture_filter(job_dir: str | Path, iterations: Sequence[int]) -> Path:
+    """Make the server of a job folder record what it receives and sends at these training iterations.
+
+    Appends ``splitunet.filters.CaptureFeatures`` last to the server's ``split_step`` chains: its result chain
+    (activations as received, after every site filter) and its data chain (gradients as sent, after the server's
+    defenses). FLARE allows one chain per task and direction, so an existing ``split_step`` chain is extended.
+    The gradients of iteration t travel with the task of t + 1: capture ``[1, 2]`` to get both of iteration 1.
+
+    Returns:
+        the server config file changed.
+    """
+    entry = {"path": "splitunet.filters.CaptureFeatures", "args": {"iterations": [int(i) for i in iterations]}}
+    paths = [p for p in _app_config_files(Path(job_dir)) if p.name == "config_fed_server.json"]
+    if not paths:
+        raise SplitUNetConfigError(f"job {job_dir} has no server config to add a capture filter to")
+    for path in paths:
+        config = json.loads(path.read_text())
+        for chain_name in ("task_result_filters", "task_data_filters"):
+            chains = config.setdefault(chain_name, [])
+            step_chain = next((c for c in chains if TaskName.STEP in c.get("tasks", [])), None)
+            if step_chain is None:
+                chains.append({"tasks": [TaskName.STEP], "filters": [dict(entry)]})
+            else:
+                step_chain["filters"].append(dict(entry))
+        path.write_text(json.dumps(config, indent=2) + "\n")
+    return paths[0]
 
 
 def stage_byoc_job(job_dir: str | Path, out_dir: str | Path) -> Path:

@@ -31,6 +31,7 @@ def noise_run(tmp_path_factory):
         seed=3,
         server_args=TINY,
         filter_args={"ClippedGaussianNoise": {"seed": 0}},
+        capture_iterations=(1, 2),
         timeout_s=600,
     )
     summary = run_demo(workspace, settings, job_dir=find_job("split_unet_noise"))
@@ -98,3 +99,20 @@ def test_a_guard_that_refuses_a_release_stops_the_run_with_its_reason(tmp_path):
     message = str(error.value)
     assert re.search(r"site site-\d failed task split_step at iteration 1: FeatureGuard \(site-\d -> ", message)
     assert "bytes exceed max_bytes 1000" in message
+
+
+def test_server_captures_the_noisy_activations_and_the_gradients_it_sends(noise_run):
+    from splitunet.checkpoint import load_checkpoint
+
+    _, summary = noise_run
+    captures = Path(summary["server_results"]).parent / "captures"
+    for site in summary["sites"]:
+        activations = sorted((captures / "splitunet_activations" / site).glob("iteration_*.pt"))
+        gradients = sorted((captures / "splitunet_gradients" / site).glob("iteration_*.pt"))
+        # Iteration 1's task carries no gradients; iteration 2's carries those of iteration 1.
+        assert [p.name for p in activations] == ["iteration_000001.pt", "iteration_000002.pt"]
+        assert [p.name for p in gradients] == ["iteration_000002.pt"]
+        record = load_checkpoint(activations[0])
+        assert record["site"] == site and record["plan"]["size"] == TINY["crop_size"]
+        assert [r["filter"] for r in record["filter_trail"]][:1] == ["ClippedGaussianNoise"]
+        assert set(record["features"]) == {"x0", "x1", "x2", "x3", "x4"}
