@@ -13,7 +13,7 @@ from pathlib import Path
 
 from splitunet.checkpoint import write_json_atomic
 from splitunet.demo import DemoSettings, run_demo
-from splitunet.deployment import bundle_root
+from splitunet.deployment import bundle_root, job_filters
 
 __all__ = ["DEFENSE_JOBS", "run_defense_table", "defense_table_markdown"]
 
@@ -36,14 +36,11 @@ def _filters_used(job_dir: Path) -> dict[str, list[str]]:
     used = {"sites": [], "server": []}
     for side, name in (("sites", "config_fed_client.json"), ("server", "config_fed_server.json")):
         for config_path in job_dir.glob(f"*/config/{name}"):
-            config = json.loads(config_path.read_text())
-            for chain_name in ("task_data_filters", "task_result_filters"):
-                for chain in config.get(chain_name, []):
-                    for entry in chain.get("filters", []):
-                        class_name = entry.get("path", "").rsplit(".", 1)[-1]
-                        if class_name != "FeatureGuard":
-                            args = ", ".join(f"{k}={v}" for k, v in entry.get("args", {}).items() if k != "clip_norm")
-                            used[side].append(f"{class_name}({args})")
+            for entry in job_filters(json.loads(config_path.read_text())):
+                class_name = entry.get("path", "").rsplit(".", 1)[-1]
+                if class_name != "FeatureGuard":
+                    args = ", ".join(f"{k}={v}" for k, v in entry.get("args", {}).items() if k != "clip_norm")
+                    used[side].append(f"{class_name}({args})")
     return used
 
 

@@ -23,6 +23,7 @@ from splitunet.party_settings import SERVER_PARTY, SETTINGS_FILE_NAME, write_set
 from splitunet.protocol import LABELS_PARTY, MODALITIES, TaskName
 
 __all__ = [
+    "job_filters",
     "add_capture_filter",
     "ALLOW_LIST_PREFIX",
     "bundle_root",
@@ -116,7 +117,7 @@ def _app_config_files(job_dir: Path) -> list[Path]:
     return sorted(job_dir.glob("*/config/config_fed_*.json"))
 
 
-def _job_filters(config: dict):
+def job_filters(config: dict):
     """Every filter entry of an app config, whatever chain it is in."""
     for chain_name in ("task_data_filters", "task_result_filters"):
         for chain in config.get(chain_name, []):
@@ -153,7 +154,7 @@ def copy_job_with_overrides(
             workflow.setdefault("args", {}).update(server_args or {})
         for executor in config.get("executors", []):
             executor["executor"].setdefault("args", {}).update(client_args or {})
-        for entry in _job_filters(config):
+        for entry in job_filters(config):
             class_name = entry.get("path", entry.get("name", "")).rsplit(".", 1)[-1]
             if class_name in (filter_args or {}):
                 entry.setdefault("args", {}).update(filter_args[class_name])
