@@ -27,3 +27,10 @@ def test_phantom_then_partition(tmp_path, capsys):
 def test_data_errors_exit_2_with_a_message(tmp_path, capsys):
     assert main(["partition", "--src", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def test_leakage_attack_choices_match_the_package():
+    from splitunet.cli import ATTACKS
+    from splitunet.leakage import ATTACK_CHOICES
+
+    assert ATTACKS == ATTACK_CHOICES

@@ -9,8 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.protocol import MODALITIES
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "ATTACKS"]
+
+# `splitunet leakage --attack` choices, spelled out so that parsing needs no torch import (a test keeps them equal
+# to splitunet.leakage.ATTACK_CHOICES).
+ATTACKS = ("white_box", "unsplit", "learned_inverse", "label_inference")
 
 
 def _phantom(args) -> int:
@@ -22,9 +27,9 @@ def _phantom(args) -> int:
 
 
 def _partition(args) -> int:
-    from splitunet.data.partition import partition_msd
+    from splitunet.data.partition import partition
 
-    summary = partition_msd(args.src, args.out, progress=not args.quiet)
+    summary = partition(args.src, args.out, args.layout, progress=not args.quiet)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -38,6 +43,25 @@ def _prepare(args) -> int:
     )
     print(f"simulator workspace ready: {workspace}/local (site settings and class allow-list)")
     print(f"run: nvflare simulator jobs/split_unet -w {args.workspace} -n {args.num_sites} -t {args.num_sites}")
+    return 0
+
+
+def _configure_kit(args) -> int:
+    from splitunet.deployment import configure_kit
+
+    if bool(args.labels) == bool(args.modality and args.data):
+        raise SplitUNetConfigError("give either --modality and --data (a site) or --labels (the server)")
+    if args.labels:
+        from splitunet.deployment import recorded_layout
+
+        labels = args.labels.resolve()
+        entry = {"labels_dir": str(labels), "layout": args.layout or recorded_layout(labels.parent)}
+    else:
+        entry = {"modality": args.modality, "data_dir": str(args.data.resolve())}
+    secret = args.case_key_secret_file.read_text().strip()
+    privacy = json.loads(args.privacy.read_text()) if args.privacy else None
+    for path in configure_kit(args.kit, entry, secret, privacy, party=args.party):
+        print(f"wrote {path}")
     return 0
 
 
@@ -66,6 +90,34 @@ def _defenses(args) -> int:
     settings = DemoSettings(cases=args.cases, shape=tuple(args.shape), seed=args.seed, server_args=server_args)
     run_defense_table(args.out, args.jobs or DEFENSE_JOBS, settings)
     print((Path(args.out) / "defenses.md").read_text())
+    return 0
+
+
+def _leakage(args) -> int:
+    from splitunet.leakage import AttackBudget, run_leakage
+
+    budget = AttackBudget.quick() if args.quick else AttackBudget()
+    run_leakage(
+        args.workspace,
+        args.out,
+        attacks=args.attack,
+        sites=args.sites,
+        iteration=args.iteration,
+        budget=budget,
+        data_dir=args.data,
+        aux_dir=args.aux,
+    )
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def _sweep(args) -> int:
+    from splitunet.sweep import DEFAULT_SWEEP, QUICK_SWEEP, run_sweep
+
+    length = {"iterations": args.iterations} if args.iterations else {}
+    run_sweep(args.out, QUICK_SWEEP if args.quick else DEFAULT_SWEEP, quick=args.quick, **length)
+    print((Path(args.out) / "sweep.md").read_text())
+    print(f"plot: {Path(args.out).resolve() / 'tradeoff.png'}")
     return 0
 
 
@@ -126,6 +178,46 @@ def _demo(args) -> int:
     return 0
 
 
+def _bench_command(args) -> list[str]:
+    """The command line that reproduces a bench run, from its parsed arguments (for the report)."""
+    command = ["splitunet", "bench", "--out", str(args.out), "--device", args.device]
+    flags = {"--quick": args.quick, "--amp": args.amp, "--no-flare": args.no_flare, "--no-poc": args.no_poc}
+    command += [flag for flag, given in flags.items() if given]
+    for option, value in (("--iterations", args.iterations), ("--cases", args.cases), ("--seed", args.seed)):
+        if value:
+            command += [option, str(value)]
+    return command
+
+
+def _bench(args) -> int:
+    from splitunet.bench import BenchSettings, failed_paths, run_bench
+
+    settings = BenchSettings.create(
+        args.out,
+        quick=args.quick,
+        device=args.device,
+        amp=args.amp,
+        flare=not args.no_flare,
+        poc=not args.no_poc,
+        iterations=args.iterations or None,
+        cases=args.cases or None,
+        seed=args.seed,
+        flare_timeout_s=args.timeout,
+        progress=not args.quiet,
+        command=_bench_command(args),
+    )
+    report = run_bench(settings)
+    for target in report["targets"]:
+        measured = "not measured" if target["measured"] is None else f"{target['measured']:.3f}"
+        met = {True: "met", False: "MISSED", None: "-"}[target["met"]]
+        print(f"{target['name']}: {measured} (goal {target['goal']}) {met}")
+    print(f"report: {settings.out_dir.resolve() / 'bench.md'} and bench.json ({report['elapsed_s']:.0f}s)")
+    failed = failed_paths(report)
+    if failed:
+        print(f"splitunet bench: FLARE path(s) {failed} failed; see bench.json", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitunet", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,8 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--quiet", action="store_true", help="no progress bar")
     phantom.set_defaults(run=_phantom)
 
-    partition = commands.add_parser("partition", help="split an MSD dataset into one folder per party")
-    partition.add_argument("--src", required=True, type=Path)
+    from splitunet.data.layouts import SOURCE_LAYOUTS
+
+    partition = commands.add_parser(
+        "partition", help="split an MSD or BraTS dataset into one folder per modality and one for the labels"
+    )
+    partition.add_argument("--src", required=True, type=Path, help="centralized dataset copy")
+    partition.add_argument(
+        "--layout",
+        choices=SOURCE_LAYOUTS,
+        default="msd",
+        help="msd: Task01_BrainTumour; brats2021: <id>/<id>_{flair,t1,t1ce,t2,seg}; "
+        "brats2023: GLI <id>/<id>-{t2f,t1n,t1c,t2w,seg} (default: msd). Labels keep this layout's numbering.",
+    )
     partition.add_argument("--out", required=True, type=Path)
     partition.add_argument("--quiet", action="store_true")
     partition.set_defaults(run=_partition)
@@ -148,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--data", required=True, type=Path, help="output of `splitunet partition`")
     prepare.add_argument("--workspace", required=True, type=Path)
     prepare.add_argument("--num-sites", type=int, default=4)
-    prepare.add_argument("--layout", default="msd")
+    prepare.add_argument("--layout", default=None, help="label layout (default: the one `partition` recorded)")
     prepare.add_argument("--case-key-secret", default=None, help="default: random, kept in WORKSPACE")
     prepare.set_defaults(run=_prepare)
 
@@ -156,6 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--out", required=True, type=Path)
     stage.add_argument("--job", type=Path, default=None, help="default: jobs/split_unet")
     stage.set_defaults(run=_stage_byoc)
+
+    configure = commands.add_parser(
+        "configure-kit",
+        help="write a provisioned party's local/: its data setting, the splitunet class allow-list, its privacy policy",
+    )
+    configure.add_argument("--kit", required=True, type=Path, help="the party's startup kit (holds startup/)")
+    configure.add_argument("--modality", choices=MODALITIES, help="a site: the modality it holds")
+    configure.add_argument("--data", type=Path, help="a site: its folder of <case>.nii.gz volumes")
+    configure.add_argument("--labels", type=Path, help="the server: its folder of label volumes")
+    configure.add_argument("--layout", default=None, help="the server: label layout (default: as partitioned)")
+    configure.add_argument("--case-key-secret-file", required=True, type=Path, help="the data holders' secret")
+    configure.add_argument("--privacy", type=Path, default=None, help="a site: privacy policy to install")
+    configure.add_argument("--party", default=None, help="the party's name (default: the kit folder's name)")
+    configure.set_defaults(run=_configure_kit)
 
     demo = commands.add_parser("demo", help="train the main job on phantom data in the FLARE simulator")
     demo.add_argument("--workspace", type=Path, default=Path("splitunet_demo"))
@@ -200,6 +317,44 @@ def build_parser() -> argparse.ArgumentParser:
     defenses.add_argument("--iterations", type=int, default=0, help="default: each job's num_iterations")
     defenses.add_argument("--seed", type=int, default=0)
     defenses.set_defaults(run=_defenses)
+
+    leakage = commands.add_parser(
+        "leakage", help="attack what a `demo --capture` run recorded; write report.json, report.md and figures"
+    )
+    leakage.add_argument("--workspace", required=True, type=Path, help="a `splitunet demo --capture 1 2` workspace")
+    leakage.add_argument("--out", required=True, type=Path)
+    leakage.add_argument("--attack", nargs="+", choices=ATTACKS, default=list(ATTACKS))
+    leakage.add_argument("--sites", nargs="+", default=None, help="sites to attack (default: the first)")
+    leakage.add_argument("--iteration", type=int, default=1, help="captured training iteration to attack")
+    leakage.add_argument("--data", type=Path, default=None, help="the run's data folder (default: WORKSPACE/data)")
+    leakage.add_argument(
+        "--aux", type=Path, default=None, help="attacker's auxiliary parties folder (default: phantom)"
+    )
+    leakage.add_argument("--quick", action="store_true", help="a few attack steps only (checks the pipeline)")
+    leakage.set_defaults(run=_leakage)
+
+    sweep = commands.add_parser(
+        "sweep", help="train under each defense at two strengths, attack each run, tabulate and plot the trade-off"
+    )
+    sweep.add_argument("--out", required=True, type=Path)
+    sweep.add_argument("--iterations", type=int, default=0, help="training iterations per run (default: 80)")
+    sweep.add_argument("--quick", action="store_true", help="2 tiny runs with short attacks (checks the pipeline)")
+    sweep.set_defaults(run=_sweep)
+    bench = commands.add_parser(
+        "bench", help="step time, bytes on the wire and Dice: centralized vs split in process, simulator, POC"
+    )
+    bench.add_argument("--out", required=True, type=Path, help="folder for bench.json, bench.md and the runs")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes and budgets, no POC (checks the pipeline)")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="in-process arms' device")
+    bench.add_argument("--amp", action="store_true", help="bfloat16 autocast in the in-process arms")
+    bench.add_argument("--no-flare", action="store_true", help="skip the FLARE simulator and POC paths")
+    bench.add_argument("--no-poc", action="store_true", help="skip the POC path")
+    bench.add_argument("--iterations", type=int, default=0, help="training iterations per accuracy arm")
+    bench.add_argument("--cases", type=int, default=0, help="phantom cases (default: the preset's)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--timeout", type=float, default=1800.0, help="seconds each FLARE run may take")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -15,7 +15,7 @@ from splitunet.checkpoint import write_json_atomic
 from splitunet.demo import DemoSettings, run_demo
 from splitunet.deployment import bundle_root, job_filters
 
-__all__ = ["DEFENSE_JOBS", "run_defense_table", "defense_table_markdown"]
+__all__ = ["DEFENSE_JOBS", "run_defense_table", "defense_table_markdown", "mean_dice"]
 
 # The main job first: the baseline every other row is compared with.
 DEFENSE_JOBS = (
@@ -77,14 +77,15 @@ def run_defense_table(
     return rows
 
 
-def _mean_dice(dice: Mapping[str, float]) -> float:
+def mean_dice(dice: Mapping[str, float]) -> float:
+    """Mean of the TC/WT/ET Dice values that are finite (NaN if none is)."""
     values = [dice[r] for r in ("TC", "WT", "ET") if dice.get(r) is not None and math.isfinite(dice[r])]
     return sum(values) / len(values) if values else math.nan
 
 
 def defense_table_markdown(rows: Sequence[Mapping]) -> str:
     """Markdown table of :func:`run_defense_table` rows; Dice differences are against the first row."""
-    baseline = _mean_dice(rows[0]["dice"]) if rows else math.nan
+    baseline = mean_dice(rows[0]["dice"]) if rows else math.nan
     base_bytes = rows[0].get("activation_bytes_per_iteration") if rows else None
     lines = [
         "| job | defense at sites | defense at server | Dice TC | Dice WT | Dice ET | mean Dice vs first row "
@@ -93,7 +94,7 @@ def defense_table_markdown(rows: Sequence[Mapping]) -> str:
     ]
     for row in rows:
         dice = row["dice"]
-        delta = _mean_dice(dice) - baseline
+        delta = mean_dice(dice) - baseline
         megabytes = row.get("activation_bytes_per_iteration")
         ratio = f" ({megabytes / base_bytes:.2f}x)" if megabytes and base_bytes else ""
         lines.append(
