@@ -1,0 +1,90 @@
+"""Dice at an equal iteration budget: centralized, split, split with int8 on the wire, and each modality alone."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from splitunet.bench.centralized import CentralizedTrainer
+from splitunet.bench.phantom_data import BenchData
+from splitunet.bench.serialization import FeatureSerializer
+from splitunet.bench.settings import BenchSettings, ProblemSize
+from splitunet.bench.split_inprocess import InProcessSplit
+from splitunet.bench.step_timing import planner_for
+from splitunet.bench.timing import StepClock
+from splitunet.bench.wire import SimulatedWire
+from splitunet.protocol import MODALITIES
+
+__all__ = ["accuracy_arms", "train_and_validate", "SINGLE_PREFIX"]
+
+# Arm names of the single-modality baselines are this prefix and the modality.
+SINGLE_PREFIX = "single_"
+# Losses averaged at the end of training, for the report.
+_LAST_LOSSES = 10
+
+
+def accuracy_arms(
+    data: BenchData, problem: ProblemSize, settings: BenchSettings, serializer: FeatureSerializer
+) -> dict[str, Callable[[], object]]:
+    """Arm name -> factory of a fresh trainer (built only when its turn comes, to hold one model at a time)."""
+    config = problem.model_config(settings.learning_rate, settings.weight_decay, settings.seed, settings.transfer_dtype)
+
+    def split(modalities, precision):
+        def make():
+            wire = SimulatedWire(settings.device, precision, serializer)
+            return InProcessSplit(data, modalities, config, settings.device, settings.loss, wire, amp=settings.amp)
+
+        return make
+
+    arms = {
+        "centralized": lambda: CentralizedTrainer(data, config, settings.device, settings.loss, amp=settings.amp),
+        "split": split(MODALITIES, settings.transfer_dtype),
+        # The quantization that could meet the bytes target: does it cost Dice?
+        "split_int8": split(MODALITIES, "int8"),
+    }
+    for modality in MODALITIES:
+        arms[f"{SINGLE_PREFIX}{modality}"] = split((modality,), settings.transfer_dtype)
+    return arms
+
+
+def train_and_validate(
+    data: BenchData, problem: ProblemSize, settings: BenchSettings, serializer: FeatureSerializer
+) -> dict:
+    """Train every arm for ``settings.accuracy_iterations`` on the same crops, then score the held-out cases.
+
+    Returns:
+        ``{"iterations": n, "size": ..., "val_cases": k, "arms": {name: {"dice": {...}, "final_loss": f,
+        "train_s": s, "validate_s": s}}}``.
+    """
+    results = {}
+    for name, make in accuracy_arms(data, problem, settings, serializer).items():
+        arm = make()
+        planner = planner_for(data, problem, settings.seed)
+        losses = []
+        start = time.perf_counter()
+        for _ in tqdm(range(settings.accuracy_iterations), desc=f"train {name}", disable=not settings.progress):
+            losses.append(arm.step(planner.next_plan(), StepClock(settings.device)))
+        trained = time.perf_counter()
+        dice = arm.validate(problem.crop_size, settings.sw_batch_size, settings.sw_overlap)
+        results[name] = {
+            "dice": dice,
+            "final_loss": float(np.mean(losses[-_LAST_LOSSES:])),
+            "train_s": trained - start,
+            "validate_s": time.perf_counter() - trained,
+        }
+        del arm
+        gc.collect()
+        if settings.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "iterations": settings.accuracy_iterations,
+        "size": problem.to_dict(),
+        "val_cases": len(data.val_keys),
+        "train_cases": len(data.train_keys),
+        "arms": results,
+    }

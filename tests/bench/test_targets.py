@@ -1,0 +1,88 @@
+"""bench.targets: ratios from a report's measurements, with what dominates, and "not measured" where skipped."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitunet.bench.targets import STEP_RATIO_TARGET, evaluate_targets
+
+
+def _report(simulator: dict, split_dice: float = 0.80) -> dict:
+    levels = {
+        "x0": {
+            "shape": [1],
+            "up": {"float32": 300, "float16": 150, "int8": 80},
+            "down": {"float32": 300, "float16": 150, "int8": 80},
+        },
+        "x4": {
+            "shape": [1],
+            "up": {"float32": 100, "float16": 50, "int8": 30},
+            "down": {"float32": 100, "float16": 50, "int8": 30},
+        },
+    }
+    totals = {p: sum(levels[k][d][p] for k in levels) for d in ("up",) for p in ("float32", "float16", "int8")}
+    table = {
+        "levels": levels,
+        "total": {"up": totals, "down": dict(totals), "both": {p: 2 * v for p, v in totals.items()}},
+        "num_sites": 4,
+    }
+
+    def arm(mean):
+        return {"dice": {"TC": mean, "WT": mean, "ET": mean, "mean": mean}, "final_loss": 0.5}
+
+    in_process = {"site_compute": 0.4, "server_compute": 0.3, "serialization": 0.05, "other": 0.05, "total": 0.8}
+    return {
+        "settings": {"reference_size": "crop48"},
+        "sizes": [
+            {"size": {"name": "crop48"}, "step_time_s": {"split_in_process": in_process}, "bytes_per_iteration": table}
+        ],
+        "flare": {"simulator": simulator, "poc": {"skipped": "not run (--no-poc)"}},
+        "accuracy": {
+            "iterations": 10,
+            "arms": {
+                "centralized": arm(0.81),
+                "split": arm(split_dice),
+                "split_int8": arm(split_dice - 0.002),
+                "single_flair": arm(0.5),
+                "single_t1gd": arm(0.6),
+            },
+        },
+    }
+
+
+def _by_name(targets):
+    return {target["name"].split(" (")[0]: target for target in targets}
+
+
+def test_step_ratio_names_the_part_that_flare_adds():
+    simulator = {
+        "step_time_s": {"site_compute": 0.2, "server_compute": 0.3, "waiting_transfer": 1.1, "total": 1.6},
+        "iterations": 5,
+    }
+    targets = _by_name(evaluate_targets(_report(simulator), "float32"))
+    step = targets["FLARE simulator step / in-process split step"]
+    assert step["measured"] == pytest.approx(1.6 / 0.8)
+    assert step["met"] is (step["measured"] <= STEP_RATIO_TARGET)
+    assert step["note"].startswith("waiting_transfer")
+    poc = targets["FLARE POC step / in-process split step"]
+    assert poc["measured"] is None and poc["met"] is None and "--no-poc" in poc["note"]
+
+
+def test_bytes_ratio_of_the_default_precision_and_the_largest_level():
+    targets = _by_name(evaluate_targets(_report({"skipped": "x"}), "float32"))
+    bytes_target = targets["default transport bytes / fp32 all-skips bytes"]
+    assert bytes_target["measured"] == 1.0 and bytes_target["met"] is False
+    assert "x0 alone is 75%" in bytes_target["note"]
+    int8 = _by_name(evaluate_targets(_report({"skipped": "x"}), "int8"))[
+        "default transport bytes / fp32 all-skips bytes"
+    ]
+    assert int8["measured"] == pytest.approx(220 / 800) and int8["met"] is False
+
+
+def test_dice_targets_in_points():
+    targets = _by_name(evaluate_targets(_report({"skipped": "x"}, split_dice=0.805), "float32"))
+    assert targets["split - centralized mean Dice"]["measured"] == pytest.approx(-0.5)
+    assert targets["split - centralized mean Dice"]["met"] is True
+    single = targets["split - best single modality mean Dice"]
+    assert single["measured"] == pytest.approx(20.5) and "t1gd 60.0" in single["note"]
+    assert targets["split int8 transport - split fp32 mean Dice"]["measured"] == pytest.approx(-0.2)
