@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
 from splitunet.deployment import (
     ALLOW_LIST_PREFIX,
+    add_wire_audit,
     allow_splitunet_classes,
+    configure_kit,
     copy_job_with_overrides,
     default_site_modalities,
     find_job,
     prepare_simulator_workspace,
     stage_byoc_job,
 )
+from splitunet.errors import SplitUNetConfigError
 from splitunet.party_settings import load_server_settings, load_site_settings
 
 
@@ -32,10 +37,22 @@ def test_allow_list_keeps_flare_defaults_and_existing_entries(tmp_path):
 
 def test_simulator_workspace_settings_resolve_per_party(tmp_path, monkeypatch):
     monkeypatch.delenv("SPLITUNET_SITE_CONFIG", raising=False)
-    workspace = prepare_simulator_workspace(tmp_path / "ws", tmp_path / "parties", default_site_modalities(4), "k")
+    workspace = prepare_simulator_workspace(
+        tmp_path / "ws", tmp_path / "parties", default_site_modalities(4), "k", layout="msd"
+    )
     local = workspace / "local"
     assert load_site_settings("site-3", local).data_dir == (tmp_path / "parties" / "t1gd").resolve()
     assert load_server_settings("simulator_server", local).labels_dir == (tmp_path / "parties" / "labels").resolve()
+
+
+def test_simulator_workspace_takes_the_layout_the_partition_recorded(tiny_parties, tmp_path, monkeypatch):
+    monkeypatch.delenv("SPLITUNET_SITE_CONFIG", raising=False)
+    parties = tmp_path / "parties"
+    shutil.copytree(tiny_parties, parties)
+    party_file = parties / "labels" / "party.json"
+    party_file.write_text(json.dumps({**json.loads(party_file.read_text()), "layout": "brats2023"}))
+    workspace = prepare_simulator_workspace(tmp_path / "ws", parties, default_site_modalities(4), "k")
+    assert load_server_settings("simulator_server", workspace / "local").layout == "brats2023"
 
 
 def test_job_copy_overrides_workflow_and_executor_args(tmp_path):
@@ -86,3 +103,47 @@ def test_capture_filter_goes_last_in_the_servers_step_chains(tmp_path):
         assert last == {"path": "splitunet.filters.CaptureFeatures", "args": {"iterations": [1, 2]}}
     client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
     assert "CaptureFeatures" not in json.dumps(client)
+
+
+def test_configure_kit_writes_only_the_partys_own_entry(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPLITUNET_SITE_CONFIG", raising=False)
+    site_kit, server_kit = tmp_path / "site-3", tmp_path / "fl-server.example.org"
+    for kit in (site_kit, server_kit):
+        (kit / "startup").mkdir(parents=True)
+    policy = {"format_version": "1.0", "scopes": {"public": {}}, "default_scope": "public"}
+    configure_kit(site_kit, {"modality": "t1gd", "data_dir": str(tmp_path / "t1gd")}, "s", policy)
+    configure_kit(server_kit, {"labels_dir": str(tmp_path / "labels"), "layout": "brats2021"}, "s")
+    site_settings = json.loads((site_kit / "local" / "splitunet_site.json").read_text())
+    assert list(site_settings["parties"]) == ["site-3"]  # named after the kit folder, as provisioning names it
+    assert load_site_settings("site-3", site_kit / "local").modality == "t1gd"
+    assert json.loads((site_kit / "local" / "privacy.json").read_text()) == policy
+    assert ALLOW_LIST_PREFIX in json.loads((site_kit / "local" / "resources.json").read_text())["class_allow_list"]
+    server = load_server_settings("fl-server.example.org", server_kit / "local")
+    assert server.layout == "brats2021" and server.labels_dir == (tmp_path / "labels").resolve()
+    assert not (server_kit / "local" / "privacy.json").exists()
+
+
+def test_configure_kit_refuses_a_folder_that_is_not_a_kit(tmp_path):
+    with pytest.raises(SplitUNetConfigError, match="not a FLARE startup kit"):
+        configure_kit(tmp_path, {"modality": "flair", "data_dir": "x"}, "s")
+
+
+def test_wire_audit_goes_last_out_and_first_in_for_every_task(tmp_path):
+    job = copy_job_with_overrides(find_job("split_unet_noise"), tmp_path / "split_unet_noise")
+    add_wire_audit(job)
+    audit = "splitunet.filters.WireAudit"
+    for config_name, outgoing, incoming in (
+        ("config_fed_client.json", "task_result_filters", "task_data_filters"),
+        ("config_fed_server.json", "task_data_filters", "task_result_filters"),
+    ):
+        config = json.loads((job / "app" / "config" / config_name).read_text())
+        covered = set()
+        for chain in config[outgoing]:
+            assert chain["filters"][-1]["path"] == audit
+            covered.update(chain["tasks"])
+        for chain in config[incoming]:
+            assert chain["filters"][0]["path"] == audit
+        assert covered == {"split_setup", "split_step", "split_encode", "split_save"}
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    noise = [f["path"] for chain in client["task_result_filters"] for f in chain["filters"]]
+    assert noise.index("splitunet.filters.ClippedGaussianNoise") < noise.index(audit)  # audited after the defense

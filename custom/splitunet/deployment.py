@@ -25,13 +25,17 @@ from splitunet.protocol import LABELS_PARTY, MODALITIES, TaskName
 __all__ = [
     "job_filters",
     "add_capture_filter",
+    "add_wire_audit",
     "ALLOW_LIST_PREFIX",
     "bundle_root",
     "find_job",
     "allow_splitunet_classes",
     "prepare_simulator_workspace",
+    "recorded_layout",
     "default_site_modalities",
     "stage_byoc_job",
+    "write_party_local",
+    "configure_kit",
     "copy_job_with_overrides",
     "read_or_create_secret",
 ]
@@ -78,18 +82,31 @@ def default_site_modalities(num_sites: int = len(MODALITIES)) -> dict[str, str]:
     return {f"site-{i + 1}": MODALITIES[i] for i in range(num_sites)}
 
 
+def recorded_layout(partition_dir: str | Path, default: str = "msd") -> str:
+    """The label layout ``splitunet partition`` recorded in ``labels/party.json``, or ``default`` for a labels
+    folder made some other way (a label holder's own folder): a label value outside it is still refused, by name,
+    when the server reads the labels."""
+    from splitunet.data.partition import PARTY_FILE, read_partition_layout
+
+    if not (Path(partition_dir) / LABELS_PARTY / PARTY_FILE).is_file():
+        return default
+    return read_partition_layout(partition_dir)
+
+
 def prepare_simulator_workspace(
     workspace: str | Path,
     partition_dir: str | Path,
     site_modalities: Mapping[str, str],
     case_key_secret: str,
-    layout: str = "msd",
+    layout: str | None = None,
 ) -> Path:
     """Write ``<workspace>/local`` for ``nvflare simulator -w <workspace>``.
 
     The simulator copies ``<workspace>/local`` into every party, so one settings file names every party's data
-    folder, and one ``resources.json`` allows the installed package's classes.
+    folder, and one ``resources.json`` allows the installed package's classes. ``layout`` (the labels' numbering)
+    defaults to the one ``splitunet partition`` recorded.
     """
+    layout = layout or recorded_layout(partition_dir)
     workspace, partition_dir = Path(workspace).resolve(), Path(partition_dir).resolve()
     local_dir = workspace / "local"
     local_dir.mkdir(parents=True, exist_ok=True)
@@ -203,3 +220,92 @@ def stage_byoc_job(job_dir: str | Path, out_dir: str | Path) -> Path:
     for app_dir in sorted({path.parents[1] for path in _app_config_files(out_dir)}):
         shutil.copytree(package_dir, app_dir / "custom" / "splitunet", ignore=shutil.ignore_patterns("__pycache__"))
     return out_dir
+
+
+def write_party_local(
+    local_dir: Path, party: str, entry: Mapping, case_key_secret: str, privacy: Mapping | None = None
+) -> list[Path]:
+    """Write what a party's administrator keeps in its ``local/`` folder: settings, allow-list, privacy policy.
+
+    The settings file holds only this party's entry, as a real institution's would.
+
+    Returns:
+        the files written.
+    """
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    written = [write_settings(local_dir / SETTINGS_FILE_NAME, {party: dict(entry)}, case_key_secret)]
+    written.append(allow_splitunet_classes(local_dir))
+    if privacy is not None:
+        written.append(write_json_atomic(dict(privacy), local_dir / "privacy.json"))
+    return written
+
+
+def configure_kit(
+    kit_dir: str | Path,
+    entry: Mapping,
+    case_key_secret: str,
+    privacy: Mapping | None = None,
+    party: str | None = None,
+) -> list[Path]:
+    """Write a provisioned party's ``local/`` (see :func:`write_party_local`) next to its ``startup/`` folder.
+
+    Args:
+        kit_dir: the party's startup kit as ``nvflare provision`` made it (holds ``startup/``).
+        entry: a site's ``{"modality", "data_dir"}`` or the server's ``{"labels_dir", "layout"}``.
+        case_key_secret: the secret the data holders agreed on.
+        privacy: the site's privacy policy (``local/privacy.json``), if any.
+        party: the party's name in the project (default: the kit folder's name, as provisioning names it; the
+            server's entry is filed under ``server`` whatever its host name).
+
+    Raises:
+        SplitUNetConfigError: ``kit_dir`` is not a startup kit.
+    """
+    kit_dir = Path(kit_dir)
+    if not (kit_dir / "startup").is_dir():
+        raise SplitUNetConfigError(f"{kit_dir} is not a FLARE startup kit (it has no startup/ folder)")
+    is_server = "labels_dir" in entry
+    name = SERVER_PARTY if is_server else (party or kit_dir.resolve().name)
+    return write_party_local(kit_dir / "local", name, entry, case_key_secret, privacy)
+
+
+# Where an audit filter goes in each chain: last where data leaves a party (after every defense), first where it
+# arrives (before anything alters it).
+_AUDIT_PLACES = {
+    "config_fed_client.json": {"task_result_filters": "last", "task_data_filters": "first"},
+    "config_fed_server.json": {"task_data_filters": "last", "task_result_filters": "first"},
+}
+
+
+def add_wire_audit(job_dir: str | Path, folder: str = "audit") -> list[Path]:
+    """Make every party of a job folder record a digest of every task payload it sends and receives.
+
+    Adds ``splitunet.filters.WireAudit`` to all four chains of every task (see :data:`_AUDIT_PLACES`); an
+    existing chain is extended, tasks without one get a new chain (FLARE allows one chain per task and direction).
+
+    Returns:
+        the config files changed.
+    """
+    entry = {"path": "splitunet.filters.WireAudit", "args": {"folder": folder}}
+    tasks = [TaskName.SETUP, TaskName.STEP, TaskName.ENCODE, TaskName.SAVE]
+    changed = []
+    for path in _app_config_files(Path(job_dir)):
+        places = _AUDIT_PLACES.get(path.name)
+        if places is None:
+            continue
+        config = json.loads(path.read_text())
+        for chain_name, place in places.items():
+            chains = config.setdefault(chain_name, [])
+            covered = set()
+            for chain in chains:
+                covered.update(chain.get("tasks", []))
+                filters = chain.setdefault("filters", [])
+                filters.insert(0 if place == "first" else len(filters), dict(entry))
+            uncovered = [task for task in tasks if task not in covered]
+            if uncovered:
+                chains.append({"tasks": uncovered, "filters": [dict(entry)]})
+        path.write_text(json.dumps(config, indent=2) + "\n")
+        changed.append(path)
+    if not changed:
+        raise SplitUNetConfigError(f"job {job_dir} has no app config to add a wire audit to")
+    return changed

@@ -12,6 +12,7 @@ from splitunet.filters.clipped_gaussian_noise import ClippedGaussianNoise
 from splitunet.filters.feature_guard import FeatureGuard
 from splitunet.filters.quantize_features import QuantizeFeatures
 from splitunet.filters.top_k_sparsify import TopKSparsify
+from splitunet.filters.wire_audit import WireAudit
 
 __all__ = [
     "FEATURE_KINDS",
@@ -24,4 +25,5 @@ __all__ = [
     "FeatureGuard",
     "QuantizeFeatures",
     "TopKSparsify",
+    "WireAudit",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 
+from splitunet.deployment import recorded_layout
 from splitunet.poc.admin import AdminSession, is_terminal_status
 from splitunet.poc.errors import PocError, log_tail
 from splitunet.poc.kits import (
@@ -73,7 +74,8 @@ class PocConsortium:
         case_key_secret: the data holders' shared secret for case keys; written into each party's settings.
         privacy_policies: site name -> content of that site's ``local/privacy.json`` (sites not named get none).
         server_privacy: content of the server's ``local/privacy.json``, if any.
-        layout: label layout of the server's labels (``msd``, ``brats2021``, ...).
+        layout: label layout of the server's labels (``msd``, ``brats2021``, ...); default: the one the partition
+            recorded.
         timeouts: bounds of each step.
         threads_per_party: torch threads per party (``$SPLITUNET_TORCH_THREADS``); parties share the CPU cores.
         env: extra environment variables for every party's processes.
@@ -90,7 +92,7 @@ class PocConsortium:
         case_key_secret: str,
         privacy_policies: Mapping[str, Mapping] | None = None,
         server_privacy: Mapping | None = None,
-        layout: str = "msd",
+        layout: str | None = None,
         timeouts: PocTimeouts | None = None,
         threads_per_party: int = 1,
         env: Mapping[str, str] | None = None,
@@ -208,7 +210,9 @@ class PocConsortium:
         provision_kits(project, self.workspace, self.poc_dir, self.prod_dir, self.timeouts.prepare_s)
         pin_kits_to_loopback(self.prod_dir, self.sites, self.port)
         for party in self.parties:
-            entry = party_settings_entry(party, self.site_modalities, self.partition_dir, self.layout)
+            # The labels' numbering, as `splitunet partition` recorded it unless given.
+            layout = self.layout or recorded_layout(self.partition_dir)
+            entry = party_settings_entry(party, self.site_modalities, self.partition_dir, layout)
             privacy = self.server_privacy if party == SERVER_NAME else self.privacy_policies.get(party)
             write_party_local(self.party_dir(party) / "local", party, entry, self.case_key_secret, privacy)
         return self.prod_dir

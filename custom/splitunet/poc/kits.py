@@ -18,9 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from splitunet.checkpoint import write_json_atomic
-from splitunet.deployment import allow_splitunet_classes
-from splitunet.party_settings import SERVER_PARTY, SETTINGS_FILE_NAME, write_settings
+from splitunet.deployment import write_party_local
+from splitunet.party_settings import SERVER_PARTY
 from splitunet.poc.errors import PocError, log_tail
 from splitunet.protocol import LABELS_PARTY
 
@@ -172,22 +171,3 @@ def party_settings_entry(party: str, site_modalities: Mapping[str, str], partiti
         return {"labels_dir": str(partition_dir / LABELS_PARTY), "layout": layout}
     modality = site_modalities[party]
     return {"modality": modality, "data_dir": str(partition_dir / modality)}
-
-
-def write_party_local(
-    local_dir: Path, party: str, entry: Mapping, case_key_secret: str, privacy: Mapping | None = None
-) -> list[Path]:
-    """Write what a party's administrator keeps in its ``local/`` folder: settings, allow-list, privacy policy.
-
-    The settings file holds only this party's entry, as a real institution's would.
-
-    Returns:
-        the files written.
-    """
-    local_dir = Path(local_dir)
-    local_dir.mkdir(parents=True, exist_ok=True)
-    written = [write_settings(local_dir / SETTINGS_FILE_NAME, {party: dict(entry)}, case_key_secret)]
-    written.append(allow_splitunet_classes(local_dir))
-    if privacy is not None:
-        written.append(write_json_atomic(dict(privacy), local_dir / "privacy.json"))
-    return written
