@@ -15,7 +15,7 @@ from splitunet.checkpoint import write_json_atomic
 from splitunet.demo import DemoSettings, run_demo
 from splitunet.deployment import bundle_root, job_filters
 
-__all__ = ["DEFENSE_JOBS", "run_defense_table", "defense_table_markdown", "mean_dice"]
+__all__ = ["DEFENSE_JOBS", "run_defense_table", "defense_table_markdown", "mean_dice", "cost_cells"]
 
 # The main job first: the baseline every other row is compared with.
 DEFENSE_JOBS = (
@@ -83,23 +83,28 @@ def mean_dice(dice: Mapping[str, float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def cost_cells(row: Mapping, first: Mapping, megabyte_digits: int = 2) -> str:
+    """``Dice TC | WT | ET | mean Dice vs first | activation MB (ratio)`` cells of a table row, against ``first``."""
+    dice = row["dice"]
+    megabytes = row.get("activation_bytes_per_iteration") or 0
+    base_bytes = first.get("activation_bytes_per_iteration")
+    ratio = f" ({megabytes / base_bytes:.2f}x)" if megabytes and base_bytes else ""
+    return (
+        f"{dice['TC']:.3f} | {dice['WT']:.3f} | {dice['ET']:.3f} | {mean_dice(dice) - mean_dice(first['dice']):+.3f} | "
+        f"{megabytes / 1e6:.{megabyte_digits}f}{ratio}"
+    )
+
+
 def defense_table_markdown(rows: Sequence[Mapping]) -> str:
     """Markdown table of :func:`run_defense_table` rows; Dice differences are against the first row."""
-    baseline = mean_dice(rows[0]["dice"]) if rows else math.nan
-    base_bytes = rows[0].get("activation_bytes_per_iteration") if rows else None
     lines = [
         "| job | defense at sites | defense at server | Dice TC | Dice WT | Dice ET | mean Dice vs first row "
         "| activation MB / iteration (4 sites) | run s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        dice = row["dice"]
-        delta = mean_dice(dice) - baseline
-        megabytes = row.get("activation_bytes_per_iteration")
-        ratio = f" ({megabytes / base_bytes:.2f}x)" if megabytes and base_bytes else ""
         lines.append(
             f"| {row['job']} | {'; '.join(row['filters']['sites']) or '-'} | "
-            f"{'; '.join(row['filters']['server']) or '-'} | {dice['TC']:.3f} | {dice['WT']:.3f} | {dice['ET']:.3f} | "
-            f"{delta:+.3f} | {(megabytes or 0) / 1e6:.2f}{ratio} | {row['elapsed_s']:.0f} |"
+            f"{'; '.join(row['filters']['server']) or '-'} | {cost_cells(row, rows[0])} | {row['elapsed_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"

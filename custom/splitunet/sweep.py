@@ -8,14 +8,13 @@ defenses' doing (up to the run-to-run variation of the random defenses, one run 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitunet.checkpoint import write_json_atomic
-from splitunet.defense_table import mean_dice
+from splitunet.defense_table import cost_cells, mean_dice
 from splitunet.demo import DemoSettings, run_demo
 from splitunet.deployment import find_job
 from splitunet.leakage import AttackBudget, plot_tradeoff, run_leakage
@@ -170,25 +169,19 @@ def _cell(row: Mapping | None) -> str:
 
 def sweep_markdown(rows: Sequence[Mapping], elapsed_s: float | None = None) -> str:
     """Two tables: what each setting costs and the best attack against it; then SSIM / PSNR per attack and level."""
-    baseline = mean_dice(rows[0]["dice"]) if rows else math.nan
-    base_bytes = rows[0].get("activation_bytes_per_iteration") if rows else None
     lines = [
         "| setting | Dice TC | Dice WT | Dice ET | mean Dice vs first row | activation MB / iteration (4 sites) "
         "| best attack on the site's crop | SSIM (prior) | PSNR dB (prior) | label-inference Dice (random mask) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        dice, best, labels = row["dice"], row["best_inversion"], row["label_inference"]
-        megabytes = row.get("activation_bytes_per_iteration") or 0
-        ratio = f" ({megabytes / base_bytes:.2f}x)" if megabytes and base_bytes else ""
+        best, labels = row["best_inversion"], row["label_inference"]
         attack = f"{best['attack']} {best['level']}" if best else "-"
         ssim = f"{best['ssim']:.2f} ({best['ssim_prior']:.2f})" if best else "-"
         psnr = f"{best['psnr']:.1f} ({best['psnr_prior']:.1f})" if best else "-"
         label = f"{labels['dice']:.2f} ({labels['dice_random_mask']:.2f})" if labels else "-"
         lines.append(
-            f"| {row['label']} | {dice['TC']:.3f} | {dice['WT']:.3f} | {dice['ET']:.3f} | "
-            f"{mean_dice(dice) - baseline:+.3f} | {megabytes / 1e6:.1f}{ratio} | {attack} | {ssim} | {psnr} | "
-            f"{label} |"
+            f"| {row['label']} | {cost_cells(row, rows[0], megabyte_digits=1)} | {attack} | {ssim} | {psnr} | {label} |"
         )
     columns = []
     for row in rows:

@@ -102,55 +102,52 @@ def _mean_dice(arms: Mapping, name: str) -> float | None:
     return value if _finite(value) else None
 
 
+def _points_target(name: str, goal: str, points: float | None, met: bool, note: str) -> dict:
+    """A Dice difference target in points, or "not measured" under the same name when a Dice is missing."""
+    if points is None:
+        return _not_measured(name, goal, "no Dice")
+    return {"name": name, "goal": goal, "measured": points, "met": met, "note": note}
+
+
 def _dice_targets(accuracy: Mapping) -> list[dict]:
     arms = accuracy["arms"]
     split, central, int8 = (_mean_dice(arms, n) for n in ("split", "centralized", "split_int8"))
     budget = f"after {accuracy['iterations']} iterations"
     losses = ", ".join(f"{name} {arm['final_loss']:.3f}" for name, arm in arms.items())
-    targets = []
-    if split is None or central is None:
-        targets.append(_not_measured("split - centralized Dice (points)", f">= -{DICE_POINTS_TARGET}", "no Dice"))
-    else:
-        points = 100 * (split - central)
-        targets.append(
-            {
-                "name": "split - centralized mean Dice (points)",
-                "goal": f">= -{DICE_POINTS_TARGET}",
-                "measured": points,
-                "met": points >= -DICE_POINTS_TARGET,
-                "note": f"{budget}; final training losses: {losses}",
-            }
-        )
     singles = {name: _mean_dice(arms, name) for name in arms if name.startswith(SINGLE_PREFIX)}
-    if split is None or not singles or any(v is None for v in singles.values()):
-        targets.append(_not_measured("split - best single modality Dice (points)", "> 0", "no Dice"))
-    else:
-        best = max(singles, key=singles.get)
-        points = 100 * (split - singles[best])
-        targets.append(
-            {
-                "name": "split - best single modality mean Dice (points)",
-                "goal": "> 0",
-                "measured": points,
-                "met": points > 0,
-                "note": f"{budget}; split {100 * split:.1f}; each modality alone: "
-                + ", ".join(f"{n.removeprefix(SINGLE_PREFIX)} {100 * v:.1f}" for n, v in singles.items()),
-            }
-        )
-    if split is None or int8 is None:
-        targets.append(_not_measured("int8 - fp32 transport Dice (points)", f">= -{INT8_DICE_TARGET}", "no Dice"))
-    else:
-        points = 100 * (int8 - split)
-        targets.append(
-            {
-                "name": "split int8 transport - split fp32 mean Dice (points)",
-                "goal": f">= -{INT8_DICE_TARGET}",
-                "measured": points,
-                "met": points >= -INT8_DICE_TARGET,
-                "note": f"{budget}; int8 quantizes activations and gradients per channel (QuantizeFeatures encoding)",
-            }
-        )
-    return targets
+    all_singles = bool(singles) and all(v is not None for v in singles.values())
+    best = max(singles, key=singles.get) if all_singles else None
+
+    def points(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else 100 * (a - b)
+
+    central_points = points(split, central)
+    single_points = points(split, singles[best]) if best else None
+    int8_points = points(int8, split)
+    each_single = ", ".join(f"{n.removeprefix(SINGLE_PREFIX)} {100 * (v or 0):.1f}" for n, v in singles.items())
+    return [
+        _points_target(
+            "split - centralized mean Dice (points)",
+            f">= -{DICE_POINTS_TARGET}",
+            central_points,
+            central_points is not None and central_points >= -DICE_POINTS_TARGET,
+            f"{budget}; final training losses: {losses}",
+        ),
+        _points_target(
+            "split - best single modality mean Dice (points)",
+            "> 0",
+            single_points,
+            single_points is not None and single_points > 0,
+            f"{budget}; split {100 * (split or 0):.1f}; each modality alone: {each_single}",
+        ),
+        _points_target(
+            "split int8 transport - split fp32 mean Dice (points)",
+            f">= -{INT8_DICE_TARGET}",
+            int8_points,
+            int8_points is not None and int8_points >= -INT8_DICE_TARGET,
+            f"{budget}; int8 quantizes activations and gradients per channel (QuantizeFeatures encoding)",
+        ),
+    ]
 
 
 def evaluate_targets(report: Mapping, default_precision: str) -> list[dict]:
