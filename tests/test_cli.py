@@ -34,3 +34,22 @@ def test_leakage_attack_choices_match_the_package():
     from splitunet.leakage import ATTACK_CHOICES
 
     assert ATTACKS == ATTACK_CHOICES
+
+
+def test_prepare_and_configure_kit_name_checkpoint_dirs(tmp_path, capsys, monkeypatch):
+    from splitunet.party_settings import load_server_settings, load_site_settings
+
+    monkeypatch.delenv("SPLITUNET_SITE_CONFIG", raising=False)
+    workspace, checkpoints = tmp_path / "ws", tmp_path / "ckpt"
+    command = ["prepare", "--data", str(tmp_path / "parties"), "--workspace", str(workspace), "--layout", "msd"]
+    assert main([*command, "--checkpoint-dir", str(checkpoints)]) == 0
+    assert load_site_settings("site-2", workspace / "local").checkpoint_dir == checkpoints.resolve() / "site-2"
+    assert load_server_settings("simulator_server", workspace / "local").checkpoint_dir == checkpoints / "server"
+
+    kit = tmp_path / "site-1"
+    (kit / "startup").mkdir(parents=True)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s")
+    site = ["--modality", "flair", "--data", str(tmp_path / "flair"), "--case-key-secret-file", str(secret)]
+    assert main(["configure-kit", "--kit", str(kit), *site, "--checkpoint-dir", str(tmp_path / "keep")]) == 0
+    assert load_site_settings("site-1", kit / "local").checkpoint_dir == tmp_path / "keep"

@@ -85,3 +85,32 @@ def test_missing_secret_and_bad_json(tmp_path, monkeypatch):
     (tmp_path / "splitunet_site.json").write_text("{not json")
     with pytest.raises(SplitUNetConfigError, match="not valid JSON"):
         load_site_settings("site-1", tmp_path)
+
+
+def test_checkpoint_dir_is_optional_and_resolved(tmp_path, monkeypatch):
+    monkeypatch.delenv(SETTINGS_ENV_VAR, raising=False)
+    entries = {
+        "site-1": {"modality": "t1", "data_dir": "/d", "checkpoint_dir": "ckpt/site-1"},
+        "site-2": {"modality": "t2", "data_dir": "/d"},
+        "server": {"labels_dir": "/l", "checkpoint_dir": "/abs/ckpt"},
+    }
+    write_settings(tmp_path / "splitunet_site.json", entries, "k")
+    assert load_site_settings("site-1", tmp_path).checkpoint_dir == (tmp_path / "ckpt" / "site-1").resolve()
+    assert load_site_settings("site-2", tmp_path).checkpoint_dir is None
+    assert str(load_server_settings("server", tmp_path).checkpoint_dir) == "/abs/ckpt"
+    entries["site-2"]["checkpoint_dir"] = ""
+    write_settings(tmp_path / "splitunet_site.json", entries, "k")
+    with pytest.raises(SplitUNetConfigError, match="checkpoint_dir"):
+        load_site_settings("site-2", tmp_path)
+
+
+def test_encoder_seed_is_a_site_local_int(tmp_path, monkeypatch):
+    monkeypatch.delenv(SETTINGS_ENV_VAR, raising=False)
+    entries = {"site-1": {"modality": "t1", "data_dir": "/d", "encoder_seed": 123456}}
+    write_settings(tmp_path / "splitunet_site.json", entries, "k")
+    assert load_site_settings("site-1", tmp_path).encoder_seed == 123456
+    for bad in (-1, "7", 1.5, True):
+        entries["site-1"]["encoder_seed"] = bad
+        write_settings(tmp_path / "splitunet_site.json", entries, "k")
+        with pytest.raises(SplitUNetConfigError, match="encoder_seed"):
+            load_site_settings("site-1", tmp_path)

@@ -39,7 +39,12 @@ def _prepare(args) -> int:
 
     secret = args.case_key_secret or read_or_create_secret(Path(args.workspace) / "case_key_secret.txt")
     workspace = prepare_simulator_workspace(
-        args.workspace, args.data, default_site_modalities(args.num_sites), secret, layout=args.layout
+        args.workspace,
+        args.data,
+        default_site_modalities(args.num_sites),
+        secret,
+        layout=args.layout,
+        checkpoint_root=args.checkpoint_dir,
     )
     print(f"simulator workspace ready: {workspace}/local (site settings and class allow-list)")
     print(f"run: nvflare simulator jobs/split_unet -w {args.workspace} -n {args.num_sites} -t {args.num_sites}")
@@ -58,6 +63,8 @@ def _configure_kit(args) -> int:
         entry = {"labels_dir": str(labels), "layout": args.layout or recorded_layout(labels.parent)}
     else:
         entry = {"modality": args.modality, "data_dir": str(args.data.resolve())}
+    if args.checkpoint_dir:
+        entry["checkpoint_dir"] = str(args.checkpoint_dir.resolve())
     secret = args.case_key_secret_file.read_text().strip()
     privacy = json.loads(args.privacy.read_text()) if args.privacy else None
     for path in configure_kit(args.kit, entry, secret, privacy, party=args.party):
@@ -253,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--num-sites", type=int, default=4)
     prepare.add_argument("--layout", default=None, help="label layout (default: the one `partition` recorded)")
     prepare.add_argument("--case-key-secret", default=None, help="default: random, kept in WORKSPACE")
+    prepare.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="keep each party's checkpoints in DIR/<party>/ (outside the workspace the simulator wipes) to resume",
+    )
     prepare.set_defaults(run=_prepare)
 
     stage = commands.add_parser("stage-byoc", help="copy a job with the splitunet package in its custom/ folder")
@@ -272,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     configure.add_argument("--case-key-secret-file", required=True, type=Path, help="the data holders' secret")
     configure.add_argument("--privacy", type=Path, default=None, help="a site: privacy policy to install")
     configure.add_argument("--party", default=None, help="the party's name (default: the kit folder's name)")
+    configure.add_argument(
+        "--checkpoint-dir", type=Path, default=None, help="where the party keeps checkpoints across jobs (to resume)"
+    )
     configure.set_defaults(run=_configure_kit)
 
     demo = commands.add_parser("demo", help="train the main job on phantom data in the FLARE simulator")

@@ -99,12 +99,15 @@ def prepare_simulator_workspace(
     site_modalities: Mapping[str, str],
     case_key_secret: str,
     layout: str | None = None,
+    checkpoint_root: str | Path | None = None,
 ) -> Path:
     """Write ``<workspace>/local`` for ``nvflare simulator -w <workspace>``.
 
     The simulator copies ``<workspace>/local`` into every party, so one settings file names every party's data
     folder, and one ``resources.json`` allows the installed package's classes. ``layout`` (the labels' numbering)
-    defaults to the one ``splitunet partition`` recorded.
+    defaults to the one ``splitunet partition`` recorded. With ``checkpoint_root`` each party keeps its
+    checkpoints in ``<checkpoint_root>/<party>/``, outside the workspace that the simulator wipes at every start,
+    so that a later run can resume from them.
     """
     layout = layout or recorded_layout(partition_dir)
     workspace, partition_dir = Path(workspace).resolve(), Path(partition_dir).resolve()
@@ -112,6 +115,9 @@ def prepare_simulator_workspace(
     local_dir.mkdir(parents=True, exist_ok=True)
     parties = {site: {"modality": m, "data_dir": str(partition_dir / m)} for site, m in site_modalities.items()}
     parties[SERVER_PARTY] = {"labels_dir": str(partition_dir / LABELS_PARTY), "layout": layout}
+    if checkpoint_root is not None:
+        for party, entry in parties.items():
+            entry["checkpoint_dir"] = str(Path(checkpoint_root).resolve() / party)
     write_settings(local_dir / SETTINGS_FILE_NAME, parties, case_key_secret)
     allow_splitunet_classes(local_dir)
     return workspace

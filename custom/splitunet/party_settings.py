@@ -8,12 +8,16 @@ file holds only its own entry::
     {
       "case_key_secret": "agreed among data holders, never sent",
       "parties": {
-        "site-1": {"modality": "flair", "data_dir": "/data/brats/flair"},
+        "site-1": {"modality": "flair", "data_dir": "/data/brats/flair",
+                   "checkpoint_dir": "/data/splitunet/checkpoints"},
         "server": {"labels_dir": "/data/brats/labels", "layout": "msd"}
       }
     }
 
-Relative paths are resolved against the folder of the settings file.
+Relative paths are resolved against the folder of the settings file. ``checkpoint_dir`` is optional: without it
+a party writes its checkpoints into the job's run folder, which a new job (or a new simulator run, which wipes
+its workspace) does not see, so a run can be resumed only from a party that names one. A site may also set
+``encoder_seed`` (an int it keeps to itself) so that the server cannot rebuild its encoder's initial weights.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class SiteSettings:
     data_dir: Path
     case_key_secret: str
     source: Path
+    checkpoint_dir: Path | None = None
+    encoder_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class ServerSettings:
     layout: str
     case_key_secret: str
     source: Path
+    checkpoint_dir: Path | None = None
 
 
 def find_settings_file(site_config_dir: str | os.PathLike | None) -> Path:
@@ -117,6 +124,17 @@ def _resolve(path: Path, value, key: str, party: str) -> Path:
     return resolved if resolved.is_absolute() else (path.parent / resolved).resolve()
 
 
+def _optional_seed(path: Path, entry: dict, party: str) -> int | None:
+    seed = entry.get("encoder_seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise SplitUNetConfigError(f"{path}: party {party!r} has encoder_seed {seed!r}; expected an int >= 0")
+    return seed
+
+
+def _optional_dir(path: Path, entry: dict, key: str, party: str) -> Path | None:
+    return None if entry.get(key) is None else _resolve(path, entry[key], key, party)
+
+
 def load_site_settings(party: str, site_config_dir: str | os.PathLike | None) -> SiteSettings:
     """Read a modality site's settings (its modality and data folder)."""
     path = find_settings_file(site_config_dir)
@@ -131,6 +149,8 @@ def load_site_settings(party: str, site_config_dir: str | os.PathLike | None) ->
         data_dir=_resolve(path, entry.get("data_dir"), "data_dir", name),
         case_key_secret=_secret(content, entry, path, name),
         source=path,
+        checkpoint_dir=_optional_dir(path, entry, "checkpoint_dir", name),
+        encoder_seed=_optional_seed(path, entry, name),
     )
 
 
@@ -145,6 +165,7 @@ def load_server_settings(party: str, site_config_dir: str | os.PathLike | None) 
         layout=str(entry.get("layout", "msd")),
         case_key_secret=_secret(content, entry, path, name),
         source=path,
+        checkpoint_dir=_optional_dir(path, entry, "checkpoint_dir", name),
     )
 
 

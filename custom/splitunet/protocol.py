@@ -75,6 +75,8 @@ class MetaKey:
     SITE_COMPUTE_S = "site_compute_s"
     TAG = "tag"
     SAVED_PATH = "saved_path"
+    EXPERIMENT = "experiment"  # names the checkpoint folder of a run (setup task)
+    RESUME = "resume"  # {"iteration": N}: load the "last" checkpoints, written at iteration N (setup task)
     FILTER_TRAIL = "splitunet_filters"  # what each privacy filter did to this DXO (data-independent facts only)
     BLOCKED_LEVELS = "splitunet_blocked_levels"  # skip levels a site's policy never sends (on its setup reply)
 

@@ -81,3 +81,21 @@ def test_sliding_window_validation_covers_odd_whole_volumes(parties):
 def test_unknown_loss_is_rejected():
     with pytest.raises(ValueError, match="dice_ce"):
         make_loss("l2")
+
+
+def test_mean_fusion_trains_with_a_site_absent(tiny_parties):
+    config = SplitModelConfig(features=(4, 8, 8, 16, 16), fusion="mean", seed=2)
+    sites = []
+    for index, modality in enumerate(MODALITIES):
+        site = SiteTrainer(ModalityFolder(tiny_parties / modality, modality, party=f"site-{index + 1}"), SECRET)
+        site.build(config)
+        sites.append(site)
+    server = ServerTrainer(LabelFolder(tiny_parties / "labels", party="server"), SECRET)
+    server.build(config, num_sites=len(sites))
+    shapes = {key: info["shape"] for key, info in server.describe_cases().items()}
+    plan = RandomCropPlanner(shapes, (32, 32, 32), batch_size=1, seed=0).next_plan()
+    features = [site.forward(plan) if index != 2 else None for index, site in enumerate(sites)]
+    step = server.train_step(plan, features)
+    assert np.isfinite(step.loss)
+    assert step.grads[2] is None and all(g is not None for i, g in enumerate(step.grads) if i != 2)
+    assert server.decode(features).shape == (1, 3, 32, 32, 32)

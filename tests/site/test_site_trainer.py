@@ -80,3 +80,16 @@ def test_state_dict_round_trip(trainer, tiny_parties):
     plan = _plan(trainer)
     for level, tensor in trainer.encode(plan).items():
         torch.testing.assert_close(other.encode(plan)[level], tensor)
+
+
+def test_site_local_seed_hides_the_initial_encoder_from_the_server(tiny_parties):
+    def initial_weights(init_seed=None):
+        site = SiteTrainer(ModalityFolder(tiny_parties / "t2", "t2", party="site-4"), "test-secret")
+        site.build(CONFIG, init_seed)
+        return torch.cat([p.detach().flatten() for p in site.encoder.parameters()])
+
+    from_server_seed = initial_weights()
+    assert torch.equal(from_server_seed, initial_weights())  # what the server can rebuild
+    own = initial_weights(init_seed=987654)
+    assert torch.equal(own, initial_weights(init_seed=987654))
+    assert not torch.allclose(own, from_server_seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.client import Client
-from nvflare.apis.controller_spec import ClientTask, SendOrder, Task
+from nvflare.apis.controller_spec import ClientTask, SendOrder, Task, TaskCompletionStatus
 from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller
@@ -25,12 +26,14 @@ from splitunet.data.sampling import RandomCropPlanner
 from splitunet.devices import configure_threads, select_device
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.flare.replies import reply_error_message
-from splitunet.flare.workspace_paths import run_dir, site_config_dir
+from splitunet.flare.workspace_paths import checkpoint_folder, run_dir, site_config_dir
 from splitunet.labels import get_layout, regions_to_labels
 from splitunet.model_config import SplitModelConfig
 from splitunet.party_settings import load_server_settings
 from splitunet.protocol import MODALITIES, DataKind, MetaKey, TaskName, level_key
+from splitunet.resume import decoder_checkpoint, load_for_resume
 from splitunet.server.trainer import LOSSES, ServerTrainer
+from splitunet.site_roster import SiteRoster
 from splitunet.transport import (
     control_dxo,
     dxo_to_features,
@@ -39,7 +42,13 @@ from splitunet.transport import (
     register_tensor_support,
 )
 
-__all__ = ["SplitLearningController", "SplitRunError"]
+__all__ = ["SplitLearningController", "SplitRunError", "SITE_FAILURE_POLICIES"]
+
+# What the run does when a site stops answering or fails a task after setup.
+SITE_FAILURE_POLICIES = ("stop", "continue")
+_EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Offsets the modality-dropout generator from the crop sampler's, which uses the seed itself.
+_MODALITY_DROPOUT_SEED_OFFSET = 7919
 
 
 class SplitRunError(RuntimeError):
@@ -72,7 +81,22 @@ class SplitLearningController(Controller):
         num_preview_cases: held-out cases whose final segmentation is written as NIfTI at the server.
         sites: site names to use; default every connected client.
         seed: seed of the case split, crop sampling and initialisation.
-        task_timeout: seconds a site may take to answer one task before the run stops naming it.
+        task_timeout: seconds a site may take to answer one task before it counts as gone (see
+            ``on_site_failure``).
+        setup_timeout: seconds the sites may take to answer the setup task (they may still be starting, and
+            they read every case once).
+        on_site_failure: ``"stop"``: a site that fails a task or stays silent for ``task_timeout`` stops the
+            run, naming the site and iteration; every party keeps its last checkpoint. ``"continue"`` (needs
+            ``fusion="mean"``): train and validate on without that modality and log it (``results.json``:
+            ``dropped_sites``).
+        modality_dropout: probability that a site sits out a training step (at least one site always takes
+            part); needs ``fusion="mean"``. Trains the decoder to predict when a modality is absent.
+        checkpoint_every: also save the ``last`` checkpoints every this many iterations (0: only when
+            validating).
+        experiment: name of the checkpoint folder at parties whose settings name a ``checkpoint_dir``.
+        resume: continue from every party's ``last`` checkpoint of ``experiment``: model and optimiser states,
+            iteration, crop sampler and history. With the same settings the run ends with the same weights as
+            one never interrupted.
         task_check_period: how often FLARE checks task status (its 0.2 s default adds latency to every step).
         device: ``"auto"`` or a torch device for the decoder.
         num_threads: torch CPU threads at the server (0: default or ``$SPLITUNET_TORCH_THREADS``).
@@ -101,6 +125,12 @@ class SplitLearningController(Controller):
         sites: Sequence[str] | None = None,
         seed: int = 0,
         task_timeout: int = 600,
+        setup_timeout: int = 600,
+        on_site_failure: str = "stop",
+        modality_dropout: float = 0.0,
+        checkpoint_every: int = 0,
+        experiment: str = "split_unet",
+        resume: bool = False,
         task_check_period: float = 0.005,
         device: str = "auto",
         num_threads: int = 0,
@@ -124,6 +154,7 @@ class SplitLearningController(Controller):
             "num_val_cases": num_val_cases,
             "sw_batch_size": sw_batch_size,
             "task_timeout": task_timeout,
+            "setup_timeout": setup_timeout,
             "log_every": log_every,
         }
         for name, value in positive.items():
@@ -136,6 +167,23 @@ class SplitLearningController(Controller):
             raise SplitUNetConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
         if not 0 <= sw_overlap < 1:
             raise SplitUNetConfigError(f"sw_overlap must be in [0, 1), got {sw_overlap}")
+        if on_site_failure not in SITE_FAILURE_POLICIES:
+            raise SplitUNetConfigError(
+                f"on_site_failure must be one of {SITE_FAILURE_POLICIES}, got {on_site_failure!r}"
+            )
+        if not 0.0 <= modality_dropout < 1.0:
+            raise SplitUNetConfigError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
+        if fusion != "mean" and (on_site_failure == "continue" or modality_dropout > 0):
+            raise SplitUNetConfigError(
+                "on_site_failure='continue' and modality_dropout > 0 need fusion='mean' (a concatenating decoder "
+                f"cannot run with a modality absent); got fusion={fusion!r}"
+            )
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise SplitUNetConfigError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
+        if not isinstance(experiment, str) or not _EXPERIMENT_NAME.match(experiment):
+            raise SplitUNetConfigError(
+                f"experiment must be 1-64 letters, digits, '_', '.' or '-' (a folder name), got {experiment!r}"
+            )
         self.num_iterations = num_iterations
         self.batch_size = batch_size
         self.crop_size = tuple(int(c) for c in crop_size)
@@ -148,6 +196,12 @@ class SplitLearningController(Controller):
         self.requested_sites = list(sites) if sites else None
         self.seed = int(seed)
         self.task_timeout = task_timeout
+        self.setup_timeout = setup_timeout
+        self.on_site_failure = on_site_failure
+        self.modality_dropout = float(modality_dropout)
+        self.checkpoint_every = checkpoint_every
+        self.experiment = experiment
+        self.resume = bool(resume)
         self.task_check_period = float(task_check_period)
         self.device_name = device
         self.num_threads = num_threads
@@ -155,8 +209,12 @@ class SplitLearningController(Controller):
         self.analytics = bool(analytics)
         self.analytics_sender: AnalyticsSender | None = None
         self.trainer: ServerTrainer | None = None
-        self.sites: list[str] = []
+        self.sites: list[str] = []  # in decoder order, dropped ones included
+        self.active: list[str] = []  # still taking part
         self.site_modality: dict[str, str] = {}
+        self.site_saved_iteration: dict[str, int] = {}
+        self.checkpoints: Path | None = None
+        self.roster: SiteRoster | None = None
         self.results: dict = {}
         self._activation_bytes = 0
 
@@ -202,14 +260,24 @@ class SplitLearningController(Controller):
         labels = LabelFolder(settings.labels_dir, settings.layout, party=server_party)
         self.layout = get_layout(settings.layout)
         self.trainer = ServerTrainer(labels, settings.case_key_secret, select_device(self.device_name), self.loss_name)
+        self.checkpoints = checkpoint_folder(fl_ctx, settings.checkpoint_dir, self.experiment)
         self.sites = self.requested_sites or sorted(client.name for client in self._engine.get_clients())
         if not self.sites:
             raise SplitRunError("no sites are connected")
+        saved = None
+        if self.resume:
+            path = decoder_checkpoint(self.checkpoints, "last")
+            saved = load_for_resume(path, server_party, None, self.model_config.to_dict())
+            self.results["resumed_from"] = {"iteration": int(saved["iteration"]), "checkpoint": str(path)}
+            self.site_saved_iteration = dict(saved["site_saved_iteration"])
 
         train_keys, val_keys, shapes = self._setup(abort_signal, fl_ctx)
         self.trainer.build(self.model_config, num_sites=len(self.sites))
         planner = RandomCropPlanner(
             {key: shapes[key] for key in train_keys}, self.crop_size, self.batch_size, seed=self.seed
+        )
+        self.roster = SiteRoster(
+            self.sites, self.site_modality, self.modality_dropout, seed=self.seed + _MODALITY_DROPOUT_SEED_OFFSET
         )
         self.results.update(
             sites={site: self.site_modality[site] for site in self.sites},
@@ -220,31 +288,41 @@ class SplitLearningController(Controller):
             batch_size=self.batch_size,
             history=[],
             loss_curve=[],
+            dropped_sites=[],
             checkpoints={"server": {}, "sites": {}},
         )
+        first = 1
+        if saved is not None:
+            first = self._restore(saved, planner, fl_ctx) + 1
         self.log_info(
             fl_ctx,
-            f"training {self.num_iterations} iterations on {len(train_keys)} cases, validating on {len(val_keys)}; "
-            f"sites in decoder order: {[(s, self.site_modality[s]) for s in self.sites]}",
+            f"training iterations {first}..{self.num_iterations} on {len(train_keys)} cases, validating on "
+            f"{len(val_keys)}; sites in decoder order: {[(s, self.site_modality[s]) for s in self.sites]}",
         )
-        best = -1.0
         grads = None
         timing_sum = np.zeros(3)
-        for iteration in range(1, self.num_iterations + 1):
+        for iteration in range(first, self.num_iterations + 1):
             if abort_signal.triggered:
                 return
             plan = planner.next_plan()
+            participants = self.roster.step_participants()
             start = time.perf_counter()
             replies = self._round_trip(
-                TaskName.STEP, self._step_data(grads, plan, iteration), iteration, fl_ctx, abort_signal
+                TaskName.STEP, self._step_data(grads, plan, participants, iteration), iteration, fl_ctx, abort_signal
             )
             round_trip_s = time.perf_counter() - start
-            features = self._features(replies, training=True)
-            site_s = max(float(replies[s].get_meta_prop(MetaKey.SITE_COMPUTE_S, 0.0)) for s in self.sites)
+            participants = [site for site in participants if site in replies]
+            if not participants:
+                # Every site asked to encode dropped out during this step; the others rest and wait.
+                grads = None
+                continue
+            features = self._features(replies, participants, training=True)
+            site_s = max(float(replies[s].get_meta_prop(MetaKey.SITE_COMPUTE_S, 0.0)) for s in replies)
             step = self.trainer.train_step(plan, features)
             grads = step.grads
             timing = np.array([site_s, step.compute_s, max(round_trip_s - site_s, 0.0)])
             timing_sum += timing
+            steps_here = iteration - first + 1
             self.results["iterations"] = iteration
             self.results["loss_curve"].append(step.loss)
             self._track(
@@ -254,41 +332,70 @@ class SplitLearningController(Controller):
                 server_compute_s=timing[1],
                 wait_transfer_s=timing[2],
             )
-            if iteration % self.log_every == 0 or iteration == 1:
-                mean = timing_sum / iteration
+            if iteration % self.log_every == 0 or iteration == first:
+                mean = timing_sum / steps_here
                 self.log_info(
                     fl_ctx,
                     f"iteration {iteration}/{self.num_iterations} loss {step.loss:.4f} | mean per step: "
                     f"site compute {mean[0]:.3f}s, server compute {mean[1]:.3f}s, waiting/transfer {mean[2]:.3f}s",
                 )
-            if iteration % self.val_every == 0 or iteration == self.num_iterations:
-                # Deliver the pending gradients first so that every encoder is at step `iteration`.
-                self._round_trip(
-                    TaskName.STEP, self._step_data(grads, None, iteration), iteration, fl_ctx, abort_signal
-                )
-                grads = None
+            validate = iteration % self.val_every == 0 or iteration == self.num_iterations
+            checkpoint = validate or (self.checkpoint_every and iteration % self.checkpoint_every == 0)
+            if not checkpoint:
+                continue
+            # Deliver the pending gradients first so that every encoder is at step `iteration`.
+            self._round_trip(
+                TaskName.STEP, self._step_data(grads, None, (), iteration), iteration, fl_ctx, abort_signal
+            )
+            grads = None
+            if validate:
                 final = iteration == self.num_iterations
                 dice = self._validate(val_keys, shapes, iteration, fl_ctx, abort_signal, out_dir, final)
                 self.results["history"].append({"iteration": iteration, "loss": step.loss, "dice": dice})
-                self._save("last", iteration, fl_ctx, abort_signal, out_dir)
-                if dice["mean"] > best:
-                    best = dice["mean"]
-                    self.results["best"] = {"iteration": iteration, "dice": dice}
-                    self._save("best", iteration, fl_ctx, abort_signal, out_dir)
                 self.results["dice"] = dice
-        mean = timing_sum / max(self.results["iterations"], 1)
+                is_best = dice["mean"] > self.results.get("best", {}).get("dice", {}).get("mean", -1.0)
+                if is_best:
+                    self.results["best"] = {"iteration": iteration, "dice": dice}
+            self._save("last", iteration, planner, fl_ctx, abort_signal, out_dir)
+            if validate and is_best:
+                self._save("best", iteration, planner, fl_ctx, abort_signal, out_dir)
+        steps_here = max(self.results["iterations"] - first + 1, 1)
+        mean = timing_sum / steps_here
         # As received, after every site filter: what the defenses leave on the wire, summed over sites.
-        self.results["activation_bytes_per_iteration"] = self._activation_bytes / max(self.results["iterations"], 1)
+        self.results["activation_bytes_per_iteration"] = self._activation_bytes / steps_here
         self.results["timing_per_iteration_s"] = {
             "site_compute": float(mean[0]),
             "server_compute": float(mean[1]),
             "waiting_transfer": float(mean[2]),
         }
 
+    def _restore(self, saved: dict, planner: RandomCropPlanner, fl_ctx: FLContext) -> int:
+        """Take up the server's ``last`` checkpoint; returns the iteration it was written at."""
+        if saved["site_modality"] != {site: self.site_modality[site] for site in self.sites}:
+            raise SplitUNetConfigError(
+                f"cannot resume: the checkpoint was written with sites {saved['site_modality']}, this run has "
+                f"{ {site: self.site_modality[site] for site in self.sites} }"
+            )
+        self.trainer.load_state_dict(saved)
+        planner.load_state_dict(saved["planner"])
+        self.roster.load_state_dict(saved["roster"])
+        for key in ("history", "loss_curve", "best", "dice", "dropped_sites"):
+            if key in saved["results"]:
+                self.results[key] = saved["results"][key]
+        iteration = int(saved["iteration"])
+        self.results["iterations"] = iteration
+        self.log_info(fl_ctx, f"resumed from iteration {iteration} ({self.results['resumed_from']['checkpoint']})")
+        return iteration
+
     def _setup(self, abort_signal: Signal, fl_ctx: FLContext):
         """Sites report modality and keyed cases; the server matches them with its labels."""
-        meta = {MetaKey.CONFIG: self.model_config.to_dict()}
-        replies = self._round_trip(TaskName.SETUP, self._control_data(meta), 0, fl_ctx, abort_signal)
+        data = {}
+        for site in self.sites:
+            meta = {MetaKey.CONFIG: self.model_config.to_dict(), MetaKey.EXPERIMENT: self.experiment}
+            if site in self.site_saved_iteration:
+                meta[MetaKey.RESUME] = {"iteration": self.site_saved_iteration[site]}
+            data[site] = control_dxo(meta).to_shareable()
+        replies = self._round_trip(TaskName.SETUP, data, 0, fl_ctx, abort_signal)
         cases_by_party = {}
         for site in self.sites:
             self.site_modality[site] = replies[site].get_meta_prop(MetaKey.MODALITY)
@@ -340,31 +447,43 @@ class SplitLearningController(Controller):
         self.results["val_cases"] = [self.trainer.case_name(key) for key in val_keys]
         return train_keys, val_keys, shapes
 
-    def _step_data(self, grads, plan, iteration: int) -> dict[str, Shareable]:
-        meta = {MetaKey.PLAN: plan, MetaKey.ITERATION: iteration}
-        if grads is None:
-            return self._control_data(meta)
+    def _step_data(self, grads, plan, participants, iteration: int) -> dict[str, Shareable]:
+        """Per active site: the gradients of its last features (if any) and the plan to encode (if it takes part)."""
+        grads_of = dict(zip(self.sites, grads)) if grads is not None else {}
+        data = {}
+        for site in self.roster.active:
+            meta = {MetaKey.PLAN: plan if site in participants else None, MetaKey.ITERATION: iteration}
+            site_grads = grads_of.get(site)
+            dxo = control_dxo(meta) if site_grads is None else features_to_dxo(site_grads, DataKind.GRADIENTS, meta)
+            data[site] = dxo.to_shareable()
+        return data
+
+    def _control_data(self, meta: dict, sites: Sequence[str] | None = None) -> dict[str, Shareable]:
+        # One Shareable per task: FLARE writes task headers into it, so tasks must not share one.
         return {
-            site: features_to_dxo(site_grads, DataKind.GRADIENTS, dict(meta)).to_shareable()
-            for site, site_grads in zip(self.sites, grads)
+            site: control_dxo(dict(meta)).to_shareable() for site in (self.roster.active if sites is None else sites)
         }
 
-    def _control_data(self, meta: dict) -> dict[str, Shareable]:
-        # One Shareable per task: FLARE writes task headers into it, so tasks must not share one.
-        return {site: control_dxo(dict(meta)).to_shareable() for site in self.sites}
-
-    def _encode_fn(self, iteration: int, fl_ctx: FLContext, abort_signal: Signal):
+    def _encode_fn(self, iteration: int, fl_ctx: FLContext, abort_signal: Signal, without: str | None = None):
         def encode(plan: dict):
-            data = self._control_data({MetaKey.PLAN: plan})
-            replies = self._round_trip(TaskName.ENCODE, data, iteration, fl_ctx, abort_signal)
-            return self._features(replies)
+            sites = [site for site in self.roster.active if site != without]
+            replies = self._round_trip(
+                TaskName.ENCODE, self._control_data({MetaKey.PLAN: plan}, sites), iteration, fl_ctx, abort_signal
+            )
+            encoded = [site for site in sites if site in replies]
+            if not encoded:
+                raise SplitRunError(f"no site is left to encode validation windows at iteration {iteration}")
+            return self._features(replies, encoded)
 
         return encode
 
-    def _features(self, replies: Mapping[str, DXO], training: bool = False) -> list[dict]:
-        """The sites' features in decoder order, decoded, with the levels the decoder expects; notes filters."""
+    def _features(self, replies: Mapping[str, DXO], senders: Sequence[str], training: bool = False) -> list:
+        """Features in decoder order (``None`` for a site that sent none), decoded and checked; notes filters."""
         features = []
         for site in self.sites:
+            if site not in senders:
+                features.append(None)
+                continue
             dxo = replies[site]
             self._note_filters(site, dxo)
             if training:
@@ -401,6 +520,10 @@ class SplitLearningController(Controller):
             f"(mean {dice['mean']:.3f}) on {len(val_keys)} held-out cases in {time.perf_counter() - start:.1f}s",
         )
         self._track(iteration, **{f"val_dice_{region}": value for region, value in dice.items()})
+        if final and self.model_config.fusion == "mean" and len(self.roster.active) > 1:
+            self.results["dice_without"] = self._validate_without_each(
+                val_keys, shapes, iteration, fl_ctx, abort_signal
+            )
         if kept:
             previews = {}
             for key, probabilities in kept.items():
@@ -413,17 +536,56 @@ class SplitLearningController(Controller):
             self.results["predictions"] = previews
         return dice
 
-    def _save(self, tag: str, iteration: int, fl_ctx: FLContext, abort_signal: Signal, out_dir: Path):
-        state = self.trainer.state_dict()
-        state.update(iteration=iteration, sites=self.sites, site_modality=self.site_modality)
-        path = save_checkpoint(state, out_dir / "models" / f"decoder_{tag}.pt")
-        self.results["checkpoints"]["server"][tag] = str(path)
-        data = self._control_data({MetaKey.TAG: tag, MetaKey.ITERATION: iteration})
-        replies = self._round_trip(TaskName.SAVE, data, iteration, fl_ctx, abort_signal)
-        for site in self.sites:
-            self.results["checkpoints"]["sites"].setdefault(site, {})[tag] = replies[site].get_meta_prop(
-                MetaKey.SAVED_PATH
+    def _validate_without_each(self, val_keys, shapes, iteration, fl_ctx, abort_signal) -> dict[str, dict]:
+        """Dice with each active modality left out in turn: what the model is worth when that site is absent."""
+        dice_without = {}
+        for site in list(self.roster.active):
+            dice, _ = self.trainer.validate(
+                val_keys,
+                shapes,
+                self._encode_fn(iteration, fl_ctx, abort_signal, without=site),
+                self.crop_size,
+                self.sw_batch_size,
+                self.sw_overlap,
             )
+            modality = self.site_modality[site]
+            dice_without[modality] = dice
+            self.log_info(
+                fl_ctx,
+                f"validation at iteration {iteration} without {modality} ({site}): Dice TC {dice['TC']:.3f} "
+                f"WT {dice['WT']:.3f} ET {dice['ET']:.3f} (mean {dice['mean']:.3f})",
+            )
+        return dice_without
+
+    def _save(self, tag: str, iteration: int, planner, fl_ctx: FLContext, abort_signal: Signal, out_dir: Path):
+        """Sites save first, then the server: its checkpoint is the record that the round of saves completed."""
+        replies = self._round_trip(
+            TaskName.SAVE,
+            self._control_data({MetaKey.TAG: tag, MetaKey.ITERATION: iteration}),
+            iteration,
+            fl_ctx,
+            abort_signal,
+        )
+        for site, reply in replies.items():
+            self.results["checkpoints"]["sites"].setdefault(site, {})[tag] = reply.get_meta_prop(MetaKey.SAVED_PATH)
+            if tag == "last":
+                self.site_saved_iteration[site] = iteration
+        state = self.trainer.state_dict()
+        state.update(
+            iteration=iteration,
+            sites=self.sites,
+            site_modality=self.site_modality,
+            site_saved_iteration=self.site_saved_iteration,
+            planner=planner.state_dict(),
+            roster=self.roster.state_dict(),
+            results={
+                key: self.results[key]
+                for key in ("history", "loss_curve", "best", "dice", "dropped_sites")
+                if key in self.results
+            },
+        )
+        path = save_checkpoint(state, decoder_checkpoint(self.checkpoints, tag))
+        self.results["checkpoints"]["server"][tag] = str(path)
 
     def _track(self, step: int, **scalars: float):
         if self.analytics_sender is None:
@@ -440,42 +602,64 @@ class SplitLearningController(Controller):
         fl_ctx: FLContext,
         abort_signal: Signal,
     ) -> dict[str, DXO]:
-        """Send one task to each site at once and wait for every reply (or stop, naming the site)."""
+        """Send one task to each site at once and wait for every reply.
+
+        A site that fails the task or stays silent for ``task_timeout`` (``setup_timeout`` at setup) stops the
+        run, naming it; with ``on_site_failure="continue"`` after setup it is dropped instead and the replies of
+        the others are returned.
+        """
         replies: dict[str, Shareable] = {}
 
         def on_result(client_task: ClientTask, fl_ctx: FLContext):
             replies[client_task.client.name] = client_task.result
 
+        timeout = self.setup_timeout if task_name == TaskName.SETUP else self.task_timeout
         tasks = {}
-        for site in self.sites:
-            task = Task(
-                name=task_name, data=data_by_site[site], timeout=self.task_timeout, result_received_cb=on_result
-            )
+        for site, data in data_by_site.items():
+            task = Task(name=task_name, data=data, timeout=timeout, result_received_cb=on_result)
             self.send(task, fl_ctx, targets=[site], send_order=SendOrder.ANY)
             tasks[site] = task
-        deadline = time.monotonic() + self.task_timeout
-        while len(replies) < len(tasks):
+        deadline = time.monotonic() + timeout
+        waiting = set(tasks)
+        failures: dict[str, str] = {}
+        while waiting:
             if abort_signal.triggered:
                 self.cancel_all_tasks(fl_ctx=fl_ctx)
                 raise SplitRunError(f"aborted while waiting for {task_name} at iteration {iteration}")
-            for site, task in tasks.items():
-                if site not in replies and task.completion_status is not None:
-                    raise SplitRunError(
-                        f"site {site} did not answer task {task_name} at iteration {iteration} "
-                        f"(status {task.completion_status}, timeout {self.task_timeout}s)"
+            for site in sorted(waiting):
+                if site in replies:
+                    waiting.discard(site)
+                    error = reply_error_message(replies[site])
+                    if error:
+                        failures[site] = f"site {site} failed task {task_name} at iteration {iteration}: {error}"
+                elif tasks[site].completion_status is not None or time.monotonic() > deadline:
+                    waiting.discard(site)
+                    status = tasks[site].completion_status
+                    if status is None:
+                        self.cancel_task(tasks[site], fl_ctx=fl_ctx)
+                    ended = "" if status in (None, TaskCompletionStatus.TIMEOUT) else f" (task {status})"
+                    failures[site] = (
+                        f"site {site} did not answer task {task_name} within {timeout}s at iteration {iteration}{ended}"
                     )
-            if time.monotonic() > deadline:
-                silent = sorted(set(tasks) - set(replies))
+            if failures and not self._may_drop(task_name):
                 self.cancel_all_tasks(fl_ctx=fl_ctx)
-                raise SplitRunError(
-                    f"site(s) {silent} did not answer task {task_name} within {self.task_timeout}s "
-                    f"at iteration {iteration}"
-                )
-            time.sleep(self.task_check_period)
-        dxos = {}
-        for site in self.sites:
-            error = reply_error_message(replies[site])
-            if error:
-                raise SplitRunError(f"site {site} failed task {task_name} at iteration {iteration}: {error}")
-            dxos[site] = from_shareable(replies[site])
-        return dxos
+                raise SplitRunError("; ".join(failures[site] for site in sorted(failures)))
+            if waiting:
+                time.sleep(self.task_check_period)
+        for site in sorted(failures):
+            self._drop(site, iteration, failures[site], fl_ctx)
+        return {site: from_shareable(reply) for site, reply in replies.items() if site not in failures}
+
+    def _may_drop(self, task_name: str) -> bool:
+        return self.on_site_failure == "continue" and task_name != TaskName.SETUP
+
+    def _drop(self, site: str, iteration: int, reason: str, fl_ctx: FLContext) -> None:
+        record = self.roster.drop(site, iteration, reason)
+        self.results["dropped_sites"] = self.roster.dropped
+        if not self.roster.active:
+            raise SplitRunError(f"every site has dropped out; the last: {reason}")
+        self.log_warning(
+            fl_ctx,
+            f"continuing without site {site} ({record['modality']}) from iteration {iteration}: {reason}; "
+            f"active: {self.roster.active}",
+        )

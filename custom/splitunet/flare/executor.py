@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -15,10 +17,11 @@ from splitunet.data.party_data import ModalityFolder
 from splitunet.devices import configure_threads, select_device
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.flare.replies import error_reply, reply_error_message
-from splitunet.flare.workspace_paths import run_dir, site_config_dir
+from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
 from splitunet.model_config import SplitModelConfig
 from splitunet.party_settings import load_site_settings
 from splitunet.protocol import DataKind, MetaKey, TaskName
+from splitunet.resume import CHECKPOINT_TAGS, encoder_checkpoint, load_for_resume
 from splitunet.site.trainer import SiteTrainer
 from splitunet.transport import control_dxo, dxo_to_features, features_to_dxo, register_tensor_support
 
@@ -44,6 +47,7 @@ class SplitSiteExecutor(Executor):
         self.device_name = device
         self.num_threads = num_threads
         self.trainer: SiteTrainer | None = None
+        self.checkpoints: Path | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
@@ -83,12 +87,19 @@ class SplitSiteExecutor(Executor):
         device = select_device(self.device_name)
         folder = ModalityFolder(settings.data_dir, settings.modality, party=party)
         self.trainer = SiteTrainer(folder, settings.case_key_secret, device)
-        self.trainer.build(SplitModelConfig.from_dict(dxo.get_meta_prop(MetaKey.CONFIG)))
+        self.trainer.build(SplitModelConfig.from_dict(dxo.get_meta_prop(MetaKey.CONFIG)), settings.encoder_seed)
+        self.checkpoints = checkpoint_folder(fl_ctx, settings.checkpoint_dir, dxo.get_meta_prop(MetaKey.EXPERIMENT))
         self.log_info(
             fl_ctx,
             f"{party}: modality {settings.modality}, {len(self.trainer.key_to_case)} cases from {settings.data_dir} "
-            f"(settings {settings.source}), device {device}",
+            f"(settings {settings.source}), device {device}, checkpoints in {self.checkpoints}",
         )
+        resume = dxo.get_meta_prop(MetaKey.RESUME)
+        if resume:
+            path = encoder_checkpoint(self.checkpoints, settings.modality, "last")
+            state = load_for_resume(path, party, resume["iteration"], self.trainer.config.to_dict())
+            self.trainer.load_state_dict(state)
+            self.log_info(fl_ctx, f"{party}: resumed from {path} (iteration {resume['iteration']})")
         return control_dxo(
             {MetaKey.MODALITY: settings.modality, MetaKey.CASES: self.trainer.describe_cases()}
         ).to_shareable()
@@ -128,10 +139,10 @@ class SplitSiteExecutor(Executor):
     def _save(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
         trainer = self._require_trainer()
         tag = dxo.get_meta_prop(MetaKey.TAG)
-        if tag not in ("best", "last"):
-            raise ValueError(f"checkpoint tag must be 'best' or 'last', got {tag!r}")
+        if tag not in CHECKPOINT_TAGS:
+            raise ValueError(f"checkpoint tag must be one of {CHECKPOINT_TAGS}, got {tag!r}")
         state = trainer.state_dict()
         state[MetaKey.ITERATION] = dxo.get_meta_prop(MetaKey.ITERATION)
-        path = save_checkpoint(state, run_dir(fl_ctx) / "models" / f"encoder_{trainer.modality}_{tag}.pt")
+        path = save_checkpoint(state, encoder_checkpoint(self.checkpoints, trainer.modality, tag))
         self.log_info(fl_ctx, f"{party}: saved {tag} encoder checkpoint to {path}")
         return control_dxo({MetaKey.SAVED_PATH: str(path)}).to_shareable()

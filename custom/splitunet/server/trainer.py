@@ -38,7 +38,8 @@ def make_loss(name: str) -> torch.nn.Module:
 
 @dataclass
 class StepResult:
-    """Outcome of one server step: the loss and, per site in order, the gradients of its features."""
+    """Outcome of one server step: the loss and, per site in order, the gradients of its features (``None`` for a
+    site that sent none)."""
 
     loss: float
     grads: list[dict[int, torch.Tensor]]
@@ -108,12 +109,17 @@ class ServerTrainer:
             raise ValueError(f"expected features from {self.num_sites} sites, got {len(site_features)}")
         # Received features become leaves: their .grad is exactly what each site needs back.
         return [
-            {level: t.to(self.device, dtype=torch.float32).requires_grad_(True) for level, t in features.items()}
+            None
+            if features is None
+            else {level: t.to(self.device, dtype=torch.float32).requires_grad_(True) for level, t in features.items()}
             for features in site_features
         ]
 
-    def train_step(self, plan: Mapping, site_features: Sequence[Mapping[int, torch.Tensor]]) -> StepResult:
-        """Decode, compute the loss against the server-held labels, update the decoder, return site gradients."""
+    def train_step(self, plan: Mapping, site_features: Sequence[Mapping[int, torch.Tensor] | None]) -> StepResult:
+        """Decode, compute the loss against the server-held labels, update the decoder, return site gradients.
+
+        A ``None`` entry is a site that sat this step out (mean fusion only); it gets no gradients back.
+        """
         start = time.perf_counter()
         self.decoder.train()
         leaves = self._leaves(site_features)
@@ -123,7 +129,10 @@ class ServerTrainer:
         loss.backward()
         self.optimizer.step()
         wire_dtype = getattr(torch, self.config.transfer_dtype)
-        grads = [{level: leaf.grad.detach().to(wire_dtype) for level, leaf in leaf_map.items()} for leaf_map in leaves]
+        grads = [
+            None if leaf_map is None else {level: leaf.grad.detach().to(wire_dtype) for level, leaf in leaf_map.items()}
+            for leaf_map in leaves
+        ]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return StepResult(loss=float(loss.detach()), grads=grads, compute_s=time.perf_counter() - start)
@@ -132,7 +141,10 @@ class ServerTrainer:
     def decode(self, site_features: Sequence[Mapping[int, torch.Tensor]]) -> torch.Tensor:
         """Inference: fuse and decode features to logits."""
         self.decoder.eval()
-        inputs = [{level: t.to(self.device, dtype=torch.float32) for level, t in f.items()} for f in site_features]
+        inputs = [
+            None if f is None else {level: t.to(self.device, dtype=torch.float32) for level, t in f.items()}
+            for f in site_features
+        ]
         return self.decoder(inputs)
 
     @torch.no_grad()

@@ -47,11 +47,19 @@ class SiteTrainer:
         """Keyed case list with shape and affine digest: all the server learns about this site's data."""
         return {key: self.folder.describe(case_id) for key, case_id in sorted(self.key_to_case.items())}
 
-    def build(self, config: SplitModelConfig) -> None:
-        """Create the encoder and its optimiser from the server's model settings."""
+    def build(self, config: SplitModelConfig, init_seed: int | None = None) -> None:
+        """Create the encoder and its optimiser from the server's model settings.
+
+        Args:
+            config: the model settings the server sent.
+            init_seed: this site's own seed for the encoder's initial weights. Without one the encoder starts
+                from ``config.seed`` (offset by modality), which the server knows: it can then rebuild the
+                initial encoder and invert the first activations white-box.
+        """
         self.config = config
         # Offset by modality so that encoders of different sites do not start identical.
-        torch.manual_seed(config.seed + 1 + MODALITIES.index(self.modality))
+        seed = config.seed + 1 + MODALITIES.index(self.modality) if init_seed is None else int(init_seed)
+        torch.manual_seed(seed)
         self.encoder = SiteEncoder(in_channels=1, features=config.features).to(self.device)
         self.optimizer = torch.optim.Adam(
             self.encoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
