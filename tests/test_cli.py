@@ -51,5 +51,7 @@ def test_prepare_and_configure_kit_name_checkpoint_dirs(tmp_path, capsys, monkey
     secret = tmp_path / "secret.txt"
     secret.write_text("s")
     site = ["--modality", "flair", "--data", str(tmp_path / "flair"), "--case-key-secret-file", str(secret)]
-    assert main(["configure-kit", "--kit", str(kit), *site, "--checkpoint-dir", str(tmp_path / "keep")]) == 0
-    assert load_site_settings("site-1", kit / "local").checkpoint_dir == tmp_path / "keep"
+    options = ["--checkpoint-dir", str(tmp_path / "keep"), "--inference-dir", str(tmp_path / "new")]
+    assert main(["configure-kit", "--kit", str(kit), *site, *options]) == 0
+    settings = load_site_settings("site-1", kit / "local")
+    assert (settings.checkpoint_dir, settings.inference_dir) == (tmp_path / "keep", tmp_path / "new")

@@ -14,7 +14,16 @@ from splitunet.filters import FeatureGuard
 
 JOBS = bundle_root() / "jobs"
 MAIN = JOBS / "split_unet"
-VARIANTS = sorted(path.name for path in JOBS.glob("split_unet_*") if path.is_dir())
+# Variants that differ from the main job in workflow settings only, not in filters.
+SETTING_VARIANTS = {
+    "split_unet_missing_modality": {"fusion": "mean", "modality_dropout": 0.25, "on_site_failure": "continue"},
+}
+# Defense variants; the inference job (split_unet_infer) has a workflow of its own (tests/test_inference_job.py).
+VARIANTS = sorted(
+    path.name
+    for path in JOBS.glob("split_unet_*")
+    if path.is_dir() and path.name != "split_unet_infer" and path.name not in SETTING_VARIANTS
+)
 
 # What each variant is named for: (side, class name, arguments it must have).
 PROMISED = {
@@ -96,3 +105,19 @@ def test_every_filter_builds_and_the_guard_checks_last(job):
 def test_a_level_blocking_variant_filters_the_setup_task_too():
     chain = _config(JOBS / "split_unet_no_x0", "client")["task_result_filters"][0]
     assert "split_setup" in chain["tasks"]
+
+
+@pytest.mark.parametrize("variant", sorted(SETTING_VARIANTS))
+def test_setting_variant_differs_from_the_main_job_only_in_its_settings(variant):
+    job = JOBS / variant
+    assert json.loads((job / "meta.json").read_text()) == {
+        **json.loads((MAIN / "meta.json").read_text()),
+        "name": variant,
+    }
+    assert _config(job, "client") == _config(MAIN, "client")
+    server, main_server = _config(job, "server"), _config(MAIN, "server")
+    main_server["workflows"][0]["args"].update(SETTING_VARIANTS[variant])
+    assert server == main_server
+    workflow = server["workflows"][0]
+    module, class_name = workflow["path"].rsplit(".", 1)
+    getattr(importlib.import_module(module), class_name)(**workflow["args"])

@@ -65,6 +65,10 @@ def _configure_kit(args) -> int:
         entry = {"modality": args.modality, "data_dir": str(args.data.resolve())}
     if args.checkpoint_dir:
         entry["checkpoint_dir"] = str(args.checkpoint_dir.resolve())
+    if args.inference_dir:
+        if args.labels:
+            raise SplitUNetConfigError("--inference-dir is a site's setting (the folder of new cases it encodes)")
+        entry["inference_dir"] = str(args.inference_dir.resolve())
     secret = args.case_key_secret_file.read_text().strip()
     privacy = json.loads(args.privacy.read_text()) if args.privacy else None
     for path in configure_kit(args.kit, entry, secret, privacy, party=args.party):
@@ -185,6 +189,28 @@ def _demo(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from splitunet.predict import run_predict
+
+    summary = run_predict(
+        args.data,
+        args.checkpoints,
+        args.out,
+        experiment=args.experiment,
+        tag=args.checkpoint,
+        without=args.without or (),
+        layout=args.layout,
+        timeout_s=args.timeout,
+    )
+    absent = summary["absent_modalities"]
+    print(
+        f"\n{len(summary['predictions'])} segmentations ({summary['layout']} labels"
+        f"{', without ' + ', '.join(absent) if absent else ''}) in {Path(args.out).resolve()}"
+    )
+    print(f"elapsed: {summary['elapsed_s']:.0f}s")
+    return 0
+
+
 def _bench_command(args) -> list[str]:
     """The command line that reproduces a bench run, from its parsed arguments (for the report)."""
     command = ["splitunet", "bench", "--out", str(args.out), "--device", args.device]
@@ -288,7 +314,30 @@ def build_parser() -> argparse.ArgumentParser:
     configure.add_argument(
         "--checkpoint-dir", type=Path, default=None, help="where the party keeps checkpoints across jobs (to resume)"
     )
+    configure.add_argument(
+        "--inference-dir", type=Path, default=None, help="a site: folder of new cases the inference job encodes"
+    )
     configure.set_defaults(run=_configure_kit)
+
+    predict = commands.add_parser(
+        "predict", help="segment new cases with a trained model (jobs/split_unet_infer in the FLARE simulator)"
+    )
+    predict.add_argument("--data", required=True, type=Path, help="new cases, partitioned (flair/, t1/, t1gd/, t2/)")
+    predict.add_argument(
+        "--checkpoints",
+        required=True,
+        type=Path,
+        help="the training run's checkpoint root (<party>/<experiment>/ per party), e.g. splitunet_demo/checkpoints",
+    )
+    predict.add_argument("--out", required=True, type=Path)
+    predict.add_argument("--experiment", default="split_unet")
+    predict.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    predict.add_argument(
+        "--without", nargs="+", choices=MODALITIES, help="modalities absent (needs a model trained with mean fusion)"
+    )
+    predict.add_argument("--layout", default=None, help="label convention of the output (default: as partitioned)")
+    predict.add_argument("--timeout", type=float, default=3600.0, help="seconds before the simulator is stopped")
+    predict.set_defaults(run=_predict)
 
     demo = commands.add_parser("demo", help="train the main job on phantom data in the FLARE simulator")
     demo.add_argument("--workspace", type=Path, default=Path("splitunet_demo"))

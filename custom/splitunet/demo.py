@@ -116,7 +116,8 @@ def run_demo(
     """Run a job (default the main one) on phantom data in the FLARE simulator; write ``<workspace>/results.json``.
 
     Args:
-        workspace: folder of this run (data, simulator workspace, results, figure).
+        workspace: folder of this run (data, simulator workspace, each party's checkpoints in
+            ``checkpoints/<party>/<experiment>/`` for ``splitunet predict``, results, figure).
         settings: size of the run.
         job_dir: job folder to run (default ``jobs/split_unet``).
         data_dir: where the phantom data and the case-key secret live (default ``<workspace>/data``); runs that
@@ -131,11 +132,16 @@ def run_demo(
     started = time.perf_counter()
     parties = ensure_partitioned_phantom(data_dir, settings.cases, settings.shape, settings.seed)
     site_modalities = default_site_modalities(settings.num_sites)
-    sim_workspace = workspace / "simulator"
-    if sim_workspace.exists():
-        shutil.rmtree(sim_workspace)  # a fresh run each time: stale checkpoints must not pass for new ones
+    sim_workspace, checkpoints = workspace / "simulator", workspace / "checkpoints"
+    for folder in (sim_workspace, checkpoints):
+        if folder.exists():
+            shutil.rmtree(folder)  # a fresh run each time: stale checkpoints must not pass for new ones
     prepare_simulator_workspace(
-        sim_workspace, parties, site_modalities, read_or_create_secret(data_dir / "case_key_secret.txt")
+        sim_workspace,
+        parties,
+        site_modalities,
+        read_or_create_secret(data_dir / "case_key_secret.txt"),
+        checkpoint_root=checkpoints,
     )
     job_dir = Path(job_dir) if job_dir else find_job("split_unet")
     server_args = {"num_threads": settings.server_threads, **settings.server_args}

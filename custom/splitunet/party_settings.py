@@ -17,7 +17,8 @@ file holds only its own entry::
 Relative paths are resolved against the folder of the settings file. ``checkpoint_dir`` is optional: without it
 a party writes its checkpoints into the job's run folder, which a new job (or a new simulator run, which wipes
 its workspace) does not see, so a run can be resumed only from a party that names one. A site may also set
-``encoder_seed`` (an int it keeps to itself) so that the server cannot rebuild its encoder's initial weights.
+``encoder_seed`` (an int it keeps to itself) so that the server cannot rebuild its encoder's initial weights, and
+``inference_dir``, the folder of new cases the inference job reads (default ``data_dir``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class SiteSettings:
     source: Path
     checkpoint_dir: Path | None = None
     encoder_seed: int | None = None
+    inference_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class ServerSettings:
     """The label holder's local settings."""
 
     party: str
-    labels_dir: Path
+    labels_dir: Path | None
     layout: str
     case_key_secret: str
     source: Path
@@ -151,17 +153,18 @@ def load_site_settings(party: str, site_config_dir: str | os.PathLike | None) ->
         source=path,
         checkpoint_dir=_optional_dir(path, entry, "checkpoint_dir", name),
         encoder_seed=_optional_seed(path, entry, name),
+        inference_dir=_optional_dir(path, entry, "inference_dir", name),
     )
 
 
 def load_server_settings(party: str, site_config_dir: str | os.PathLike | None) -> ServerSettings:
-    """Read the label holder's settings (labels folder and label layout)."""
+    """Read the label holder's settings (labels folder and label layout; an inference-only server has no labels)."""
     path = find_settings_file(site_config_dir)
     content = _read(path)
     name, entry = _entry(content, path, (party, SERVER_PARTY))
     return ServerSettings(
         party=name,
-        labels_dir=_resolve(path, entry.get("labels_dir"), "labels_dir", name),
+        labels_dir=_optional_dir(path, entry, "labels_dir", name),
         layout=str(entry.get("layout", "msd")),
         case_key_secret=_secret(content, entry, path, name),
         source=path,

@@ -77,6 +77,8 @@ class MetaKey:
     SAVED_PATH = "saved_path"
     EXPERIMENT = "experiment"  # names the checkpoint folder of a run (setup task)
     RESUME = "resume"  # {"iteration": N}: load the "last" checkpoints, written at iteration N (setup task)
+    INFERENCE = "inference"  # {"tag": "best"}: load that encoder checkpoint and encode new cases (setup task)
+    HEADERS = "headers"  # {case_key: NIfTI header without voxels or free text} (inference setup reply)
     FILTER_TRAIL = "splitunet_filters"  # what each privacy filter did to this DXO (data-independent facts only)
     BLOCKED_LEVELS = "splitunet_blocked_levels"  # skip levels a site's policy never sends (on its setup reply)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from splitunet.checkpoint import load_checkpoint
 from splitunet.errors import SplitUNetConfigError
 
-__all__ = ["CHECKPOINT_TAGS", "decoder_checkpoint", "encoder_checkpoint", "load_for_resume"]
+__all__ = ["CHECKPOINT_TAGS", "decoder_checkpoint", "encoder_checkpoint", "read_checkpoint", "load_for_resume"]
 
 CHECKPOINT_TAGS = ("best", "last")
 
@@ -36,8 +36,30 @@ def encoder_checkpoint(folder: str | Path, modality: str, tag: str) -> Path:
     return Path(folder) / f"encoder_{modality}_{_checked_tag(tag)}.pt"
 
 
-def load_for_resume(path: str | Path, party: str, iteration: int | None, config: Mapping) -> dict:
-    """Load a ``last`` checkpoint to resume from, checking it belongs to this run.
+def read_checkpoint(path: str | Path, party: str, purpose: str = "load it") -> dict:
+    """Load a checkpoint written in an earlier job, with errors that say where a party looks for it.
+
+    Raises:
+        SplitUNetConfigError: no file or an unreadable one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SplitUNetConfigError(
+            f"{party}: cannot {purpose}: no checkpoint at {path} (a party finds earlier checkpoints in the "
+            "'checkpoint_dir' of its settings; without one they stay in the run folder of the earlier job)"
+        )
+    try:
+        return load_checkpoint(path)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise SplitUNetConfigError(
+            f"{party}: cannot {purpose}: {path} is not a readable checkpoint: {error}"
+        ) from error
+
+
+def load_for_resume(
+    path: str | Path, party: str, iteration: int | None, config: Mapping, purpose: str = "resume"
+) -> dict:
+    """Load a checkpoint to resume from (or to infer with), checking it belongs to this run.
 
     Args:
         path: the checkpoint file.
@@ -46,24 +68,16 @@ def load_for_resume(path: str | Path, party: str, iteration: int | None, config:
             decides the iteration from its own checkpoint).
         config: the model settings of the resumed run (``SplitModelConfig.to_dict()``); they must equal the
             saved ones.
+        purpose: what the checkpoint is loaded for, in error messages.
 
     Raises:
         SplitUNetConfigError: no file, an unreadable file, another iteration or other model settings.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SplitUNetConfigError(
-            f"{party}: cannot resume: no checkpoint at {path} (a party resumes from the 'checkpoint_dir' of its "
-            "settings; without one its checkpoints stay in the run folder of the earlier job)"
-        )
-    try:
-        state = load_checkpoint(path)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        raise SplitUNetConfigError(f"{party}: cannot resume: {path} is not a readable checkpoint: {error}") from error
+    state = read_checkpoint(path, party, purpose)
     saved_iteration = state.get("iteration")
     if iteration is not None and saved_iteration != iteration:
         raise SplitUNetConfigError(
-            f"{party}: cannot resume at iteration {iteration}: {path} was written at iteration {saved_iteration} "
+            f"{party}: cannot {purpose} at iteration {iteration}: {path} was written at iteration {saved_iteration} "
             "(the parties' last checkpoints come from different save rounds)"
         )
     saved_config = dict(state.get("config") or {})
@@ -71,6 +85,6 @@ def load_for_resume(path: str | Path, party: str, iteration: int | None, config:
     if differing:
         changes = ", ".join(f"{key}: {saved_config.get(key)!r} -> {config.get(key)!r}" for key in differing)
         raise SplitUNetConfigError(
-            f"{party}: cannot resume from {path}: the model settings changed since it was written ({changes})"
+            f"{party}: cannot {purpose} from {path}: the model settings changed since it was written ({changes})"
         )
     return state

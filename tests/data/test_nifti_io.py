@@ -11,6 +11,8 @@ import pytest
 
 from splitunet.data.nifti_io import (
     affine_digest,
+    geometry_header,
+    header_from_geometry,
     load_nifti,
     nifti_case_id,
     read_volume,
@@ -246,3 +248,21 @@ def test_affine_digest():
     assert affine_digest(np.eye(4), SHAPE) != digest
     with pytest.raises(ValueError):
         affine_digest(np.eye(3), SHAPE)
+
+
+def test_geometry_header_keeps_the_grid_and_drops_free_text(tmp_path):
+    affine = np.array([[0.9, 0.2, 0.0, -80.0], [-0.15, 1.1, 0.1, 20.0], [0.0, -0.05, 1.2, 7.0], [0, 0, 0, 1]])
+    image = nib.Nifti1Image(np.zeros((5, 6, 7), np.float32), affine)
+    image.header.set_qform(affine, code=1)
+    image.header.set_sform(affine, code=2)
+    image.header["descrip"] = b"Doe^John 1970"
+    image.header["aux_file"] = b"scan 12"
+    text = geometry_header(image.header)
+    assert isinstance(text, str) and "Doe" not in text
+    header = header_from_geometry(text)
+    assert header["descrip"].tobytes().strip(b"\0") == b"" and header["aux_file"].tobytes().strip(b"\0") == b""
+    path = save_nifti_atomic(np.ones((5, 6, 7), np.uint8), header.get_best_affine(), tmp_path / "s.nii.gz", header)
+    written = nib.load(path)
+    np.testing.assert_allclose(written.affine, affine, atol=1e-6)
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (1, 2)
+    assert written.header.get_zooms() == pytest.approx(image.header.get_zooms())

@@ -45,15 +45,16 @@ def test_loss_falls(demo_run):
 
 def test_checkpoints_only_at_their_owners(demo_run):
     workspace, summary = demo_run
-    simulator = workspace / "simulator"
-    encoders = sorted(simulator.glob("**/encoder_*.pt"))
-    decoders = sorted(simulator.glob("**/decoder_*.pt"))
-    assert decoders and all(path.relative_to(simulator).parts[0] == "server" for path in decoders)
+    simulator, checkpoints = workspace / "simulator", workspace / "checkpoints"
+    assert not list(simulator.glob("**/*.pt"))  # kept outside the workspace the simulator wipes
+    encoders = sorted(checkpoints.glob("**/encoder_*.pt"))
+    decoders = sorted(checkpoints.glob("**/decoder_*.pt"))
+    assert decoders and all(path.relative_to(checkpoints).parts[0] == "server" for path in decoders)
     assert {path.name for path in decoders} == {"decoder_best.pt", "decoder_last.pt"}
     # Each site holds exactly its own modality's encoder, best and last; the server holds none.
     by_party = {}
     for path in encoders:
-        by_party.setdefault(path.relative_to(simulator).parts[0], set()).add(path.name)
+        by_party.setdefault(path.relative_to(checkpoints).parts[0], set()).add(path.name)
     assert "server" not in by_party
     for site, modality in summary["sites"].items():
         assert by_party[site] == {f"encoder_{modality}_best.pt", f"encoder_{modality}_last.pt"}

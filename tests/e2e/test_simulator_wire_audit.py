@@ -121,10 +121,13 @@ def test_server_workspace_holds_no_site_image_or_encoder_weight(no_x0_run):
         values = set(np.unique(nib.load(path).get_fdata()).tolist())
         assert values <= {0.0, 1.0, 2.0, 3.0}, (path, values)
     site_weights = []
-    for checkpoint in simulator.glob("site-*/**/models/*.pt"):
+    checkpoints = no_x0_run / "checkpoints"  # each party's checkpoint_dir, outside the simulator workspace
+    for checkpoint in checkpoints.glob("site-*/**/encoder_*.pt"):
         site_weights += [t for t in load_checkpoint(checkpoint)["encoder"].values() if t.numel() > 1]
     assert site_weights
-    for path in server_dir.rglob("*.pt"):
+    server_files = [*server_dir.rglob("*.pt"), *(checkpoints / "server").rglob("*.pt")]
+    assert any(path.name == "decoder_last.pt" for path in server_files)
+    for path in server_files:
         state = load_checkpoint(path)
         tensors = []
         stack = [state]

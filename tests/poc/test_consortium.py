@@ -63,3 +63,15 @@ def test_a_dead_party_is_named_with_its_log(tmp_path, sites):
         poc._raise_if_dead("while testing")
     report = poc.stop()
     assert report.all_stopped and not report.graceful  # no server to shut down through
+
+
+def test_connected_sites_needs_a_running_consortium(tmp_path, sites):
+    poc = PocConsortium(tmp_path / "ws", sites, tmp_path, "k")
+    with pytest.raises(PocError, match="not running"):
+        poc.connected_sites()
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    poc._processes.add("server", dead)
+    with pytest.raises(PocError, match=r"server exited \(code 3\) before the connected sites were listed"):
+        poc.connected_sites()
+    assert poc.stop().all_stopped

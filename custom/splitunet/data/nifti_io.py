@@ -7,6 +7,7 @@ deep inside nibabel cannot tell which of 500 files is broken; every problem here
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import json
@@ -24,13 +25,25 @@ from nibabel.spatialimages import HeaderDataError
 
 from splitunet.errors import SplitUNetDataError
 
-__all__ = ["NIFTI_SUFFIXES", "nifti_case_id", "load_nifti", "read_volume", "save_nifti_atomic", "affine_digest"]
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "nifti_case_id",
+    "load_nifti",
+    "read_volume",
+    "save_nifti_atomic",
+    "affine_digest",
+    "geometry_header",
+    "header_from_geometry",
+]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _GZIP_MAGIC = b"\x1f\x8b"
 
 # What nibabel, gzip and zlib raise for unreadable, truncated or corrupt files.
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
+
+# Free-text header fields that may hold what a scanner or a person typed (names, dates, protocol notes).
+_FREE_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
 
 # An affine whose determinant is this small (mm^3 per voxel) cannot map voxels to space.
 _SINGULAR_DET = 1e-6
@@ -230,3 +243,23 @@ def affine_digest(affine: np.ndarray, shape: Sequence[int], decimals: int = 3) -
         separators=(",", ":"),
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def geometry_header(header: nib.Nifti1Header) -> str:
+    """A NIfTI header with its free-text fields blanked, as text: the grid of a case without its voxels.
+
+    The inference job sends this for each new case so that the server can write the segmentation on the original
+    grid (qform, sform, voxel sizes, units); no voxel value and no free text leaves the site.
+
+    Returns:
+        the 348-byte header, base64-encoded.
+    """
+    header = nib.Nifti1Header.from_header(header)
+    for field in _FREE_TEXT_FIELDS:
+        header[field] = b""
+    return base64.b64encode(header.binaryblock).decode("ascii")
+
+
+def header_from_geometry(text: str) -> nib.Nifti1Header:
+    """Inverse of :func:`geometry_header`."""
+    return nib.Nifti1Header(binaryblock=base64.b64decode(text.encode("ascii")))

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from os import PathLike
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from monai.transforms import NormalizeIntensity
 from monai.utils import convert_to_numpy
@@ -98,6 +99,11 @@ class _CaseFolder:
             shape = [int(s) for s in img.shape[:3]]
             self._described[case_id] = {"shape": shape, "affine_digest": affine_digest(img.affine, shape)}
         return dict(self._described[case_id])
+
+    def header(self, case_id: str) -> nib.Nifti1Header:
+        """A copy of a case's NIfTI header (read without the voxels)."""
+        path = self.path(case_id)
+        return load_nifti(path, party=self.party, case=case_id, ndim=(3,)).header.copy()
 
     def _cached(self, key: str, load):
         if key in self._cache:

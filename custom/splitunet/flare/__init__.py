@@ -1,4 +1,5 @@
-"""The thin FLARE layer: an executor adapting :class:`SiteTrainer` and a controller adapting :class:`ServerTrainer`.
+"""The thin FLARE layer: an executor adapting :class:`SiteTrainer`, a training controller adapting
+:class:`ServerTrainer`, and an inference controller that segments new cases with the saved models.
 
 Job configs name these short paths (``splitunet.flare.SplitSiteExecutor``) so that a site's class allow-list
 entry ``"splitunet."`` covers them.
@@ -6,5 +7,6 @@ entry ``"splitunet."`` covers them.
 
 from splitunet.flare.controller import SplitLearningController
 from splitunet.flare.executor import SplitSiteExecutor
+from splitunet.flare.inference_controller import SplitInferenceController
 
-__all__ = ["SplitLearningController", "SplitSiteExecutor"]
+__all__ = ["SplitLearningController", "SplitInferenceController", "SplitSiteExecutor"]

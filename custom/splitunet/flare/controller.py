@@ -4,29 +4,25 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from nvflare.apis.analytix import AnalyticsDataType
-from nvflare.apis.client import Client
-from nvflare.apis.controller_spec import ClientTask, SendOrder, Task, TaskCompletionStatus
-from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.impl.controller import Controller
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 from nvflare.app_common.widgets.streaming import AnalyticsSender
 
-from splitunet.checkpoint import save_checkpoint, write_json_atomic
+from splitunet.checkpoint import save_checkpoint
 from splitunet.data.case_keys import match_case_keys
 from splitunet.data.nifti_io import save_nifti_atomic
 from splitunet.data.party_data import LabelFolder
 from splitunet.data.sampling import RandomCropPlanner
-from splitunet.devices import configure_threads, select_device
+from splitunet.devices import select_device
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
-from splitunet.flare.replies import reply_error_message
-from splitunet.flare.workspace_paths import checkpoint_folder, run_dir, site_config_dir
+from splitunet.flare.site_tasks import SITE_FAILURE_POLICIES, SiteTaskController, SplitRunError
+from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
 from splitunet.labels import get_layout, regions_to_labels
 from splitunet.model_config import SplitModelConfig
 from splitunet.party_settings import load_server_settings
@@ -36,26 +32,17 @@ from splitunet.server.trainer import LOSSES, ServerTrainer
 from splitunet.site_roster import SiteRoster
 from splitunet.transport import (
     control_dxo,
-    dxo_to_features,
     features_to_dxo,
-    payload_bytes,
-    register_tensor_support,
 )
 
-__all__ = ["SplitLearningController", "SplitRunError", "SITE_FAILURE_POLICIES"]
+__all__ = ["SplitLearningController", "SplitRunError", "SITE_FAILURE_POLICIES", "EXPERIMENT_NAME"]
 
-# What the run does when a site stops answering or fails a task after setup.
-SITE_FAILURE_POLICIES = ("stop", "continue")
-_EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Offsets the modality-dropout generator from the crop sampler's, which uses the seed itself.
 _MODALITY_DROPOUT_SEED_OFFSET = 7919
 
 
-class SplitRunError(RuntimeError):
-    """The run cannot go on (a site failed or stopped answering); the message names the site and step."""
-
-
-class SplitLearningController(Controller):
+class SplitLearningController(SiteTaskController):
     """Server workflow of Split-U-Net (Roth et al., DeCaF@MICCAI 2022) over FLARE tasks.
 
     Every iteration sends each site ONE task that carries the gradients of the previous step and the crop plan
@@ -137,7 +124,7 @@ class SplitLearningController(Controller):
         log_every: int = 10,
         analytics: bool = True,
     ):
-        super().__init__(task_check_period=task_check_period)
+        super().__init__(task_timeout, setup_timeout, on_site_failure, task_check_period, num_threads)
         self.model_config = SplitModelConfig(
             features=tuple(features),
             skip_levels=tuple(skip_levels),
@@ -153,8 +140,6 @@ class SplitLearningController(Controller):
             "val_every": val_every,
             "num_val_cases": num_val_cases,
             "sw_batch_size": sw_batch_size,
-            "task_timeout": task_timeout,
-            "setup_timeout": setup_timeout,
             "log_every": log_every,
         }
         for name, value in positive.items():
@@ -167,10 +152,6 @@ class SplitLearningController(Controller):
             raise SplitUNetConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
         if not 0 <= sw_overlap < 1:
             raise SplitUNetConfigError(f"sw_overlap must be in [0, 1), got {sw_overlap}")
-        if on_site_failure not in SITE_FAILURE_POLICIES:
-            raise SplitUNetConfigError(
-                f"on_site_failure must be one of {SITE_FAILURE_POLICIES}, got {on_site_failure!r}"
-            )
         if not 0.0 <= modality_dropout < 1.0:
             raise SplitUNetConfigError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
         if fusion != "mean" and (on_site_failure == "continue" or modality_dropout > 0):
@@ -180,7 +161,7 @@ class SplitLearningController(Controller):
             )
         if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
             raise SplitUNetConfigError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
-        if not isinstance(experiment, str) or not _EXPERIMENT_NAME.match(experiment):
+        if not isinstance(experiment, str) or not EXPERIMENT_NAME.match(experiment):
             raise SplitUNetConfigError(
                 f"experiment must be 1-64 letters, digits, '_', '.' or '-' (a folder name), got {experiment!r}"
             )
@@ -195,68 +176,32 @@ class SplitLearningController(Controller):
         self.num_preview_cases = int(num_preview_cases)
         self.requested_sites = list(sites) if sites else None
         self.seed = int(seed)
-        self.task_timeout = task_timeout
-        self.setup_timeout = setup_timeout
-        self.on_site_failure = on_site_failure
         self.modality_dropout = float(modality_dropout)
         self.checkpoint_every = checkpoint_every
         self.experiment = experiment
         self.resume = bool(resume)
-        self.task_check_period = float(task_check_period)
         self.device_name = device
-        self.num_threads = num_threads
         self.log_every = log_every
         self.analytics = bool(analytics)
         self.analytics_sender: AnalyticsSender | None = None
         self.trainer: ServerTrainer | None = None
-        self.sites: list[str] = []  # in decoder order, dropped ones included
-        self.active: list[str] = []  # still taking part
-        self.site_modality: dict[str, str] = {}
         self.site_saved_iteration: dict[str, int] = {}
         self.checkpoints: Path | None = None
-        self.roster: SiteRoster | None = None
-        self.results: dict = {}
-        self._activation_bytes = 0
 
     # ----------------------------------------------------------------------------------------- FLARE hooks
     def start_controller(self, fl_ctx: FLContext):
-        register_tensor_support()
-        configure_threads(self.num_threads)
-        # Controller(task_check_period=...) does not reach WFCommServer in nvflare 2.9 (see DESIGN.md).
-        self.communicator._task_check_period = self.task_check_period
+        super().start_controller(fl_ctx)
         if self.analytics:
             # Fires FLARE analytics events that any AnalyticsReceiver of the job picks up.
             self.analytics_sender = AnalyticsSender()
             self.analytics_sender.engine = self._engine
 
-    def stop_controller(self, fl_ctx: FLContext):
-        self.cancel_all_tasks(fl_ctx=fl_ctx)
-
-    def process_result_of_unknown_task(
-        self, client: Client, task_name: str, client_task_id: str, result: Shareable, fl_ctx: FLContext
-    ):
-        self.log_warning(fl_ctx, f"dropped late result of task {task_name} from {client.name}")
-
-    def control_flow(self, abort_signal: Signal, fl_ctx: FLContext):
-        out_dir = run_dir(fl_ctx)
-        self.results = {"status": "running", "iterations": 0}
-        try:
-            self._run(abort_signal, fl_ctx, out_dir)
-            self.results["status"] = "aborted" if abort_signal.triggered else "completed"
-        except Exception as error:  # noqa: BLE001 - any failure must still leave a results file saying why
-            if not isinstance(error, (SplitRunError, SplitUNetDataError, SplitUNetConfigError)):
-                self.log_exception(fl_ctx, f"unexpected error: {error}")
-            self.results.update(status="failed", error=str(error))
-            write_json_atomic(self.results, out_dir / "results.json")
-            self.system_panic(f"Split-U-Net run stopped: {error}", fl_ctx)
-            return
-        write_json_atomic(self.results, out_dir / "results.json")
-        self.log_info(fl_ctx, f"results written to {out_dir / 'results.json'}")
-
     # ----------------------------------------------------------------------------------------- the run
     def _run(self, abort_signal: Signal, fl_ctx: FLContext, out_dir: Path):
         server_party = fl_ctx.get_identity_name()
         settings = load_server_settings(server_party, site_config_dir(fl_ctx))
+        if settings.labels_dir is None:
+            raise SplitUNetConfigError(f"{settings.source}: the server's entry needs 'labels_dir' to train")
         labels = LabelFolder(settings.labels_dir, settings.layout, party=server_party)
         self.layout = get_layout(settings.layout)
         self.trainer = ServerTrainer(labels, settings.case_key_secret, select_device(self.device_name), self.loss_name)
@@ -299,75 +244,86 @@ class SplitLearningController(Controller):
             f"training iterations {first}..{self.num_iterations} on {len(train_keys)} cases, validating on "
             f"{len(val_keys)}; sites in decoder order: {[(s, self.site_modality[s]) for s in self.sites]}",
         )
-        grads = None
-        timing_sum = np.zeros(3)
+        grads, loss = None, float("nan")
+        self._timing_sum, self._steps_timed = np.zeros(3), 0
         for iteration in range(first, self.num_iterations + 1):
             if abort_signal.triggered:
                 return
-            plan = planner.next_plan()
-            participants = self.roster.step_participants()
-            start = time.perf_counter()
-            replies = self._round_trip(
-                TaskName.STEP, self._step_data(grads, plan, participants, iteration), iteration, fl_ctx, abort_signal
-            )
-            round_trip_s = time.perf_counter() - start
-            participants = [site for site in participants if site in replies]
-            if not participants:
-                # Every site asked to encode dropped out during this step; the others rest and wait.
-                grads = None
-                continue
-            features = self._features(replies, participants, training=True)
-            site_s = max(float(replies[s].get_meta_prop(MetaKey.SITE_COMPUTE_S, 0.0)) for s in replies)
-            step = self.trainer.train_step(plan, features)
-            grads = step.grads
-            timing = np.array([site_s, step.compute_s, max(round_trip_s - site_s, 0.0)])
-            timing_sum += timing
-            steps_here = iteration - first + 1
+            step = self._train_iteration(planner.next_plan(), grads, iteration, first, fl_ctx, abort_signal)
+            grads = step.grads if step else None
+            loss = step.loss if step else loss
             self.results["iterations"] = iteration
-            self.results["loss_curve"].append(step.loss)
-            self._track(
-                iteration,
-                loss=step.loss,
-                site_compute_s=timing[0],
-                server_compute_s=timing[1],
-                wait_transfer_s=timing[2],
-            )
-            if iteration % self.log_every == 0 or iteration == first:
-                mean = timing_sum / steps_here
-                self.log_info(
-                    fl_ctx,
-                    f"iteration {iteration}/{self.num_iterations} loss {step.loss:.4f} | mean per step: "
-                    f"site compute {mean[0]:.3f}s, server compute {mean[1]:.3f}s, waiting/transfer {mean[2]:.3f}s",
-                )
             validate = iteration % self.val_every == 0 or iteration == self.num_iterations
-            checkpoint = validate or (self.checkpoint_every and iteration % self.checkpoint_every == 0)
-            if not checkpoint:
-                continue
-            # Deliver the pending gradients first so that every encoder is at step `iteration`.
-            self._round_trip(
-                TaskName.STEP, self._step_data(grads, None, (), iteration), iteration, fl_ctx, abort_signal
-            )
-            grads = None
-            if validate:
-                final = iteration == self.num_iterations
-                dice = self._validate(val_keys, shapes, iteration, fl_ctx, abort_signal, out_dir, final)
-                self.results["history"].append({"iteration": iteration, "loss": step.loss, "dice": dice})
-                self.results["dice"] = dice
-                is_best = dice["mean"] > self.results.get("best", {}).get("dice", {}).get("mean", -1.0)
-                if is_best:
-                    self.results["best"] = {"iteration": iteration, "dice": dice}
-            self._save("last", iteration, planner, fl_ctx, abort_signal, out_dir)
-            if validate and is_best:
-                self._save("best", iteration, planner, fl_ctx, abort_signal, out_dir)
-        steps_here = max(self.results["iterations"] - first + 1, 1)
-        mean = timing_sum / steps_here
+            if validate or (self.checkpoint_every and iteration % self.checkpoint_every == 0):
+                # Deliver the pending gradients first so that every encoder is at step `iteration`.
+                self._round_trip(
+                    TaskName.STEP, self._step_data(grads, None, (), iteration), iteration, fl_ctx, abort_signal
+                )
+                grads = None
+                self._checkpoint_round(
+                    iteration, validate, loss, val_keys, shapes, planner, fl_ctx, abort_signal, out_dir
+                )
+        mean = self._timing_sum / max(self._steps_timed, 1)
         # As received, after every site filter: what the defenses leave on the wire, summed over sites.
-        self.results["activation_bytes_per_iteration"] = self._activation_bytes / steps_here
+        self.results["activation_bytes_per_iteration"] = self._activation_bytes / max(self._steps_timed, 1)
         self.results["timing_per_iteration_s"] = {
             "site_compute": float(mean[0]),
             "server_compute": float(mean[1]),
             "waiting_transfer": float(mean[2]),
         }
+
+    def _train_iteration(self, plan, grads, iteration: int, first: int, fl_ctx: FLContext, abort_signal: Signal):
+        """One round trip (gradients of the last step out, features of this one back) and the server's step.
+
+        Returns:
+            the :class:`~splitunet.server.trainer.StepResult`, or ``None`` when every site asked to encode
+            dropped out during the step (the others wait for the next one).
+        """
+        participants = self.roster.step_participants()
+        start = time.perf_counter()
+        replies = self._round_trip(
+            TaskName.STEP, self._step_data(grads, plan, participants, iteration), iteration, fl_ctx, abort_signal
+        )
+        round_trip_s = time.perf_counter() - start
+        participants = [site for site in participants if site in replies]
+        if not participants:
+            self.log_warning(fl_ctx, f"iteration {iteration}: every site asked to encode dropped out; step skipped")
+            return None
+        features = self._features(replies, participants, training=True)
+        site_s = max(float(replies[s].get_meta_prop(MetaKey.SITE_COMPUTE_S, 0.0)) for s in replies)
+        step = self.trainer.train_step(plan, features)
+        timing = np.array([site_s, step.compute_s, max(round_trip_s - site_s, 0.0)])
+        self._timing_sum += timing
+        self._steps_timed += 1
+        self.results["loss_curve"].append(step.loss)
+        self._track(
+            iteration, loss=step.loss, site_compute_s=timing[0], server_compute_s=timing[1], wait_transfer_s=timing[2]
+        )
+        if iteration % self.log_every == 0 or iteration == first:
+            mean = self._timing_sum / self._steps_timed
+            self.log_info(
+                fl_ctx,
+                f"iteration {iteration}/{self.num_iterations} loss {step.loss:.4f} | mean per step: "
+                f"site compute {mean[0]:.3f}s, server compute {mean[1]:.3f}s, waiting/transfer {mean[2]:.3f}s",
+            )
+        return step
+
+    def _checkpoint_round(
+        self, iteration, validate: bool, loss: float, val_keys, shapes, planner, fl_ctx, abort_signal, out_dir
+    ):
+        """Validate (if due), then save ``last`` (and ``best`` when validation improved) at every party."""
+        is_best = False
+        if validate:
+            final = iteration == self.num_iterations
+            dice = self._validate(val_keys, shapes, iteration, fl_ctx, abort_signal, out_dir, final)
+            self.results["history"].append({"iteration": iteration, "loss": loss, "dice": dice})
+            self.results["dice"] = dice
+            is_best = dice["mean"] > self.results.get("best", {}).get("dice", {}).get("mean", -1.0)
+            if is_best:
+                self.results["best"] = {"iteration": iteration, "dice": dice}
+        self._save("last", iteration, planner, fl_ctx, abort_signal, out_dir)
+        if is_best:
+            self._save("best", iteration, planner, fl_ctx, abort_signal, out_dir)
 
     def _restore(self, saved: dict, planner: RandomCropPlanner, fl_ctx: FLContext) -> int:
         """Take up the server's ``last`` checkpoint; returns the iteration it was written at."""
@@ -458,12 +414,6 @@ class SplitLearningController(Controller):
             data[site] = dxo.to_shareable()
         return data
 
-    def _control_data(self, meta: dict, sites: Sequence[str] | None = None) -> dict[str, Shareable]:
-        # One Shareable per task: FLARE writes task headers into it, so tasks must not share one.
-        return {
-            site: control_dxo(dict(meta)).to_shareable() for site in (self.roster.active if sites is None else sites)
-        }
-
     def _encode_fn(self, iteration: int, fl_ctx: FLContext, abort_signal: Signal, without: str | None = None):
         def encode(plan: dict):
             sites = [site for site in self.roster.active if site != without]
@@ -476,31 +426,6 @@ class SplitLearningController(Controller):
             return self._features(replies, encoded)
 
         return encode
-
-    def _features(self, replies: Mapping[str, DXO], senders: Sequence[str], training: bool = False) -> list:
-        """Features in decoder order (``None`` for a site that sent none), decoded and checked; notes filters."""
-        features = []
-        for site in self.sites:
-            if site not in senders:
-                features.append(None)
-                continue
-            dxo = replies[site]
-            self._note_filters(site, dxo)
-            if training:
-                self._activation_bytes += payload_bytes(dxo)
-            features.append(
-                dxo_to_features(dxo, DataKind.ACTIVATIONS, party=site, expected_levels=self.model_config.sent_levels)
-            )
-        return features
-
-    def _note_filters(self, site: str, dxo: DXO) -> None:
-        """Count, per site and ``filter@party``, how many of the DXOs received went through it (DXO trail)."""
-        per_site = self.results.setdefault("filters", {}).setdefault(site, {})
-        for record in dxo.get_meta_prop(MetaKey.FILTER_TRAIL) or ():
-            where = f"{record.get('filter', '?')}@{record.get('party', '?')}"
-            entry = per_site.setdefault(where, {"calls": 0})
-            entry["calls"] += 1
-            entry["last"] = {k: v for k, v in record.items() if isinstance(v, (int, float, str, list, dict))}
 
     def _validate(self, val_keys, shapes, iteration, fl_ctx, abort_signal, out_dir: Path, final: bool) -> dict:
         start = time.perf_counter()
@@ -576,6 +501,7 @@ class SplitLearningController(Controller):
             sites=self.sites,
             site_modality=self.site_modality,
             site_saved_iteration=self.site_saved_iteration,
+            crop_size=list(self.crop_size),
             planner=planner.state_dict(),
             roster=self.roster.state_dict(),
             results={
@@ -592,74 +518,3 @@ class SplitLearningController(Controller):
             return
         for name, value in scalars.items():
             self.analytics_sender.add(name, float(value), AnalyticsDataType.SCALAR, global_step=step)
-
-    # ----------------------------------------------------------------------------------------- transport
-    def _round_trip(
-        self,
-        task_name: str,
-        data_by_site: Mapping[str, Shareable],
-        iteration: int,
-        fl_ctx: FLContext,
-        abort_signal: Signal,
-    ) -> dict[str, DXO]:
-        """Send one task to each site at once and wait for every reply.
-
-        A site that fails the task or stays silent for ``task_timeout`` (``setup_timeout`` at setup) stops the
-        run, naming it; with ``on_site_failure="continue"`` after setup it is dropped instead and the replies of
-        the others are returned.
-        """
-        replies: dict[str, Shareable] = {}
-
-        def on_result(client_task: ClientTask, fl_ctx: FLContext):
-            replies[client_task.client.name] = client_task.result
-
-        timeout = self.setup_timeout if task_name == TaskName.SETUP else self.task_timeout
-        tasks = {}
-        for site, data in data_by_site.items():
-            task = Task(name=task_name, data=data, timeout=timeout, result_received_cb=on_result)
-            self.send(task, fl_ctx, targets=[site], send_order=SendOrder.ANY)
-            tasks[site] = task
-        deadline = time.monotonic() + timeout
-        waiting = set(tasks)
-        failures: dict[str, str] = {}
-        while waiting:
-            if abort_signal.triggered:
-                self.cancel_all_tasks(fl_ctx=fl_ctx)
-                raise SplitRunError(f"aborted while waiting for {task_name} at iteration {iteration}")
-            for site in sorted(waiting):
-                if site in replies:
-                    waiting.discard(site)
-                    error = reply_error_message(replies[site])
-                    if error:
-                        failures[site] = f"site {site} failed task {task_name} at iteration {iteration}: {error}"
-                elif tasks[site].completion_status is not None or time.monotonic() > deadline:
-                    waiting.discard(site)
-                    status = tasks[site].completion_status
-                    if status is None:
-                        self.cancel_task(tasks[site], fl_ctx=fl_ctx)
-                    ended = "" if status in (None, TaskCompletionStatus.TIMEOUT) else f" (task {status})"
-                    failures[site] = (
-                        f"site {site} did not answer task {task_name} within {timeout}s at iteration {iteration}{ended}"
-                    )
-            if failures and not self._may_drop(task_name):
-                self.cancel_all_tasks(fl_ctx=fl_ctx)
-                raise SplitRunError("; ".join(failures[site] for site in sorted(failures)))
-            if waiting:
-                time.sleep(self.task_check_period)
-        for site in sorted(failures):
-            self._drop(site, iteration, failures[site], fl_ctx)
-        return {site: from_shareable(reply) for site, reply in replies.items() if site not in failures}
-
-    def _may_drop(self, task_name: str) -> bool:
-        return self.on_site_failure == "continue" and task_name != TaskName.SETUP
-
-    def _drop(self, site: str, iteration: int, reason: str, fl_ctx: FLContext) -> None:
-        record = self.roster.drop(site, iteration, reason)
-        self.results["dropped_sites"] = self.roster.dropped
-        if not self.roster.active:
-            raise SplitRunError(f"every site has dropped out; the last: {reason}")
-        self.log_warning(
-            fl_ctx,
-            f"continuing without site {site} ({record['modality']}) from iteration {iteration}: {reason}; "
-            f"active: {self.roster.active}",
-        )

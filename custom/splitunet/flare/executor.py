@@ -13,6 +13,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
 from splitunet.checkpoint import save_checkpoint
+from splitunet.data.nifti_io import geometry_header
 from splitunet.data.party_data import ModalityFolder
 from splitunet.devices import configure_threads, select_device
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
@@ -85,13 +86,15 @@ class SplitSiteExecutor(Executor):
     def _setup(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
         settings = load_site_settings(party, site_config_dir(fl_ctx))
         device = select_device(self.device_name)
-        folder = ModalityFolder(settings.data_dir, settings.modality, party=party)
+        inference = dxo.get_meta_prop(MetaKey.INFERENCE)
+        data_dir = (settings.inference_dir or settings.data_dir) if inference else settings.data_dir
+        folder = ModalityFolder(data_dir, settings.modality, party=party)
         self.trainer = SiteTrainer(folder, settings.case_key_secret, device)
         self.trainer.build(SplitModelConfig.from_dict(dxo.get_meta_prop(MetaKey.CONFIG)), settings.encoder_seed)
         self.checkpoints = checkpoint_folder(fl_ctx, settings.checkpoint_dir, dxo.get_meta_prop(MetaKey.EXPERIMENT))
         self.log_info(
             fl_ctx,
-            f"{party}: modality {settings.modality}, {len(self.trainer.key_to_case)} cases from {settings.data_dir} "
+            f"{party}: modality {settings.modality}, {len(self.trainer.key_to_case)} cases from {data_dir} "
             f"(settings {settings.source}), device {device}, checkpoints in {self.checkpoints}",
         )
         resume = dxo.get_meta_prop(MetaKey.RESUME)
@@ -100,9 +103,17 @@ class SplitSiteExecutor(Executor):
             state = load_for_resume(path, party, resume["iteration"], self.trainer.config.to_dict())
             self.trainer.load_state_dict(state)
             self.log_info(fl_ctx, f"{party}: resumed from {path} (iteration {resume['iteration']})")
-        return control_dxo(
-            {MetaKey.MODALITY: settings.modality, MetaKey.CASES: self.trainer.describe_cases()}
-        ).to_shareable()
+        meta = {MetaKey.MODALITY: settings.modality, MetaKey.CASES: self.trainer.describe_cases()}
+        if inference:
+            path = encoder_checkpoint(self.checkpoints, settings.modality, inference["tag"])
+            config = self.trainer.config.to_dict()
+            self.trainer.load_state_dict(load_for_resume(path, party, None, config, purpose="run inference"))
+            self.log_info(fl_ctx, f"{party}: encoding new cases with {path}")
+            # The grid of each case, so that the server writes segmentations on it; no voxels, no free text.
+            meta[MetaKey.HEADERS] = {
+                key: geometry_header(folder.header(case_id)) for key, case_id in self.trainer.key_to_case.items()
+            }
+        return control_dxo(meta).to_shareable()
 
     def _require_trainer(self) -> SiteTrainer:
         if self.trainer is None:

@@ -291,6 +291,23 @@ class PocConsortium:
             f"Last lines of {first_log}:\n{log_tail(first_log)}"
         )
 
+    def connected_sites(self, timeout_s: float | None = None) -> list[str]:
+        """Names of the clients the server lists as connected now, as the admin API reports them.
+
+        Any client the server has admitted is listed, also one that is not a site of this consortium; so a client
+        that must be kept out (e.g. one with a foreign certificate) can be checked for by name.
+
+        Args:
+            timeout_s: bound of the admin call (default: ``timeouts.admin_call_s``).
+
+        Raises:
+            PocError: if the consortium is not running, or the admin call fails or outlasts its bound.
+        """
+        if not self._processes.started:
+            raise PocError("the consortium is not running: call start() first")
+        self._raise_if_dead("before the connected sites were listed")
+        return self._admin.connected_sites(timeout_s)
+
     # -- jobs --------------------------------------------------------------------------------------------------
 
     def submit(self, job_dir: str | Path) -> str:

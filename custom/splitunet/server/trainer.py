@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceFocalLoss
 from monai.metrics import DiceMetric
 
 from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.party_data import LabelFolder
-from splitunet.data.sampling import extract_crop, window_plan
+from splitunet.data.sampling import extract_crop
 from splitunet.model_config import SplitModelConfig
 from splitunet.networks import ServerDecoder
 from splitunet.protocol import REGIONS
+from splitunet.server.sliding_window import EncodeFn, split_sliding_window
 
 __all__ = ["ServerTrainer", "StepResult", "make_loss", "LOSSES"]
 
 LOSSES = ("dice_ce", "dice_focal")
-
-# Encodes one plan at every site and returns their features in site order.
-EncodeFn = Callable[[dict], Sequence[Mapping[int, torch.Tensor]]]
 
 
 def make_loss(name: str) -> torch.nn.Module:
@@ -157,29 +154,13 @@ class ServerTrainer:
         sw_batch_size: int = 4,
         overlap: float = 0.25,
     ) -> torch.Tensor:
-        """Sliding-window inference of a whole volume whose image the server never sees.
-
-        MONAI's ``sliding_window_inference`` runs over a grid of voxel coordinates: each window it hands to the
-        predictor tells where that window starts, the sites encode that window of their volume, and the
-        decoder's logits go back to MONAI for Gaussian blending. The window is clipped to the volume so that
-        MONAI never pads the coordinate grid.
+        """Sliding-window inference of a whole volume whose image the server never sees (see
+        :func:`~splitunet.server.sliding_window.split_sliding_window`).
 
         Returns:
             sigmoid probabilities ``(3, D, H, W)`` on the CPU.
         """
-        shape = tuple(int(s) for s in shape)
-        roi = tuple(min(int(r), s) for r, s in zip(roi_size, shape))
-        grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
-
-        def predictor(windows: torch.Tensor) -> torch.Tensor:
-            origins = windows[:, :, 0, 0, 0].round().long().tolist()
-            features = encode(window_plan([key] * len(origins), origins, roi))
-            return self.decode(features).cpu()
-
-        logits = sliding_window_inference(
-            grid[None], roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian", sw_device="cpu", device="cpu"
-        )
-        return torch.sigmoid(logits[0])
+        return split_sliding_window(key, shape, encode, self.decode, roi_size, sw_batch_size, overlap)
 
     def validate(
         self,

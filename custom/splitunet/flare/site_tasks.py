@@ -1,0 +1,221 @@
+"""What every Split-U-Net server workflow shares: one task to every site at once, checked replies, a results file.
+
+Training (:class:`~splitunet.flare.controller.SplitLearningController`) and inference
+(:class:`~splitunet.flare.inference_controller.SplitInferenceController`) both talk to the sites through
+:meth:`SiteTaskController._round_trip`: a site that fails a task or stays silent stops the run naming it, or is
+dropped when the workflow tolerates that. Whatever happens, ``results.json`` in the server's run folder says how the
+run ended and why.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from nvflare.apis.client import Client
+from nvflare.apis.controller_spec import ClientTask, SendOrder, Task, TaskCompletionStatus
+from nvflare.apis.dxo import DXO, from_shareable
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.impl.controller import Controller
+from nvflare.apis.shareable import Shareable
+from nvflare.apis.signal import Signal
+
+from splitunet.checkpoint import write_json_atomic
+from splitunet.devices import configure_threads
+from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.flare.replies import reply_error_message
+from splitunet.flare.workspace_paths import run_dir
+from splitunet.model_config import SplitModelConfig
+from splitunet.protocol import DataKind, MetaKey, TaskName
+from splitunet.site_roster import SiteRoster
+from splitunet.transport import control_dxo, dxo_to_features, payload_bytes, register_tensor_support
+
+__all__ = ["SiteTaskController", "SplitRunError", "SITE_FAILURE_POLICIES"]
+
+# What a run does when a site stops answering or fails a task after setup.
+SITE_FAILURE_POLICIES = ("stop", "continue")
+
+
+class SplitRunError(RuntimeError):
+    """The run cannot go on (a site failed or stopped answering); the message names the site and step."""
+
+
+class SiteTaskController(Controller):
+    """Base of the Split-U-Net server workflows (not a workflow itself: subclasses implement ``_run``).
+
+    Args:
+        task_timeout: seconds a site may take to answer one task before it counts as gone.
+        setup_timeout: seconds the sites may take to answer the setup task (they may still be starting, and
+            they read every case once).
+        on_site_failure: ``"stop"`` or ``"continue"`` (drop the site and go on; the subclass decides whether it
+            can).
+        task_check_period: how often FLARE checks task status (its 0.2 s default adds latency to every step).
+        num_threads: torch CPU threads at the server (0: default or ``$SPLITUNET_TORCH_THREADS``).
+    """
+
+    def __init__(
+        self,
+        task_timeout: int = 600,
+        setup_timeout: int = 600,
+        on_site_failure: str = "stop",
+        task_check_period: float = 0.005,
+        num_threads: int = 0,
+    ):
+        super().__init__(task_check_period=task_check_period)
+        for name, value in {"task_timeout": task_timeout, "setup_timeout": setup_timeout}.items():
+            if not isinstance(value, int) or value < 1:
+                raise SplitUNetConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if on_site_failure not in SITE_FAILURE_POLICIES:
+            raise SplitUNetConfigError(
+                f"on_site_failure must be one of {SITE_FAILURE_POLICIES}, got {on_site_failure!r}"
+            )
+        self.task_timeout = task_timeout
+        self.setup_timeout = setup_timeout
+        self.on_site_failure = on_site_failure
+        self.task_check_period = float(task_check_period)
+        self.num_threads = num_threads
+        self.model_config: SplitModelConfig | None = None
+        self.sites: list[str] = []  # in decoder order, dropped ones included
+        self.site_modality: dict[str, str] = {}
+        self.roster: SiteRoster | None = None
+        self.results: dict = {}
+        self._activation_bytes = 0
+
+    def start_controller(self, fl_ctx: FLContext):
+        register_tensor_support()
+        configure_threads(self.num_threads)
+        # Controller(task_check_period=...) does not reach WFCommServer in nvflare 2.9 (see DESIGN.md).
+        self.communicator._task_check_period = self.task_check_period
+
+    def _run(self, abort_signal: Signal, fl_ctx: FLContext, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def _decoder_order(self) -> Sequence[str | None]:
+        """The site feeding each decoder input (``None``: no site holds that modality in this run)."""
+        return self.sites
+
+    def stop_controller(self, fl_ctx: FLContext):
+        self.cancel_all_tasks(fl_ctx=fl_ctx)
+
+    def process_result_of_unknown_task(
+        self, client: Client, task_name: str, client_task_id: str, result: Shareable, fl_ctx: FLContext
+    ):
+        self.log_warning(fl_ctx, f"dropped late result of task {task_name} from {client.name}")
+
+    def control_flow(self, abort_signal: Signal, fl_ctx: FLContext):
+        out_dir = run_dir(fl_ctx)
+        self.results = {"status": "running", "iterations": 0}
+        try:
+            self._run(abort_signal, fl_ctx, out_dir)
+            self.results["status"] = "aborted" if abort_signal.triggered else "completed"
+        except Exception as error:  # noqa: BLE001 - any failure must still leave a results file saying why
+            if not isinstance(error, (SplitRunError, SplitUNetDataError, SplitUNetConfigError)):
+                self.log_exception(fl_ctx, f"unexpected error: {error}")
+            self.results.update(status="failed", error=str(error))
+            write_json_atomic(self.results, out_dir / "results.json")
+            self.system_panic(f"Split-U-Net run stopped: {error}", fl_ctx)
+            return
+        write_json_atomic(self.results, out_dir / "results.json")
+        self.log_info(fl_ctx, f"results written to {out_dir / 'results.json'}")
+
+    def _control_data(self, meta: dict, sites: Sequence[str] | None = None) -> dict[str, Shareable]:
+        # One Shareable per task: FLARE writes task headers into it, so tasks must not share one.
+        return {
+            site: control_dxo(dict(meta)).to_shareable() for site in (self.roster.active if sites is None else sites)
+        }
+
+    def _features(self, replies: Mapping[str, DXO], senders: Sequence[str], training: bool = False) -> list:
+        """Features in decoder order (``None`` for a site that sent none), decoded and checked; notes filters."""
+        features = []
+        for site in self._decoder_order():
+            if site is None or site not in senders:
+                features.append(None)
+                continue
+            dxo = replies[site]
+            self._note_filters(site, dxo)
+            if training:
+                self._activation_bytes += payload_bytes(dxo)
+            features.append(
+                dxo_to_features(dxo, DataKind.ACTIVATIONS, party=site, expected_levels=self.model_config.sent_levels)
+            )
+        return features
+
+    def _note_filters(self, site: str, dxo: DXO) -> None:
+        """Count, per site and ``filter@party``, how many of the DXOs received went through it (DXO trail)."""
+        per_site = self.results.setdefault("filters", {}).setdefault(site, {})
+        for record in dxo.get_meta_prop(MetaKey.FILTER_TRAIL) or ():
+            where = f"{record.get('filter', '?')}@{record.get('party', '?')}"
+            entry = per_site.setdefault(where, {"calls": 0})
+            entry["calls"] += 1
+            entry["last"] = {k: v for k, v in record.items() if isinstance(v, (int, float, str, list, dict))}
+
+    def _round_trip(
+        self,
+        task_name: str,
+        data_by_site: Mapping[str, Shareable],
+        iteration: int,
+        fl_ctx: FLContext,
+        abort_signal: Signal,
+    ) -> dict[str, DXO]:
+        """Send one task to each site at once and wait for every reply.
+
+        A site that fails the task or stays silent for ``task_timeout`` (``setup_timeout`` at setup) stops the
+        run, naming it; with ``on_site_failure="continue"`` after setup it is dropped instead and the replies of
+        the others are returned.
+        """
+        replies: dict[str, Shareable] = {}
+
+        def on_result(client_task: ClientTask, fl_ctx: FLContext):
+            replies[client_task.client.name] = client_task.result
+
+        timeout = self.setup_timeout if task_name == TaskName.SETUP else self.task_timeout
+        tasks = {}
+        for site, data in data_by_site.items():
+            task = Task(name=task_name, data=data, timeout=timeout, result_received_cb=on_result)
+            self.send(task, fl_ctx, targets=[site], send_order=SendOrder.ANY)
+            tasks[site] = task
+        deadline = time.monotonic() + timeout
+        waiting = set(tasks)
+        failures: dict[str, str] = {}
+        while waiting:
+            if abort_signal.triggered:
+                self.cancel_all_tasks(fl_ctx=fl_ctx)
+                raise SplitRunError(f"aborted while waiting for {task_name} at iteration {iteration}")
+            for site in sorted(waiting):
+                if site in replies:
+                    waiting.discard(site)
+                    error = reply_error_message(replies[site])
+                    if error:
+                        failures[site] = f"site {site} failed task {task_name} at iteration {iteration}: {error}"
+                elif tasks[site].completion_status is not None or time.monotonic() > deadline:
+                    waiting.discard(site)
+                    status = tasks[site].completion_status
+                    if status is None:
+                        self.cancel_task(tasks[site], fl_ctx=fl_ctx)
+                    ended = "" if status in (None, TaskCompletionStatus.TIMEOUT) else f" (task {status})"
+                    failures[site] = (
+                        f"site {site} did not answer task {task_name} within {timeout}s at iteration {iteration}{ended}"
+                    )
+            if failures and not self._may_drop(task_name):
+                self.cancel_all_tasks(fl_ctx=fl_ctx)
+                raise SplitRunError("; ".join(failures[site] for site in sorted(failures)))
+            if waiting:
+                time.sleep(self.task_check_period)
+        for site in sorted(failures):
+            self._drop(site, iteration, failures[site], fl_ctx)
+        return {site: from_shareable(reply) for site, reply in replies.items() if site not in failures}
+
+    def _may_drop(self, task_name: str) -> bool:
+        return self.on_site_failure == "continue" and task_name != TaskName.SETUP
+
+    def _drop(self, site: str, iteration: int, reason: str, fl_ctx: FLContext) -> None:
+        record = self.roster.drop(site, iteration, reason)
+        self.results["dropped_sites"] = self.roster.dropped
+        if not self.roster.active:
+            raise SplitRunError(f"every site has dropped out; the last: {reason}")
+        self.log_warning(
+            fl_ctx,
+            f"continuing without site {site} ({record['modality']}) from iteration {iteration}: {reason}; "
+            f"active: {self.roster.active}",
+        )

@@ -1,0 +1,76 @@
+"""jobs/split_unet_infer: the same site executor and guards as training, the inference workflow, and what it checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from splitunet.deployment import bundle_root
+from splitunet.errors import SplitUNetConfigError
+from splitunet.flare import SplitInferenceController
+from splitunet.flare.inference_controller import decoder_inputs
+
+JOBS = bundle_root() / "jobs"
+
+
+def _config(job: str, side: str) -> dict:
+    return json.loads((JOBS / job / "app" / "config" / f"config_fed_{side}.json").read_text())
+
+
+def test_sites_run_the_training_executor_and_the_same_guards():
+    infer, train = _config("split_unet_infer", "client"), _config("split_unet", "client")
+    [executor] = infer["executors"]
+    assert executor["executor"] == train["executors"][0]["executor"]
+    assert executor["tasks"] == ["split_setup", "split_encode"]
+    for side in ("client", "server"):
+        for chain_name in ("task_data_filters", "task_result_filters"):
+            [chain] = _config("split_unet_infer", side)[chain_name]
+            assert chain["tasks"] == ["split_encode"]
+            assert chain["filters"] == _config("split_unet", side)[chain_name][0]["filters"]
+
+
+def test_workflow_builds_from_the_job():
+    [workflow] = _config("split_unet_infer", "server")["workflows"]
+    assert workflow["path"] == "splitunet.flare.SplitInferenceController"
+    controller = SplitInferenceController(**workflow["args"])
+    assert controller.checkpoint == "best" and controller.experiment == "split_unet"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"checkpoint": "latest"}, "checkpoint must be one of"),
+        ({"experiment": "a/b"}, "experiment must be a folder name"),
+        ({"roi_size": [16, 32, 32]}, "roi_size must be three ints >= 32"),
+        ({"sw_batch_size": 0}, "sw_batch_size"),
+        ({"sw_overlap": -0.1}, "sw_overlap"),
+        ({"task_timeout": 0}, "task_timeout"),
+    ],
+)
+def test_malformed_arguments_are_named(kwargs, message):
+    with pytest.raises(SplitUNetConfigError, match=message):
+        SplitInferenceController(**kwargs)
+
+
+TRAINED = ["flair", "t1", "t1gd", "t2"]
+
+
+def test_decoder_inputs_follow_the_trained_order_whatever_the_site_names():
+    present = {"b": "t2", "a": "t1gd", "c": "flair", "d": "t1"}
+    assert decoder_inputs(TRAINED, present, "concat") == ["c", "d", "a", "b"]
+    assert decoder_inputs(TRAINED, {"a": "t1gd", "c": "flair"}, "mean") == ["c", None, "a", None]
+
+
+@pytest.mark.parametrize(
+    "present, fusion, message",
+    [
+        ({"a": "flair", "b": "t1", "c": "t1gd"}, "concat", r"\['t2'\] are absent.*concatenation"),
+        ({"a": "flair", "b": "flair"}, "mean", "both hold modality flair"),
+        ({"a": "pd"}, "mean", "site a holds pd, but the model was trained on"),
+        ({}, "mean", "no site takes part"),
+    ],
+)
+def test_decoder_inputs_refuse_what_the_model_cannot_take(present, fusion, message):
+    with pytest.raises(SplitUNetConfigError, match=message):
+        decoder_inputs(TRAINED, present, fusion)
