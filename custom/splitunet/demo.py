@@ -24,10 +24,9 @@ from splitunet.deployment import (
     read_or_create_secret,
 )
 from splitunet.devices import THREADS_ENV_VAR
-from splitunet.errors import SplitUNetConfigError
 from splitunet.labels import get_layout, labels_to_regions
 from splitunet.protocol import LABELS_PARTY, MODALITIES
-from splitunet.simulator import find_run_file, run_simulator
+from splitunet.simulator import completed_server_results, run_simulator
 from splitunet.visualize import plot_case_overview
 
 __all__ = ["DemoSettings", "run_demo", "ensure_partitioned_phantom"]
@@ -160,12 +159,7 @@ def run_demo(
         timeout_s=settings.timeout_s,
         env={THREADS_ENV_VAR: str(settings.threads_per_party)},
     )
-    server_results_path = find_run_file(sim_workspace, "server", "results.json")
-    if server_results_path is None:
-        raise SplitUNetConfigError(f"the simulator (exit code {return_code}) wrote no results; see {log_file}")
-    results = json.loads(server_results_path.read_text())
-    if results.get("status") != "completed":
-        raise SplitUNetConfigError(f"the run ended {results.get('status')}: {results.get('error')}; see {log_file}")
+    server_results_path, results = completed_server_results(sim_workspace, return_code, log_file)
     preview = _preview(results, parties, workspace / "preview.png")
     tb_dir = server_results_path.parent / "tb_events"
     summary = {

@@ -8,7 +8,6 @@ case ID.
 
 from __future__ import annotations
 
-import json
 import secrets
 import shutil
 import time
@@ -27,7 +26,7 @@ from splitunet.deployment import (
 )
 from splitunet.errors import SplitUNetConfigError
 from splitunet.protocol import MODALITIES
-from splitunet.simulator import find_run_file, run_simulator
+from splitunet.simulator import completed_server_results, run_simulator
 
 __all__ = ["run_predict"]
 
@@ -83,12 +82,7 @@ def run_predict(
     log_file = out_dir / "simulator.log"
     print(f"Segmenting {data_dir} with sites {sites} (full log: {log_file})", flush=True)
     return_code = run_simulator(job, workspace, list(sites), log_file, timeout_s=timeout_s)
-    results_path = find_run_file(workspace, "server", "results.json")
-    if results_path is None:
-        raise SplitUNetConfigError(f"the simulator (exit code {return_code}) wrote no results; see {log_file}")
-    results = json.loads(results_path.read_text())
-    if results.get("status") != "completed":
-        raise SplitUNetConfigError(f"inference ended {results.get('status')}: {results.get('error')}; see {log_file}")
+    results_path, results = completed_server_results(workspace, return_code, log_file)
     site, modality = next(iter(sites.items()))
     case_of = keys_to_case_ids(ModalityFolder(data_dir, modality, party=site).case_ids, secret, party=site)
     written = {}

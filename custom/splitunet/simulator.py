@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from splitunet.errors import SplitUNetConfigError
 
-__all__ = ["run_simulator", "find_run_file", "PROGRESS_PATTERN"]
+__all__ = ["run_simulator", "find_run_file", "completed_server_results", "PROGRESS_PATTERN"]
 
 # Log lines worth echoing to a person watching the run; the full log goes to a file.
 PROGRESS_PATTERN = re.compile(
@@ -93,3 +94,18 @@ def find_run_file(workspace: str | Path, party: str, name: str) -> Path | None:
     """A file a party wrote in its run folder of a simulator workspace (e.g. the server's ``results.json``)."""
     matches = sorted(Path(workspace, party).glob(f"**/{name}"))
     return matches[0] if matches else None
+
+
+def completed_server_results(workspace: str | Path, return_code: int, log_file: str | Path) -> tuple[Path, dict]:
+    """The server's ``results.json`` of a finished simulator run, and its path.
+
+    Raises:
+        SplitUNetConfigError: the server wrote no results, or the run did not complete (its error is quoted).
+    """
+    path = find_run_file(workspace, "server", "results.json")
+    if path is None:
+        raise SplitUNetConfigError(f"the simulator (exit code {return_code}) wrote no results; see {log_file}")
+    results = json.loads(path.read_text())
+    if results.get("status") != "completed":
+        raise SplitUNetConfigError(f"the run ended {results.get('status')}: {results.get('error')}; see {log_file}")
+    return path, results

@@ -92,7 +92,9 @@ def test_flare_paths_loopback_and_accuracy(quick_report):
         assert set(report["throughput"]) == {"loopback_tcp", "simulator"}
     assert report["throughput"]["loopback_tcp"]["mb_per_s"] > 0
     arms = report["accuracy"]["arms"]
-    assert set(arms) == {"centralized", "split", "split_int8"} | {f"single_{m}" for m in MODALITIES}
+    assert set(arms) == {"centralized", "centralized_split_architecture", "split", "split_int8"} | {
+        f"single_{m}" for m in MODALITIES
+    }
     assert all(set(arm["dice"]) == {*REGIONS, "mean"} for arm in arms.values())
 
 

@@ -41,6 +41,7 @@ def _report(simulator: dict, split_dice: float = 0.80) -> dict:
             "iterations": 10,
             "arms": {
                 "centralized": arm(0.81),
+                "centralized_split_architecture": arm(0.83),
                 "split": arm(split_dice),
                 "split_int8": arm(split_dice - 0.002),
                 "single_flair": arm(0.5),
@@ -83,6 +84,8 @@ def test_dice_targets_in_points():
     targets = _by_name(evaluate_targets(_report({"skipped": "x"}, split_dice=0.805), "float32"))
     assert targets["split - centralized mean Dice"]["measured"] == pytest.approx(-0.5)
     assert targets["split - centralized mean Dice"]["met"] is True
+    same = targets["split - centralized of the same architecture mean Dice"]
+    assert same["measured"] == pytest.approx(-2.5) and same["met"] is False
     single = targets["split - best single modality mean Dice"]
     assert single["measured"] == pytest.approx(20.5) and "t1gd 60.0" in single["note"]
     assert targets["split int8 transport - split fp32 mean Dice"]["measured"] == pytest.approx(-0.2)

@@ -17,17 +17,21 @@ SECRET = "test-secret"
 CONFIG = SplitModelConfig(features=(4, 8, 8, 16, 16), learning_rate=5e-3, seed=2)
 
 
-@pytest.fixture
-def parties(tiny_parties):
-    torch.manual_seed(0)
+def _build(tiny_parties, config):
     sites = []
     for index, modality in enumerate(MODALITIES):
         site = SiteTrainer(ModalityFolder(tiny_parties / modality, modality, party=f"site-{index + 1}"), SECRET)
-        site.build(CONFIG)
+        site.build(config)
         sites.append(site)
     server = ServerTrainer(LabelFolder(tiny_parties / "labels", party="server"), SECRET)
-    server.build(CONFIG, num_sites=len(sites))
+    server.build(config, num_sites=len(sites))
     return sites, server
+
+
+@pytest.fixture
+def parties(tiny_parties):
+    torch.manual_seed(0)
+    return _build(tiny_parties, CONFIG)
 
 
 def test_site_and_server_agree_on_keys_and_alignment(parties):
@@ -84,14 +88,7 @@ def test_unknown_loss_is_rejected():
 
 
 def test_mean_fusion_trains_with_a_site_absent(tiny_parties):
-    config = SplitModelConfig(features=(4, 8, 8, 16, 16), fusion="mean", seed=2)
-    sites = []
-    for index, modality in enumerate(MODALITIES):
-        site = SiteTrainer(ModalityFolder(tiny_parties / modality, modality, party=f"site-{index + 1}"), SECRET)
-        site.build(config)
-        sites.append(site)
-    server = ServerTrainer(LabelFolder(tiny_parties / "labels", party="server"), SECRET)
-    server.build(config, num_sites=len(sites))
+    sites, server = _build(tiny_parties, SplitModelConfig(features=(4, 8, 8, 16, 16), fusion="mean", seed=2))
     shapes = {key: info["shape"] for key, info in server.describe_cases().items()}
     plan = RandomCropPlanner(shapes, (32, 32, 32), batch_size=1, seed=0).next_plan()
     features = [site.forward(plan) if index != 2 else None for index, site in enumerate(sites)]

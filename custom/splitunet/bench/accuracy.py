@@ -20,10 +20,11 @@ from splitunet.bench.timing import StepClock
 from splitunet.bench.wire import SimulatedWire
 from splitunet.protocol import MODALITIES
 
-__all__ = ["accuracy_arms", "train_and_validate", "SINGLE_PREFIX"]
+__all__ = ["accuracy_arms", "train_and_validate", "SINGLE_PREFIX", "CENTRALIZED_SAME_ARCHITECTURE"]
 
 # Arm names of the single-modality baselines are this prefix and the modality.
 SINGLE_PREFIX = "single_"
+CENTRALIZED_SAME_ARCHITECTURE = "centralized_split_architecture"
 # Losses averaged at the end of training, for the report.
 _LAST_LOSSES = 10
 
@@ -43,6 +44,10 @@ def accuracy_arms(
 
     arms = {
         "centralized": lambda: CentralizedTrainer(data, config, settings.device, settings.loss, amp=settings.amp),
+        # Equal capacity: the split architecture (four encoders, the same decoder) trained on pooled data.
+        CENTRALIZED_SAME_ARCHITECTURE: lambda: CentralizedTrainer(
+            data, config, settings.device, settings.loss, network="monolithic_split_unet", amp=settings.amp
+        ),
         "split": split(MODALITIES, settings.transfer_dtype),
         # The quantization that could meet the bytes target: does it cost Dice?
         "split_int8": split(MODALITIES, "int8"),
