@@ -25,6 +25,7 @@ from splitunet.party_settings import load_server_settings
 from splitunet.protocol import REGIONS, MetaKey, TaskName
 from splitunet.resume import CHECKPOINT_TAGS, decoder_checkpoint, read_checkpoint
 from splitunet.server.sliding_window import split_sliding_window
+from splitunet.server.trainer import to_decoder_inputs
 from splitunet.site_roster import SiteRoster
 from splitunet.transport import control_dxo
 
@@ -194,11 +195,7 @@ class SplitInferenceController(SiteTaskController):
 
     @torch.no_grad()
     def _decode(self, features, device: torch.device) -> torch.Tensor:
-        inputs = [
-            None if f is None else {level: t.to(device, dtype=torch.float32) for level, t in f.items()}
-            for f in features
-        ]
-        return self.decoder(inputs)
+        return self.decoder(to_decoder_inputs(features, device))
 
     def _setup(self, state: dict, abort_signal: Signal, fl_ctx: FLContext):
         """Sites load their encoders and report modality, keyed cases and grids; the server matches them."""

@@ -19,7 +19,7 @@ from splitunet.networks import ServerDecoder
 from splitunet.protocol import REGIONS
 from splitunet.server.sliding_window import EncodeFn, split_sliding_window
 
-__all__ = ["ServerTrainer", "StepResult", "make_loss", "LOSSES"]
+__all__ = ["ServerTrainer", "StepResult", "make_loss", "to_decoder_inputs", "LOSSES"]
 
 LOSSES = ("dice_ce", "dice_focal")
 
@@ -31,6 +31,16 @@ def make_loss(name: str) -> torch.nn.Module:
     if name == "dice_focal":
         return DiceFocalLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
     raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+
+
+def to_decoder_inputs(
+    site_features: Sequence[Mapping[int, torch.Tensor] | None], device: torch.device
+) -> list[dict[int, torch.Tensor] | None]:
+    """Received features as the decoder takes them: float32 on its device (the wire may carry float16)."""
+    return [
+        None if features is None else {level: t.to(device, dtype=torch.float32) for level, t in features.items()}
+        for features in site_features
+    ]
 
 
 @dataclass
@@ -138,11 +148,7 @@ class ServerTrainer:
     def decode(self, site_features: Sequence[Mapping[int, torch.Tensor]]) -> torch.Tensor:
         """Inference: fuse and decode features to logits."""
         self.decoder.eval()
-        inputs = [
-            None if f is None else {level: t.to(self.device, dtype=torch.float32) for level, t in f.items()}
-            for f in site_features
-        ]
-        return self.decoder(inputs)
+        return self.decoder(to_decoder_inputs(site_features, self.device))
 
     @torch.no_grad()
     def infer_volume(
