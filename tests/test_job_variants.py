@@ -27,8 +27,8 @@ VARIANTS = sorted(
 
 # What each variant is named for: (side, class name, arguments it must have).
 PROMISED = {
+    "split_unet_fp32": [],
     "split_unet_fp16": [("client", "QuantizeFeatures", {"precision": "float16"}), ("server", "QuantizeFeatures", {})],
-    "split_unet_int8": [("client", "QuantizeFeatures", {"precision": "int8"}), ("server", "QuantizeFeatures", {})],
     "split_unet_int4": [("client", "QuantizeFeatures", {"precision": "int4"})],
     "split_unet_topk": [("client", "TopKSparsify", {})],
     "split_unet_dropout": [("client", "ChannelDropout", {})],
@@ -59,6 +59,26 @@ def _filters(config: dict):
 def test_every_variant_is_promised_and_in_the_defense_table():
     assert VARIANTS == sorted(PROMISED)
     assert set(DEFENSE_JOBS) == {"split_unet", *VARIANTS}
+    assert DEFENSE_JOBS[0] == "split_unet_fp32"  # the baseline row
+
+
+def _quantizers(job: Path, side: str) -> list[dict]:
+    return [entry for _, _, entry in _filters(_config(job, side)) if entry["path"].endswith(".QuantizeFeatures")]
+
+
+def test_the_main_job_sends_int8_both_ways():
+    # Activations leave each site, gradients leave the server, as int8 codes on every level.
+    for side, chain_name in (("client", "task_result_filters"), ("server", "task_data_filters")):
+        chain = _config(MAIN, side)[chain_name][0]["filters"]
+        assert [entry["path"].rsplit(".", 1)[1] for entry in chain] == ["QuantizeFeatures", "FeatureGuard"]
+        assert chain[0]["args"] == {"precision": "int8"}
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in ("split_unet_fp16", "split_unet_int4")])
+def test_a_defense_variant_is_the_float32_reference_plus_its_defense(variant):
+    # Each row of the defense table measures one defense alone, against the float32 reference.
+    for side in ("client", "server"):
+        assert not _quantizers(JOBS / variant, side)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -46,14 +46,14 @@ class SweepSetting:
 
 
 DEFAULT_SWEEP = (
-    SweepSetting("no defense", "split_unet"),
+    SweepSetting("no defense", "split_unet_fp32"),
     SweepSetting("activation noise σ 5e-4", "split_unet_noise"),
     SweepSetting("activation noise σ 2e-3", "split_unet_noise", {"ClippedGaussianNoise": {"noise_multiplier": 2e-3}}),
     SweepSetting("channel dropout 0.25", "split_unet_dropout"),
     SweepSetting("channel dropout 0.5", "split_unet_dropout", {"ChannelDropout": {"rate": 0.5}}),
     SweepSetting("top-k 10 %", "split_unet_topk"),
     SweepSetting("top-k 2 %", "split_unet_topk", {"TopKSparsify": {"fraction": 0.02}}),
-    SweepSetting("int8", "split_unet_int8"),
+    SweepSetting("int8 (the main job)", "split_unet"),
     SweepSetting("int2", "split_unet_int4", {"QuantizeFeatures": {"precision": "int2"}}),
     SweepSetting("x0 withheld", "split_unet_no_x0"),
     SweepSetting(

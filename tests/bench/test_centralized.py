@@ -33,3 +33,22 @@ def test_centralized_network_trains_and_validates(tiny_bench_data, network):
 def test_unknown_network_is_refused(tiny_bench_data):
     with pytest.raises(ValueError, match="network"):
         CentralizedTrainer(tiny_bench_data, CONFIG, CPU, "dice_ce", network="vnet")
+
+
+def test_split_architecture_arm_trains_the_same_model_as_the_split_run(tiny_bench_data):
+    # Same initial weights, same crops, float32 wire: splitting must not change the training, step for step.
+    from splitunet.bench.split_inprocess import InProcessSplit
+    from splitunet.bench.wire import SimulatedWire
+    from splitunet.protocol import MODALITIES
+
+    central = CentralizedTrainer(tiny_bench_data, CONFIG, CPU, "dice_ce", network="monolithic_split_unet")
+    split = InProcessSplit(tiny_bench_data, MODALITIES, CONFIG, CPU, "dice_ce", SimulatedWire(CPU, "float32"))
+    for index, site in enumerate(split.sites):
+        assert all(torch.equal(a, b) for a, b in zip(site.encoder.parameters(), central.net.encoders[index].parameters()))
+    central_planner, split_planner = planner_for(tiny_bench_data, SIZE, seed=0), planner_for(tiny_bench_data, SIZE, seed=0)
+    central_losses = [central.step(central_planner.next_plan(), StepClock(CPU)) for _ in range(3)]
+    split_losses = [split.step(split_planner.next_plan(), StepClock(CPU)) for _ in range(3)]
+    assert central_losses == pytest.approx(split_losses, rel=1e-5)
+    torch.testing.assert_close(
+        list(split.server.decoder.parameters()), list(central.net.decoder.parameters()), rtol=1e-4, atol=1e-6
+    )

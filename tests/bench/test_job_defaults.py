@@ -16,12 +16,14 @@ def test_main_job_settings_are_its_workflow_args():
     assert job_training_args() == config["workflows"][0]["args"]
 
 
-def test_main_job_sends_its_transfer_dtype():
-    assert job_wire_precision() == job_training_args().get("transfer_dtype", "float32")
+def test_main_job_sends_int8_and_the_reference_its_transfer_dtype():
+    assert job_wire_precision() == "int8"
+    reference = main_job_dir("split_unet_fp32")
+    assert job_wire_precision(reference) == job_training_args(reference).get("transfer_dtype", "float32")
 
 
 def test_a_quantizing_filter_sets_the_wire_precision(tmp_path):
-    job = shutil.copytree(main_job_dir(), tmp_path / "job")
+    job = shutil.copytree(main_job_dir("split_unet_fp32"), tmp_path / "job")
     path = job / "app" / "config" / "config_fed_client.json"
     config = json.loads(path.read_text())
     config["task_result_filters"][0]["filters"].append(

@@ -92,7 +92,8 @@ def test_flare_paths_loopback_and_accuracy(quick_report):
         assert set(report["throughput"]) == {"loopback_tcp", "simulator"}
     assert report["throughput"]["loopback_tcp"]["mb_per_s"] > 0
     arms = report["accuracy"]["arms"]
-    assert set(arms) == {"centralized", "centralized_split_architecture", "split", "split_int8"} | {
+    other = "float32" if report["default_wire_precision"] != "float32" else "int8"
+    assert set(arms) == {"centralized", "centralized_split_architecture", "split", f"split_{other}"} | {
         f"single_{m}" for m in MODALITIES
     }
     assert all(set(arm["dice"]) == {*REGIONS, "mean"} for arm in arms.values())

@@ -88,4 +88,25 @@ def test_dice_targets_in_points():
     assert same["measured"] == pytest.approx(-2.5) and same["met"] is False
     single = targets["split - best single modality mean Dice"]
     assert single["measured"] == pytest.approx(20.5) and "t1gd 60.0" in single["note"]
-    assert targets["split int8 transport - split fp32 mean Dice"]["measured"] == pytest.approx(-0.2)
+    assert targets["split int8 wire - split float32 wire mean Dice"]["measured"] == pytest.approx(-0.2)
+
+
+def test_an_int8_default_is_compared_with_a_float32_arm():
+    report = _report({"skipped": "x"}, split_dice=0.805)
+    arms = report["accuracy"]["arms"]
+    arms["split_float32"] = arms.pop("split_int8")
+    arms["split_float32"]["dice"]["mean"] = 0.815
+    targets = _by_name(evaluate_targets(report, "int8"))
+    transport = targets["split int8 wire - split float32 wire mean Dice"]
+    assert transport["measured"] == pytest.approx(-1.0) and transport["met"] is False
+    assert "the job's default" in transport["note"]
+
+
+@pytest.mark.parametrize("int8_bytes, met", [(100.2, True), (102.5, False)])
+def test_bytes_goal_is_judged_at_its_two_decimals(int8_bytes, met):
+    report = _report({"skipped": "x"})
+    table = report["sizes"][0]["bytes_per_iteration"]
+    table["total"]["both"] = {"float32": 400.0, "float16": 200.0, "int8": int8_bytes}
+    target = _by_name(evaluate_targets(report, "int8"))["default transport bytes / fp32 all-skips bytes"]
+    assert target["measured"] == pytest.approx(int8_bytes / 400) and target["met"] is met
+    assert f"{int8_bytes / 400:.4f}x" in target["note"]

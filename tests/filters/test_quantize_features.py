@@ -1,5 +1,7 @@
 import pytest
 import torch
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.fl_context import FLContext
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters import ClippedGaussianNoise, QuantizeFeatures
@@ -47,8 +49,6 @@ def test_gradients_are_quantized_too(run_filter, features):
 
 def test_a_filter_after_an_integer_encoding_refuses_with_a_clear_error(run_filter, features):
     shareable, dxo = run_filter(QuantizeFeatures("int8"), features)
-    from nvflare.apis.fl_context import FLContext
-
     rejected = ClippedGaussianNoise(1.0, 1.0).process(shareable, FLContext())
     message = rejected.get_header(SITE_ERROR_HEADER)
     assert "ClippedGaussianNoise" in message and "already encoded" in message and "must come last" in message
@@ -57,3 +57,24 @@ def test_a_filter_after_an_integer_encoding_refuses_with_a_clear_error(run_filte
 def test_unknown_precision_fails_at_construction():
     with pytest.raises(SplitUNetConfigError, match="precision"):
         QuantizeFeatures("int3")
+
+
+def test_the_jobs_int8_after_a_sites_int4_leaves_the_int4_codes_as_they_are(run_filter, features):
+    # A site's scope filters run before the job's: its stronger quantization must survive the job's int8.
+    shareable, int4 = run_filter(QuantizeFeatures("int4"), features)
+    after = from_shareable(QuantizeFeatures("int8").process(shareable, FLContext()))
+    assert payload_bytes(after) == payload_bytes(int4)
+    for level, expected in dxo_to_features(int4, DataKind.ACTIVATIONS).items():
+        assert torch.equal(dxo_to_features(after, DataKind.ACTIVATIONS)[level], expected)
+
+
+def test_int8_after_a_float16_cast_quantizes_the_half_precision_values(run_filter, features):
+    shareable, _ = run_filter(QuantizeFeatures("float16"), features)
+    after = from_shareable(QuantizeFeatures("int8").process(shareable, FLContext()))
+    out = dxo_to_features(after, DataKind.ACTIVATIONS)
+    for level, tensor in features.items():
+        flat = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+        step = (flat.amax(-1) - flat.amin(-1)) / 255
+        error = (out[level].float() - tensor).abs().reshape(flat.shape).amax(-1)
+        # Half a step of int8 plus the float16 rounding before it.
+        assert torch.all(error <= step / 2 + flat.abs().amax(-1) * 1e-3 + 1e-6), level

@@ -3,7 +3,8 @@
 Two networks: MONAI's ``BasicUNet`` with a 4-channel input (the conventional early-fusion U-Net a single
 institution would train), and :class:`~splitunet.networks.MonolithicSplitUNet` (the split architecture in one
 autograd graph, which the split run equals by the equivalence test; timing it separates what splitting costs from
-what the architecture costs). Validation goes through the FLARE server's own sliding-window scoring, so every
+what the architecture costs). The latter starts from the very weights the split parties start from, so with a
+float32 wire the two train the same model up to float rounding, and any Dice gap is what the wire changed. Validation goes through the FLARE server's own sliding-window scoring, so every
 arm of the benchmark is scored by the same code.
 """
 
@@ -25,7 +26,8 @@ from splitunet.model_config import SplitModelConfig
 from splitunet.networks import MonolithicSplitUNet
 from splitunet.networks.site_encoder import DEFAULT_ACT, DEFAULT_NORM
 from splitunet.protocol import MODALITIES, REGIONS
-from splitunet.server.trainer import ServerTrainer, make_loss
+from splitunet.server.trainer import ServerTrainer, initial_decoder, make_loss
+from splitunet.site.trainer import initial_encoder
 
 __all__ = ["CentralizedTrainer", "NETWORKS"]
 
@@ -86,8 +88,9 @@ class CentralizedTrainer:
                 norm=DEFAULT_NORM,
             )
         else:
-            self.net = MonolithicSplitUNet(
-                num_sites=len(MODALITIES), features=config.features, skip_levels=config.skip_levels
+            self.net = MonolithicSplitUNet.from_parts(
+                [initial_encoder(config, modality) for modality in MODALITIES],
+                initial_decoder(config, len(MODALITIES)),
             )
         self.net.to(self.device)
         self.optimizer = torch.optim.Adam(

@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 from splitunet.bench.accuracy import train_and_validate
 from splitunet.bench.flare_runs import run_poc_path, run_simulator_path
-from splitunet.bench.job_defaults import job_wire_precision
 from splitunet.bench.loopback import loopback_tcp_copy
 from splitunet.bench.machine import describe_machine
 from splitunet.bench.phantom_data import prepare_bench_data
@@ -74,7 +73,7 @@ def run_bench(settings: BenchSettings) -> dict:
     configure_threads()
     out = settings.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    default_precision = job_wire_precision()
+    default_precision = settings.wire_precision
     report = {
         "command": settings.command,
         "machine": describe_machine(settings.device),

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from splitunet.bench.job_defaults import job_training_args
+from splitunet.bench.job_defaults import job_training_args, job_wire_precision
+from splitunet.bench.wire import WIRE_PRECISIONS
 from splitunet.bench.serialization import flare_available
 from splitunet.devices import select_device
 from splitunet.errors import SplitUNetConfigError
@@ -97,6 +98,8 @@ class BenchSettings:
         run_simulator, run_poc: whether the FLARE paths run.
         flare_timeout_s: bound of each FLARE run.
         learning_rate, weight_decay, loss, transfer_dtype: the job's optimisation settings.
+        wire_precision: what the job puts on the wire (its ``QuantizeFeatures`` precision, else its transfer
+            dtype): the in-process split arms send through it, as the FLARE arms do.
         sw_batch_size, sw_overlap: the job's sliding-window validation settings.
         loopback_repeats: repeats of the raw socket copy (the median is reported).
         progress: show progress bars.
@@ -125,6 +128,7 @@ class BenchSettings:
     weight_decay: float
     loss: str
     transfer_dtype: str
+    wire_precision: str
     sw_batch_size: int
     sw_overlap: float
     loopback_repeats: int = 3
@@ -238,6 +242,7 @@ class BenchSettings:
             weight_decay=float(job.get("weight_decay", SplitModelConfig.weight_decay)),
             loss=str(job.get("loss", _validate_default("loss"))),
             transfer_dtype=str(job.get("transfer_dtype", SplitModelConfig.transfer_dtype)),
+            wire_precision=job_wire_precision(),
             sw_batch_size=int(job.get("sw_batch_size", _validate_default("sw_batch_size"))),
             sw_overlap=float(job.get("sw_overlap", _validate_default("overlap"))),
             progress=progress,
@@ -263,6 +268,10 @@ class BenchSettings:
         for name, value in positive.items():
             if value < 1:
                 raise SplitUNetConfigError(f"{name} must be >= 1, got {value}")
+        if self.wire_precision not in WIRE_PRECISIONS:
+            raise SplitUNetConfigError(
+                f"the job sends {self.wire_precision} on the wire; the bench measures {list(WIRE_PRECISIONS)}"
+            )
         if self.warmup_steps < 0:
             raise SplitUNetConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.cases < 2:
@@ -295,6 +304,7 @@ class BenchSettings:
             "weight_decay": self.weight_decay,
             "loss": self.loss,
             "transfer_dtype": self.transfer_dtype,
+            "wire_precision": self.wire_precision,
             "sw_batch_size": self.sw_batch_size,
             "sw_overlap": self.sw_overlap,
         }

@@ -76,7 +76,7 @@ def time_problem_size(
         del arm
         _release(settings.device)
 
-    wire = SimulatedWire(settings.device, settings.transfer_dtype, serializer)
+    wire = SimulatedWire(settings.device, settings.wire_precision, serializer)
     split = InProcessSplit(data, MODALITIES, config, settings.device, settings.loss, wire, amp=settings.amp)
     counted = {}
 
@@ -87,7 +87,7 @@ def time_problem_size(
         split, planner_for(data, problem, settings.seed), settings, "split", start_counting
     )
     table = byte_table(split.last_up, split.last_down)
-    # What the serializer produced, headers included, in the job's transfer dtype (both directions, all sites).
+    # What the serializer produced, headers included, in the job's wire precision (both directions, all sites).
     table["serialized_both"] = (wire.serialized_bytes - counted["serialized"]) / settings.timed_steps
     del split
     _release(settings.device)

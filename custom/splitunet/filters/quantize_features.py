@@ -10,7 +10,7 @@ from nvflare.apis.fl_context import FLContext
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters.base import FeatureFilter, FilterRejection
-from splitunet.wire_codec import quantize_affine
+from splitunet.wire_codec import ENCODING_META_KEY, quantize_affine
 
 __all__ = ["QuantizeFeatures", "PRECISIONS"]
 
@@ -28,7 +28,9 @@ class QuantizeFeatures(FeatureFilter):
     The error per element is at most ``step / 2``. Fewer bits cut bytes on the wire and what an inversion attack
     can recover, at some cost in Dice (see README).
 
-    Integer encodings must come last in a filter chain (filters after them refuse encoded levels).
+    Integer encodings must come last in a filter chain (other filters refuse encoded levels). Levels that an
+    earlier filter already encoded (a site's scope quantizing to fewer bits, or top-k) pass unchanged, so the
+    main job's int8 transport can follow whatever a site's privacy policy applies first.
 
     Args:
         precision: one of ``"float16"``, ``"int8"``, ``"int4"``, ``"int2"``, ``"int1"``.
@@ -36,6 +38,9 @@ class QuantizeFeatures(FeatureFilter):
         data_kinds: feature kinds to act on (default activations and gradients).
         log_every: log one line every this many calls.
     """
+
+    # Encoded levels are let through, not re-encoded (see above).
+    accepts_encoded = True
 
     def __init__(
         self,
@@ -54,7 +59,11 @@ class QuantizeFeatures(FeatureFilter):
 
     def filter_features(self, features: dict[str, torch.Tensor], dxo: DXO, fl_ctx: FLContext):
         quantized, encodings, max_steps = {}, {}, []
+        already = (dxo.meta or {}).get(ENCODING_META_KEY) or {}
         for key, tensor in features.items():
+            if key in already:
+                quantized[key] = tensor
+                continue
             if not tensor.is_floating_point():
                 raise FilterRejection(f"{key} is {tensor.dtype}, expected a floating-point tensor")
             if self.bits is None:
@@ -62,8 +71,10 @@ class QuantizeFeatures(FeatureFilter):
                 continue
             quantized[key], encodings[key] = quantize_affine(tensor, self.bits)
             max_steps.append(f"{key} {float(encodings[key]['step'].max()):.3g}")
-        facts = {"precision": self.precision, "levels": sorted(features)}
+        facts = {"precision": self.precision, "levels": sorted(set(features) - set(already))}
         if encodings:
             facts["encodings"] = encodings
         detail = f"; largest step per level: {', '.join(max_steps)}" if max_steps else ""
-        return quantized, facts, f"quantized {sorted(features)} to {self.precision}{detail}"
+        kept = sorted(set(features) & set(already))
+        detail += f"; {kept} already encoded, passed unchanged" if kept else ""
+        return quantized, facts, f"quantized {facts['levels']} to {self.precision}{detail}"

@@ -19,7 +19,7 @@ from splitunet.networks import ServerDecoder
 from splitunet.protocol import REGIONS
 from splitunet.server.sliding_window import EncodeFn, split_sliding_window
 
-__all__ = ["ServerTrainer", "StepResult", "make_loss", "to_decoder_inputs", "LOSSES"]
+__all__ = ["ServerTrainer", "StepResult", "make_loss", "to_decoder_inputs", "initial_decoder", "LOSSES"]
 
 LOSSES = ("dice_ce", "dice_focal")
 
@@ -31,6 +31,18 @@ def make_loss(name: str) -> torch.nn.Module:
     if name == "dice_focal":
         return DiceFocalLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
     raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+
+
+def initial_decoder(config: SplitModelConfig, num_sites: int) -> ServerDecoder:
+    """The server's decoder as training starts (seeded by ``config.seed``), on the CPU."""
+    torch.manual_seed(config.seed)
+    return ServerDecoder(
+        num_sites=num_sites,
+        features=config.features,
+        skip_levels=config.skip_levels,
+        fusion=config.fusion,
+        out_channels=len(REGIONS),
+    )
 
 
 def to_decoder_inputs(
@@ -92,14 +104,7 @@ class ServerTrainer:
         """Create the decoder for ``num_sites`` sites and its optimiser."""
         self.config = config
         self.num_sites = num_sites
-        torch.manual_seed(config.seed)
-        self.decoder = ServerDecoder(
-            num_sites=num_sites,
-            features=config.features,
-            skip_levels=config.skip_levels,
-            fusion=config.fusion,
-            out_channels=len(REGIONS),
-        ).to(self.device)
+        self.decoder = initial_decoder(config, num_sites).to(self.device)
         self.optimizer = torch.optim.Adam(
             self.decoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )

@@ -16,7 +16,21 @@ from splitunet.model_config import SplitModelConfig
 from splitunet.networks import SiteEncoder
 from splitunet.protocol import MODALITIES
 
-__all__ = ["SiteTrainer"]
+__all__ = ["SiteTrainer", "initial_encoder"]
+
+
+def initial_encoder(config: SplitModelConfig, modality: str, init_seed: int | None = None) -> SiteEncoder:
+    """A site's encoder as training starts, on the CPU.
+
+    Args:
+        config: the model settings the server sent.
+        modality: the site's modality; without ``init_seed`` it offsets ``config.seed``, so that the encoders of
+            different sites do not start identical.
+        init_seed: the site's own seed (see :meth:`SiteTrainer.build`).
+    """
+    seed = config.seed + 1 + MODALITIES.index(modality) if init_seed is None else int(init_seed)
+    torch.manual_seed(seed)
+    return SiteEncoder(in_channels=1, features=config.features)
 
 
 class SiteTrainer:
@@ -57,10 +71,7 @@ class SiteTrainer:
                 initial encoder and invert the first activations white-box.
         """
         self.config = config
-        # Offset by modality so that encoders of different sites do not start identical.
-        seed = config.seed + 1 + MODALITIES.index(self.modality) if init_seed is None else int(init_seed)
-        torch.manual_seed(seed)
-        self.encoder = SiteEncoder(in_channels=1, features=config.features).to(self.device)
+        self.encoder = initial_encoder(config, self.modality, init_seed).to(self.device)
         self.optimizer = torch.optim.Adam(
             self.encoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
