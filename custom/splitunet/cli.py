@@ -216,7 +216,13 @@ def _bench_command(args) -> list[str]:
     command = ["splitunet", "bench", "--out", str(args.out), "--device", args.device]
     flags = {"--quick": args.quick, "--amp": args.amp, "--no-flare": args.no_flare, "--no-poc": args.no_poc}
     command += [flag for flag, given in flags.items() if given]
-    for option, value in (("--iterations", args.iterations), ("--cases", args.cases), ("--seed", args.seed)):
+    options = (
+        ("--iterations", args.iterations),
+        ("--seeds", args.seeds),
+        ("--cases", args.cases),
+        ("--seed", args.seed),
+    )
+    for option, value in options:
         if value:
             command += [option, str(value)]
     return command
@@ -233,6 +239,7 @@ def _bench(args) -> int:
         flare=not args.no_flare,
         poc=not args.no_poc,
         iterations=args.iterations or None,
+        seeds=args.seeds or None,
         cases=args.cases or None,
         seed=args.seed,
         flare_timeout_s=args.timeout,
@@ -415,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-flare", action="store_true", help="skip the FLARE simulator and POC paths")
     bench.add_argument("--no-poc", action="store_true", help="skip the POC path")
     bench.add_argument("--iterations", type=int, default=0, help="training iterations per accuracy arm")
+    bench.add_argument(
+        "--seeds",
+        type=int,
+        default=0,
+        help="runs of the two split arms that differ only in their wire (default: the preset's, 3; quick 1)",
+    )
     bench.add_argument("--cases", type=int, default=0, help="phantom cases (default: the preset's)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--timeout", type=float, default=1800.0, help="seconds each FLARE run may take")

@@ -44,8 +44,13 @@ def test_split_architecture_arm_trains_the_same_model_as_the_split_run(tiny_benc
     central = CentralizedTrainer(tiny_bench_data, CONFIG, CPU, "dice_ce", network="monolithic_split_unet")
     split = InProcessSplit(tiny_bench_data, MODALITIES, CONFIG, CPU, "dice_ce", SimulatedWire(CPU, "float32"))
     for index, site in enumerate(split.sites):
-        assert all(torch.equal(a, b) for a, b in zip(site.encoder.parameters(), central.net.encoders[index].parameters()))
-    central_planner, split_planner = planner_for(tiny_bench_data, SIZE, seed=0), planner_for(tiny_bench_data, SIZE, seed=0)
+        assert all(
+            torch.equal(a, b) for a, b in zip(site.encoder.parameters(), central.net.encoders[index].parameters())
+        )
+    central_planner, split_planner = (
+        planner_for(tiny_bench_data, SIZE, seed=0),
+        planner_for(tiny_bench_data, SIZE, seed=0),
+    )
     central_losses = [central.step(central_planner.next_plan(), StepClock(CPU)) for _ in range(3)]
     split_losses = [split.step(split_planner.next_plan(), StepClock(CPU)) for _ in range(3)]
     assert central_losses == pytest.approx(split_losses, rel=1e-5)

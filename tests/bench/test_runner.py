@@ -21,7 +21,17 @@ from splitunet.protocol import MODALITIES, REGIONS
 pytestmark = pytest.mark.e2e  # runs the FLARE simulator (tiny) where nvflare is installed
 
 # Parts of the report that hold settings and descriptions rather than measurements.
-_NOT_FIGURES = {"settings", "machine", "targets", "size", "command", "finished", "default_wire_precision"}
+_NOT_FIGURES = {
+    "settings",
+    "machine",
+    "targets",
+    "size",
+    "command",
+    "finished",
+    "default_wire_precision",
+    "seeds",
+    "seed",
+}
 
 
 def _figures(node, path=""):
@@ -40,7 +50,9 @@ def _figures(node, path=""):
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "--quick", "--out", str(out), "--quiet"] + ([] if flare_available() else ["--no-flare"])
+    # Two seeds: the wire pair's repeats are part of the pipeline too.
+    argv = ["bench", "--quick", "--seeds", "2", "--out", str(out), "--quiet"]
+    argv += [] if flare_available() else ["--no-flare"]
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
         # One torch thread, as each FLARE party gets: on a busy 2-core machine, OpenMP threads waiting at barriers
@@ -97,6 +109,11 @@ def test_flare_paths_loopback_and_accuracy(quick_report):
         f"single_{m}" for m in MODALITIES
     }
     assert all(set(arm["dice"]) == {*REGIONS, "mean"} for arm in arms.values())
+    assert report["accuracy"]["seeds"] == [0, 1]
+    for name in ("split", f"split_{other}"):
+        assert [run["seed"] for run in arms[name]["repeats"]] == [0, 1]
+        assert arms[name]["repeats"][0]["dice"] == arms[name]["dice"]
+    assert all("repeats" not in arm for name, arm in arms.items() if not name.startswith("split"))
 
 
 def test_targets_are_reported_not_asserted(quick_report):

@@ -65,6 +65,9 @@ def test_step_ratio_names_the_part_that_flare_adds():
     assert step["measured"] == pytest.approx(1.6 / 0.8)
     assert step["met"] is (step["measured"] <= STEP_RATIO_TARGET)
     assert step["note"].startswith("waiting_transfer")
+    simulator["task_dispatch_s"] = {"first_site": 0.05, "last_site": 0.4}
+    step = _by_name(evaluate_targets(_report(simulator), "float32"))["FLARE simulator step / in-process split step"]
+    assert "handed the step's tasks out over 0.400 s (first site after 0.050 s" in step["note"]
     poc = targets["FLARE POC step / in-process split step"]
     assert poc["measured"] is None and poc["met"] is None and "--no-poc" in poc["note"]
 
@@ -110,3 +113,19 @@ def test_bytes_goal_is_judged_at_its_two_decimals(int8_bytes, met):
     target = _by_name(evaluate_targets(report, "int8"))["default transport bytes / fp32 all-skips bytes"]
     assert target["measured"] == pytest.approx(int8_bytes / 400) and target["met"] is met
     assert f"{int8_bytes / 400:.4f}x" in target["note"]
+
+
+def test_repeated_wire_pair_is_judged_on_the_mean_of_paired_differences():
+    report = _report({"skipped": "x"}, split_dice=0.805)
+    arms = report["accuracy"]["arms"]
+
+    def runs(means):
+        return [{"seed": seed, "dice": {"mean": mean}, "final_loss": 0.5} for seed, mean in enumerate(means)]
+
+    arms["split_float32"] = arms.pop("split_int8")
+    arms["split"]["repeats"] = runs([0.805, 0.80, 0.79])
+    # Seed 2 of the float32 arm is missing: only seeds both arms ran are paired.
+    arms["split_float32"]["repeats"] = runs([0.815, 0.80])
+    transport = _by_name(evaluate_targets(report, "int8"))["split int8 wire - split float32 wire mean Dice"]
+    assert transport["measured"] == pytest.approx(-0.5) and transport["met"] is True
+    assert "mean of 2 paired runs (seeds [0, 1]): -1.00, +0.00" in transport["note"]

@@ -64,3 +64,16 @@ def test_tensorboard_events_written(demo_run):
     _, summary = demo_run
     assert summary["tensorboard"] is not None
     assert list(Path(summary["tensorboard"]).glob("**/events.out.tfevents.*"))
+
+
+def test_step_timing_and_task_dispatch_are_reported(demo_run):
+    workspace, _ = demo_run
+    server_results = json.loads(
+        Path(json.loads((workspace / "results.json").read_text())["server_results"]).read_text()
+    )
+    timing = server_results["timing_per_iteration_s"]
+    assert set(timing) == {"site_compute", "server_compute", "waiting_transfer"}
+    assert all(value > 0 for value in timing.values())
+    dispatch = server_results["task_dispatch_per_iteration_s"]
+    # The last site cannot take its task before the first, nor after the whole round trip's wait.
+    assert 0 <= dispatch["first_site"] <= dispatch["last_site"] <= timing["site_compute"] + timing["waiting_transfer"]

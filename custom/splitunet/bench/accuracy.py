@@ -24,6 +24,7 @@ __all__ = [
     "accuracy_arms",
     "train_and_validate",
     "comparison_precision",
+    "wire_pair",
     "SINGLE_PREFIX",
     "CENTRALIZED_SAME_ARCHITECTURE",
 ]
@@ -43,11 +44,19 @@ def comparison_precision(default_precision: str) -> str:
     return "float32" if default_precision != "float32" else "int8"
 
 
+def wire_pair(default_precision: str) -> tuple[str, str]:
+    """The two split arms that differ only in their wire: the job's default and :func:`comparison_precision`."""
+    return "split", f"split_{comparison_precision(default_precision)}"
+
+
 def accuracy_arms(
-    data: BenchData, problem: ProblemSize, settings: BenchSettings, serializer: FeatureSerializer
+    data: BenchData, problem: ProblemSize, settings: BenchSettings, serializer: FeatureSerializer, seed: int
 ) -> dict[str, Callable[[], object]]:
-    """Arm name -> factory of a fresh trainer (built only when its turn comes, to hold one model at a time)."""
-    config = problem.model_config(settings.learning_rate, settings.weight_decay, settings.seed, settings.transfer_dtype)
+    """Arm name -> factory of a fresh trainer (built only when its turn comes, to hold one model at a time).
+
+    ``seed`` sets every arm's initial weights (the split parties' and the same-architecture arm's alike).
+    """
+    config = problem.model_config(settings.learning_rate, settings.weight_decay, seed, settings.transfer_dtype)
 
     def split(modalities, precision):
         def make():
@@ -72,39 +81,62 @@ def accuracy_arms(
     return arms
 
 
+def _train_arm(name: str, make, data, problem, settings, seed: int) -> dict:
+    arm = make()
+    # The crop order follows the seed too: a repeat is another run, not the same one from other weights.
+    planner = planner_for(data, problem, seed)
+    losses = []
+    start = time.perf_counter()
+    label = f"train {name}" + (f" (seed {seed})" if seed != settings.seed else "")
+    for _ in tqdm(range(settings.accuracy_iterations), desc=label, disable=not settings.progress):
+        losses.append(arm.step(planner.next_plan(), StepClock(settings.device)))
+    trained = time.perf_counter()
+    dice = arm.validate(problem.crop_size, settings.sw_batch_size, settings.sw_overlap)
+    result = {
+        "dice": dice,
+        "final_loss": float(np.mean(losses[-_LAST_LOSSES:])),
+        "train_s": trained - start,
+        "validate_s": time.perf_counter() - trained,
+    }
+    del arm
+    gc.collect()
+    if settings.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
 def train_and_validate(
     data: BenchData, problem: ProblemSize, settings: BenchSettings, serializer: FeatureSerializer
 ) -> dict:
     """Train every arm for ``settings.accuracy_iterations`` on the same crops, then score the held-out cases.
 
+    With ``settings.accuracy_seeds`` > 1, the two split arms that differ only in their wire (:func:`wire_pair`)
+    are trained again from other seeds (initial weights and crop order), so the wire's cost in Dice is a mean of
+    paired runs rather than one trajectory.
+
     Returns:
-        ``{"iterations": n, "size": ..., "val_cases": k, "arms": {name: {"dice": {...}, "final_loss": f,
-        "train_s": s, "validate_s": s}}}``.
+        ``{"iterations": n, "size": ..., "val_cases": k, "seeds": [...], "arms": {name: {"dice": {...},
+        "final_loss": f, "train_s": s, "validate_s": s}}}``; the paired arms also hold ``"repeats": [{"seed",
+        "dice", "final_loss", ...}, ...]``, their first entry the main run.
     """
+    seeds = [settings.seed + k for k in range(settings.accuracy_seeds)]
+    paired = wire_pair(settings.wire_precision)
     results = {}
-    for name, make in accuracy_arms(data, problem, settings, serializer).items():
-        arm = make()
-        planner = planner_for(data, problem, settings.seed)
-        losses = []
-        start = time.perf_counter()
-        for _ in tqdm(range(settings.accuracy_iterations), desc=f"train {name}", disable=not settings.progress):
-            losses.append(arm.step(planner.next_plan(), StepClock(settings.device)))
-        trained = time.perf_counter()
-        dice = arm.validate(problem.crop_size, settings.sw_batch_size, settings.sw_overlap)
-        results[name] = {
-            "dice": dice,
-            "final_loss": float(np.mean(losses[-_LAST_LOSSES:])),
-            "train_s": trained - start,
-            "validate_s": time.perf_counter() - trained,
-        }
-        del arm
-        gc.collect()
-        if settings.device.type == "cuda":
-            torch.cuda.empty_cache()
+    jobs = [(name, seeds[0]) for name in accuracy_arms(data, problem, settings, serializer, seeds[0])]
+    jobs += [(name, seed) for seed in seeds[1:] for name in paired]
+    for name, seed in jobs:
+        make = accuracy_arms(data, problem, settings, serializer, seed)[name]
+        result = _train_arm(name, make, data, problem, settings, seed)
+        run = {"seed": seed, **result}
+        if seed == seeds[0]:
+            results[name] = result
+        if name in paired:
+            results[name].setdefault("repeats", []).append(run)
     return {
         "iterations": settings.accuracy_iterations,
         "size": problem.to_dict(),
         "val_cases": len(data.val_keys),
         "train_cases": len(data.train_keys),
+        "seeds": seeds,
         "arms": results,
     }

@@ -4,8 +4,9 @@ Two networks: MONAI's ``BasicUNet`` with a 4-channel input (the conventional ear
 institution would train), and :class:`~splitunet.networks.MonolithicSplitUNet` (the split architecture in one
 autograd graph, which the split run equals by the equivalence test; timing it separates what splitting costs from
 what the architecture costs). The latter starts from the very weights the split parties start from, so with a
-float32 wire the two train the same model up to float rounding, and any Dice gap is what the wire changed. Validation goes through the FLARE server's own sliding-window scoring, so every
-arm of the benchmark is scored by the same code.
+float32 wire the two train the same model up to float rounding, and any Dice gap is what the wire changed.
+Validation goes through the FLARE server's own sliding-window scoring, so every arm of the benchmark is scored by
+the same code.
 """
 
 from __future__ import annotations

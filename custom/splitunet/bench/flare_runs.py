@@ -54,6 +54,8 @@ def _figures(results: dict, elapsed_s: float) -> dict:
         "iterations": int(results["iterations"]),
         "step_time_s": parts,
         "activation_bytes_per_iteration": float(results["activation_bytes_per_iteration"]),
+        # Part of waiting/transfer: from scheduling a step's tasks until the first and the last site took its own.
+        "task_dispatch_s": results.get("task_dispatch_per_iteration_s"),
         "dice": results.get("dice"),
         "elapsed_s": elapsed_s,
     }

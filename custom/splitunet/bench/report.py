@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -175,6 +176,28 @@ def _accuracy_table(accuracy: Mapping) -> list[str]:
     for name, arm in accuracy["arms"].items():
         dice = " | ".join(_s(arm["dice"][r]) for r in (*REGIONS, "mean"))
         lines.append(f"| {name} | {dice} | {_s(arm['final_loss'])} | {_s(arm['train_s'])} |")
+    return lines + [""] + _repeats_table(accuracy)
+
+
+def _repeats_table(accuracy: Mapping) -> list[str]:
+    """Mean Dice of the arms trained from several seeds, one column per seed (the first is the table above)."""
+    repeated = {name: arm["repeats"] for name, arm in accuracy["arms"].items() if len(arm.get("repeats") or []) > 1}
+    if not repeated:
+        return []
+    seeds = accuracy.get("seeds") or sorted({r["seed"] for runs in repeated.values() for r in runs})
+    lines = [
+        f"Mean Dice of the arms that differ only in their wire, each trained from {len(seeds)} seeds (initial "
+        "weights and crop order; the same seed gives both arms the same):",
+        "",
+        "| arm | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean | sd |",
+        "|---|" + "---|" * (len(seeds) + 2),
+    ]
+    for name, runs in repeated.items():
+        by_seed = {r["seed"]: r["dice"]["mean"] for r in runs}
+        values = [by_seed[seed] for seed in seeds if seed in by_seed]
+        cells = " | ".join(_s(by_seed.get(seed)) if seed in by_seed else "-" for seed in seeds)
+        sd = statistics.stdev(values) if len(values) > 1 else None
+        lines.append(f"| {name} | {cells} | {_s(statistics.fmean(values))} | {_s(sd)} |")
     return lines + [""]
 
 

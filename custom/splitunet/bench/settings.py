@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from splitunet.bench.job_defaults import job_training_args, job_wire_precision
-from splitunet.bench.wire import WIRE_PRECISIONS
 from splitunet.bench.serialization import flare_available
+from splitunet.bench.wire import WIRE_PRECISIONS
 from splitunet.devices import select_device
 from splitunet.errors import SplitUNetConfigError
 from splitunet.model_config import SplitModelConfig
@@ -94,6 +94,8 @@ class BenchSettings:
         num_val_cases: held-out cases for Dice.
         warmup_steps, timed_steps: per arm and size, steps run before timing and steps timed.
         accuracy_iterations: training iterations of every accuracy arm (equal budget).
+        accuracy_seeds: runs, from seeds ``seed, seed + 1, ...``, of the two split arms that differ only in their
+            wire (one run of every other arm).
         flare_iterations: iterations of the FLARE simulator and POC runs.
         run_simulator, run_poc: whether the FLARE paths run.
         flare_timeout_s: bound of each FLARE run.
@@ -120,6 +122,7 @@ class BenchSettings:
     warmup_steps: int
     timed_steps: int
     accuracy_iterations: int
+    accuracy_seeds: int
     flare_iterations: int
     run_simulator: bool
     run_poc: bool
@@ -152,6 +155,7 @@ class BenchSettings:
         flare: bool = True,
         poc: bool = True,
         iterations: int | None = None,
+        seeds: int | None = None,
         cases: int | None = None,
         seed: int = 0,
         flare_timeout_s: float = 1800.0,
@@ -196,6 +200,7 @@ class BenchSettings:
                 warmup_steps=1,
                 timed_steps=2,
                 accuracy_iterations=6,
+                accuracy_seeds=1,
                 flare_iterations=3,
             )
             poc = False  # POC provisioning and start-up alone outlast the quick budget
@@ -209,6 +214,7 @@ class BenchSettings:
                 warmup_steps=3,
                 timed_steps=10,
                 accuracy_iterations=int(job["num_iterations"]),
+                accuracy_seeds=3,
                 flare_iterations=20,
             )
         else:
@@ -220,10 +226,13 @@ class BenchSettings:
                 warmup_steps=2,
                 timed_steps=5,
                 accuracy_iterations=120,
+                accuracy_seeds=3,
                 flare_iterations=20,
             )
         if iterations is not None:
             preset["accuracy_iterations"] = int(iterations)
+        if seeds is not None:
+            preset["accuracy_seeds"] = int(seeds)
         if cases is not None:
             preset["cases"] = int(cases)
         settings = cls(
@@ -261,6 +270,7 @@ class BenchSettings:
         """
         positive = {
             "accuracy_iterations": self.accuracy_iterations,
+            "accuracy_seeds": self.accuracy_seeds,
             "timed_steps": self.timed_steps,
             "flare_iterations": self.flare_iterations,
             "loopback_repeats": self.loopback_repeats,
@@ -297,6 +307,7 @@ class BenchSettings:
             "warmup_steps": self.warmup_steps,
             "timed_steps": self.timed_steps,
             "accuracy_iterations": self.accuracy_iterations,
+            "accuracy_seeds": self.accuracy_seeds,
             "flare_iterations": self.flare_iterations,
             "run_simulator": self.run_simulator,
             "run_poc": self.run_poc,

@@ -246,6 +246,7 @@ class SplitLearningController(SiteTaskController):
         )
         grads, loss = None, float("nan")
         self._timing_sum, self._steps_timed = np.zeros(3), 0
+        self._dispatch: list[tuple[float, float]] = []
         for iteration in range(first, self.num_iterations + 1):
             if abort_signal.triggered:
                 return
@@ -271,6 +272,13 @@ class SplitLearningController(SiteTaskController):
             "server_compute": float(mean[1]),
             "waiting_transfer": float(mean[2]),
         }
+        # Part of waiting/transfer: the spread with which FLARE hands the step's tasks to the sites.
+        if self._dispatch:
+            first_site, last_site = np.mean(self._dispatch, axis=0)
+            self.results["task_dispatch_per_iteration_s"] = {
+                "first_site": float(first_site),
+                "last_site": float(last_site),
+            }
 
     def _train_iteration(self, plan, grads, iteration: int, first: int, fl_ctx: FLContext, abort_signal: Signal):
         """One round trip (gradients of the last step out, features of this one back) and the server's step.
@@ -295,6 +303,9 @@ class SplitLearningController(SiteTaskController):
         timing = np.array([site_s, step.compute_s, max(round_trip_s - site_s, 0.0)])
         self._timing_sum += timing
         self._steps_timed += 1
+        dispatched = [self.last_dispatch_s[site] for site in participants if site in self.last_dispatch_s]
+        if dispatched:
+            self._dispatch.append((min(dispatched), max(dispatched)))
         self.results["loss_curve"].append(step.loss)
         self._track(
             iteration, loss=step.loss, site_compute_s=timing[0], server_compute_s=timing[1], wait_transfer_s=timing[2]

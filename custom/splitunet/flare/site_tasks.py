@@ -81,6 +81,8 @@ class SiteTaskController(Controller):
         self.roster: SiteRoster | None = None
         self.results: dict = {}
         self._activation_bytes = 0
+        # Seconds from scheduling the last round trip's tasks until each site took its own.
+        self.last_dispatch_s: dict[str, float] = {}
 
     def start_controller(self, fl_ctx: FLContext):
         register_tensor_support()
@@ -165,9 +167,13 @@ class SiteTaskController(Controller):
         the others are returned.
         """
         replies: dict[str, Shareable] = {}
+        sent_at: dict[str, float] = {}
+        scheduled_at = time.time()  # FLARE stamps task hand-outs with time.time()
 
         def on_result(client_task: ClientTask, fl_ctx: FLContext):
             replies[client_task.client.name] = client_task.result
+            if client_task.task_sent_time is not None:
+                sent_at[client_task.client.name] = client_task.task_sent_time
 
         timeout = self.setup_timeout if task_name == TaskName.SETUP else self.task_timeout
         tasks = {}
@@ -204,6 +210,8 @@ class SiteTaskController(Controller):
                 time.sleep(self.task_check_period)
         for site in sorted(failures):
             self._drop(site, iteration, failures[site], fl_ctx)
+        # When each site took its task, from the scheduling: how long FLARE took to hand the tasks out.
+        self.last_dispatch_s = {site: sent - scheduled_at for site, sent in sent_at.items()}
         return {site: from_shareable(reply) for site, reply in replies.items() if site not in failures}
 
     def _may_drop(self, task_name: str) -> bool:
