@@ -34,6 +34,8 @@ def test_defaults_build():
         ({"checkpoint_every": -2}, "checkpoint_every"),
         ({"experiment": "../elsewhere"}, "experiment must be"),
         ({"experiment": ""}, "experiment must be"),
+        ({"task_long_poll_s": -0.1}, "task_long_poll_s must be a number of seconds"),
+        ({"task_long_poll_s": 60}, "task_long_poll_s must be a number of seconds"),
     ],
 )
 def test_malformed_arguments_are_named(kwargs, message):

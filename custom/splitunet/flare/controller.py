@@ -85,6 +85,8 @@ class SplitLearningController(SiteTaskController):
             iteration, crop sampler and history. With the same settings the run ends with the same weights as
             one never interrupted.
         task_check_period: how often FLARE checks task status (its 0.2 s default adds latency to every step).
+        task_long_poll_s: seconds a site's request for work may wait at the server for its next task (0: FLARE's
+            polling only; see :mod:`splitunet.flare.task_long_poll`).
         device: ``"auto"`` or a torch device for the decoder.
         num_threads: torch CPU threads at the server (0: default or ``$SPLITUNET_TORCH_THREADS``).
         log_every: iterations between log lines with the timing split.
@@ -119,12 +121,15 @@ class SplitLearningController(SiteTaskController):
         experiment: str = "split_unet",
         resume: bool = False,
         task_check_period: float = 0.005,
+        task_long_poll_s: float = 0.0,
         device: str = "auto",
         num_threads: int = 0,
         log_every: int = 10,
         analytics: bool = True,
     ):
-        super().__init__(task_timeout, setup_timeout, on_site_failure, task_check_period, num_threads)
+        super().__init__(
+            task_timeout, setup_timeout, on_site_failure, task_check_period, num_threads, task_long_poll_s
+        )
         self.model_config = SplitModelConfig(
             features=tuple(features),
             skip_levels=tuple(skip_levels),

@@ -85,7 +85,7 @@ class SplitInferenceController(SiteTaskController):
         sw_batch_size: windows per round trip.
         sw_overlap: window overlap.
         sites: site names to use; default every connected client.
-        task_timeout, setup_timeout, task_check_period, num_threads: as
+        task_timeout, setup_timeout, task_check_period, num_threads, task_long_poll_s: as
             :class:`~splitunet.flare.site_tasks.SiteTaskController`.
         device: ``"auto"`` or a torch device for the decoder.
     """
@@ -103,8 +103,9 @@ class SplitInferenceController(SiteTaskController):
         task_check_period: float = 0.005,
         device: str = "auto",
         num_threads: int = 0,
+        task_long_poll_s: float = 0.0,
     ):
-        super().__init__(task_timeout, setup_timeout, "stop", task_check_period, num_threads)
+        super().__init__(task_timeout, setup_timeout, "stop", task_check_period, num_threads, task_long_poll_s)
         if not isinstance(experiment, str) or not EXPERIMENT_NAME.match(experiment):
             raise SplitUNetConfigError(f"experiment must be a folder name, got {experiment!r}")
         if checkpoint not in CHECKPOINT_TAGS:

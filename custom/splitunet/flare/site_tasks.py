@@ -25,6 +25,7 @@ from splitunet.checkpoint import write_json_atomic
 from splitunet.devices import configure_threads
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.flare.replies import reply_error_message
+from splitunet.flare.task_long_poll import enable_task_long_poll
 from splitunet.flare.workspace_paths import run_dir
 from splitunet.model_config import SplitModelConfig
 from splitunet.protocol import DataKind, MetaKey, TaskName
@@ -35,6 +36,8 @@ __all__ = ["SiteTaskController", "SplitRunError", "SITE_FAILURE_POLICIES"]
 
 # What a run does when a site stops answering or fails a task after setup.
 SITE_FAILURE_POLICIES = ("stop", "continue")
+# A held task request occupies a server thread and must end well before the site's own request timeout.
+_MAX_LONG_POLL_S = 5.0
 
 
 class SplitRunError(RuntimeError):
@@ -52,6 +55,8 @@ class SiteTaskController(Controller):
             can).
         task_check_period: how often FLARE checks task status (its 0.2 s default adds latency to every step).
         num_threads: torch CPU threads at the server (0: default or ``$SPLITUNET_TORCH_THREADS``).
+        task_long_poll_s: seconds a site's request for work may wait at the server for its next task (0: FLARE's
+            polling only); see :mod:`splitunet.flare.task_long_poll`.
     """
 
     def __init__(
@@ -61,8 +66,13 @@ class SiteTaskController(Controller):
         on_site_failure: str = "stop",
         task_check_period: float = 0.005,
         num_threads: int = 0,
+        task_long_poll_s: float = 0.0,
     ):
         super().__init__(task_check_period=task_check_period)
+        if not isinstance(task_long_poll_s, (int, float)) or not 0 <= task_long_poll_s <= _MAX_LONG_POLL_S:
+            raise SplitUNetConfigError(
+                f"task_long_poll_s must be a number of seconds in [0, {_MAX_LONG_POLL_S}], got {task_long_poll_s!r}"
+            )
         for name, value in {"task_timeout": task_timeout, "setup_timeout": setup_timeout}.items():
             if not isinstance(value, int) or value < 1:
                 raise SplitUNetConfigError(f"{name} must be an int >= 1, got {value!r}")
@@ -75,6 +85,8 @@ class SiteTaskController(Controller):
         self.on_site_failure = on_site_failure
         self.task_check_period = float(task_check_period)
         self.num_threads = num_threads
+        self.task_long_poll_s = float(task_long_poll_s)
+        self._end_long_poll = None
         self.model_config: SplitModelConfig | None = None
         self.sites: list[str] = []  # in decoder order, dropped ones included
         self.site_modality: dict[str, str] = {}
@@ -89,6 +101,10 @@ class SiteTaskController(Controller):
         configure_threads(self.num_threads)
         # Controller(task_check_period=...) does not reach WFCommServer in nvflare 2.9 (see DESIGN.md).
         self.communicator._task_check_period = self.task_check_period
+        if self.task_long_poll_s > 0:
+            self._end_long_poll = enable_task_long_poll(fl_ctx, self.task_long_poll_s, self.task_check_period)
+            if self._end_long_poll is None:
+                self.log_warning(fl_ctx, "this FLARE cannot hold task requests; task_long_poll_s has no effect")
 
     def _run(self, abort_signal: Signal, fl_ctx: FLContext, out_dir: Path) -> None:
         raise NotImplementedError
@@ -99,6 +115,9 @@ class SiteTaskController(Controller):
 
     def stop_controller(self, fl_ctx: FLContext):
         self.cancel_all_tasks(fl_ctx=fl_ctx)
+        if self._end_long_poll is not None:
+            self._end_long_poll()
+            self._end_long_poll = None
 
     def process_result_of_unknown_task(
         self, client: Client, task_name: str, client_task_id: str, result: Shareable, fl_ctx: FLContext
