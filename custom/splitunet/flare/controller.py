@@ -127,9 +127,7 @@ class SplitLearningController(SiteTaskController):
         log_every: int = 10,
         analytics: bool = True,
     ):
-        super().__init__(
-            task_timeout, setup_timeout, on_site_failure, task_check_period, num_threads, task_long_poll_s
-        )
+        super().__init__(task_timeout, setup_timeout, on_site_failure, task_check_period, num_threads, task_long_poll_s)
         self.model_config = SplitModelConfig(
             features=tuple(features),
             skip_levels=tuple(skip_levels),
