@@ -25,7 +25,7 @@ from splitunet.checkpoint import write_json_atomic
 from splitunet.devices import configure_threads
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.flare.replies import reply_error_message
-from splitunet.flare.task_long_poll import enable_task_long_poll
+from splitunet.flare.task_long_poll import TaskLongPoll
 from splitunet.flare.workspace_paths import run_dir
 from splitunet.model_config import SplitModelConfig
 from splitunet.protocol import DataKind, MetaKey, TaskName
@@ -56,7 +56,7 @@ class SiteTaskController(Controller):
         task_check_period: how often FLARE checks task status (its 0.2 s default adds latency to every step).
         num_threads: torch CPU threads at the server (0: default or ``$SPLITUNET_TORCH_THREADS``).
         task_long_poll_s: seconds a site's request for work may wait at the server for its next task (0: FLARE's
-            polling only); see :mod:`splitunet.flare.task_long_poll`.
+            polling only); see :class:`~splitunet.flare.task_long_poll.TaskLongPoll`.
     """
 
     def __init__(
@@ -86,7 +86,7 @@ class SiteTaskController(Controller):
         self.task_check_period = float(task_check_period)
         self.num_threads = num_threads
         self.task_long_poll_s = float(task_long_poll_s)
-        self._end_long_poll = None
+        self._long_poll = TaskLongPoll(self.task_long_poll_s) if self.task_long_poll_s > 0 else None
         self.model_config: SplitModelConfig | None = None
         self.sites: list[str] = []  # in decoder order, dropped ones included
         self.site_modality: dict[str, str] = {}
@@ -101,10 +101,9 @@ class SiteTaskController(Controller):
         configure_threads(self.num_threads)
         # Controller(task_check_period=...) does not reach WFCommServer in nvflare 2.9 (see DESIGN.md).
         self.communicator._task_check_period = self.task_check_period
-        if self.task_long_poll_s > 0:
-            self._end_long_poll = enable_task_long_poll(fl_ctx, self.task_long_poll_s, self.task_check_period)
-            if self._end_long_poll is None:
-                self.log_warning(fl_ctx, "this FLARE cannot hold task requests; task_long_poll_s has no effect")
+        if self._long_poll is not None and not self._long_poll.install(fl_ctx):
+            self.log_warning(fl_ctx, "this FLARE cannot hold task requests; task_long_poll_s has no effect")
+            self._long_poll = None
 
     def _run(self, abort_signal: Signal, fl_ctx: FLContext, out_dir: Path) -> None:
         raise NotImplementedError
@@ -115,9 +114,8 @@ class SiteTaskController(Controller):
 
     def stop_controller(self, fl_ctx: FLContext):
         self.cancel_all_tasks(fl_ctx=fl_ctx)
-        if self._end_long_poll is not None:
-            self._end_long_poll()
-            self._end_long_poll = None
+        if self._long_poll is not None:
+            self._long_poll.uninstall()
 
     def process_result_of_unknown_task(
         self, client: Client, task_name: str, client_task_id: str, result: Shareable, fl_ctx: FLContext
@@ -200,6 +198,8 @@ class SiteTaskController(Controller):
             task = Task(name=task_name, data=data, timeout=timeout, result_received_cb=on_result)
             self.send(task, fl_ctx, targets=[site], send_order=SendOrder.ANY)
             tasks[site] = task
+        if self._long_poll is not None:
+            self._long_poll.notify()
         deadline = time.monotonic() + timeout
         waiting = set(tasks)
         failures: dict[str, str] = {}

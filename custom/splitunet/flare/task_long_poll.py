@@ -6,47 +6,77 @@ once more: ``default_task_fetch_interval`` / ``task_request_interval`` in POC an
 site only after the server's decoder step, so a site that asked a moment too early starts its part of the next
 step up to that long after the others, and the whole step waits for it.
 
-``ServerRunner._try_to_get_task`` can already wait: it retries the workflow every ``retry_interval`` until
-``timeout``, taking and releasing the runner's workflow lock each time, but nvflare 2.9 calls it without a timeout.
-:func:`enable_task_long_poll` gives it one for the life of a workflow. Each waiting site holds one of the server's
-request threads for at most ``timeout_s``, so the timeout must stay well below the sites' task-request timeout.
+:class:`TaskLongPoll` wraps the server runner's task lookup (``ServerRunner._try_to_get_task``, nvflare 2.9): a
+request that finds no task sleeps until the workflow announces new tasks (:meth:`TaskLongPoll.notify`) or
+``retry_s`` passes, looks again, and gives up after ``timeout_s``. Sleeping on a condition rather than polling
+keeps the waiting request threads off the CPU and the GIL while the server computes. Each waiting site holds one
+of the server's request threads for at most ``timeout_s``, so the timeout must stay well below the sites'
+task-request timeout.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+import threading
+import time
 
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.private.defs import SpecialTaskName
 
-__all__ = ["enable_task_long_poll"]
+__all__ = ["TaskLongPoll"]
 
 # The server runner's method that asks the current workflow for a site's task (nvflare 2.9).
 _GET_TASK = "_try_to_get_task"
 
 
-def enable_task_long_poll(fl_ctx: FLContext, timeout_s: float, retry_s: float) -> Callable[[], None] | None:
-    """Make the server runner wait up to ``timeout_s`` for a site's next task before answering "try again".
+class TaskLongPoll:
+    """Holds sites' task requests at the server until the workflow has a task for them.
 
     Args:
-        fl_ctx: the workflow's context (its ``RUNNER`` is the server runner).
         timeout_s: longest wait of one task request, in seconds.
-        retry_s: how often the waiting request asks the workflow again.
-
-    Returns:
-        a function that restores the runner's own behaviour, or ``None`` when this FLARE has no such method (then
-        nothing changed and sites simply poll).
+        retry_s: longest sleep between two lookups of a waiting request (a fallback: :meth:`notify` wakes it).
     """
-    runner = fl_ctx.get_prop(FLContextKey.RUNNER)
-    original = getattr(runner, _GET_TASK, None)
-    if original is None:
-        return None
-    setattr(runner, _GET_TASK, functools.partial(original, timeout=timeout_s, retry_interval=retry_s))
 
-    def restore() -> None:
-        # The bound method lives on the class; dropping the instance attribute brings it back.
-        if getattr(runner, _GET_TASK, None) is not original:
-            runner.__dict__.pop(_GET_TASK, None)
+    def __init__(self, timeout_s: float, retry_s: float = 0.1):
+        self.timeout_s = float(timeout_s)
+        self.retry_s = float(retry_s)
+        self._scheduled = threading.Condition()
+        self._announcements = 0  # how many times tasks were announced; a request waits for the next one
+        self._runner = None
+        self._original = None
 
-    return restore
+    def install(self, fl_ctx: FLContext) -> bool:
+        """Wrap the task lookup of the server runner in ``fl_ctx``; ``False`` (and nothing changed) without one."""
+        runner = fl_ctx.get_prop(FLContextKey.RUNNER)
+        original = getattr(runner, _GET_TASK, None)
+        if original is None:
+            return False
+        self._runner, self._original = runner, original
+        setattr(runner, _GET_TASK, self._lookup)
+        return True
+
+    def uninstall(self) -> None:
+        """Give the runner its own lookup back (the bound method lives on its class) and release waiting requests."""
+        if self._runner is not None:
+            self._runner.__dict__.pop(_GET_TASK, None)
+            self._runner = None
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake every waiting request: the workflow has just scheduled tasks."""
+        with self._scheduled:
+            self._announcements += 1
+            self._scheduled.notify_all()
+
+    def _lookup(self, client, fl_ctx: FLContext, *args, **kwargs):
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            # Read before looking, so that tasks announced between the lookup and the wait are not slept through.
+            seen = self._announcements
+            task_name, task_id, task_data = self._original(client, fl_ctx)
+            remaining = deadline - time.monotonic()
+            if (task_name and task_name != SpecialTaskName.TRY_AGAIN) or remaining <= 0 or self._runner is None:
+                return task_name, task_id, task_data
+            with self._scheduled:
+                if self._announcements == seen:
+                    self._scheduled.wait(timeout=min(self.retry_s, remaining))
