@@ -67,7 +67,7 @@ def test_step_ratio_names_the_part_that_flare_adds():
     assert step["note"].startswith("waiting_transfer")
     simulator["task_dispatch_s"] = {"first_site": 0.05, "last_site": 0.4}
     step = _by_name(evaluate_targets(_report(simulator), "float32"))["FLARE simulator step / in-process split step"]
-    assert "handed the step's tasks out over 0.400 s (first site after 0.050 s" in step["note"]
+    assert "tasks to the first site 0.050 s and to the last 0.400 s after scheduling" in step["note"]
     poc = targets["FLARE POC step / in-process split step"]
     assert poc["measured"] is None and poc["met"] is None and "--no-poc" in poc["note"]
 
@@ -129,3 +129,4 @@ def test_repeated_wire_pair_is_judged_on_the_mean_of_paired_differences():
     transport = _by_name(evaluate_targets(report, "int8"))["split int8 wire - split float32 wire mean Dice"]
     assert transport["measured"] == pytest.approx(-0.5) and transport["met"] is True
     assert "mean of 2 paired runs (seeds [0, 1]): -1.00, +0.00" in transport["note"]
+    assert "final training losses (int8 / float32): 0.5000 / 0.5000, 0.5000 / 0.5000" in transport["note"]

@@ -63,8 +63,8 @@ def _step_ratio(
     dispatch = flare.get("task_dispatch_s") or {}
     if dominant == "waiting_transfer" and dispatch.get("last_site") is not None:
         note += (
-            f"; of it, FLARE handed the step's tasks out over {dispatch['last_site']:.3f} s (first site after "
-            f"{dispatch['first_site']:.3f} s, last after {dispatch['last_site']:.3f} s), so the last site starts late"
+            f"; FLARE handed the step's tasks to the first site {dispatch['first_site']:.3f} s and to the last "
+            f"{dispatch['last_site']:.3f} s after scheduling them"
         )
     if dominant == "waiting_transfer" and throughput and "loopback_tcp" in throughput:
         moved = throughput["bytes"]
@@ -154,6 +154,10 @@ def _transport_target(arms: Mapping, default_precision: str, budget: str) -> dic
         each = ", ".join(f"{d:+.2f}" for d in differences)
         spread = float(np.std(differences, ddof=1))
         note += f"; mean of {len(differences)} paired runs (seeds {seeds}): {each}, sd {spread:.2f}"
+        # Training loss says whether the wire changed the optimisation when Dice swings with a class threshold.
+        losses = {name: {r["seed"]: r["final_loss"] for r in arms[name]["repeats"]} for name in (cheaper, full)}
+        pairs = ", ".join(f"{losses[cheaper][seed]:.4f} / {losses[full][seed]:.4f}" for seed in seeds)
+        note += f"; final training losses ({cheap_precision} / float32): {pairs}"
     return _points_target(
         f"split {cheap_precision} wire - split float32 wire mean Dice (points)",
         f">= -{INT8_DICE_TARGET}",
