@@ -122,16 +122,16 @@ def train_and_validate(
     seeds = [settings.seed + k for k in range(settings.accuracy_seeds)]
     paired = wire_pair(settings.wire_precision)
     results = {}
-    jobs = [(name, seeds[0]) for name in accuracy_arms(data, problem, settings, serializer, seeds[0])]
-    jobs += [(name, seed) for seed in seeds[1:] for name in paired]
-    for name, seed in jobs:
-        make = accuracy_arms(data, problem, settings, serializer, seed)[name]
-        result = _train_arm(name, make, data, problem, settings, seed)
-        run = {"seed": seed, **result}
-        if seed == seeds[0]:
-            results[name] = result
-        if name in paired:
-            results[name].setdefault("repeats", []).append(run)
+    for seed in seeds:
+        arms = accuracy_arms(data, problem, settings, serializer, seed)
+        # Every arm from the first seed; only the wire pair again from the others.
+        for name in arms if seed == seeds[0] else paired:
+            result = _train_arm(name, arms[name], data, problem, settings, seed)
+            run = {"seed": seed, **result}
+            if seed == seeds[0]:
+                results[name] = result
+            if name in paired:
+                results[name].setdefault("repeats", []).append(run)
     return {
         "iterations": settings.accuracy_iterations,
         "size": problem.to_dict(),

@@ -140,15 +140,16 @@ def _transport_target(arms: Mapping, default_precision: str, budget: str) -> dic
     """
     default_arm, other_arm = wire_pair(default_precision)
     other = comparison_precision(default_precision)
-    cheaper, full = (default_arm, other_arm) if other == "float32" else (other_arm, default_arm)
-    cheap_precision = default_precision if other == "float32" else other
+    if other == "float32":  # the job's default is the cheaper wire
+        cheaper, full, cheap_precision, role = default_arm, other_arm, default_precision, "the job's default"
+    else:
+        cheaper, full, cheap_precision, role = other_arm, default_arm, other, "not the job's default"
     seeds, differences = _paired_points(arms, cheaper, full)
     points = None
     if differences:
         points = float(np.mean(differences))
     elif _mean_dice(arms, cheaper) is not None and _mean_dice(arms, full) is not None:
         points = 100 * (_mean_dice(arms, cheaper) - _mean_dice(arms, full))
-    role = "the job's default" if other == "float32" else "not the job's default"
     note = f"{budget}; {cheap_precision} is {role}; the same initial weights and crops, only the wire differs"
     if len(differences) > 1:
         each = ", ".join(f"{d:+.2f}" for d in differences)

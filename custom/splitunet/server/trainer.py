@@ -121,10 +121,8 @@ class ServerTrainer:
             raise ValueError(f"expected features from {self.num_sites} sites, got {len(site_features)}")
         # Received features become leaves: their .grad is exactly what each site needs back.
         return [
-            None
-            if features is None
-            else {level: t.to(self.device, dtype=torch.float32).requires_grad_(True) for level, t in features.items()}
-            for features in site_features
+            None if features is None else {level: t.requires_grad_(True) for level, t in features.items()}
+            for features in to_decoder_inputs(site_features, self.device)
         ]
 
     def train_step(self, plan: Mapping, site_features: Sequence[Mapping[int, torch.Tensor] | None]) -> StepResult:
