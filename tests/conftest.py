@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny phantom split into party folders (made once per test session)."""
+"""Shared fixtures: a tiny phantom split into party folders (made once per test session); a staging recorder."""
 
 from __future__ import annotations
 
@@ -15,6 +15,30 @@ def tiny_parties(tmp_path_factory):
     generate_phantom(root / "msd", 3, shape=(34, 36, 33), seed=11, progress=False)
     partition_msd(root / "msd", root / "parties", progress=False)
     return root / "parties"
+
+
+class RecordingStaging:
+    """Stands in for a trainer's :class:`~splitunet.host_staging.PinnedStaging`: passes tensors through (as on a
+    CPU) and records every crossing as ``(direction, tag, {level: shape})``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _record(self, direction, tensors, tag):
+        self.calls.append((direction, tag, {level: tuple(t.shape) for level, t in tensors.items()}))
+        return dict(tensors)
+
+    def to_host(self, tensors, tag):
+        return self._record("to_host", tensors, tag)
+
+    def to_device(self, tensors, tag):
+        return self._record("to_device", tensors, tag)
+
+
+@pytest.fixture
+def recording_staging():
+    """A fresh :class:`RecordingStaging`; assign it to a trainer's ``staging``."""
+    return RecordingStaging()
 
 
 def _starts_a_poc_consortium(item) -> bool:

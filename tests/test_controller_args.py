@@ -36,6 +36,7 @@ def test_defaults_build():
         ({"experiment": ""}, "experiment must be"),
         ({"task_long_poll_s": -0.1}, "task_long_poll_s must be a number of seconds"),
         ({"task_long_poll_s": 60}, "task_long_poll_s must be a number of seconds"),
+        ({"amp": "yes"}, "amp must be true or false"),
     ],
 )
 def test_malformed_arguments_are_named(kwargs, message):

@@ -61,7 +61,7 @@ def test_job_copy_overrides_workflow_and_executor_args(tmp_path):
     client = json.loads((out / "app/config/config_fed_client.json").read_text())
     assert server["workflows"][0]["args"]["num_iterations"] == 3
     assert server["workflows"][0]["args"]["crop_size"]  # the rest is the shipped job's
-    assert client["executors"][0]["executor"]["args"] == {"device": "auto", "num_threads": 1}
+    assert client["executors"][0]["executor"]["args"] == {"device": "auto", "amp": False, "num_threads": 1}
 
 
 def test_byoc_job_carries_the_package(tmp_path):

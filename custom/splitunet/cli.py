@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, type=Path, help="folder for bench.json, bench.md and the runs")
     bench.add_argument("--quick", action="store_true", help="tiny sizes and budgets, no POC (checks the pipeline)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="in-process arms' device")
-    bench.add_argument("--amp", action="store_true", help="bfloat16 autocast in the in-process arms")
+    bench.add_argument("--amp", action="store_true", help="every arm trains under bfloat16 autocast (jobs' amp)")
     bench.add_argument("--no-flare", action="store_true", help="skip the FLARE simulator and POC paths")
     bench.add_argument("--no-poc", action="store_true", help="skip the POC path")
     bench.add_argument("--iterations", type=int, default=0, help="training iterations per accuracy arm")

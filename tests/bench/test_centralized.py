@@ -42,7 +42,7 @@ def test_split_architecture_arm_trains_the_same_model_as_the_split_run(tiny_benc
     from splitunet.protocol import MODALITIES
 
     central = CentralizedTrainer(tiny_bench_data, CONFIG, CPU, "dice_ce", network="monolithic_split_unet")
-    split = InProcessSplit(tiny_bench_data, MODALITIES, CONFIG, CPU, "dice_ce", SimulatedWire(CPU, "float32"))
+    split = InProcessSplit(tiny_bench_data, MODALITIES, CONFIG, CPU, "dice_ce", SimulatedWire("float32"))
     for index, site in enumerate(split.sites):
         assert all(
             torch.equal(a, b) for a, b in zip(site.encoder.parameters(), central.net.encoders[index].parameters())

@@ -50,6 +50,11 @@ def test_cuda_without_a_gpu_is_a_config_error(tmp_path):
         BenchSettings.create(tmp_path, device="cuda", flare=False)
 
 
+def test_amp_on_a_cpu_is_a_config_error(tmp_path):
+    with pytest.raises(SplitUNetConfigError, match="--amp needs a CUDA device"):
+        BenchSettings.create(tmp_path, quick=True, device="cpu", flare=False, amp=True)
+
+
 def test_flare_paths_need_nvflare(tmp_path, monkeypatch):
     monkeypatch.setattr(settings_module, "flare_available", lambda: False)
     with pytest.raises(SplitUNetConfigError, match="--no-flare"):

@@ -21,7 +21,7 @@ CONFIG = SIZE.model_config(learning_rate=5e-3, weight_decay=0.0, seed=0)
 
 @pytest.mark.parametrize("modalities", [MODALITIES, ("t1gd",)])
 def test_split_steps_time_every_part_and_validate(tiny_bench_data, modalities):
-    split = InProcessSplit(tiny_bench_data, modalities, CONFIG, CPU, "dice_ce", SimulatedWire(CPU))
+    split = InProcessSplit(tiny_bench_data, modalities, CONFIG, CPU, "dice_ce", SimulatedWire())
     planner = planner_for(tiny_bench_data, SIZE, seed=0)
     clock = StepClock(CPU)
     loss = split.step(planner.next_plan(), clock)

@@ -96,3 +96,52 @@ def test_mean_fusion_trains_with_a_site_absent(tiny_parties):
     assert np.isfinite(step.loss)
     assert step.grads[2] is None and all(g is not None for i, g in enumerate(step.grads) if i != 2)
     assert server.decode(features).shape == (1, 3, 32, 32, 32)
+
+
+def _fixed_plan(server):
+    shapes = {key: info["shape"] for key, info in server.describe_cases().items()}
+    return RandomCropPlanner(shapes, (32, 32, 32), batch_size=2, seed=0, flip_prob=0.0).next_plan()
+
+
+def test_amp_decodes_in_bfloat16_and_returns_wire_dtype_gradients(tiny_parties):
+    sites, _ = _build(tiny_parties, CONFIG)
+    server = ServerTrainer(LabelFolder(tiny_parties / "labels", party="server"), SECRET, amp=True)
+    assert server.amp is False  # AMP is for CUDA devices: a CPU server trains in float32
+    server.amp = True  # what amp_applies grants on CUDA; CPU autocast here only checks where it is applied
+    server.build(CONFIG, num_sites=len(sites))
+    seen = []
+    for conv in (m for m in server.decoder.modules() if isinstance(m, torch.nn.Conv3d)):
+        conv.register_forward_hook(lambda _m, _i, output: seen.append(output.dtype))
+    plan = _fixed_plan(server)
+    step = server.train_step(plan, [site.forward(plan) for site in sites])
+    assert seen and set(seen) == {torch.bfloat16}
+    assert np.isfinite(step.loss)
+    assert {g.dtype for grads in step.grads for g in grads.values()} == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in server.decoder.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_server_returns_pinned_host_gradients(tiny_parties):
+    sites, _ = _build(tiny_parties, CONFIG)
+    server = ServerTrainer(LabelFolder(tiny_parties / "labels", party="server"), SECRET, "cuda", amp=True)
+    server.build(CONFIG, num_sites=len(sites))
+    plan = _fixed_plan(server)
+    step = server.train_step(plan, [site.forward(plan) for site in sites])
+    assert server.amp is True and np.isfinite(step.loss)
+    for grads in step.grads:
+        assert all(g.device.type == "cpu" and g.is_pinned() and torch.isfinite(g).all() for g in grads.values())
+
+
+def test_features_targets_and_gradients_cross_the_host_staging(parties, recording_staging):
+    sites, server = parties
+    server.staging = recording_staging
+    plan = _fixed_plan(server)
+    sent = [site.forward(plan) for site in sites]
+    server.train_step(plan, sent)
+    shapes = [{level: tuple(t.shape) for level, t in features.items()} for features in sent]
+    tags = [f"site{index}" for index in range(len(sites))]
+    assert recording_staging.calls == [
+        *[("to_device", tag, shape) for tag, shape in zip(tags, shapes)],
+        ("to_device", "target", {0: (2, 3, 32, 32, 32)}),
+        *[("to_host", tag, shape) for tag, shape in zip(tags, shapes)],
+    ]

@@ -93,3 +93,56 @@ def test_site_local_seed_hides_the_initial_encoder_from_the_server(tiny_parties)
     own = initial_weights(init_seed=987654)
     assert torch.equal(own, initial_weights(init_seed=987654))
     assert not torch.allclose(own, from_server_seed)
+
+
+def _conv_output_dtypes(module: torch.nn.Module) -> list[torch.dtype]:
+    seen = []
+    for conv in (m for m in module.modules() if isinstance(m, torch.nn.Conv3d)):
+        conv.register_forward_hook(lambda _m, _i, output: seen.append(output.dtype))
+    return seen
+
+
+def test_amp_is_ignored_on_a_cpu(tiny_parties):
+    site = SiteTrainer(ModalityFolder(tiny_parties / "t1gd", "t1gd", party="site-3"), "test-secret", amp=True)
+    site.build(CONFIG)
+    dtypes = _conv_output_dtypes(site.encoder)
+    site.forward(_plan(site))
+    assert site.amp is False and set(dtypes) == {torch.float32}
+
+
+def test_amp_wraps_the_training_forward_only_and_sends_the_wire_dtype(trainer):
+    # What amp_applies grants on a CUDA device; CPU autocast here only checks where the trainer applies it.
+    trainer.amp = True
+    dtypes = _conv_output_dtypes(trainer.encoder)
+    features = trainer.forward(_plan(trainer))
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert {t.dtype for t in features.values()} == {torch.float32}
+    assert {t.dtype for t in trainer._pending.values()} == {torch.bfloat16}
+    trainer.backward({level: torch.ones_like(t) for level, t in features.items()})
+    assert trainer.steps_applied == 1 and all(p.dtype == torch.float32 for p in trainer.encoder.parameters())
+    dtypes.clear()
+    trainer.encode(_plan(trainer))  # validation and inference stay float32
+    assert set(dtypes) == {torch.float32}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_site_trains_under_autocast_and_sends_pinned_host_features(tiny_parties):
+    site = SiteTrainer(ModalityFolder(tiny_parties / "t1gd", "t1gd", party="site-3"), "test-secret", "cuda", amp=True)
+    site.build(CONFIG)
+    features = site.forward(_plan(site))
+    assert site.amp is True
+    assert all(t.device.type == "cpu" and t.is_pinned() and t.dtype == torch.float32 for t in features.values())
+    site.backward({level: torch.full_like(t, 1e-3) for level, t in features.items()})
+    assert all(torch.isfinite(p).all() for p in site.encoder.parameters())
+
+
+def test_crops_features_and_gradients_cross_the_host_staging(trainer, recording_staging):
+    trainer.staging = recording_staging
+    features = trainer.forward(_plan(trainer))
+    trainer.backward({level: torch.ones_like(t) for level, t in features.items()})
+    shapes = {level: tuple(t.shape) for level, t in features.items()}
+    assert recording_staging.calls == [
+        ("to_device", "crops", {0: (1, 1, 32, 32, 32)}),
+        ("to_host", "features", shapes),
+        ("to_device", "gradients", shapes),
+    ]

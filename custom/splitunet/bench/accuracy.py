@@ -60,7 +60,7 @@ def accuracy_arms(
 
     def split(modalities, precision):
         def make():
-            wire = SimulatedWire(settings.device, precision, serializer)
+            wire = SimulatedWire(precision, serializer)
             return InProcessSplit(data, modalities, config, settings.device, settings.loss, wire, amp=settings.amp)
 
         return make

@@ -18,11 +18,12 @@ import torch
 from monai.networks.nets import BasicUNet
 from torch import nn
 
-from splitunet.bench.amp import autocast
 from splitunet.bench.phantom_data import BenchData
 from splitunet.bench.timing import StepClock
 from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.sampling import extract_crop
+from splitunet.host_staging import PinnedStaging
+from splitunet.mixed_precision import amp_applies, autocast
 from splitunet.model_config import SplitModelConfig
 from splitunet.networks import MonolithicSplitUNet
 from splitunet.networks.site_encoder import DEFAULT_ACT, DEFAULT_NORM
@@ -58,7 +59,7 @@ class CentralizedTrainer:
         device: where the network runs.
         loss: loss name (as the server's).
         network: ``"basic_unet"`` or ``"monolithic_split_unet"``.
-        amp: autocast the forward pass.
+        amp: autocast the forward pass (the loss in float32, as the server computes it).
     """
 
     def __init__(
@@ -74,7 +75,9 @@ class CentralizedTrainer:
             raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
         self.data = data
         self.device = torch.device(device)
-        self.amp = amp
+        self.amp = amp_applies(self.device, amp)
+        # Crops reach the GPU as the split parties' do, through pinned buffers.
+        self.staging = PinnedStaging(self.device)
         self.folders = [data.modality_folder(modality) for modality in MODALITIES]
         self.labels = data.label_folder()
         self.key_to_case = keys_to_case_ids(self.labels.case_ids, data.secret, party="bench-centralized")
@@ -106,9 +109,9 @@ class CentralizedTrainer:
             channels = [extract_crop(folder.read(case)[0], origin, plan["size"], flips) for folder in self.folders]
             images.append(np.stack(channels))
             targets.append(extract_crop(self.labels.read(case)[0], origin, plan["size"], flips))
-        image = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
-        target = torch.from_numpy(np.stack(targets).astype(np.float32)).to(self.device, non_blocking=True)
-        return image, target
+        batch = {0: torch.from_numpy(np.stack(images)), 1: torch.from_numpy(np.stack(targets).astype(np.float32))}
+        staged = self.staging.to_device(batch, "batch")
+        return staged[0], staged[1]
 
     def step(self, plan: Mapping, clock: StepClock) -> float:
         """One training iteration, timed as the ``compute`` part. Returns the loss."""
@@ -116,7 +119,8 @@ class CentralizedTrainer:
             image, target = self._batch(plan)
             self.net.train()
             with autocast(self.device, self.amp):
-                loss = self.loss_fn(self.net(image), target)
+                logits = self.net(image)
+            loss = self.loss_fn(logits.float(), target)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -22,7 +22,7 @@ from splitunet.bench.phantom_data import BenchData
 from splitunet.bench.settings import BenchSettings, ProblemSize
 from splitunet.protocol import MODALITIES
 
-__all__ = ["run_simulator_path", "run_poc_path", "flare_server_args"]
+__all__ = ["run_simulator_path", "run_poc_path", "flare_server_args", "flare_client_args"]
 
 # Bound, in seconds, for the POC server and sites to start and connect.
 _POC_START_S = 300.0
@@ -41,7 +41,13 @@ def flare_server_args(problem: ProblemSize, settings: BenchSettings) -> dict:
         "skip_levels": list(problem.skip_levels),
         "seed": settings.seed,
         "log_every": max(1, iterations // 4),
+        "amp": settings.amp,
     }
+
+
+def flare_client_args(settings: BenchSettings) -> dict:
+    """Executor overrides: the sites compute as the in-process arms do (``--amp``)."""
+    return {"amp": settings.amp}
 
 
 def _figures(results: dict, elapsed_s: float) -> dict:
@@ -70,6 +76,7 @@ def run_simulator_path(out_dir: Path, data: BenchData, problem: ProblemSize, set
         shape=settings.volume_shape,
         seed=settings.seed,
         server_args=flare_server_args(problem, settings),
+        client_args=flare_client_args(settings),
         timeout_s=settings.flare_timeout_s,
     )
     start = time.perf_counter()
@@ -110,7 +117,10 @@ def run_poc_path(out_dir: Path, data: BenchData, problem: ProblemSize, settings:
 
     workspace = (Path(out_dir) / "poc_run").resolve()
     job = copy_job_with_overrides(
-        main_job_dir(), workspace / "job" / "split_unet", flare_server_args(problem, settings)
+        main_job_dir(),
+        workspace / "job" / "split_unet",
+        flare_server_args(problem, settings),
+        flare_client_args(settings),
     )
     summary_path = workspace / "results.json"
     summary_path.unlink(missing_ok=True)

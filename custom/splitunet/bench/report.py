@@ -16,7 +16,7 @@ from splitunet.protocol import REGIONS
 __all__ = ["write_report", "render_markdown", "load_report"]
 
 _MB = 1e6  # the report's MB: 10^6 bytes
-_PARTS = ("compute", "site_compute", "server_compute", "serialization", "host_transfer", "waiting_transfer", "other")
+_PARTS = ("compute", "site_compute", "server_compute", "serialization", "waiting_transfer", "other")
 
 
 def _cell(text: str, limit: int = 200) -> str:

@@ -86,7 +86,8 @@ class BenchSettings:
     Attributes:
         out_dir: where ``bench.json``, ``bench.md`` and the runs' folders go.
         device: the torch device of the in-process arms.
-        amp: run the in-process arms under ``torch.autocast`` (bfloat16).
+        amp: every party of every arm trains under bfloat16 autocast (the jobs' ``amp`` option; validation stays
+            float32).
         quick: the small preset (seconds per arm; for tests and a first look).
         sizes: problem sizes, by increasing crop; the step time and bytes of each are measured.
         reference_index: the size that is the job's configuration: accuracy and the FLARE paths run at it.
@@ -176,6 +177,8 @@ class BenchSettings:
         if device == "cuda" and not torch.cuda.is_available():
             raise SplitUNetConfigError("--device cuda: torch sees no CUDA device here")
         resolved = select_device(device)
+        if amp and resolved.type != "cuda":
+            raise SplitUNetConfigError("--amp needs a CUDA device: AMP is a GPU option (see splitunet.mixed_precision)")
         if flare and not flare_available():
             raise SplitUNetConfigError("nvflare is not installed here: pass --no-flare to run the in-process parts")
         job = job_training_args()

@@ -2,7 +2,7 @@
 
 Every site's :class:`~splitunet.site.trainer.SiteTrainer` and the :class:`~splitunet.server.trainer.ServerTrainer`
 are the classes the FLARE executor and controller wrap; only the transport differs. Activations and gradients
-still cross :class:`~splitunet.bench.wire.SimulatedWire` (encoding, host copies, serialization), so this is the
+still cross :class:`~splitunet.bench.wire.SimulatedWire` (encoding, serialization), so this is the
 lower bound of a FLARE step: the same work with no messaging. With one modality it is the single-modality
 baseline (one encoder, a decoder for one site).
 """
@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from splitunet.bench.amp import autocast
 from splitunet.bench.phantom_data import BenchData
 from splitunet.bench.timing import StepClock
 from splitunet.bench.wire import SimulatedWire
@@ -35,7 +34,7 @@ class InProcessSplit:
         device: where every party computes.
         loss: the server's loss name.
         wire: how tensors cross between parties (its precision applies both ways).
-        amp: autocast the forward passes.
+        amp: every party trains under bfloat16 autocast (the job's ``amp`` option).
     """
 
     def __init__(
@@ -52,14 +51,13 @@ class InProcessSplit:
             raise ValueError("InProcessSplit needs at least one modality")
         self.data = data
         self.device = torch.device(device)
-        self.amp = amp
         self.wire = wire
         self.sites = []
         for modality in modalities:
-            site = SiteTrainer(data.modality_folder(modality), data.secret, self.device)
+            site = SiteTrainer(data.modality_folder(modality), data.secret, self.device, amp=amp)
             site.build(config)
             self.sites.append(site)
-        self.server = ServerTrainer(data.label_folder(), data.secret, self.device, loss)
+        self.server = ServerTrainer(data.label_folder(), data.secret, self.device, loss, amp=amp)
         self.server.build(config, num_sites=len(self.sites))
         self.last_up: list[dict[int, torch.Tensor]] = []
         self.last_down: list[dict[int, torch.Tensor]] = []
@@ -67,24 +65,24 @@ class InProcessSplit:
     def step(self, plan: Mapping, clock: StepClock) -> float:
         """One training iteration: forward at every site, the server's step, backward at every site.
 
-        Parts on ``clock``: ``site_compute`` (all sites, one after the other), ``server_compute``,
-        ``serialization`` and, on a GPU, ``host_transfer``.
+        Parts on ``clock``: ``site_compute`` (all sites, one after the other; on a GPU with their host copies, as in
+        the job), ``server_compute`` (likewise) and ``serialization``.
 
         Returns:
             the loss.
         """
         received = []
         self.last_up = []
-        for index, site in enumerate(self.sites):
-            with clock.part("site_compute"), autocast(self.device, self.amp):
+        for site in self.sites:
+            with clock.part("site_compute"):
                 features = site.forward(plan)
             self.last_up.append(features)
-            received.append(self.wire.send(features, DataKind.ACTIVATIONS, f"site{index}", clock))
-        with clock.part("server_compute"), autocast(self.device, self.amp):
+            received.append(self.wire.send(features, DataKind.ACTIVATIONS, clock))
+        with clock.part("server_compute"):
             result = self.server.train_step(plan, received)
         self.last_down = result.grads
-        for index, (site, grads) in enumerate(zip(self.sites, result.grads)):
-            arrived = self.wire.send(grads, DataKind.GRADIENTS, f"server{index}", clock)
+        for site, grads in zip(self.sites, result.grads):
+            arrived = self.wire.send(grads, DataKind.GRADIENTS, clock)
             with clock.part("site_compute"):
                 site.backward(arrived)
         return result.loss
@@ -98,8 +96,8 @@ class InProcessSplit:
         def encode(plan: dict):
             clock = StepClock(self.device)  # validation cost is not part of the step-time figures
             features = []
-            for index, site in enumerate(self.sites):
-                features.append(self.wire.send(site.encode(plan), DataKind.ACTIVATIONS, f"site{index}", clock))
+            for site in self.sites:
+                features.append(self.wire.send(site.encode(plan), DataKind.ACTIVATIONS, clock))
             return features
 
         # In float32 even with AMP: the score must not depend on the training speed-up.

@@ -76,7 +76,7 @@ def time_problem_size(
         del arm
         _release(settings.device)
 
-    wire = SimulatedWire(settings.device, settings.wire_precision, serializer)
+    wire = SimulatedWire(settings.wire_precision, serializer)
     split = InProcessSplit(data, MODALITIES, config, settings.device, settings.loss, wire, amp=settings.amp)
     counted = {}
 

@@ -24,7 +24,7 @@ DICE_POINTS_TARGET = 1.0  # Dice points split may trail centralized by
 _COUNTERPARTS = {
     "site_compute": ("site_compute",),
     "server_compute": ("server_compute",),
-    "waiting_transfer": ("serialization", "host_transfer", "other"),
+    "waiting_transfer": ("serialization", "other"),
 }
 
 

@@ -1,10 +1,10 @@
-"""One hop of the wire in one process: precision encoding, host staging, serialization, and back to tensors.
+"""One hop of the wire in one process: precision encoding, serialization, and back to tensors.
 
 What a FLARE task does to activations (site -> server) and gradients (server -> site), minus the network: the
-sender encodes each level as the job's transfer dtype or the ``QuantizeFeatures`` filter would (the same
-:mod:`splitunet.wire_codec` functions), copies it to the host, serializes; the receiver deserializes, decodes and
-copies to its device. The in-process split benchmark sends every tensor through this, so its step time holds the
-true serialization cost and the only thing FLARE adds is its messaging.
+sender's host tensors (the trainers copy to and from their device themselves, as in the job) are encoded as the
+job's transfer dtype or the ``QuantizeFeatures`` filter would (the same :mod:`splitunet.wire_codec` functions),
+serialized, deserialized and decoded. The in-process split benchmark sends every tensor through this, so its step
+time holds the true serialization cost and the only thing FLARE adds is its messaging.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from collections.abc import Mapping
 
 import torch
 
-from splitunet.bench.host_staging import PinnedStaging
 from splitunet.bench.serialization import FeatureSerializer
 from splitunet.bench.timing import StepClock
 from splitunet.wire_codec import entry_bytes, quantize_affine
@@ -45,52 +44,33 @@ def encode_levels(
     return payloads, encodings
 
 
-def _encoding_to_host(encoding: dict) -> dict:
-    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in encoding.items()}
-
-
 class SimulatedWire:
     """Sends per-level tensors across a simulated hop and reports the parts of its cost.
 
     Args:
-        device: where sender and receiver compute.
         precision: wire precision of every level (``"float32"``, ``"float16"``, ``"int8"``).
         serializer: how tensors become bytes (default: FLARE's when installed).
     """
 
-    def __init__(self, device: torch.device, precision: str = "float32", serializer: FeatureSerializer | None = None):
+    def __init__(self, precision: str = "float32", serializer: FeatureSerializer | None = None):
         if precision not in WIRE_PRECISIONS:
             raise ValueError(f"precision must be one of {list(WIRE_PRECISIONS)}, got {precision!r}")
-        self.device = torch.device(device)
         self.precision = precision
         self.serializer = serializer or FeatureSerializer()
-        self.staging = PinnedStaging(self.device)
         self.payload_bytes = 0
         self.serialized_bytes = 0
 
-    def send(
-        self, tensors: Mapping[int, torch.Tensor], data_kind: str, tag: str, clock: StepClock
-    ) -> dict[int, torch.Tensor]:
-        """Tensors as the receiver gets them, on the device; time goes to ``serialization`` and ``host_transfer``.
+    def send(self, tensors: Mapping[int, torch.Tensor], data_kind: str, clock: StepClock) -> dict[int, torch.Tensor]:
+        """Tensors as the receiver gets them, on the host; the time goes to ``serialization``.
 
         Args:
-            tensors: level -> tensor on the sender's device.
+            tensors: level -> host tensor, as the sender's trainer returns it.
             data_kind: the DXO kind (activations or gradients).
-            tag: names the sender, so that each sender reuses its own staging buffers.
             clock: the step's clock.
         """
         with clock.part("serialization"):
             payloads, encodings = encode_levels(tensors, self.precision)
-        if self.staging.enabled:
-            with clock.part("host_transfer"):
-                payloads = self.staging.to_host(payloads, tag)
-        with clock.part("serialization"):
-            encodings = {level: _encoding_to_host(e) for level, e in encodings.items()}
             self.payload_bytes += sum(entry_bytes(payloads[level], encodings.get(level)) for level in payloads)
             blob = self.serializer.dumps(payloads, encodings, data_kind)
             self.serialized_bytes += len(blob)
-            received = self.serializer.loads(blob, data_kind)
-        if not self.staging.enabled:
-            return received
-        with clock.part("host_transfer"):
-            return self.staging.to_device(received, tag)
+            return self.serializer.loads(blob, data_kind)

@@ -88,6 +88,8 @@ class SplitLearningController(SiteTaskController):
         task_long_poll_s: seconds a site's request for work may wait at the server for its next task (0: FLARE's
             polling only; see :mod:`splitunet.flare.task_long_poll`).
         device: ``"auto"`` or a torch device for the decoder.
+        amp: train the decoder under bfloat16 autocast (for GPUs; see :mod:`splitunet.mixed_precision`). Each
+            site chooses its own in its executor's ``amp``; the wire precision does not change.
         num_threads: torch CPU threads at the server (0: default or ``$SPLITUNET_TORCH_THREADS``).
         log_every: iterations between log lines with the timing split.
         analytics: stream metrics as FLARE analytics events (a ``TBAnalyticsReceiver`` in the job writes them
@@ -123,6 +125,7 @@ class SplitLearningController(SiteTaskController):
         task_check_period: float = 0.005,
         task_long_poll_s: float = 0.0,
         device: str = "auto",
+        amp: bool = False,
         num_threads: int = 0,
         log_every: int = 10,
         analytics: bool = True,
@@ -162,6 +165,8 @@ class SplitLearningController(SiteTaskController):
                 "on_site_failure='continue' and modality_dropout > 0 need fusion='mean' (a concatenating decoder "
                 f"cannot run with a modality absent); got fusion={fusion!r}"
             )
+        if not isinstance(amp, bool):
+            raise SplitUNetConfigError(f"amp must be true or false, got {amp!r}")
         if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
             raise SplitUNetConfigError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
         if not isinstance(experiment, str) or not EXPERIMENT_NAME.match(experiment):
@@ -184,6 +189,7 @@ class SplitLearningController(SiteTaskController):
         self.experiment = experiment
         self.resume = bool(resume)
         self.device_name = device
+        self.amp = amp
         self.log_every = log_every
         self.analytics = bool(analytics)
         self.analytics_sender: AnalyticsSender | None = None
@@ -207,7 +213,10 @@ class SplitLearningController(SiteTaskController):
             raise SplitUNetConfigError(f"{settings.source}: the server's entry needs 'labels_dir' to train")
         labels = LabelFolder(settings.labels_dir, settings.layout, party=server_party)
         self.layout = get_layout(settings.layout)
-        self.trainer = ServerTrainer(labels, settings.case_key_secret, select_device(self.device_name), self.loss_name)
+        device = select_device(self.device_name)
+        self.trainer = ServerTrainer(labels, settings.case_key_secret, device, self.loss_name, amp=self.amp)
+        if self.amp and not self.trainer.amp:
+            self.log_warning(fl_ctx, f"amp ignored on {device} (AMP is for CUDA): the decoder trains in float32")
         self.checkpoints = checkpoint_folder(fl_ctx, settings.checkpoint_dir, self.experiment)
         self.sites = self.requested_sites or sorted(client.name for client in self._engine.get_clients())
         if not self.sites:
@@ -234,6 +243,7 @@ class SplitLearningController(SiteTaskController):
             model=self.model_config.to_dict(),
             crop_size=list(self.crop_size),
             batch_size=self.batch_size,
+            server_compute={"device": str(self.trainer.device), "amp": self.trainer.amp, "amp_requested": self.amp},
             history=[],
             loss_curve=[],
             dropped_sites=[],

@@ -29,6 +29,12 @@ from splitunet.transport import control_dxo, dxo_to_features, features_to_dxo, r
 __all__ = ["SplitSiteExecutor"]
 
 
+def _amp_note(requested: bool, applied: bool) -> str:
+    if applied:
+        return ", training under bfloat16 autocast"
+    return ", amp ignored on this device (AMP is for CUDA), training in float32" if requested else ""
+
+
 class SplitSiteExecutor(Executor):
     """Runs one modality site of Split-U-Net.
 
@@ -39,13 +45,18 @@ class SplitSiteExecutor(Executor):
     Args:
         device: ``"auto"`` (CUDA if this site has a GPU, else CPU) or a torch device name.
         num_threads: torch CPU threads; 0 keeps torch's default (or ``$SPLITUNET_TORCH_THREADS``).
+        amp: train the encoder under bfloat16 autocast (for GPUs; see :mod:`splitunet.mixed_precision`). A
+            site's own choice: features still leave in the job's wire precision.
     """
 
-    def __init__(self, device: str = "auto", num_threads: int = 0):
+    def __init__(self, device: str = "auto", num_threads: int = 0, amp: bool = False):
         super().__init__()
         if not isinstance(num_threads, int) or num_threads < 0:
             raise SplitUNetConfigError(f"num_threads must be an int >= 0, got {num_threads!r}")
+        if not isinstance(amp, bool):
+            raise SplitUNetConfigError(f"amp must be true or false, got {amp!r}")
         self.device_name = device
+        self.amp = amp
         self.num_threads = num_threads
         self.trainer: SiteTrainer | None = None
         self.checkpoints: Path | None = None
@@ -89,13 +100,14 @@ class SplitSiteExecutor(Executor):
         inference = dxo.get_meta_prop(MetaKey.INFERENCE)
         data_dir = (settings.inference_dir or settings.data_dir) if inference else settings.data_dir
         folder = ModalityFolder(data_dir, settings.modality, party=party)
-        self.trainer = SiteTrainer(folder, settings.case_key_secret, device)
+        self.trainer = SiteTrainer(folder, settings.case_key_secret, device, amp=self.amp)
         self.trainer.build(SplitModelConfig.from_dict(dxo.get_meta_prop(MetaKey.CONFIG)), settings.encoder_seed)
         self.checkpoints = checkpoint_folder(fl_ctx, settings.checkpoint_dir, dxo.get_meta_prop(MetaKey.EXPERIMENT))
+        compute = f"device {device}" + _amp_note(self.amp, self.trainer.amp)
         self.log_info(
             fl_ctx,
             f"{party}: modality {settings.modality}, {len(self.trainer.key_to_case)} cases from {data_dir} "
-            f"(settings {settings.source}), device {device}, checkpoints in {self.checkpoints}",
+            f"(settings {settings.source}), {compute}, checkpoints in {self.checkpoints}",
         )
         resume = dxo.get_meta_prop(MetaKey.RESUME)
         if resume:

@@ -14,6 +14,8 @@ from monai.metrics import DiceMetric
 from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.party_data import LabelFolder
 from splitunet.data.sampling import extract_crop
+from splitunet.host_staging import PinnedStaging
+from splitunet.mixed_precision import amp_applies, autocast
 from splitunet.model_config import SplitModelConfig
 from splitunet.networks import ServerDecoder
 from splitunet.protocol import REGIONS
@@ -57,8 +59,8 @@ def to_decoder_inputs(
 
 @dataclass
 class StepResult:
-    """Outcome of one server step: the loss and, per site in order, the gradients of its features (``None`` for a
-    site that sent none)."""
+    """Outcome of one server step: the loss and, per site in order, the gradients of its features as host tensors
+    (``None`` for a site that sent none)."""
 
     loss: float
     grads: list[dict[int, torch.Tensor]]
@@ -68,11 +70,20 @@ class StepResult:
 class ServerTrainer:
     """Holds the labels, the decoder and the loss; turns the sites' features into their gradients.
 
+    Features arrive and gradients leave as host tensors (what FLARE serializes); on a GPU they cross through
+    reused pinned buffers (:class:`~splitunet.host_staging.PinnedStaging`), one set per site.
+
     Args:
         labels: the label holder's folder.
         case_key_secret: secret shared by the data holders for keyed case hashes.
         device: where the decoder runs.
         loss: ``"dice_ce"`` or ``"dice_focal"``.
+        amp: on a CUDA device, run the decoder's training pass under bfloat16 autocast
+            (:mod:`~splitunet.mixed_precision`; ignored on a CPU, see :attr:`amp`); the loss is computed in
+            float32, gradients leave in the job's wire precision, and validation stays float32.
+
+    Attributes:
+        amp: whether training passes really run under autocast here.
     """
 
     def __init__(
@@ -81,10 +92,13 @@ class ServerTrainer:
         case_key_secret: str,
         device: torch.device | str = "cpu",
         loss: str = "dice_ce",
+        amp: bool = False,
     ):
         self.labels = labels
         self.party = labels.party
         self.device = torch.device(device)
+        self.amp = amp_applies(self.device, amp)
+        self.staging = PinnedStaging(self.device)
         self.loss_fn = make_loss(loss)
         self.key_to_case = keys_to_case_ids(labels.case_ids, case_key_secret, party=self.party)
         self.config: SplitModelConfig | None = None
@@ -114,15 +128,19 @@ class ServerTrainer:
         for key, origin, flips in zip(plan["keys"], plan["origins"], plan["flips"]):
             regions, _ = self.labels.read(self.key_to_case[key])
             crops.append(extract_crop(regions, origin, plan["size"], flips))
-        return torch.from_numpy(np.stack(crops).astype(np.float32)).to(self.device, non_blocking=True)
+        return self.staging.to_device({0: torch.from_numpy(np.stack(crops).astype(np.float32))}, "target")[0]
 
     def _leaves(self, site_features: Sequence[Mapping[int, torch.Tensor]]) -> list[dict[int, torch.Tensor]]:
         if len(site_features) != self.num_sites:
             raise ValueError(f"expected features from {self.num_sites} sites, got {len(site_features)}")
+        staged = [
+            None if features is None else self.staging.to_device(features, f"site{index}")
+            for index, features in enumerate(site_features)
+        ]
         # Received features become leaves: their .grad is exactly what each site needs back.
         return [
             None if features is None else {level: t.requires_grad_(True) for level, t in features.items()}
-            for features in to_decoder_inputs(site_features, self.device)
+            for features in to_decoder_inputs(staged, self.device)
         ]
 
     def train_step(self, plan: Mapping, site_features: Sequence[Mapping[int, torch.Tensor] | None]) -> StepResult:
@@ -133,15 +151,20 @@ class ServerTrainer:
         start = time.perf_counter()
         self.decoder.train()
         leaves = self._leaves(site_features)
-        logits = self.decoder(leaves)
-        loss = self.loss_fn(logits, self._target(plan))
+        with autocast(self.device, self.amp):
+            logits = self.decoder(leaves)
+        loss = self.loss_fn(logits.float(), self._target(plan))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         wire_dtype = getattr(torch, self.config.transfer_dtype)
         grads = [
-            None if leaf_map is None else {level: leaf.grad.detach().to(wire_dtype) for level, leaf in leaf_map.items()}
-            for leaf_map in leaves
+            None
+            if leaf_map is None
+            else self.staging.to_host(
+                {level: leaf.grad.detach().to(wire_dtype) for level, leaf in leaf_map.items()}, f"site{index}"
+            )
+            for index, leaf_map in enumerate(leaves)
         ]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

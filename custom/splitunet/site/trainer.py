@@ -12,6 +12,8 @@ from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.party_data import ModalityFolder
 from splitunet.data.sampling import extract_crop
 from splitunet.errors import SplitUNetDataError
+from splitunet.host_staging import PinnedStaging
+from splitunet.mixed_precision import amp_applies, autocast
 from splitunet.model_config import SplitModelConfig
 from splitunet.networks import SiteEncoder
 from splitunet.protocol import MODALITIES
@@ -39,17 +41,30 @@ class SiteTrainer:
     The server names crops by keyed case hash; only this site can map a key back to its file. Between
     :meth:`forward` and :meth:`backward` the trainer keeps the autograd graph of the features it sent.
 
+    Features leave and gradients arrive as host tensors (what FLARE serializes); on a GPU they cross through
+    reused pinned buffers (:class:`~splitunet.host_staging.PinnedStaging`), so the copies are asynchronous DMAs.
+
     Args:
         folder: this site's modality folder.
         case_key_secret: secret shared by the data holders for keyed case hashes.
         device: where the encoder runs.
+        amp: on a CUDA device, run the training forward pass under bfloat16 autocast
+            (:mod:`~splitunet.mixed_precision`; ignored on a CPU, see :attr:`amp`); features still leave in the
+            job's wire precision, and :meth:`encode` (validation, inference) stays float32.
+
+    Attributes:
+        amp: whether training passes really run under autocast here.
     """
 
-    def __init__(self, folder: ModalityFolder, case_key_secret: str, device: torch.device | str = "cpu"):
+    def __init__(
+        self, folder: ModalityFolder, case_key_secret: str, device: torch.device | str = "cpu", amp: bool = False
+    ):
         self.folder = folder
         self.party = folder.party
         self.modality = folder.modality
         self.device = torch.device(device)
+        self.amp = amp_applies(self.device, amp)
+        self.staging = PinnedStaging(self.device)
         self.key_to_case = keys_to_case_ids(folder.case_ids, case_key_secret, party=self.party)
         self.config: SplitModelConfig | None = None
         self.encoder: SiteEncoder | None = None
@@ -85,26 +100,29 @@ class SiteTrainer:
                 raise SplitUNetDataError(f"server asked for unknown case key {key}", party=self.party)
             volume, _ = self.folder.read(case_id)
             crops.append(extract_crop(volume, origin, plan["size"], flips))
-        batch = torch.from_numpy(np.stack(crops)[:, None])
-        return batch.to(self.device, non_blocking=True)
+        return self.staging.to_device({0: torch.from_numpy(np.stack(crops)[:, None])}, "crops")[0]
 
     def _require_built(self) -> None:
         if self.encoder is None:
             raise RuntimeError(f"{self.party}: encoder not built; the setup task must come first")
 
-    def _to_wire(self, features: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+    def _to_wire(self, features: Sequence[torch.Tensor], tag: str) -> dict[int, torch.Tensor]:
         dtype = getattr(torch, self.config.transfer_dtype)
-        return {level: features[level].detach().to(dtype) for level in self.config.sent_levels}
+        sent = {level: features[level].detach().to(dtype) for level in self.config.sent_levels}
+        return self.staging.to_host(sent, tag)
 
     def forward(self, plan: Mapping) -> dict[int, torch.Tensor]:
-        """Encode the planned crops for training; returns the features to send (detached), keeps the graph."""
+        """Encode the planned crops for training; returns the features to send (detached, on the host), keeps the
+        graph."""
         self._require_built()
         if self._pending is not None:
             raise RuntimeError(f"{self.party}: forward called while the previous step's gradients are pending")
         self.encoder.train()
-        features = self.encoder(self._batch(plan))
+        batch = self._batch(plan)
+        with autocast(self.device, self.amp):
+            features = self.encoder(batch)
         self._pending = {level: features[level] for level in self.config.sent_levels}
-        return self._to_wire(features)
+        return self._to_wire(features, "features")
 
     def backward(self, grads: Mapping[int, torch.Tensor]) -> None:
         """Back-propagate the server's gradients through the pending features and step the optimiser."""
@@ -115,8 +133,10 @@ class SiteTrainer:
             raise ValueError(
                 f"{self.party}: gradients for levels {sorted(grads)} do not match sent levels {sorted(self._pending)}"
             )
+        grads = self.staging.to_device(grads, "gradients")
         outputs, grad_tensors = [], []
         for level, output in self._pending.items():
+            # Under AMP the outputs are bfloat16; the wire's gradients take their dtype.
             grad = grads[level].to(device=output.device, dtype=output.dtype)
             if grad.shape != output.shape:
                 raise ValueError(
@@ -132,11 +152,11 @@ class SiteTrainer:
 
     @torch.no_grad()
     def encode(self, plan: Mapping) -> dict[int, torch.Tensor]:
-        """Encode windows for inference (no graph kept)."""
+        """Encode windows for validation or inference (no graph kept, float32); returns host tensors."""
         self._require_built()
         self.encoder.eval()
         features = self.encoder(self._batch(plan))
-        return self._to_wire(features)
+        return self._to_wire(features, "encoded")
 
     def state_dict(self) -> dict:
         """Encoder and optimiser state (stays at the site)."""

@@ -1,8 +1,13 @@
-"""Host <-> GPU copies of feature tensors through reused pinned buffers, so the copies can run asynchronously.
+"""Host <-> GPU copies of a party's tensors through reused pinned buffers, so the copies can run asynchronously.
+
+FLARE serializes tensors on the host, so every feature and gradient a GPU party sends or receives crosses here;
+so do the crops it reads.
 
 A copy from pageable host memory is staged by the driver and blocks; from page-locked (pinned) memory it is a
 DMA that ``non_blocking=True`` overlaps with other work. Allocating pinned memory is slow, so buffers are kept
-per (direction, level, shape, dtype) and reused every step. On a CPU device both copies are no-ops.
+per (tag, direction, level, shape, dtype) and reused every step: a returned host buffer is valid until the
+next call with the same tag, which the protocol puts after the tensors have left (one step in flight). On a
+CPU device both copies are no-ops.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class PinnedStaging:
             return {level: tensor.detach() for level, tensor in tensors.items()}
         host = {}
         for level, tensor in tensors.items():
+            if tensor.device.type == "cpu":
+                host[level] = tensor.detach()
+                continue
             buffer = self._buffer(f"{tag}/d2h", level, tensor)
             buffer.copy_(tensor.detach(), non_blocking=True)
             host[level] = buffer
@@ -58,6 +66,9 @@ class PinnedStaging:
             self._pending.pop(tag).synchronize()
         moved = {}
         for level, tensor in tensors.items():
+            if tensor.device.type != "cpu":
+                moved[level] = tensor.to(self.device)
+                continue
             buffer = self._buffer(tag, level, tensor)
             buffer.copy_(tensor)
             moved[level] = buffer.to(self.device, non_blocking=True)

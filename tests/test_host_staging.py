@@ -1,11 +1,11 @@
-"""bench.host_staging: pinned buffers for GPU copies, a pass-through on the CPU."""
+"""host_staging: pinned buffers for GPU copies, a pass-through on the CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from splitunet.bench.host_staging import PinnedStaging
+from splitunet.host_staging import PinnedStaging
 
 
 def test_cpu_staging_passes_tensors_through():
