@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         type=int,
         default=0,
-        help="runs of the two split arms that differ only in their wire (default: the preset's, 3; quick 1)",
+        help="runs of the two split arms that differ only in their wire and of the same-architecture centralized arm "
+        "(default: the preset's, 3; quick 1)",
     )
     bench.add_argument("--cases", type=int, default=0, help="phantom cases (default: the preset's)")
     bench.add_argument("--seed", type=int, default=0)

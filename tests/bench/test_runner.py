@@ -110,10 +110,11 @@ def test_flare_paths_loopback_and_accuracy(quick_report):
     }
     assert all(set(arm["dice"]) == {*REGIONS, "mean"} for arm in arms.values())
     assert report["accuracy"]["seeds"] == [0, 1]
-    for name in ("split", f"split_{other}"):
+    repeated = ("split", f"split_{other}", "centralized_split_architecture")
+    for name in repeated:
         assert [run["seed"] for run in arms[name]["repeats"]] == [0, 1]
         assert arms[name]["repeats"][0]["dice"] == arms[name]["dice"]
-    assert all("repeats" not in arm for name, arm in arms.items() if not name.startswith("split"))
+    assert all("repeats" not in arm for name, arm in arms.items() if name not in repeated)
 
 
 def test_targets_are_reported_not_asserted(quick_report):

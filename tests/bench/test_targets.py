@@ -130,3 +130,27 @@ def test_repeated_wire_pair_is_judged_on_the_mean_of_paired_differences():
     assert transport["measured"] == pytest.approx(-0.5) and transport["met"] is True
     assert "mean of 2 paired runs (seeds [0, 1]): -1.00, +0.00" in transport["note"]
     assert "final training losses (int8 / float32): 0.5000 / 0.5000, 0.5000 / 0.5000" in transport["note"]
+
+
+def test_repeated_same_architecture_arm_is_judged_on_paired_differences():
+    report = _report({"skipped": "x"}, split_dice=0.80)
+    arms = report["accuracy"]["arms"]
+
+    def runs(means, loss):
+        return [{"seed": seed, "dice": {"mean": mean}, "final_loss": loss} for seed, mean in enumerate(means)]
+
+    # Seed 0 alone would say -3 points; the three pairs say -1 on average.
+    arms["split"]["repeats"] = runs([0.80, 0.70, 0.60], 0.4)
+    arms["centralized_split_architecture"]["repeats"] = runs([0.83, 0.70, 0.60], 0.3)
+    target = _by_name(evaluate_targets(report, "int8"))["split - centralized of the same architecture mean Dice"]
+    assert target["measured"] == pytest.approx(-1.0) and target["met"] is True
+    assert "mean of 3 paired runs (seeds [0, 1, 2]): -3.00, +0.00, +0.00" in target["note"]
+    assert "final training losses (split / centralized): 0.4000 / 0.3000" in target["note"]
+
+
+def test_same_architecture_arm_without_repeats_is_one_difference():
+    target = _by_name(evaluate_targets(_report({"skipped": "x"}, split_dice=0.80), "int8"))[
+        "split - centralized of the same architecture mean Dice"
+    ]
+    assert target["measured"] == pytest.approx(-3.0) and target["met"] is False
+    assert "paired runs" not in target["note"]

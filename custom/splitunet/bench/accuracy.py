@@ -25,6 +25,7 @@ __all__ = [
     "train_and_validate",
     "comparison_precision",
     "wire_pair",
+    "repeated_arms",
     "SINGLE_PREFIX",
     "CENTRALIZED_SAME_ARCHITECTURE",
 ]
@@ -47,6 +48,12 @@ def comparison_precision(default_precision: str) -> str:
 def wire_pair(default_precision: str) -> tuple[str, str]:
     """The two split arms that differ only in their wire: the job's default and :func:`comparison_precision`."""
     return "split", f"split_{comparison_precision(default_precision)}"
+
+
+def repeated_arms(default_precision: str) -> tuple[str, ...]:
+    """The arms trained from every seed: the wire pair and the equal-capacity centralized arm, so that both Dice
+    goals that a single trajectory cannot settle (the wire's cost, split against pooled data) are paired means."""
+    return (*wire_pair(default_precision), CENTRALIZED_SAME_ARCHITECTURE)
 
 
 def accuracy_arms(
@@ -110,21 +117,21 @@ def train_and_validate(
 ) -> dict:
     """Train every arm for ``settings.accuracy_iterations`` on the same crops, then score the held-out cases.
 
-    With ``settings.accuracy_seeds`` > 1, the two split arms that differ only in their wire (:func:`wire_pair`)
-    are trained again from other seeds (initial weights and crop order), so the wire's cost in Dice is a mean of
-    paired runs rather than one trajectory.
+    With ``settings.accuracy_seeds`` > 1, the arms of :func:`repeated_arms` are trained again from other seeds
+    (initial weights and crop order), so the wire's cost in Dice and the split's gap to pooled training are means
+    of paired runs rather than one trajectory.
 
     Returns:
         ``{"iterations": n, "size": ..., "val_cases": k, "seeds": [...], "arms": {name: {"dice": {...},
-        "final_loss": f, "train_s": s, "validate_s": s}}}``; the paired arms also hold ``"repeats": [{"seed",
+        "final_loss": f, "train_s": s, "validate_s": s}}}``; the repeated arms also hold ``"repeats": [{"seed",
         "dice", "final_loss", ...}, ...]``, their first entry the main run.
     """
     seeds = [settings.seed + k for k in range(settings.accuracy_seeds)]
-    paired = wire_pair(settings.wire_precision)
+    paired = repeated_arms(settings.wire_precision)
     results = {}
     for seed in seeds:
         arms = accuracy_arms(data, problem, settings, serializer, seed)
-        # Every arm from the first seed; only the wire pair again from the others.
+        # Every arm from the first seed; only the repeated arms again from the others.
         for name in arms if seed == seeds[0] else paired:
             result = _train_arm(name, arms[name], data, problem, settings, seed)
             run = {"seed": seed, **result}

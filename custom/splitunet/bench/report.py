@@ -186,8 +186,8 @@ def _repeats_table(accuracy: Mapping) -> list[str]:
         return []
     seeds = accuracy.get("seeds") or sorted({r["seed"] for runs in repeated.values() for r in runs})
     lines = [
-        f"Mean Dice of the arms that differ only in their wire, each trained from {len(seeds)} seeds (initial "
-        "weights and crop order; the same seed gives both arms the same):",
+        f"Mean Dice of the arms trained from {len(seeds)} seeds (initial weights and crop order; the same seed "
+        "gives every arm the same):",
         "",
         "| arm | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean | sd |",
         "|---|" + "---|" * (len(seeds) + 2),

@@ -96,7 +96,7 @@ class BenchSettings:
         warmup_steps, timed_steps: per arm and size, steps run before timing and steps timed.
         accuracy_iterations: training iterations of every accuracy arm (equal budget).
         accuracy_seeds: runs, from seeds ``seed, seed + 1, ...``, of the two split arms that differ only in their
-            wire (one run of every other arm).
+            wire and of the equal-capacity centralized arm (one run of every other arm).
         flare_iterations: iterations of the FLARE simulator and POC runs.
         run_simulator, run_poc: whether the FLARE paths run.
         flare_timeout_s: bound of each FLARE run.

@@ -133,45 +133,52 @@ def _paired_points(arms: Mapping, cheaper: str, full: str) -> tuple[list[int], l
     return seeds, [100 * (cheap[seed] - reference[seed]) for seed in seeds]
 
 
-def _transport_target(arms: Mapping, default_precision: str, budget: str) -> dict:
-    """Dice of the cheaper wire minus Dice of float32 (the default against float32, or int8 against a float32 default).
+def _paired_comparison(arms: Mapping, arm: str, reference: str, label: str) -> tuple[float | None, str]:
+    """Dice of ``arm`` minus Dice of ``reference`` in points, and a note on how it was measured.
 
-    With repeated runs the measure is the mean of the paired differences (same seed: same initial weights and crops).
+    With repeated runs the measure is the mean of the paired differences (same seed: same initial weights and
+    crops), and the note lists each difference and the paired final training losses (``label`` names the pair).
     """
+    seeds, differences = _paired_points(arms, arm, reference)
+    points, note = None, ""
+    if differences:
+        points = float(np.mean(differences))
+    elif _mean_dice(arms, arm) is not None and _mean_dice(arms, reference) is not None:
+        points = 100 * (_mean_dice(arms, arm) - _mean_dice(arms, reference))
+    if len(differences) > 1:
+        each = ", ".join(f"{d:+.2f}" for d in differences)
+        spread = float(np.std(differences, ddof=1))
+        note = f"; mean of {len(differences)} paired runs (seeds {seeds}): {each}, sd {spread:.2f}"
+        # Training loss says whether the optimisation changed when Dice swings with a class threshold.
+        losses = {name: {r["seed"]: r["final_loss"] for r in arms[name]["repeats"]} for name in (arm, reference)}
+        pairs = ", ".join(f"{losses[arm][seed]:.4f} / {losses[reference][seed]:.4f}" for seed in seeds)
+        note += f"; final training losses ({label}): {pairs}"
+    return points, note
+
+
+def _transport_target(arms: Mapping, default_precision: str, budget: str) -> dict:
+    """Dice of the cheaper wire minus Dice of float32 (the default against float32, or int8 against a float32
+    default)."""
     default_arm, other_arm = wire_pair(default_precision)
     other = comparison_precision(default_precision)
     if other == "float32":  # the job's default is the cheaper wire
         cheaper, full, cheap_precision, role = default_arm, other_arm, default_precision, "the job's default"
     else:
         cheaper, full, cheap_precision, role = other_arm, default_arm, other, "not the job's default"
-    seeds, differences = _paired_points(arms, cheaper, full)
-    points = None
-    if differences:
-        points = float(np.mean(differences))
-    elif _mean_dice(arms, cheaper) is not None and _mean_dice(arms, full) is not None:
-        points = 100 * (_mean_dice(arms, cheaper) - _mean_dice(arms, full))
+    points, paired_note = _paired_comparison(arms, cheaper, full, f"{cheap_precision} / float32")
     note = f"{budget}; {cheap_precision} is {role}; the same initial weights and crops, only the wire differs"
-    if len(differences) > 1:
-        each = ", ".join(f"{d:+.2f}" for d in differences)
-        spread = float(np.std(differences, ddof=1))
-        note += f"; mean of {len(differences)} paired runs (seeds {seeds}): {each}, sd {spread:.2f}"
-        # Training loss says whether the wire changed the optimisation when Dice swings with a class threshold.
-        losses = {name: {r["seed"]: r["final_loss"] for r in arms[name]["repeats"]} for name in (cheaper, full)}
-        pairs = ", ".join(f"{losses[cheaper][seed]:.4f} / {losses[full][seed]:.4f}" for seed in seeds)
-        note += f"; final training losses ({cheap_precision} / float32): {pairs}"
     return _points_target(
         f"split {cheap_precision} wire - split float32 wire mean Dice (points)",
         f">= -{INT8_DICE_TARGET}",
         points,
         points is not None and points >= -INT8_DICE_TARGET,
-        note,
+        note + paired_note,
     )
 
 
 def _dice_targets(accuracy: Mapping, default_precision: str) -> list[dict]:
     arms = accuracy["arms"]
     split, central = (_mean_dice(arms, n) for n in ("split", "centralized"))
-    same_architecture = _mean_dice(arms, CENTRALIZED_SAME_ARCHITECTURE)
     budget = f"after {accuracy['iterations']} iterations"
     losses = ", ".join(f"{name} {arm['final_loss']:.3f}" for name, arm in arms.items())
     singles = {name: _mean_dice(arms, name) for name in arms if name.startswith(SINGLE_PREFIX)}
@@ -182,7 +189,9 @@ def _dice_targets(accuracy: Mapping, default_precision: str) -> list[dict]:
         return None if a is None or b is None else 100 * (a - b)
 
     central_points = points(split, central)
-    same_architecture_points = points(split, same_architecture)
+    same_architecture_points, paired_note = _paired_comparison(
+        arms, "split", CENTRALIZED_SAME_ARCHITECTURE, "split / centralized"
+    )
     single_points = points(split, singles[best]) if best else None
     each_single = ", ".join(f"{n.removeprefix(SINGLE_PREFIX)} {100 * (v or 0):.1f}" for n, v in singles.items())
     return [
@@ -200,7 +209,7 @@ def _dice_targets(accuracy: Mapping, default_precision: str) -> list[dict]:
             same_architecture_points is not None and same_architecture_points >= -DICE_POINTS_TARGET,
             f"{budget}; equal capacity: four encoders and the same decoder, from the split run's initial weights, "
             "trained on the same pooled crops in one graph (with a float32 wire the split trains the same model; a "
-            "gap is what the wire changed)",
+            f"gap is what the wire changed){paired_note}",
         ),
         _points_target(
             "split - best single modality mean Dice (points)",
