@@ -18,7 +18,7 @@ def tiny_parties(tmp_path_factory):
 
 
 class RecordingStaging:
-    """Stands in for a trainer's :class:`~splitunet.host_staging.PinnedStaging`: passes tensors through (as on a
+    """Stands in for a trainer's :class:`~splitunet.compute.host_staging.PinnedStaging`: passes tensors through (as on a
     CPU) and records every crossing as ``(direction, tag, {level: shape})``."""
 
     def __init__(self):
@@ -43,7 +43,7 @@ def recording_staging():
 
 def _starts_a_poc_consortium(item) -> bool:
     path = str(item.path)
-    return "/tests/poc/" in path or "test_poc_" in path or "test_cli_poc" in path
+    return "/tests/tools/poc/" in path or "test_poc_" in path or "test_cli_poc" in path
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from splitunet.deployment import bundle_root
 from splitunet.errors import SplitUNetConfigError
 from splitunet.flare import SplitInferenceController
 from splitunet.flare.inference_controller import decoder_inputs
+from splitunet.tools.deployment import bundle_root
 
 JOBS = bundle_root() / "jobs"
 

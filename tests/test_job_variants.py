@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from splitunet.defense_table import DEFENSE_JOBS
-from splitunet.deployment import bundle_root
+from splitunet.evaluation.defense_table import DEFENSE_JOBS
 from splitunet.filters import FeatureGuard
+from splitunet.tools.deployment import bundle_root
 
 JOBS = bundle_root() / "jobs"
 MAIN = JOBS / "split_unet"

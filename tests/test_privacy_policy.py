@@ -12,10 +12,10 @@ from nvflare.apis.workspace import Workspace
 from nvflare.private.fed.app.fl_conf import create_privacy_manager
 from nvflare.private.privacy_manager import PrivacyManager
 
-from splitunet.deployment import bundle_root
 from splitunet.filters import BlockSkipLevels, ChannelDropout, ClippedGaussianNoise, FeatureGuard, QuantizeFeatures
-from splitunet.protocol import DataKind
-from splitunet.transport import dxo_to_features, features_to_dxo, register_tensor_support
+from splitunet.tools.deployment import bundle_root
+from splitunet.wire.protocol import DataKind
+from splitunet.wire.transport import dxo_to_features, features_to_dxo, register_tensor_support
 
 POLICY = bundle_root() / "poc" / "privacy.json"
 

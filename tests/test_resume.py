@@ -6,8 +6,8 @@ import pytest
 
 from splitunet.checkpoint import save_checkpoint
 from splitunet.errors import SplitUNetConfigError
-from splitunet.model_config import SplitModelConfig
 from splitunet.resume import decoder_checkpoint, encoder_checkpoint, load_for_resume
+from splitunet.wire.model_config import SplitModelConfig
 
 CONFIG = SplitModelConfig(features=(4, 8, 8, 16, 16)).to_dict()
 

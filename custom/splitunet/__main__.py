@@ -1,4 +1,4 @@
-from splitunet.cli import main
+from splitunet.tools.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -10,7 +10,7 @@ import pytest
 
 from splitunet.data.partition import partition_msd
 from splitunet.errors import SplitUNetDataError
-from splitunet.protocol import LABELS_PARTY, MSD_CHANNEL_ORDER
+from splitunet.wire.protocol import LABELS_PARTY, MSD_CHANNEL_ORDER
 
 SHAPE = (16, 18, 20)
 CASES = ("BRATS_001", "BRATS_002", "BRATS_003")

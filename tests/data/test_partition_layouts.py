@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from monai.transforms import NormalizeIntensity
 
-from splitunet.cli import main
 from splitunet.data import party_data
+from splitunet.data.labels import LAYOUTS, labels_to_regions
 from splitunet.data.layouts import BRATS_FILE_NAMES, find_source_cases
 from splitunet.data.partition import PARTY_FILE, partition, read_partition_layout
 from splitunet.data.party_data import LabelFolder, ModalityFolder
 from splitunet.errors import SplitUNetDataError
-from splitunet.labels import LAYOUTS, labels_to_regions
-from splitunet.protocol import LABELS_PARTY, MODALITIES, MSD_CHANNEL_ORDER
+from splitunet.tools.cli import main
+from splitunet.wire.protocol import LABELS_PARTY, MODALITIES, MSD_CHANNEL_ORDER
 
 SHAPE = (7, 9, 11)
 LAYOUT_NAMES = ("msd", "brats2021", "brats2023")

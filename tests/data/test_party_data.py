@@ -8,10 +8,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from splitunet.data.labels import labels_to_regions
 from splitunet.data.nifti_io import affine_digest
 from splitunet.data.party_data import LabelFolder, ModalityFolder
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
-from splitunet.labels import labels_to_regions
 
 SHAPE = (16, 18, 20)
 CASES = ("BRATS_001", "BRATS_002", "BRATS_003")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from splitunet.cli import main
-from splitunet.deployment import bundle_root
+from splitunet.tools.cli import main
+from splitunet.tools.deployment import bundle_root
 
 pytestmark = pytest.mark.e2e
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from tiny_job import tiny_server_args
 
-from splitunet.cli import main
-from splitunet.demo import DemoSettings, ensure_partitioned_phantom, run_demo
-from splitunet.labels import get_layout
-from splitunet.protocol import MODALITIES
+from splitunet.data.labels import get_layout
+from splitunet.tools.cli import main
+from splitunet.tools.demo import DemoSettings, ensure_partitioned_phantom, run_demo
+from splitunet.wire.protocol import MODALITIES
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from splitunet.cli import main
+from splitunet.tools.cli import main
 
 pytestmark = pytest.mark.e2e
 

@@ -16,10 +16,10 @@ import torch
 from tiny_job import tiny_server_args
 
 from splitunet.checkpoint import load_checkpoint
-from splitunet.demo import ensure_partitioned_phantom
-from splitunet.deployment import copy_job_with_overrides, default_site_modalities, find_job
-from splitunet.poc import PocConsortium, PocTimeouts
-from splitunet.protocol import DataKind
+from splitunet.tools.demo import ensure_partitioned_phantom
+from splitunet.tools.deployment import copy_job_with_overrides, default_site_modalities, find_job
+from splitunet.tools.poc import PocConsortium, PocTimeouts
+from splitunet.wire.protocol import DataKind
 
 pytestmark = pytest.mark.e2e
 

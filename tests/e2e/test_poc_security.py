@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 from tiny_job import tiny_server_args
 
-from splitunet.deployment import copy_job_with_overrides, default_site_modalities, find_job
-from splitunet.poc import (
+from splitunet.tools.deployment import copy_job_with_overrides, default_site_modalities, find_job
+from splitunet.tools.poc import (
     LOOPBACK_HOST,
     PROJECT_NAME,
     PocConsortium,
@@ -40,8 +40,8 @@ from splitunet.poc import (
     pin_kits_to_loopback,
     poc_project_config,
 )
-from splitunet.poc.kits import SERVER_NAME, provision_kits
-from splitunet.poc.processes import FLARE_LOG, PartyProcesses, launch_party, party_environment
+from splitunet.tools.poc.kits import SERVER_NAME, provision_kits
+from splitunet.tools.poc.processes import FLARE_LOG, PartyProcesses, launch_party, party_environment
 
 pytestmark = pytest.mark.e2e
 

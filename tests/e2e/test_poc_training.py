@@ -15,9 +15,9 @@ import psutil
 import pytest
 from tiny_job import tiny_server_args
 
-from splitunet.demo import ensure_partitioned_phantom
-from splitunet.deployment import copy_job_with_overrides, default_site_modalities, find_job
-from splitunet.poc import LOOPBACK_HOST, PocConsortium, PocTimeouts
+from splitunet.tools.demo import ensure_partitioned_phantom
+from splitunet.tools.deployment import copy_job_with_overrides, default_site_modalities, find_job
+from splitunet.tools.poc import LOOPBACK_HOST, PocConsortium, PocTimeouts
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_job import tiny_server_args
 
-from splitunet.demo import DemoSettings, run_demo
+from splitunet.tools.demo import DemoSettings, run_demo
 
 pytestmark = pytest.mark.e2e
 

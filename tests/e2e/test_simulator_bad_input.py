@@ -10,10 +10,15 @@ import numpy as np
 import pytest
 from tiny_job import tiny_server_args
 
-from splitunet.demo import ensure_partitioned_phantom
-from splitunet.deployment import copy_job_with_overrides, default_site_modalities, find_job, prepare_simulator_workspace
-from splitunet.party_settings import SETTINGS_FILE_NAME
-from splitunet.simulator import find_run_file, run_simulator
+from splitunet.data.party_settings import SETTINGS_FILE_NAME
+from splitunet.tools.demo import ensure_partitioned_phantom
+from splitunet.tools.deployment import (
+    copy_job_with_overrides,
+    default_site_modalities,
+    find_job,
+    prepare_simulator_workspace,
+)
+from splitunet.tools.simulator import find_run_file, run_simulator
 
 pytestmark = pytest.mark.e2e
 SITES = default_site_modalities(4)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from tiny_job import TINY_SERVER_ARGS
 
-from splitunet.demo import DemoSettings, run_demo
-from splitunet.deployment import find_job
 from splitunet.errors import SplitUNetConfigError
+from splitunet.tools.demo import DemoSettings, run_demo
+from splitunet.tools.deployment import find_job
 
 pytestmark = pytest.mark.e2e
 

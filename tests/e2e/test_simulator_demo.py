@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tiny_job import TINY_SERVER_ARGS
 
-from splitunet.demo import DemoSettings, run_demo
+from splitunet.tools.demo import DemoSettings, run_demo
 
 pytestmark = pytest.mark.e2e
 

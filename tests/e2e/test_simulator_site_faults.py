@@ -18,10 +18,15 @@ import torch
 from tiny_job import tiny_server_args
 
 from splitunet.checkpoint import load_checkpoint
-from splitunet.demo import ensure_partitioned_phantom
-from splitunet.deployment import copy_job_with_overrides, default_site_modalities, find_job, prepare_simulator_workspace
 from splitunet.resume import decoder_checkpoint, encoder_checkpoint
-from splitunet.simulator import find_run_file, run_simulator
+from splitunet.tools.demo import ensure_partitioned_phantom
+from splitunet.tools.deployment import (
+    copy_job_with_overrides,
+    default_site_modalities,
+    find_job,
+    prepare_simulator_workspace,
+)
+from splitunet.tools.simulator import find_run_file, run_simulator
 
 pytestmark = pytest.mark.e2e
 

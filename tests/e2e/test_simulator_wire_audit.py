@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from tiny_job import tiny_server_args
 
 from splitunet.checkpoint import load_checkpoint
-from splitunet.demo import DemoSettings, run_demo
-from splitunet.deployment import add_wire_audit, copy_job_with_overrides, find_job
-from splitunet.leakage import ACTIVATIONS, CapturedRun, GroundTruth
-from splitunet.protocol import DataKind
+from splitunet.evaluation.leakage import ACTIVATIONS, CapturedRun, GroundTruth
+from splitunet.tools.demo import DemoSettings, run_demo
+from splitunet.tools.deployment import add_wire_audit, copy_job_with_overrides, find_job
+from splitunet.wire.protocol import DataKind
 
 pytestmark = pytest.mark.e2e
 

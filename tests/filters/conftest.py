@@ -9,8 +9,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.fuel.utils import fobs
 
-from splitunet.protocol import DataKind
-from splitunet.transport import features_to_dxo, register_tensor_support
+from splitunet.wire.protocol import DataKind
+from splitunet.wire.transport import features_to_dxo, register_tensor_support
 
 
 def _encoder_like_features(batch: int = 2, size: int = 32, channels=(8, 16, 32, 64, 128), seed: int = 0):

@@ -2,8 +2,8 @@ from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.apis.fl_context import FLContext
 
 from splitunet.filters import ChannelDropout, FeatureGuard
-from splitunet.protocol import MetaKey
-from splitunet.transport import control_dxo
+from splitunet.wire.protocol import MetaKey
+from splitunet.wire.transport import control_dxo
 
 
 def test_filters_record_their_passage_in_order(run_filter, features, through_fobs):

@@ -4,8 +4,8 @@ from nvflare.apis.fl_context import FLContext
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters import BlockSkipLevels
-from splitunet.protocol import DataKind, MetaKey
-from splitunet.transport import control_dxo, dxo_to_features
+from splitunet.wire.protocol import DataKind, MetaKey
+from splitunet.wire.transport import control_dxo, dxo_to_features
 
 
 def test_blocked_levels_never_leave_and_the_rest_is_untouched(run_filter, features):

@@ -5,8 +5,8 @@ from splitunet.checkpoint import load_checkpoint
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters import CaptureFeatures, QuantizeFeatures
 from splitunet.filters import capture_features as capture_module
-from splitunet.protocol import DataKind, MetaKey
-from splitunet.transport import dxo_to_features
+from splitunet.wire.protocol import DataKind, MetaKey
+from splitunet.wire.transport import dxo_to_features
 
 
 @pytest.fixture

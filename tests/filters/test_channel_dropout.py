@@ -3,8 +3,8 @@ import torch
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters import ChannelDropout
-from splitunet.protocol import DataKind, MetaKey
-from splitunet.transport import dxo_to_features
+from splitunet.wire.protocol import DataKind, MetaKey
+from splitunet.wire.transport import dxo_to_features
 
 
 def test_channel_mode_zeroes_whole_channels_at_the_rate_and_rescales_the_rest(run_filter, make_features):

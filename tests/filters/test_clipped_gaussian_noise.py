@@ -7,8 +7,8 @@ from splitunet.errors import SplitUNetConfigError
 from splitunet.filters import ClippedGaussianNoise
 from splitunet.filters.accounting import effective_noise_multiplier, gaussian_epsilon
 from splitunet.filters.clipped_gaussian_noise import clip_and_noise
-from splitunet.protocol import DataKind, MetaKey
-from splitunet.transport import dxo_to_features
+from splitunet.wire.protocol import DataKind, MetaKey
+from splitunet.wire.transport import dxo_to_features
 
 
 def test_without_noise_every_sample_level_is_clipped_to_c_and_small_ones_are_unchanged(run_filter, make_features):

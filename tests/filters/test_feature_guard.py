@@ -3,7 +3,7 @@ import torch
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters import FeatureGuard, QuantizeFeatures, TopKSparsify
-from splitunet.protocol import SITE_ERROR_HEADER, DataKind
+from splitunet.wire.protocol import SITE_ERROR_HEADER, DataKind
 
 
 def _rejection(run_filter, guard, features, kind=DataKind.ACTIVATIONS):

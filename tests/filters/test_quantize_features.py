@@ -5,8 +5,8 @@ from nvflare.apis.fl_context import FLContext
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters import ClippedGaussianNoise, QuantizeFeatures
-from splitunet.protocol import SITE_ERROR_HEADER, DataKind, MetaKey
-from splitunet.transport import dxo_to_features, payload_bytes
+from splitunet.wire.protocol import SITE_ERROR_HEADER, DataKind, MetaKey
+from splitunet.wire.transport import dxo_to_features, payload_bytes
 
 
 @pytest.mark.parametrize("precision, bits", [("int8", 8), ("int4", 4), ("int2", 2), ("int1", 1)])

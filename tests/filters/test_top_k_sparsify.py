@@ -5,8 +5,8 @@ import torch
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters import TopKSparsify
-from splitunet.protocol import DataKind
-from splitunet.transport import dxo_to_features, payload_bytes
+from splitunet.wire.protocol import DataKind
+from splitunet.wire.transport import dxo_to_features, payload_bytes
 
 
 @pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])

@@ -10,8 +10,8 @@ from splitunet.errors import SplitUNetConfigError
 from splitunet.filters import QuantizeFeatures, WireAudit
 from splitunet.filters import wire_audit as audit_module
 from splitunet.filters.wire_audit import tensor_digest
-from splitunet.protocol import DataKind, MetaKey
-from splitunet.transport import dxo_to_features
+from splitunet.wire.protocol import DataKind, MetaKey
+from splitunet.wire.transport import dxo_to_features
 
 
 @pytest.fixture

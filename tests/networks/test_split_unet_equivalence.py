@@ -16,8 +16,8 @@ from nvflare.apis.dxo import from_shareable
 from nvflare.fuel.utils import fobs
 
 from splitunet.networks import MonolithicSplitUNet
-from splitunet.protocol import DataKind
-from splitunet.transport import dxo_to_features, features_to_dxo, register_tensor_support
+from splitunet.wire.protocol import DataKind
+from splitunet.wire.transport import dxo_to_features, features_to_dxo, register_tensor_support
 
 FEATURES = (4, 4, 8, 8, 16, 4)
 

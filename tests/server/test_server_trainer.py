@@ -8,10 +8,10 @@ import torch
 
 from splitunet.data.party_data import LabelFolder, ModalityFolder
 from splitunet.data.sampling import RandomCropPlanner
-from splitunet.model_config import SplitModelConfig
-from splitunet.protocol import MODALITIES
 from splitunet.server.trainer import ServerTrainer, make_loss
 from splitunet.site.trainer import SiteTrainer
+from splitunet.wire.model_config import SplitModelConfig
+from splitunet.wire.protocol import MODALITIES
 
 SECRET = "test-secret"
 CONFIG = SplitModelConfig(features=(4, 8, 8, 16, 16), learning_rate=5e-3, seed=2)

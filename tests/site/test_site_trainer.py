@@ -8,8 +8,8 @@ import torch
 from splitunet.data.party_data import ModalityFolder
 from splitunet.data.sampling import window_plan
 from splitunet.errors import SplitUNetDataError
-from splitunet.model_config import SplitModelConfig
 from splitunet.site.trainer import SiteTrainer
+from splitunet.wire.model_config import SplitModelConfig
 
 CONFIG = SplitModelConfig(features=(4, 4, 8, 8, 16), skip_levels=(1, 2, 3), learning_rate=1e-2)
 

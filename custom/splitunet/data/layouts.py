@@ -4,7 +4,7 @@ A reader turns a dataset folder into a list of :class:`SourceCase`: for every ca
 4D images, which channel) holds each of our modalities, and which file holds the labels. Readers only look at
 names and ``dataset.json``; opening and checking the NIfTI files is :mod:`splitunet.data.partition`'s job.
 
-Layouts (DESIGN.md section 3); the modality names are mapped explicitly, never guessed:
+Layouts (docs/design.md, "Labels and layouts"); the modality names are mapped explicitly, never guessed:
 
 ========= ================================================ ======= ======= ======= ======= ============
 layout    files                                            flair   t1      t1gd    t2      labels
@@ -17,7 +17,7 @@ brats2023 ``<id>/<id>-<suffix>.nii.gz`` (GLI)              t2f     t1n     t1c  
 BraTS files are found by name anywhere below the dataset folder, so the folder as downloaded (with or without
 its top-level folder, one folder per case) and a flat copy both work; the case ID is the file name without the
 suffix. The label layout of each dataset (how its label values map to TC/WT/ET) has the same name in
-:data:`splitunet.labels.LAYOUTS`.
+:data:`splitunet.data.labels.LAYOUTS`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from splitunet.data.nifti_io import NIFTI_SUFFIXES, nifti_case_id
 from splitunet.errors import SplitUNetDataError
-from splitunet.protocol import LABELS_PARTY, MODALITIES, MSD_CHANNEL_ORDER
+from splitunet.wire.protocol import LABELS_PARTY, MODALITIES, MSD_CHANNEL_ORDER
 
 __all__ = [
     "SOURCE_PARTY",

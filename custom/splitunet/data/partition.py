@@ -28,11 +28,11 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from splitunet.data.labels import validate_labels
 from splitunet.data.layouts import SOURCE_LAYOUTS, SOURCE_PARTY, SourceCase, find_source_cases
 from splitunet.data.nifti_io import load_nifti, nifti_case_id, save_nifti_atomic
 from splitunet.errors import SplitUNetDataError
-from splitunet.labels import validate_labels
-from splitunet.protocol import LABELS_PARTY, MODALITIES
+from splitunet.wire.protocol import LABELS_PARTY, MODALITIES
 
 __all__ = ["AFFINE_ATOL", "PARTY_FILE", "partition", "partition_msd", "read_partition_layout"]
 

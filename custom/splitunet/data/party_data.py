@@ -17,10 +17,10 @@ import numpy as np
 from monai.transforms import NormalizeIntensity
 from monai.utils import convert_to_numpy
 
+from splitunet.data.labels import LabelLayout, get_layout, labels_to_regions, validate_labels
 from splitunet.data.nifti_io import affine_digest, load_nifti, nifti_case_id, read_volume
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
-from splitunet.labels import LabelLayout, get_layout, labels_to_regions, validate_labels
-from splitunet.protocol import LABELS_PARTY, MODALITIES
+from splitunet.wire.protocol import LABELS_PARTY, MODALITIES
 
 __all__ = ["PARTY_FILE", "ModalityFolder", "LabelFolder"]
 
@@ -181,7 +181,7 @@ class LabelFolder(_CaseFolder):
 
     Args:
         labels_dir: folder of ``<case>.nii[.gz]`` label files, or a partition root holding ``labels/``.
-        layout: label layout name or :class:`~splitunet.labels.LabelLayout` (default MSD Task01).
+        layout: label layout name or :class:`~splitunet.data.labels.LabelLayout` (default MSD Task01).
         party: the label holder's name (for error messages).
         max_cached: how many region volumes to keep in memory (``None``: all; ``0``: none).
 

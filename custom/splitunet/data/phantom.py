@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 __all__ = ["generate_phantom", "synthesize_case", "PHANTOM_LABELS", "PHANTOM_MODALITIES"]
 
-# MSD Task01_BrainTumour channel order and label values (see DESIGN.md, section 3).
+# MSD Task01_BrainTumour channel order and label values (docs/design.md, "Labels and layouts").
 PHANTOM_MODALITIES = ("FLAIR", "T1w", "t1gd", "T2w")
 PHANTOM_LABELS = {0: "background", 1: "edema", 2: "non-enhancing tumor", 3: "enhancing tumour"}
 

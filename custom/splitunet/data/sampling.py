@@ -2,7 +2,8 @@
 
 The server chooses which cases, where and with which flips; each site cuts the same crop from its own modality
 and the server from the labels, so the parts stay voxel-aligned. Sampling here looks only at case keys and
-shapes, never at labels: crops centred on tumours would tell the sites where the tumours are (DESIGN.md, 1).
+shapes, never at labels: crops centred on tumours would tell the sites where the tumours are (docs/design.md,
+"Parties and one iteration").
 """
 
 from __future__ import annotations

@@ -2,28 +2,23 @@
 
 Configure them as ``task_result_filters`` (sites) / ``task_data_filters`` (server) in a job, or in a site's
 ``local/privacy.json`` scopes; short class paths such as ``splitunet.filters.ClippedGaussianNoise`` work in both.
+Each filter loads on first use (see :mod:`splitunet.lazy_exports`), so a site imports only the filters it runs.
 """
 
-from splitunet.filters.base import FEATURE_KINDS, FeatureFilter, FilterRejection
-from splitunet.filters.block_skip_levels import BlockSkipLevels
-from splitunet.filters.capture_features import CaptureFeatures
-from splitunet.filters.channel_dropout import ChannelDropout
-from splitunet.filters.clipped_gaussian_noise import ClippedGaussianNoise
-from splitunet.filters.feature_guard import FeatureGuard
-from splitunet.filters.quantize_features import QuantizeFeatures
-from splitunet.filters.top_k_sparsify import TopKSparsify
-from splitunet.filters.wire_audit import WireAudit
+from splitunet.lazy_exports import lazy_exports
 
-__all__ = [
-    "FEATURE_KINDS",
-    "FeatureFilter",
-    "FilterRejection",
-    "BlockSkipLevels",
-    "CaptureFeatures",
-    "ChannelDropout",
-    "ClippedGaussianNoise",
-    "FeatureGuard",
-    "QuantizeFeatures",
-    "TopKSparsify",
-    "WireAudit",
-]
+_EXPORTS = {
+    "FEATURE_KINDS": "base",
+    "FeatureFilter": "base",
+    "FilterRejection": "base",
+    "BlockSkipLevels": "block_skip_levels",
+    "CaptureFeatures": "capture_features",
+    "ChannelDropout": "channel_dropout",
+    "ClippedGaussianNoise": "clipped_gaussian_noise",
+    "FeatureGuard": "feature_guard",
+    "QuantizeFeatures": "quantize_features",
+    "TopKSparsify": "top_k_sparsify",
+    "WireAudit": "wire_audit",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

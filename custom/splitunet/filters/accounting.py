@@ -1,11 +1,13 @@
-"""Privacy accounting of the Gaussian mechanism on released features, by Opacus' RDP accountant."""
+"""Privacy accounting of the Gaussian mechanism on released features, by Opacus' RDP accountant.
+
+Opacus is an optional dependency (the ``dp`` extra): it is imported when an epsilon is first computed, so a site
+whose policy runs no noise filter never needs it.
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
-
-from opacus.accountants import RDPAccountant
 
 __all__ = ["gaussian_epsilon", "effective_noise_multiplier"]
 
@@ -42,6 +44,13 @@ def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float, sampl
         return math.inf
     if releases < 1:
         return 0.0
+    try:
+        from opacus.accountants import RDPAccountant
+    except ImportError as error:
+        raise ImportError(
+            "the privacy accounting of ClippedGaussianNoise uses Opacus' RDP accountant, which is not installed "
+            "here: pip install 'splitunet[dp]' (or opacus) on this party"
+        ) from error
     accountant = RDPAccountant()
     accountant.history = [(float(noise_multiplier), float(sample_rate), int(releases))]
     with warnings.catch_warnings():

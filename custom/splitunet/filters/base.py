@@ -23,9 +23,9 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from splitunet.errors import SplitUNetConfigError
-from splitunet.protocol import NUM_LEVELS, SITE_ERROR_HEADER, DataKind, MetaKey, level_index, level_key
-from splitunet.transport import payload_bytes, register_tensor_support
-from splitunet.wire_codec import ENCODING_META_KEY
+from splitunet.wire.codec import ENCODING_META_KEY
+from splitunet.wire.protocol import NUM_LEVELS, SITE_ERROR_HEADER, DataKind, MetaKey, level_index, level_key
+from splitunet.wire.transport import payload_bytes, register_tensor_support
 
 __all__ = ["FeatureFilter", "FilterRejection", "FEATURE_KINDS"]
 

@@ -11,7 +11,7 @@ from nvflare.apis.shareable import Shareable
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters.base import FeatureFilter
-from splitunet.protocol import NUM_LEVELS, DataKind, MetaKey, level_key
+from splitunet.wire.protocol import NUM_LEVELS, DataKind, MetaKey, level_key
 
 __all__ = ["BlockSkipLevels"]
 

@@ -13,8 +13,8 @@ from splitunet.checkpoint import save_checkpoint
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters.base import FeatureFilter
 from splitunet.flare.workspace_paths import run_dir
-from splitunet.protocol import MetaKey
-from splitunet.wire_codec import ENCODING_META_KEY, decode_entry
+from splitunet.wire.codec import ENCODING_META_KEY, decode_entry
+from splitunet.wire.protocol import MetaKey
 
 __all__ = ["CaptureFeatures"]
 

@@ -13,7 +13,7 @@ from nvflare.apis.fl_context import FLContext
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters.accounting import effective_noise_multiplier, gaussian_epsilon
 from splitunet.filters.base import FeatureFilter
-from splitunet.protocol import level_index
+from splitunet.wire.protocol import level_index
 
 __all__ = ["ClippedGaussianNoise", "clip_and_noise"]
 

@@ -11,13 +11,13 @@ from nvflare.apis.fl_context import FLContext
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters.base import FeatureFilter, FilterRejection
-from splitunet.protocol import level_index
-from splitunet.wire_codec import ENCODING_META_KEY, decode_entry, entry_bytes
+from splitunet.wire.codec import ENCODING_META_KEY, decode_entry, entry_bytes
+from splitunet.wire.protocol import level_index
 
 __all__ = ["FeatureGuard"]
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-# FLARE's largest message is near 2 GiB (DESIGN.md); stay below it with room for headers.
+# FLARE's largest message is near 2 GiB (docs/design.md, "FLARE facts"); stay below it with room for headers.
 _DEFAULT_MAX_BYTES = 1_800_000_000
 
 

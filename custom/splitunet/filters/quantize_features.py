@@ -10,7 +10,7 @@ from nvflare.apis.fl_context import FLContext
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters.base import FeatureFilter, FilterRejection
-from splitunet.wire_codec import ENCODING_META_KEY, quantize_affine
+from splitunet.wire.codec import ENCODING_META_KEY, quantize_affine
 
 __all__ = ["QuantizeFeatures", "PRECISIONS"]
 
@@ -24,7 +24,7 @@ class QuantizeFeatures(FeatureFilter):
     ``"float16"`` casts (the receiver's model computes in float32 again). ``"int8"``, ``"int4"``, ``"int2"`` and
     ``"int1"`` store each (sample, channel) as affine integer codes, ``x ~ min + code * step`` with
     ``step = (max - min) / (2**bits - 1)``, packed ``8 // bits`` codes per byte; the DXO describes the encoding
-    and :func:`splitunet.transport.dxo_to_features` decodes it at the receiver, so no paired filter is needed.
+    and :func:`splitunet.wire.transport.dxo_to_features` decodes it at the receiver, so no paired filter is needed.
     The error per element is at most ``step / 2``. Fewer bits cut bytes on the wire and what an inversion attack
     can recover, at some cost in Dice (see README).
 

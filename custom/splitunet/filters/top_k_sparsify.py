@@ -10,7 +10,7 @@ from nvflare.apis.fl_context import FLContext
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters.base import FeatureFilter
-from splitunet.wire_codec import sparsify_top_k
+from splitunet.wire.codec import sparsify_top_k
 
 __all__ = ["TopKSparsify"]
 
@@ -19,7 +19,7 @@ class TopKSparsify(FeatureFilter):
     """Keep the ``fraction`` largest-magnitude values of each sample at each level; the rest arrive as zeros.
 
     Sent sparse (values plus int32 indices, decoded to dense at the receiver by
-    :func:`splitunet.transport.dxo_to_features`), so below a fraction of about 0.5 it also cuts bytes. Must come
+    :func:`splitunet.wire.transport.dxo_to_features`), so below a fraction of about 0.5 it also cuts bytes. Must come
     last in a filter chain (filters after it refuse encoded levels).
 
     Args:

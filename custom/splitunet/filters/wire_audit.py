@@ -16,7 +16,7 @@ from nvflare.apis.shareable import Shareable
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.flare.workspace_paths import run_dir
-from splitunet.transport import register_tensor_support
+from splitunet.wire.transport import register_tensor_support
 
 __all__ = ["WireAudit", "AUDIT_FILE_PREFIX", "tensor_digest"]
 

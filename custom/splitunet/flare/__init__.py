@@ -1,12 +1,16 @@
 """The thin FLARE layer: an executor adapting :class:`SiteTrainer`, a training controller adapting
 :class:`ServerTrainer`, and an inference controller that segments new cases with the saved models.
 
-Job configs name these short paths (``splitunet.flare.SplitSiteExecutor``) so that a site's class allow-list
-entry ``"splitunet."`` covers them.
+Job configs name these short paths (``splitunet.flare.SplitSiteExecutor``). The classes load on first use, so a
+site that builds its executor never imports the server's workflows (see :mod:`splitunet.lazy_exports`).
 """
 
-from splitunet.flare.controller import SplitLearningController
-from splitunet.flare.executor import SplitSiteExecutor
-from splitunet.flare.inference_controller import SplitInferenceController
+from splitunet.lazy_exports import lazy_exports
 
-__all__ = ["SplitLearningController", "SplitInferenceController", "SplitSiteExecutor"]
+_EXPORTS = {
+    "SplitLearningController": "controller",
+    "SplitInferenceController": "inference_controller",
+    "SplitSiteExecutor": "executor",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

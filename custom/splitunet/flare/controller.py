@@ -15,22 +15,22 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.widgets.streaming import AnalyticsSender
 
 from splitunet.checkpoint import save_checkpoint
+from splitunet.compute.devices import select_device
 from splitunet.data.case_keys import match_case_keys
+from splitunet.data.labels import get_layout, regions_to_labels
 from splitunet.data.nifti_io import save_nifti_atomic
 from splitunet.data.party_data import LabelFolder
+from splitunet.data.party_settings import load_server_settings
 from splitunet.data.sampling import RandomCropPlanner
-from splitunet.devices import select_device
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.flare.site_tasks import SITE_FAILURE_POLICIES, SiteTaskController, SplitRunError
 from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
-from splitunet.labels import get_layout, regions_to_labels
-from splitunet.model_config import SplitModelConfig
-from splitunet.party_settings import load_server_settings
-from splitunet.protocol import MODALITIES, DataKind, MetaKey, TaskName, level_key
 from splitunet.resume import decoder_checkpoint, load_for_resume
+from splitunet.server.site_roster import SiteRoster
 from splitunet.server.trainer import LOSSES, ServerTrainer
-from splitunet.site_roster import SiteRoster
-from splitunet.transport import (
+from splitunet.wire.model_config import SplitModelConfig
+from splitunet.wire.protocol import MODALITIES, DataKind, MetaKey, TaskName, level_key
+from splitunet.wire.transport import (
     control_dxo,
     features_to_dxo,
 )
@@ -88,7 +88,7 @@ class SplitLearningController(SiteTaskController):
         task_long_poll_s: seconds a site's request for work may wait at the server for its next task (0: FLARE's
             polling only; see :mod:`splitunet.flare.task_long_poll`).
         device: ``"auto"`` or a torch device for the decoder.
-        amp: train the decoder under bfloat16 autocast (for GPUs; see :mod:`splitunet.mixed_precision`). Each
+        amp: train the decoder under bfloat16 autocast (for GPUs; see :mod:`splitunet.compute.mixed_precision`). Each
             site chooses its own in its executor's ``amp``; the wire precision does not change.
         num_threads: torch CPU threads at the server (0: default or ``$SPLITUNET_TORCH_THREADS``).
         log_every: iterations between log lines with the timing split.

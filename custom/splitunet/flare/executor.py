@@ -13,18 +13,18 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
 from splitunet.checkpoint import save_checkpoint
+from splitunet.compute.devices import configure_threads, select_device
 from splitunet.data.nifti_io import geometry_header
 from splitunet.data.party_data import ModalityFolder
-from splitunet.devices import configure_threads, select_device
+from splitunet.data.party_settings import load_site_settings
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.flare.replies import error_reply, reply_error_message
 from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
-from splitunet.model_config import SplitModelConfig
-from splitunet.party_settings import load_site_settings
-from splitunet.protocol import DataKind, MetaKey, TaskName
 from splitunet.resume import CHECKPOINT_TAGS, encoder_checkpoint, load_for_resume
 from splitunet.site.trainer import SiteTrainer
-from splitunet.transport import control_dxo, dxo_to_features, features_to_dxo, register_tensor_support
+from splitunet.wire.model_config import SplitModelConfig
+from splitunet.wire.protocol import DataKind, MetaKey, TaskName
+from splitunet.wire.transport import control_dxo, dxo_to_features, features_to_dxo, register_tensor_support
 
 __all__ = ["SplitSiteExecutor"]
 
@@ -45,7 +45,7 @@ class SplitSiteExecutor(Executor):
     Args:
         device: ``"auto"`` (CUDA if this site has a GPU, else CPU) or a torch device name.
         num_threads: torch CPU threads; 0 keeps torch's default (or ``$SPLITUNET_TORCH_THREADS``).
-        amp: train the encoder under bfloat16 autocast (for GPUs; see :mod:`splitunet.mixed_precision`). A
+        amp: train the encoder under bfloat16 autocast (for GPUs; see :mod:`splitunet.compute.mixed_precision`). A
             site's own choice: features still leave in the job's wire precision.
     """
 

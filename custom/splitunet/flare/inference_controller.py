@@ -11,23 +11,23 @@ import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 
+from splitunet.compute.devices import select_device
 from splitunet.data.case_keys import match_case_keys
+from splitunet.data.labels import get_layout, regions_to_labels
 from splitunet.data.nifti_io import header_from_geometry, save_nifti_atomic
-from splitunet.devices import select_device
+from splitunet.data.party_settings import load_server_settings
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.flare.controller import EXPERIMENT_NAME
 from splitunet.flare.site_tasks import SiteTaskController, SplitRunError
 from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
-from splitunet.labels import get_layout, regions_to_labels
-from splitunet.model_config import SplitModelConfig
 from splitunet.networks import ServerDecoder
-from splitunet.party_settings import load_server_settings
-from splitunet.protocol import REGIONS, MetaKey, TaskName
 from splitunet.resume import CHECKPOINT_TAGS, decoder_checkpoint, read_checkpoint
+from splitunet.server.site_roster import SiteRoster
 from splitunet.server.sliding_window import split_sliding_window
 from splitunet.server.trainer import to_decoder_inputs
-from splitunet.site_roster import SiteRoster
-from splitunet.transport import control_dxo
+from splitunet.wire.model_config import SplitModelConfig
+from splitunet.wire.protocol import REGIONS, MetaKey, TaskName
+from splitunet.wire.transport import control_dxo
 
 __all__ = ["SplitInferenceController", "decoder_inputs"]
 

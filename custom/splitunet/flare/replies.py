@@ -5,7 +5,7 @@ from __future__ import annotations
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import Shareable, make_reply
 
-from splitunet.protocol import SITE_ERROR_HEADER
+from splitunet.wire.protocol import SITE_ERROR_HEADER
 
 __all__ = ["error_reply", "reply_error_message"]
 

@@ -22,15 +22,15 @@ from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 
 from splitunet.checkpoint import write_json_atomic
-from splitunet.devices import configure_threads
+from splitunet.compute.devices import configure_threads
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.flare.replies import reply_error_message
 from splitunet.flare.task_long_poll import TaskLongPoll
 from splitunet.flare.workspace_paths import run_dir
-from splitunet.model_config import SplitModelConfig
-from splitunet.protocol import DataKind, MetaKey, TaskName
-from splitunet.site_roster import SiteRoster
-from splitunet.transport import control_dxo, dxo_to_features, payload_bytes, register_tensor_support
+from splitunet.server.site_roster import SiteRoster
+from splitunet.wire.model_config import SplitModelConfig
+from splitunet.wire.protocol import DataKind, MetaKey, TaskName
+from splitunet.wire.transport import control_dxo, dxo_to_features, payload_bytes, register_tensor_support
 
 __all__ = ["SiteTaskController", "SplitRunError", "SITE_FAILURE_POLICIES"]
 
@@ -99,7 +99,7 @@ class SiteTaskController(Controller):
     def start_controller(self, fl_ctx: FLContext):
         register_tensor_support()
         configure_threads(self.num_threads)
-        # Controller(task_check_period=...) does not reach WFCommServer in nvflare 2.9 (see DESIGN.md).
+        # Controller(task_check_period=...) does not reach WFCommServer in nvflare 2.9 (docs/design.md, "FLARE facts").
         self.communicator._task_check_period = self.task_check_period
         if self._long_poll is not None and not self._long_poll.install(fl_ctx):
             self.log_warning(fl_ctx, "this FLARE cannot hold task requests; task_long_poll_s has no effect")

@@ -1,7 +1,16 @@
-"""Split-U-Net networks: plain torch/MONAI modules that never import FLARE."""
+"""Split-U-Net networks: plain torch/MONAI modules that never import FLARE.
 
-from splitunet.networks.server_decoder import FUSIONS, ServerDecoder
-from splitunet.networks.site_encoder import SiteEncoder
-from splitunet.networks.split_unet import MonolithicSplitUNet
+Each class loads on first use (see :mod:`splitunet.lazy_exports`): a site builds its encoder without loading the
+decoder's code, and the server the reverse.
+"""
 
-__all__ = ["SiteEncoder", "ServerDecoder", "MonolithicSplitUNet", "FUSIONS"]
+from splitunet.lazy_exports import lazy_exports
+
+_EXPORTS = {
+    "SiteEncoder": "site_encoder",
+    "ServerDecoder": "server_decoder",
+    "FUSIONS": "server_decoder",
+    "MonolithicSplitUNet": "split_unet",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -9,7 +9,7 @@ from monai.networks.layers.factories import Conv
 from monai.networks.nets.basic_unet import UpCat
 from torch import nn
 
-from splitunet.networks.site_encoder import DEFAULT_ACT, DEFAULT_NORM
+from splitunet.networks.layers import DEFAULT_ACT, DEFAULT_NORM
 
 __all__ = ["ServerDecoder", "FUSIONS"]
 

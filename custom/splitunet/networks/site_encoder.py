@@ -9,10 +9,9 @@ from monai.networks.nets.basic_unet import Down, TwoConv
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-__all__ = ["SiteEncoder", "DEFAULT_ACT", "DEFAULT_NORM"]
+from splitunet.networks.layers import DEFAULT_ACT, DEFAULT_NORM
 
-DEFAULT_ACT = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})
-DEFAULT_NORM = ("instance", {"affine": True})
+__all__ = ["SiteEncoder"]
 
 
 class SiteEncoder(nn.Module):

@@ -11,15 +11,15 @@ import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
 from monai.metrics import DiceMetric
 
+from splitunet.compute.host_staging import PinnedStaging
+from splitunet.compute.mixed_precision import amp_applies, autocast
 from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.party_data import LabelFolder
 from splitunet.data.sampling import extract_crop
-from splitunet.host_staging import PinnedStaging
-from splitunet.mixed_precision import amp_applies, autocast
-from splitunet.model_config import SplitModelConfig
 from splitunet.networks import ServerDecoder
-from splitunet.protocol import REGIONS
 from splitunet.server.sliding_window import EncodeFn, split_sliding_window
+from splitunet.wire.model_config import SplitModelConfig
+from splitunet.wire.protocol import REGIONS
 
 __all__ = ["ServerTrainer", "StepResult", "make_loss", "to_decoder_inputs", "initial_decoder", "LOSSES"]
 
@@ -71,7 +71,7 @@ class ServerTrainer:
     """Holds the labels, the decoder and the loss; turns the sites' features into their gradients.
 
     Features arrive and gradients leave as host tensors (what FLARE serializes); on a GPU they cross through
-    reused pinned buffers (:class:`~splitunet.host_staging.PinnedStaging`), one set per site.
+    reused pinned buffers (:class:`~splitunet.compute.host_staging.PinnedStaging`), one set per site.
 
     Args:
         labels: the label holder's folder.
@@ -79,7 +79,7 @@ class ServerTrainer:
         device: where the decoder runs.
         loss: ``"dice_ce"`` or ``"dice_focal"``.
         amp: on a CUDA device, run the decoder's training pass under bfloat16 autocast
-            (:mod:`~splitunet.mixed_precision`; ignored on a CPU, see :attr:`amp`); the loss is computed in
+            (:mod:`~splitunet.compute.mixed_precision`; ignored on a CPU, see :attr:`amp`); the loss is computed in
             float32, gradients leave in the job's wire precision, and validation stays float32.
 
     Attributes:

@@ -8,15 +8,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from splitunet.compute.host_staging import PinnedStaging
+from splitunet.compute.mixed_precision import amp_applies, autocast
 from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.party_data import ModalityFolder
 from splitunet.data.sampling import extract_crop
 from splitunet.errors import SplitUNetDataError
-from splitunet.host_staging import PinnedStaging
-from splitunet.mixed_precision import amp_applies, autocast
-from splitunet.model_config import SplitModelConfig
 from splitunet.networks import SiteEncoder
-from splitunet.protocol import MODALITIES
+from splitunet.wire.model_config import SplitModelConfig
+from splitunet.wire.protocol import MODALITIES
 
 __all__ = ["SiteTrainer", "initial_encoder"]
 
@@ -42,14 +42,14 @@ class SiteTrainer:
     :meth:`forward` and :meth:`backward` the trainer keeps the autograd graph of the features it sent.
 
     Features leave and gradients arrive as host tensors (what FLARE serializes); on a GPU they cross through
-    reused pinned buffers (:class:`~splitunet.host_staging.PinnedStaging`), so the copies are asynchronous DMAs.
+    reused pinned buffers (:class:`~splitunet.compute.host_staging.PinnedStaging`), so the copies are asynchronous DMAs.
 
     Args:
         folder: this site's modality folder.
         case_key_secret: secret shared by the data holders for keyed case hashes.
         device: where the encoder runs.
         amp: on a CUDA device, run the training forward pass under bfloat16 autocast
-            (:mod:`~splitunet.mixed_precision`; ignored on a CPU, see :attr:`amp`); features still leave in the
+            (:mod:`~splitunet.compute.mixed_precision`; ignored on a CPU, see :attr:`amp`); features still leave in the
             job's wire precision, and :meth:`encode` (validation, inference) stays float32.
 
     Attributes:

@@ -1,0 +1,155 @@
+"""Label inference by a curious site from the gradients the server returns for its own features."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from splitunet.evaluation.attacks.base import Attack, check_positive_int
+from splitunet.evaluation.attacks.observed import check_observed, resolve_input_size
+from splitunet.wire.protocol import NUM_LEVELS
+
+__all__ = ["GradientLabelInference", "otsu_threshold", "LABEL_METHODS"]
+
+LABEL_METHODS = ("norm", "direction")
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
+    """Otsu's threshold of a set of values: the cut between histogram bins that maximises the between-class variance.
+
+    Otsu, "A threshold selection method from gray-level histograms", IEEE TSMC 1979.
+
+    Args:
+        values: any shape, at least two distinct values expected (a constant input returns that value).
+        bins: histogram bins between the minimum and maximum.
+    """
+    values = values.detach().flatten().float()
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return low
+    histogram = torch.histc(values, bins=bins, min=low, max=high)
+    p = histogram / histogram.sum()
+    edges = torch.linspace(low, high, bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = torch.cumsum(p, 0)
+    mass_low = torch.cumsum(p * centres, 0)
+    between = (mass_low[-1] * weight_low - mass_low) ** 2 / (weight_low * (1 - weight_low)).clamp_min(1e-12)
+    # Cut at the upper edge of the best bin: values above it form the upper class.
+    return float(edges[int(between[:-1].argmax()) + 1])
+
+
+class GradientLabelInference(Attack):
+    """Infer the server's tumour mask from the per-voxel gradients a site receives for its features.
+
+    With MONAI's ``DiceCELoss`` on sigmoid outputs, the gradient at logit ``z_v`` is ``(p_v - y_v) / N`` from the
+    cross-entropy plus a Dice term; at a fresh decoder (``p`` about 0.5 everywhere) the Dice term's magnitude is
+    about ``N / |y|`` times larger inside the region than outside, and both terms change sign with the label. The
+    decoder's last layers only smooth and mix these maps on their way to x0, so the gradient of x0 outlines the
+    tumour. Two scores per voxel, each thresholded per sample:
+
+    - ``"norm"``: the L2 norm of the gradient over channels (high = tumour); the gradient-norm attack of
+      Li et al., "Label leakage and protection in two-party split learning", ICLR 2022.
+    - ``"direction"``: the projection of the (centred) gradient vectors on their first principal direction;
+      the minority side is taken as tumour (tumours fill a minority of a crop); the cosine/direction attack of
+      Li et al. (ibid.), also used by UnSplit's label inference (Erdogan et al., WPES 2022).
+
+    A coarser level's score map is upsampled (trilinear) to the crop size. The threshold is Otsu's (default) or
+    a fixed quantile of the score, e.g. 0.95 marks the top 5 % of voxels.
+
+    Args:
+        level: the gradient level to use (default: the finest received).
+        method: ``"norm"`` or ``"direction"``.
+        threshold: ``"otsu"`` or a quantile in (0, 1).
+        bins: histogram bins of Otsu's method.
+    """
+
+    name = "gradient_label_inference"
+    threat_model = "a site reads the gradients of its own features (labels stay at the server)"
+
+    def __init__(
+        self, level: int | None = None, method: str = "norm", threshold: str | float = "otsu", bins: int = 256
+    ):
+        if level is not None and (isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < NUM_LEVELS):
+            raise ValueError(f"level must be None or an int in 0..{NUM_LEVELS - 1}, got {level!r}")
+        if method not in LABEL_METHODS:
+            raise ValueError(f"method must be one of {LABEL_METHODS}, got {method!r}")
+        if threshold != "otsu" and not (
+            isinstance(threshold, float) and not isinstance(threshold, bool) and 0 < threshold < 1
+        ):
+            raise ValueError(f"threshold must be 'otsu' or a quantile float in (0, 1), got {threshold!r}")
+        self.level = level
+        self.method = method
+        self.threshold = threshold
+        self.bins = check_positive_int("bins", bins)
+
+    def score_map(
+        self, observed: Mapping[int | str, torch.Tensor], input_size: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """Per-voxel tumour score at crop resolution.
+
+        Args:
+            observed: level -> gradient ``(B, C, D, H, W)`` as the site received it.
+            input_size: crop size ``(D, H, W)``; inferred from the finest level when omitted.
+
+        Returns:
+            ``(score (B, 1, D, H, W), level used)``; for ``"direction"`` the sign is set so that high = tumour.
+        """
+        observed = check_observed(observed, what="observed gradients")
+        size = resolve_input_size(observed, input_size)
+        level = min(observed) if self.level is None else self.level
+        if level not in observed:
+            raise ValueError(f"gradient level x{level} was not received (received: {sorted(observed)})")
+        grad = observed[level]
+        if self.method == "norm":
+            score = grad.norm(dim=1, keepdim=True)
+        else:
+            score = torch.stack([self._principal_projection(sample) for sample in grad])
+        if tuple(score.shape[2:]) != size:
+            score = F.interpolate(score, size=size, mode="trilinear", align_corners=False)
+        return score, level
+
+    def _principal_projection(self, grad: torch.Tensor) -> torch.Tensor:
+        """``(C, D, H, W)`` gradient -> ``(1, D, H, W)`` projection on the first principal direction, minority high."""
+        vectors = grad.reshape(grad.shape[0], -1).T
+        vectors = vectors - vectors.mean(0)
+        # C x C covariance: C is small (the level's channels), so this is cheap and exact.
+        _, eigenvectors = torch.linalg.eigh(vectors.T @ vectors)
+        projection = vectors @ eigenvectors[:, -1]
+        cut = otsu_threshold(projection, self.bins)
+        if (projection > cut).float().mean() > 0.5:
+            projection = -projection
+        return projection.reshape(1, *grad.shape[1:])
+
+    def reconstruct(
+        self, observed: Mapping[int | str, torch.Tensor], input_size: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """Infer a binary tumour mask per sample.
+
+        Returns:
+            ``(mask (B, 1, D, H, W) float32 in {0, 1}, stats)``; stats: level, method, threshold per sample,
+            fraction of voxels marked per sample, seconds.
+        """
+        start = time.perf_counter()
+        score, level = self.score_map(observed, input_size)
+        masks, cuts = [], []
+        for sample in score:
+            if self.threshold == "otsu":
+                cut = otsu_threshold(sample, self.bins)
+            else:
+                cut = float(torch.quantile(sample.flatten(), self.threshold))
+            masks.append((sample > cut).float())
+            cuts.append(cut)
+        mask = torch.stack(masks)
+        stats = {
+            "attack": self.name,
+            "level": level,
+            "method": self.method,
+            "threshold": self.threshold,
+            "cut": cuts,
+            "fraction": [float(m.mean()) for m in mask],
+            "seconds": time.perf_counter() - start,
+        }
+        return mask, stats

@@ -1,0 +1,161 @@
+"""Run the input-inversion and label-inference attacks on one capture and score them against the truth."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from splitunet.evaluation.attacks import GradientLabelInference, LearnedInverse, UnSplit, WhiteBoxInversion
+from splitunet.evaluation.metrics import expected_random_dice, image_leakage, mask_dice
+from splitunet.networks import SiteEncoder
+
+__all__ = ["INVERSION_ATTACKS", "AttackBudget", "invert_capture", "infer_labels", "level_name"]
+
+# Input-inversion attacks in the order reports list them: strongest threat model first.
+INVERSION_ATTACKS = ("white_box", "unsplit", "learned_inverse")
+
+
+def level_name(levels: Sequence[int]) -> str:
+    """``[0]`` -> ``"x0"``; ``[1, 2, 3, 4]`` -> ``"x1-x4"``."""
+    levels = sorted(levels)
+    return f"x{levels[0]}" if len(levels) == 1 else f"x{levels[0]}-x{levels[-1]}"
+
+
+@dataclass(frozen=True)
+class AttackBudget:
+    """How hard each attack tries. The defaults took about 2 minutes per site on 2 CPU cores for 48^3 crops.
+
+    Args:
+        white_box_iterations: Adam steps of the white-box inversion, per level.
+        unsplit_iterations: input/surrogate alternations of UnSplit, per level.
+        unsplit_levels: how many of the finest received levels UnSplit attacks (it costs about twice the white-box
+            per step, and coarse levels give it little to work with).
+        learned_steps: training steps of the learned inverse (one network on all received levels).
+        learned_crops: auxiliary crops it trains on.
+        seed: seed of every attack's random start.
+    """
+
+    white_box_iterations: int = 150
+    unsplit_iterations: int = 100
+    unsplit_levels: int = 2
+    learned_steps: int = 300
+    learned_crops: int = 24
+    seed: int = 0
+
+    @classmethod
+    def sweep(cls) -> AttackBudget:
+        """Shorter attacks for ``splitunet sweep``, which runs them once per defense (about a minute a run)."""
+        return cls(
+            white_box_iterations=100, unsplit_iterations=60, unsplit_levels=1, learned_steps=150, learned_crops=16
+        )
+
+    @classmethod
+    def quick(cls) -> AttackBudget:
+        """A few steps of each: exercises the whole report in seconds (tests); the figures mean little."""
+        return cls(white_box_iterations=10, unsplit_iterations=5, learned_steps=10, learned_crops=2)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _scored(attack: str, levels: Sequence[int], reconstruction, truth, prior, stats: dict) -> dict:
+    leakage = image_leakage(reconstruction, truth, prior)["mean"]
+    return {"attack": attack, "level": level_name(levels), **leakage, "seconds": round(stats["seconds"], 2)}
+
+
+def invert_capture(
+    observed: dict[int, torch.Tensor],
+    input_size: Sequence[int],
+    encoder: SiteEncoder,
+    truth: torch.Tensor,
+    prior: torch.Tensor,
+    aux_crops: torch.Tensor,
+    budget: AttackBudget,
+    attacks: Sequence[str] = INVERSION_ATTACKS,
+) -> tuple[list[dict], dict[tuple[str, str], torch.Tensor]]:
+    """Reconstruct a site's crops from the features the server received, level by level.
+
+    Args:
+        observed: level -> received features (after every site defense).
+        input_size: the crop size.
+        encoder: the encoder that produced them (white-box; the other attacks use only its architecture, or,
+            for the learned inverse, its forward pass on auxiliary crops).
+        truth: the crops the site encoded ``(B, 1, D, H, W)`` (scoring only).
+        prior: the uninformed prior for them (mean auxiliary image at the same place).
+        aux_crops: the attacker's auxiliary crops of the modality, for the learned inverse.
+        budget: attack lengths.
+        attacks: names from :data:`INVERSION_ATTACKS`.
+
+    Returns:
+        ``(rows, reconstructions)``: one row per attack and level (SSIM, PSNR, prior, relative leakage, seconds),
+        and the reconstructions keyed by ``(attack, level name)``.
+    """
+    unknown = sorted(set(attacks) - set(INVERSION_ATTACKS))
+    if unknown:
+        raise ValueError(f"unknown attacks {unknown}; choose from {INVERSION_ATTACKS}")
+    features = encoder.features
+    unsplit_levels = sorted(observed)[: budget.unsplit_levels]
+    rows, images = [], {}
+    for level in sorted(observed):
+        one_level = {level: observed[level]}
+        runs = []
+        if "white_box" in attacks:
+            # Coarser levels need the stronger TV prior (WhiteBoxInversion's measured settings).
+            attack = WhiteBoxInversion(
+                features,
+                encoder.state_dict(),
+                iterations=budget.white_box_iterations,
+                tv_weight=0.1 if level == 0 else 1.0,
+                seed=budget.seed,
+            )
+            runs.append(("white_box", attack.reconstruct(one_level, input_size)))
+        if "unsplit" in attacks and level in unsplit_levels:
+            attack = UnSplit(
+                features,
+                outer_iterations=budget.unsplit_iterations,
+                tv_weight=0.3 if level == 0 else 1.0,
+                init="reference",
+                seed=budget.seed,
+            )
+            runs.append(("unsplit", attack.reconstruct(one_level, input_size, reference=prior)))
+        for name, (reconstruction, stats) in runs:
+            rows.append(_scored(name, [level], reconstruction, truth, prior, stats))
+            images[(name, level_name([level]))] = reconstruction
+    if "learned_inverse" in attacks:
+        started = time.perf_counter()
+        attack = LearnedInverse(
+            encoder, levels=sorted(observed), steps=budget.learned_steps, batch_size=2, seed=budget.seed
+        )
+        attack.fit(aux_crops)
+        reconstruction, stats = attack.reconstruct(observed, input_size)
+        stats["seconds"] = time.perf_counter() - started
+        rows.append(_scored("learned_inverse", sorted(observed), reconstruction, truth, prior, stats))
+        images[("learned_inverse", level_name(sorted(observed)))] = reconstruction
+    return rows, images
+
+
+def infer_labels(gradients: dict[int, torch.Tensor], input_size: Sequence[int], truth: torch.Tensor) -> dict:
+    """A site's label inference from the gradients it received, scored against the true mask.
+
+    Args:
+        gradients: level -> gradients the site received for one iteration's features.
+        input_size: the crop size.
+        truth: the true region masks of those crops ``(B, 1, D, H, W)``.
+
+    Returns:
+        level used, mean Dice of the inferred mask, mean Dice a random mask of the same size would get, fraction
+        of voxels marked.
+    """
+    started = time.perf_counter()
+    mask, stats = GradientLabelInference(method="norm", threshold="otsu").reconstruct(gradients, input_size)
+    return {
+        "attack": "label_inference",
+        "level": level_name([stats["level"]]),
+        "dice": float(mask_dice(mask, truth).mean()),
+        "dice_random_mask": float(expected_random_dice(truth, mask.flatten(1).sum(1)).mean()),
+        "fraction_marked": float(mask.mean()),
+        "seconds": round(time.perf_counter() - started, 2),
+    }

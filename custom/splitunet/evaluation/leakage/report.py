@@ -1,0 +1,221 @@
+"""``splitunet leakage``: attack what a run captured, score it against the truth, write report.json/.md and figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from splitunet.checkpoint import write_json_atomic
+from splitunet.data.partition import partition_msd
+from splitunet.data.party_data import ModalityFolder
+from splitunet.data.phantom import generate_phantom
+from splitunet.errors import SplitUNetConfigError
+from splitunet.evaluation.attacks import build_encoder
+from splitunet.evaluation.leakage.attack_suite import INVERSION_ATTACKS, AttackBudget, infer_labels, invert_capture
+from splitunet.evaluation.leakage.captured_run import ACTIVATIONS, GRADIENTS, CapturedRun
+from splitunet.evaluation.leakage.figures import plot_reconstruction_grid
+from splitunet.evaluation.leakage.ground_truth import AuxiliaryImages, GroundTruth
+from splitunet.tools.deployment import read_or_create_secret
+from splitunet.wire.protocol import MODALITIES
+
+__all__ = ["ATTACK_CHOICES", "run_leakage", "leakage_markdown", "auxiliary_phantom", "best_inversion"]
+
+ATTACK_CHOICES = (*INVERSION_ATTACKS, "label_inference")
+# Auxiliary phantom cases are drawn with this seed offset, so they are never the sites' cases.
+_AUX_SEED_OFFSET = 1000
+_AUX_CASES = 6
+
+
+def auxiliary_phantom(data_dir: Path, out_dir: Path) -> Path:
+    """Parties folder of auxiliary phantom cases like the run's (same shape), drawn from another seed.
+
+    The attacker's "public" scans of the modality: made once per output folder and reused.
+    """
+    index_path = data_dir / "phantom_msd" / "dataset.json"
+    if not index_path.is_file():
+        raise SplitUNetConfigError(
+            f"{index_path} not found: the run's data is not a phantom, so give auxiliary cases with --aux"
+        )
+    phantom = json.loads(index_path.read_text())["phantom"]
+    parties = out_dir / "parties"
+    if not (parties / MODALITIES[0]).is_dir():
+        generate_phantom(out_dir / "msd", _AUX_CASES, tuple(phantom["shape"]), phantom["seed"] + _AUX_SEED_OFFSET)
+        partition_msd(out_dir / "msd", parties, progress=False)
+    return parties
+
+
+def best_inversion(rows: Sequence[Mapping]) -> Mapping | None:
+    """The inversion row with the highest SSIM (the leak a defense must be judged by), or None."""
+    scored = [row for row in rows if math.isfinite(row.get("ssim", math.nan))]
+    return max(scored, key=lambda row: row["ssim"]) if scored else None
+
+
+def _defenses_seen(trail: Sequence[Mapping]) -> list[str]:
+    return sorted({entry["filter"] for entry in trail if entry.get("filter") not in (None, "FeatureGuard")})
+
+
+def _attack_site(
+    run: CapturedRun,
+    site: str,
+    iteration: int,
+    truth: GroundTruth,
+    aux_parties: Path,
+    attacks: Sequence[str],
+    budget: AttackBudget,
+    out_dir: Path,
+) -> dict:
+    modality = run.sites[site]
+    capture = run.capture(ACTIVATIONS, site, iteration)
+    plan = capture.plan
+    if not plan:
+        raise SplitUNetConfigError(f"capture {capture.path} carries no crop plan; it cannot be scored")
+    size = plan["size"]
+    original = truth.image_crops(modality, plan)
+    aux = AuxiliaryImages(ModalityFolder(aux_parties / modality, modality, party="attacker"))
+    prior = aux.prior(plan)
+    notes = []
+    inversion = [name for name in attacks if name in INVERSION_ATTACKS]
+    if iteration != 1 and "white_box" in inversion:
+        # The server can rebuild a site's encoder only as initialised; later weights stay at the site.
+        inversion.remove("white_box")
+        notes.append(f"white-box skipped: it needs the encoder of iteration {iteration}, which only the site holds")
+    # The site seeds its encoder from the server's model settings (SiteTrainer.build): the server can rebuild it.
+    encoder = build_encoder(run.model.features, seed=run.model.seed + 1 + MODALITIES.index(modality)).eval()
+    aux_crops = aux.random_crops(budget.learned_crops, size, seed=budget.seed)
+    rows, images = invert_capture(capture.observed, size, encoder, original, prior, aux_crops, budget, inversion)
+    figures = {}
+    for attack in inversion:
+        mine = {level: image[:1] for (name, level), image in images.items() if name == attack}
+        if mine:
+            path = out_dir / f"{site}_{attack}.png"
+            title = f"{site} ({modality}), iteration {iteration}: {attack} per received level, first crop of the batch"
+            plot_reconstruction_grid(original[0], mine, path, title)
+            figures[attack] = path.name
+    labels = None
+    if "label_inference" in attacks:
+        # The gradients for iteration t's features travel with the request of iteration t + 1.
+        if iteration + 1 in run.iterations(GRADIENTS, site):
+            gradients = run.capture(GRADIENTS, site, iteration + 1)
+            labels = infer_labels(gradients.observed, size, truth.region_crops(plan, "WT"))
+        else:
+            notes.append(f"label inference skipped: no gradient capture of iteration {iteration + 1}")
+    return {
+        "modality": modality,
+        "levels_received": [f"x{level}" for level in sorted(capture.observed)],
+        "defenses_on_the_way": _defenses_seen(capture.filter_trail),
+        "crops": len(original),
+        "inversion": rows,
+        "best_inversion": best_inversion(rows),
+        "label_inference": labels,
+        "figures": figures,
+        "notes": notes,
+    }
+
+
+def run_leakage(
+    workspace: str | Path,
+    out_dir: str | Path,
+    attacks: Sequence[str] = ATTACK_CHOICES,
+    sites: Sequence[str] | None = None,
+    iteration: int = 1,
+    budget: AttackBudget | None = None,
+    data_dir: str | Path | None = None,
+    aux_dir: str | Path | None = None,
+) -> dict:
+    """Attack a run's captures and write ``report.json``, ``report.md`` and one PNG grid per site and attack.
+
+    Args:
+        workspace: a ``splitunet demo --capture ...`` workspace.
+        out_dir: where the report goes.
+        attacks: from :data:`ATTACK_CHOICES`.
+        sites: sites to attack (default: the first, FLAIR in the demo).
+        iteration: the captured training iteration to attack (1: the encoders are still as initialised).
+        budget: attack lengths.
+        data_dir: the run's data (``parties/`` and ``case_key_secret.txt``); default ``<workspace>/data``.
+        aux_dir: parties folder of the attacker's auxiliary cases; default: phantom cases made for the purpose.
+
+    Returns:
+        the report written to ``report.json``.
+    """
+    started = time.perf_counter()
+    unknown = sorted(set(attacks) - set(ATTACK_CHOICES))
+    if unknown:
+        raise SplitUNetConfigError(f"unknown attacks {unknown}; choose from {list(ATTACK_CHOICES)}")
+    budget = budget or AttackBudget()
+    run = CapturedRun(workspace)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(data_dir).resolve() if data_dir else run.workspace / "data"
+    secret_file = data_dir / "case_key_secret.txt"
+    if not secret_file.is_file():
+        raise SplitUNetConfigError(f"{secret_file} not found: give the run's data folder with --data")
+    truth = GroundTruth(data_dir / "parties", read_or_create_secret(secret_file))
+    aux_parties = Path(aux_dir) if aux_dir else auxiliary_phantom(data_dir, out_dir / "auxiliary")
+    chosen = list(sites) if sites else [next(iter(run.sites))]
+    report = {
+        "workspace": str(run.workspace),
+        "job": run.job,
+        "iteration": iteration,
+        "attacks": list(attacks),
+        "budget": budget.to_dict(),
+        "threads": torch.get_num_threads(),
+        "sites": {},
+    }
+    for site in chosen:
+        print(f"attacking {site} ({run.sites.get(site)}) at iteration {iteration}", flush=True)
+        report["sites"][site] = _attack_site(run, site, iteration, truth, aux_parties, attacks, budget, out_dir)
+    report["elapsed_s"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(report, out_dir / "report.json")
+    (out_dir / "report.md").write_text(leakage_markdown(report))
+    return report
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def leakage_markdown(report: Mapping) -> str:
+    """Human-readable ``report.md``: one table of inversions per site, then label inference."""
+    lines = [
+        f"# Leakage of `{report['job']}` at iteration {report['iteration']}",
+        "",
+        "SSIM and PSNR of each reconstruction against the crop the site encoded (after the least-squares intensity "
+        "fit the metrics allow); the prior is the mean auxiliary image at the same place. Relative leakage = "
+        "(SSIM - SSIM prior) / SSIM prior.",
+        "",
+    ]
+    for site, result in report["sites"].items():
+        lines += [
+            f"## {site} ({result['modality']})",
+            "",
+            f"Levels received: {', '.join(result['levels_received'])}; defenses on the way: "
+            f"{', '.join(result['defenses_on_the_way']) or 'none'}; {result['crops']} crop(s).",
+            "",
+            "| attack | level | SSIM | PSNR dB | SSIM prior | PSNR prior dB | relative leakage | s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in result["inversion"]:
+            lines.append(
+                f"| {row['attack']} | {row['level']} | {_fmt(row['ssim'])} | {_fmt(row['psnr'], 1)} | "
+                f"{_fmt(row['ssim_prior'])} | {_fmt(row['psnr_prior'], 1)} | {_fmt(row['relative_leakage'], 2)} | "
+                f"{row['seconds']:.0f} |"
+            )
+        labels = result.get("label_inference")
+        if labels:
+            lines += [
+                "",
+                f"Label inference from the gradients of {labels['level']} (norm, Otsu): whole-tumour Dice "
+                f"{_fmt(labels['dice'])} against {_fmt(labels['dice_random_mask'])} for a random mask of the same "
+                f"size ({labels['fraction_marked']:.1%} of voxels marked).",
+            ]
+        for note in result["notes"]:
+            lines.append(f"\nNote: {note}.")
+        for attack, figure in result["figures"].items():
+            lines.append(f"\n![{site} {attack}]({figure})")
+        lines.append("")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,451 @@
+"""The ``splitunet`` command (also ``python -m splitunet``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.wire.protocol import MODALITIES
+
+__all__ = ["main", "build_parser", "ATTACKS"]
+
+# `splitunet leakage --attack` choices, spelled out so that parsing needs no torch import (a test keeps them equal
+# to splitunet.evaluation.leakage.ATTACK_CHOICES).
+ATTACKS = ("white_box", "unsplit", "learned_inverse", "label_inference")
+
+
+def _phantom(args) -> int:
+    from splitunet.data.phantom import generate_phantom
+
+    out = generate_phantom(args.out, args.cases, shape=tuple(args.shape), seed=args.seed, progress=not args.quiet)
+    print(f"wrote {args.cases} phantom cases in MSD Task01 layout to {out}")
+    return 0
+
+
+def _partition(args) -> int:
+    from splitunet.data.partition import partition
+
+    summary = partition(args.src, args.out, args.layout, progress=not args.quiet)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _prepare(args) -> int:
+    from splitunet.tools.deployment import default_site_modalities, prepare_simulator_workspace, read_or_create_secret
+
+    secret = args.case_key_secret or read_or_create_secret(Path(args.workspace) / "case_key_secret.txt")
+    workspace = prepare_simulator_workspace(
+        args.workspace,
+        args.data,
+        default_site_modalities(args.num_sites),
+        secret,
+        layout=args.layout,
+        checkpoint_root=args.checkpoint_dir,
+    )
+    print(f"simulator workspace ready: {workspace}/local (site settings and class allow-list)")
+    print(f"run: nvflare simulator jobs/split_unet -w {args.workspace} -n {args.num_sites} -t {args.num_sites}")
+    return 0
+
+
+def _configure_kit(args) -> int:
+    from splitunet.tools.deployment import configure_kit
+
+    if bool(args.labels) == bool(args.modality and args.data):
+        raise SplitUNetConfigError("give either --modality and --data (a site) or --labels (the server)")
+    if args.labels:
+        from splitunet.tools.deployment import recorded_layout
+
+        labels = args.labels.resolve()
+        entry = {"labels_dir": str(labels), "layout": args.layout or recorded_layout(labels.parent)}
+    else:
+        entry = {"modality": args.modality, "data_dir": str(args.data.resolve())}
+    if args.checkpoint_dir:
+        entry["checkpoint_dir"] = str(args.checkpoint_dir.resolve())
+    if args.inference_dir:
+        if args.labels:
+            raise SplitUNetConfigError("--inference-dir is a site's setting (the folder of new cases it encodes)")
+        entry["inference_dir"] = str(args.inference_dir.resolve())
+    secret = args.case_key_secret_file.read_text().strip()
+    privacy = json.loads(args.privacy.read_text()) if args.privacy else None
+    for path in configure_kit(args.kit, entry, secret, privacy, party=args.party):
+        print(f"wrote {path}")
+    return 0
+
+
+def _stage_byoc(args) -> int:
+    from splitunet.tools.deployment import find_job, stage_byoc_job
+
+    out = stage_byoc_job(args.job or find_job("split_unet"), args.out)
+    print(f"BYOC job (carries custom/splitunet) written to {out}")
+    return 0
+
+
+def _job_folder(job: str | None) -> Path | None:
+    """A job given as a folder, or by name under the bundle's ``jobs/`` (``split_unet_noise``)."""
+    if job is None or Path(job).is_dir():
+        return Path(job) if job else None
+    from splitunet.tools.deployment import find_job
+
+    return find_job(job)
+
+
+def _defenses(args) -> int:
+    from splitunet.evaluation.defense_table import DEFENSE_JOBS, run_defense_table
+    from splitunet.tools.demo import DemoSettings
+
+    server_args = {"num_iterations": args.iterations} if args.iterations else {}
+    settings = DemoSettings(cases=args.cases, shape=tuple(args.shape), seed=args.seed, server_args=server_args)
+    run_defense_table(args.out, args.jobs or DEFENSE_JOBS, settings)
+    print((Path(args.out) / "defenses.md").read_text())
+    return 0
+
+
+def _leakage(args) -> int:
+    from splitunet.evaluation.leakage import AttackBudget, run_leakage
+
+    budget = AttackBudget.quick() if args.quick else AttackBudget()
+    run_leakage(
+        args.workspace,
+        args.out,
+        attacks=args.attack,
+        sites=args.sites,
+        iteration=args.iteration,
+        budget=budget,
+        data_dir=args.data,
+        aux_dir=args.aux,
+    )
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def _sweep(args) -> int:
+    from splitunet.evaluation.sweep import DEFAULT_SWEEP, QUICK_SWEEP, run_sweep
+
+    length = {"iterations": args.iterations} if args.iterations else {}
+    run_sweep(args.out, QUICK_SWEEP if args.quick else DEFAULT_SWEEP, quick=args.quick, **length)
+    print((Path(args.out) / "sweep.md").read_text())
+    print(f"plot: {Path(args.out).resolve() / 'tradeoff.png'}")
+    return 0
+
+
+def _poc(args) -> int:
+    from splitunet.tools.demo import ensure_partitioned_phantom
+    from splitunet.tools.deployment import (
+        copy_job_with_overrides,
+        default_site_modalities,
+        find_job,
+        read_or_create_secret,
+    )
+    from splitunet.tools.poc.run_job import run_job_in_poc
+
+    workspace = args.workspace.resolve()
+    if args.data:
+        parties, secret_file = args.data, args.data / "case_key_secret.txt"
+    else:
+        parties = ensure_partitioned_phantom(workspace / "data", args.cases, tuple(args.shape), args.seed)
+        secret_file = workspace / "data" / "case_key_secret.txt"
+    secret = args.case_key_secret or read_or_create_secret(secret_file)
+    sites = default_site_modalities(args.num_sites)
+    policies = {}
+    for item in args.privacy or []:
+        site, _, path = item.partition("=")
+        if site not in sites or not path:
+            raise SplitUNetConfigError(f"--privacy takes SITE=FILE with SITE among {list(sites)}, got {item!r}")
+        policies[site] = json.loads(Path(path).read_text())
+    source = _job_folder(args.job) or find_job("split_unet")
+    server_args = {"num_iterations": args.iterations} if args.iterations else {}
+    job = copy_job_with_overrides(source, workspace / "job" / source.name, server_args)
+    summary = run_job_in_poc(workspace, job, sites, parties, secret, policies, job_timeout_s=args.timeout)
+    print(json.dumps({k: summary[k] for k in ("flare_status", "status", "error", "dice", "iterations")}, indent=2))
+    print(f"results: {workspace / 'results.json'}; every POC process stopped: {summary['all_processes_stopped']}")
+    return 0 if summary["status"] == "completed" else 1
+
+
+def _demo(args) -> int:
+    from splitunet.tools.demo import DemoSettings, run_demo
+
+    server_args = {}
+    if args.iterations:
+        server_args["num_iterations"] = args.iterations
+    settings = DemoSettings(
+        cases=args.cases,
+        shape=tuple(args.shape),
+        seed=args.seed,
+        server_args=server_args,
+        capture_iterations=args.capture or (),
+        timeout_s=args.timeout,
+    )
+    summary = run_demo(args.workspace, settings, job_dir=_job_folder(args.job))
+    dice = summary["dice"]
+    print(
+        f"\nDice on held-out phantom cases after {summary['iterations']} iterations: "
+        f"TC {dice['TC']:.3f}  WT {dice['WT']:.3f}  ET {dice['ET']:.3f}"
+    )
+    print(f"results: {Path(args.workspace).resolve() / 'results.json'}")
+    if summary.get("preview_png"):
+        print(f"figure:  {summary['preview_png']}")
+    if summary.get("tensorboard"):
+        print(f"tensorboard --logdir {summary['tensorboard']}")
+    print(f"elapsed: {summary['elapsed_s']:.0f}s")
+    return 0
+
+
+def _predict(args) -> int:
+    from splitunet.tools.predict import run_predict
+
+    summary = run_predict(
+        args.data,
+        args.checkpoints,
+        args.out,
+        experiment=args.experiment,
+        tag=args.checkpoint,
+        without=args.without or (),
+        layout=args.layout,
+        timeout_s=args.timeout,
+    )
+    absent = summary["absent_modalities"]
+    print(
+        f"\n{len(summary['predictions'])} segmentations ({summary['layout']} labels"
+        f"{', without ' + ', '.join(absent) if absent else ''}) in {Path(args.out).resolve()}"
+    )
+    print(f"elapsed: {summary['elapsed_s']:.0f}s")
+    return 0
+
+
+def _bench_command(args) -> list[str]:
+    """The command line that reproduces a bench run, from its parsed arguments (for the report)."""
+    command = ["splitunet", "bench", "--out", str(args.out), "--device", args.device]
+    flags = {"--quick": args.quick, "--amp": args.amp, "--no-flare": args.no_flare, "--no-poc": args.no_poc}
+    command += [flag for flag, given in flags.items() if given]
+    options = (
+        ("--iterations", args.iterations),
+        ("--seeds", args.seeds),
+        ("--cases", args.cases),
+        ("--seed", args.seed),
+    )
+    for option, value in options:
+        if value:
+            command += [option, str(value)]
+    return command
+
+
+def _bench(args) -> int:
+    from splitunet.evaluation.bench import BenchSettings, failed_paths, run_bench
+
+    settings = BenchSettings.create(
+        args.out,
+        quick=args.quick,
+        device=args.device,
+        amp=args.amp,
+        flare=not args.no_flare,
+        poc=not args.no_poc,
+        iterations=args.iterations or None,
+        seeds=args.seeds or None,
+        cases=args.cases or None,
+        seed=args.seed,
+        flare_timeout_s=args.timeout,
+        progress=not args.quiet,
+        command=_bench_command(args),
+    )
+    report = run_bench(settings)
+    for target in report["targets"]:
+        measured = "not measured" if target["measured"] is None else f"{target['measured']:.3f}"
+        met = {True: "met", False: "MISSED", None: "-"}[target["met"]]
+        print(f"{target['name']}: {measured} (goal {target['goal']}) {met}")
+    print(f"report: {settings.out_dir.resolve() / 'bench.md'} and bench.json ({report['elapsed_s']:.0f}s)")
+    failed = failed_paths(report)
+    if failed:
+        print(f"splitunet bench: FLARE path(s) {failed} failed; see bench.json", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitunet", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    phantom = commands.add_parser("phantom", help="write a brain-tumour MRI phantom in MSD Task01 layout")
+    phantom.add_argument("--out", required=True, type=Path)
+    phantom.add_argument("--cases", required=True, type=int)
+    phantom.add_argument("--shape", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--quiet", action="store_true", help="no progress bar")
+    phantom.set_defaults(run=_phantom)
+
+    from splitunet.data.layouts import SOURCE_LAYOUTS
+
+    partition = commands.add_parser(
+        "partition", help="split an MSD or BraTS dataset into one folder per modality and one for the labels"
+    )
+    partition.add_argument("--src", required=True, type=Path, help="centralized dataset copy")
+    partition.add_argument(
+        "--layout",
+        choices=SOURCE_LAYOUTS,
+        default="msd",
+        help="msd: Task01_BrainTumour; brats2021: <id>/<id>_{flair,t1,t1ce,t2,seg}; "
+        "brats2023: GLI <id>/<id>-{t2f,t1n,t1c,t2w,seg} (default: msd). Labels keep this layout's numbering.",
+    )
+    partition.add_argument("--out", required=True, type=Path)
+    partition.add_argument("--quiet", action="store_true")
+    partition.set_defaults(run=_partition)
+
+    prepare = commands.add_parser("prepare", help="write a simulator workspace's local/ (site settings, allow-list)")
+    prepare.add_argument("--data", required=True, type=Path, help="output of `splitunet partition`")
+    prepare.add_argument("--workspace", required=True, type=Path)
+    prepare.add_argument("--num-sites", type=int, default=4)
+    prepare.add_argument("--layout", default=None, help="label layout (default: the one `partition` recorded)")
+    prepare.add_argument("--case-key-secret", default=None, help="default: random, kept in WORKSPACE")
+    prepare.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="keep each party's checkpoints in DIR/<party>/ (outside the workspace the simulator wipes) to resume",
+    )
+    prepare.set_defaults(run=_prepare)
+
+    stage = commands.add_parser("stage-byoc", help="copy a job with the splitunet package in its custom/ folder")
+    stage.add_argument("--out", required=True, type=Path)
+    stage.add_argument("--job", type=Path, default=None, help="default: jobs/split_unet")
+    stage.set_defaults(run=_stage_byoc)
+
+    configure = commands.add_parser(
+        "configure-kit",
+        help="write a provisioned party's local/: its data setting, the splitunet class allow-list, its privacy policy",
+    )
+    configure.add_argument("--kit", required=True, type=Path, help="the party's startup kit (holds startup/)")
+    configure.add_argument("--modality", choices=MODALITIES, help="a site: the modality it holds")
+    configure.add_argument("--data", type=Path, help="a site: its folder of <case>.nii.gz volumes")
+    configure.add_argument("--labels", type=Path, help="the server: its folder of label volumes")
+    configure.add_argument("--layout", default=None, help="the server: label layout (default: as partitioned)")
+    configure.add_argument("--case-key-secret-file", required=True, type=Path, help="the data holders' secret")
+    configure.add_argument("--privacy", type=Path, default=None, help="a site: privacy policy to install")
+    configure.add_argument("--party", default=None, help="the party's name (default: the kit folder's name)")
+    configure.add_argument(
+        "--checkpoint-dir", type=Path, default=None, help="where the party keeps checkpoints across jobs (to resume)"
+    )
+    configure.add_argument(
+        "--inference-dir", type=Path, default=None, help="a site: folder of new cases the inference job encodes"
+    )
+    configure.set_defaults(run=_configure_kit)
+
+    predict = commands.add_parser(
+        "predict", help="segment new cases with a trained model (jobs/split_unet_infer in the FLARE simulator)"
+    )
+    predict.add_argument("--data", required=True, type=Path, help="new cases, partitioned (flair/, t1/, t1gd/, t2/)")
+    predict.add_argument(
+        "--checkpoints",
+        required=True,
+        type=Path,
+        help="the training run's checkpoint root (<party>/<experiment>/ per party), e.g. splitunet_demo/checkpoints",
+    )
+    predict.add_argument("--out", required=True, type=Path)
+    predict.add_argument("--experiment", default="split_unet")
+    predict.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    predict.add_argument(
+        "--without", nargs="+", choices=MODALITIES, help="modalities absent (needs a model trained with mean fusion)"
+    )
+    predict.add_argument("--layout", default=None, help="label convention of the output (default: as partitioned)")
+    predict.add_argument("--timeout", type=float, default=3600.0, help="seconds before the simulator is stopped")
+    predict.set_defaults(run=_predict)
+
+    demo = commands.add_parser("demo", help="train the main job on phantom data in the FLARE simulator")
+    demo.add_argument("--workspace", type=Path, default=Path("splitunet_demo"))
+    demo.add_argument("--cases", type=int, default=24)
+    demo.add_argument("--shape", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
+    demo.add_argument("--iterations", type=int, default=0, help="default: the job's num_iterations")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--timeout", type=float, default=1800.0, help="seconds before the simulator is stopped")
+    demo.add_argument("--job", default=None, help="job folder or name under jobs/ (default: split_unet)")
+    demo.add_argument(
+        "--capture",
+        nargs="*",
+        type=int,
+        metavar="ITERATION",
+        help="record what the server receives and sends at these iterations (for leakage evaluation; sensitive)",
+    )
+    demo.set_defaults(run=_demo)
+
+    poc = commands.add_parser(
+        "poc", help="run a job in FLARE POC mode: a real server and site processes on 127.0.0.1, then stop them"
+    )
+    poc.add_argument("--workspace", type=Path, default=Path("splitunet_poc"))
+    poc.add_argument("--data", type=Path, default=None, help="output of `splitunet partition` (default: a phantom)")
+    poc.add_argument("--job", default=None, help="job folder or name under jobs/ (default: split_unet)")
+    poc.add_argument("--num-sites", type=int, default=4)
+    poc.add_argument("--iterations", type=int, default=0, help="default: the job's num_iterations")
+    poc.add_argument("--privacy", nargs="*", metavar="SITE=FILE", help="install FILE as SITE's local/privacy.json")
+    poc.add_argument("--case-key-secret", default=None, help="default: random, kept beside the data")
+    poc.add_argument("--cases", type=int, default=24, help="phantom cases when --data is not given")
+    poc.add_argument("--shape", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
+    poc.add_argument("--seed", type=int, default=0)
+    poc.add_argument("--timeout", type=float, default=3600.0, help="seconds the job may run")
+    poc.set_defaults(run=_poc)
+
+    defenses = commands.add_parser(
+        "defenses", help="run the demo once per defense job on the same phantom cases; tabulate Dice and bytes"
+    )
+    defenses.add_argument("--out", required=True, type=Path)
+    defenses.add_argument("--jobs", nargs="+", default=None, help="job names or folders (default: every shipped one)")
+    defenses.add_argument("--cases", type=int, default=24)
+    defenses.add_argument("--shape", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
+    defenses.add_argument("--iterations", type=int, default=0, help="default: each job's num_iterations")
+    defenses.add_argument("--seed", type=int, default=0)
+    defenses.set_defaults(run=_defenses)
+
+    leakage = commands.add_parser(
+        "leakage", help="attack what a `demo --capture` run recorded; write report.json, report.md and figures"
+    )
+    leakage.add_argument("--workspace", required=True, type=Path, help="a `splitunet demo --capture 1 2` workspace")
+    leakage.add_argument("--out", required=True, type=Path)
+    leakage.add_argument("--attack", nargs="+", choices=ATTACKS, default=list(ATTACKS))
+    leakage.add_argument("--sites", nargs="+", default=None, help="sites to attack (default: the first)")
+    leakage.add_argument("--iteration", type=int, default=1, help="captured training iteration to attack")
+    leakage.add_argument("--data", type=Path, default=None, help="the run's data folder (default: WORKSPACE/data)")
+    leakage.add_argument(
+        "--aux", type=Path, default=None, help="attacker's auxiliary parties folder (default: phantom)"
+    )
+    leakage.add_argument("--quick", action="store_true", help="a few attack steps only (checks the pipeline)")
+    leakage.set_defaults(run=_leakage)
+
+    sweep = commands.add_parser(
+        "sweep", help="train under each defense at two strengths, attack each run, tabulate and plot the trade-off"
+    )
+    sweep.add_argument("--out", required=True, type=Path)
+    sweep.add_argument("--iterations", type=int, default=0, help="training iterations per run (default: 80)")
+    sweep.add_argument("--quick", action="store_true", help="2 tiny runs with short attacks (checks the pipeline)")
+    sweep.set_defaults(run=_sweep)
+    bench = commands.add_parser(
+        "bench", help="step time, bytes on the wire and Dice: centralized vs split in process, simulator, POC"
+    )
+    bench.add_argument("--out", required=True, type=Path, help="folder for bench.json, bench.md and the runs")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes and budgets, no POC (checks the pipeline)")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="in-process arms' device")
+    bench.add_argument("--amp", action="store_true", help="every arm trains under bfloat16 autocast (jobs' amp)")
+    bench.add_argument("--no-flare", action="store_true", help="skip the FLARE simulator and POC paths")
+    bench.add_argument("--no-poc", action="store_true", help="skip the POC path")
+    bench.add_argument("--iterations", type=int, default=0, help="training iterations per accuracy arm")
+    bench.add_argument(
+        "--seeds",
+        type=int,
+        default=0,
+        help="runs of the two split arms that differ only in their wire and of the same-architecture centralized arm "
+        "(default: the preset's, 3; quick 1)",
+    )
+    bench.add_argument("--cases", type=int, default=0, help="phantom cases (default: the preset's)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--timeout", type=float, default=1800.0, help="seconds each FLARE run may take")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (SplitUNetDataError, SplitUNetConfigError) as error:
+        print(f"splitunet {args.command}: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import torch
+
+from splitunet.data.party_data import ModalityFolder
+from splitunet.evaluation.attacks import build_encoder
+from splitunet.evaluation.leakage import (
+    ACTIVATIONS,
+    GRADIENTS,
+    AttackBudget,
+    AuxiliaryImages,
+    CapturedRun,
+    GroundTruth,
+    infer_labels,
+    invert_capture,
+    level_name,
+)
+from splitunet.wire.protocol import MODALITIES
+
+
+@pytest.fixture(scope="module")
+def scene(workspace, secret):
+    """Everything invert_capture takes, for the FLAIR site at iteration 1."""
+    torch.set_num_threads(1)
+    run = CapturedRun(workspace)
+    capture = run.capture(ACTIVATIONS, "site-1", 1)
+    truth = GroundTruth(workspace / "data" / "parties", secret)
+    aux = AuxiliaryImages(ModalityFolder(workspace / "data" / "parties" / "t1", "t1", party="attacker"))
+    encoder = build_encoder(run.model.features, seed=run.model.seed + 1 + MODALITIES.index("flair"))
+    return {
+        "run": run,
+        "capture": capture,
+        "original": truth.image_crops("flair", capture.plan),
+        "wt": truth.region_crops(capture.plan, "WT"),
+        "prior": aux.prior(capture.plan),
+        "aux_crops": aux.random_crops(2, capture.plan["size"]),
+        "encoder": encoder,
+    }
+
+
+def test_level_name():
+    assert level_name([0]) == "x0"
+    assert level_name([3, 1, 4, 2]) == "x1-x4"
+
+
+def test_every_attack_gives_a_scored_row_per_level(scene):
+    rows, images = invert_capture(
+        scene["capture"].observed,
+        scene["capture"].plan["size"],
+        scene["encoder"],
+        scene["original"],
+        scene["prior"],
+        scene["aux_crops"],
+        AttackBudget.quick(),
+    )
+    found = [(row["attack"], row["level"]) for row in rows]
+    white_box = [("white_box", f"x{level}") for level in range(5)]
+    assert set(white_box) <= set(found)
+    assert {("unsplit", "x0"), ("unsplit", "x1"), ("learned_inverse", "x0-x4")} <= set(found)
+    assert ("unsplit", "x2") not in found  # the budget attacks the two finest levels only
+    for row in rows:
+        for key in ("ssim", "psnr", "ssim_prior", "psnr_prior", "relative_leakage", "seconds"):
+            assert math.isfinite(row[key]), (row, key)
+    assert set(images) == set(found)
+    assert all(image.shape == (2, 1, 32, 32, 32) for image in images.values())
+
+
+def test_unsplit_follows_the_finest_received_levels(scene):
+    observed = {level: t for level, t in scene["capture"].observed.items() if level >= 2}
+    budget = AttackBudget(white_box_iterations=1, unsplit_iterations=1, unsplit_levels=1)
+    rows, _ = invert_capture(
+        observed, [32] * 3, scene["encoder"], scene["original"], scene["prior"], None, budget, ["unsplit"]
+    )
+    assert [(row["attack"], row["level"]) for row in rows] == [("unsplit", "x2")]
+
+
+def test_unknown_attack(scene):
+    with pytest.raises(ValueError, match="unknown attacks"):
+        invert_capture({}, [32] * 3, scene["encoder"], None, None, None, AttackBudget.quick(), ["guessing"])
+
+
+def test_white_box_inverts_a_real_capture(scene):
+    budget = AttackBudget(white_box_iterations=60)
+    observed = {0: scene["capture"].observed[0]}
+    rows, _ = invert_capture(
+        observed, [32] * 3, scene["encoder"], scene["original"], scene["prior"], None, budget, ["white_box"]
+    )
+    (row,) = rows
+    print(row)
+    # Measured SSIM 0.93 against 0.29 for the mean image (60 steps, 2 crops of 32^3).
+    assert row["ssim"] >= 0.8
+    assert row["ssim"] > row["ssim_prior"] + 0.3
+
+
+def test_label_inference_from_captured_gradients(workspace, scene):
+    gradients = scene["run"].capture(GRADIENTS, "site-1", 2).observed
+    result = infer_labels(gradients, [32] * 3, scene["wt"])
+    print(result)
+    assert result["level"] == "x0"
+    assert 0.0 <= result["dice"] <= 1.0 and 0.0 < result["fraction_marked"] < 1.0
+    # Measured WT Dice 0.6-0.8 on such crops; a random mask of the same size gets well under 0.1.
+    assert result["dice"] > 3 * result["dice_random_mask"]

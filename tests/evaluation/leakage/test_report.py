@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from splitunet.errors import SplitUNetConfigError
+from splitunet.evaluation.leakage import AttackBudget, best_inversion, run_leakage
+
+
+@pytest.fixture(scope="module")
+def report(workspace, tmp_path_factory):
+    out = tmp_path_factory.mktemp("leakage_report")
+    return run_leakage(workspace, out, budget=AttackBudget.quick()), out
+
+
+def test_report_files_and_structure(report):
+    result, out = report
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(result))
+    site = result["sites"]["site-1"]
+    assert site["modality"] == "flair"
+    assert site["levels_received"] == ["x0", "x1", "x2", "x3", "x4"]
+    assert site["defenses_on_the_way"] == []  # FeatureGuard checks, it does not defend
+    assert site["best_inversion"] == best_inversion(site["inversion"])
+    assert site["label_inference"]["level"] == "x0"
+    for attack in ("white_box", "unsplit", "learned_inverse"):
+        assert (out / site["figures"][attack]).is_file()
+    markdown = (out / "report.md").read_text()
+    assert "| white_box | x0 |" in markdown and "Label inference from the gradients of x0" in markdown
+
+
+def test_auxiliary_cases_are_not_the_sites_cases(report, workspace):
+    _, out = report
+    aux_msd = json.loads((out / "auxiliary" / "msd" / "dataset.json").read_text())
+    run_msd = json.loads((workspace / "data" / "phantom_msd" / "dataset.json").read_text())
+    assert aux_msd["phantom"]["seed"] != run_msd["phantom"]["seed"]
+    assert aux_msd["phantom"]["shape"] == run_msd["phantom"]["shape"]
+
+
+def test_only_label_inference(workspace, tmp_path):
+    result = run_leakage(workspace, tmp_path, attacks=["label_inference"], budget=AttackBudget.quick())
+    site = result["sites"]["site-1"]
+    assert site["inversion"] == [] and site["best_inversion"] is None
+    assert site["label_inference"]["dice"] >= 0
+
+
+def test_later_iteration_skips_white_box_and_says_why(workspace, tmp_path):
+    with pytest.raises(SplitUNetConfigError, match="no splitunet_activations capture of site-1 at iteration 2"):
+        run_leakage(workspace, tmp_path, iteration=2, budget=AttackBudget.quick())
+
+
+def test_unknown_attack_and_missing_secret(workspace, tmp_path):
+    with pytest.raises(SplitUNetConfigError, match="unknown attacks"):
+        run_leakage(workspace, tmp_path, attacks=["guess"])
+    with pytest.raises(SplitUNetConfigError, match="case_key_secret.txt not found"):
+        run_leakage(workspace, tmp_path, data_dir=tmp_path)

@@ -1,0 +1,57 @@
+"""cli: the splitunet command's subcommands and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from splitunet.tools.cli import main
+
+
+def test_python_dash_m_lists_subcommands():
+    result = subprocess.run([sys.executable, "-m", "splitunet", "--help"], capture_output=True, text=True, check=True)
+    for command in ("phantom", "partition", "prepare", "stage-byoc", "demo"):
+        assert command in result.stdout
+
+
+def test_phantom_then_partition(tmp_path, capsys):
+    assert (
+        main(["phantom", "--out", str(tmp_path / "msd"), "--cases", "2", "--shape", "32", "32", "32", "--quiet"]) == 0
+    )
+    assert json.loads((tmp_path / "msd" / "dataset.json").read_text())["numTraining"] == 2
+    assert main(["partition", "--src", str(tmp_path / "msd"), "--out", str(tmp_path / "parties"), "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "parties").iterdir()) == ["flair", "labels", "t1", "t1gd", "t2"]
+
+
+def test_data_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["partition", "--src", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "nothing" in capsys.readouterr().err
+
+
+def test_leakage_attack_choices_match_the_package():
+    from splitunet.evaluation.leakage import ATTACK_CHOICES
+    from splitunet.tools.cli import ATTACKS
+
+    assert ATTACKS == ATTACK_CHOICES
+
+
+def test_prepare_and_configure_kit_name_checkpoint_dirs(tmp_path, capsys, monkeypatch):
+    from splitunet.data.party_settings import load_server_settings, load_site_settings
+
+    monkeypatch.delenv("SPLITUNET_SITE_CONFIG", raising=False)
+    workspace, checkpoints = tmp_path / "ws", tmp_path / "ckpt"
+    command = ["prepare", "--data", str(tmp_path / "parties"), "--workspace", str(workspace), "--layout", "msd"]
+    assert main([*command, "--checkpoint-dir", str(checkpoints)]) == 0
+    assert load_site_settings("site-2", workspace / "local").checkpoint_dir == checkpoints.resolve() / "site-2"
+    assert load_server_settings("simulator_server", workspace / "local").checkpoint_dir == checkpoints / "server"
+
+    kit = tmp_path / "site-1"
+    (kit / "startup").mkdir(parents=True)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s")
+    site = ["--modality", "flair", "--data", str(tmp_path / "flair"), "--case-key-secret-file", str(secret)]
+    options = ["--checkpoint-dir", str(tmp_path / "keep"), "--inference-dir", str(tmp_path / "new")]
+    assert main(["configure-kit", "--kit", str(kit), *site, *options]) == 0
+    settings = load_site_settings("site-1", kit / "local")
+    assert (settings.checkpoint_dir, settings.inference_dir) == (tmp_path / "keep", tmp_path / "new")
