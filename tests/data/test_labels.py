@@ -60,13 +60,13 @@ def test_msd_enhancing_is_label_3_not_2():
     # The MONAI BraTS tutorial's ConvertToMultiChannel maps ET = label 2; for MSD Task01 ET is 3.
     layout = LAYOUTS["msd"]
     assert layout.regions["ET"] == (3,)
-    assert layout.enhancing_label == 3 and layout.core_label == 2 and layout.edema_label == 1
+    assert layout.enhancing_label == 3 and layout.core_label == 2 and layout.oedema_label == 1
     et = labels_to_regions(np.array([1, 2, 3], dtype=np.uint8), "msd")[REGIONS.index("ET")]
     np.testing.assert_array_equal(et, [0, 0, 1])
 
 
 def test_regions_to_labels_imposes_nesting():
-    # channel order TC, WT, ET; ET alone -> enhancing, TC without WT -> core, WT alone -> edema.
+    # channel order TC, WT, ET; ET alone -> enhancing, TC without WT -> core, WT alone -> oedema.
     regions = np.array([[0, 0, 1, 0, 1], [0, 1, 0, 0, 1], [0, 0, 0, 1, 1]], dtype=np.float32)
     np.testing.assert_array_equal(regions_to_labels(regions, "brats2021"), [0, 2, 1, 4, 4])
     np.testing.assert_array_equal(regions_to_labels(regions, "msd"), [0, 1, 2, 3, 3])

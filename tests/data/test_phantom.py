@@ -66,10 +66,10 @@ def test_modalities_show_different_compartments(phantom):
     def mean(channel, mask):
         return float(data[..., channel][mask].mean())
 
-    edema, core, enhancing = labels == 1, labels == 2, labels == 3
+    oedema, core, enhancing = labels == 1, labels == 2, labels == 3
     brain = (labels == 0) & (data[..., T1] > np.percentile(data[..., T1], 60))
-    assert mean(FLAIR, edema) > mean(FLAIR, brain)  # oedema bright in FLAIR
-    assert mean(T2, edema) > mean(T2, brain)  # and in T2
+    assert mean(FLAIR, oedema) > mean(FLAIR, brain)  # oedema bright in FLAIR
+    assert mean(T2, oedema) > mean(T2, brain)  # and in T2
     assert mean(T1GD, enhancing) / mean(T1GD, brain) > mean(T1, enhancing) / mean(T1, brain)  # rim enhances
     assert mean(T1, core) < mean(T1, brain)  # core dark in T1
 

@@ -30,7 +30,7 @@ OBLIQUE = np.array([[0.95, 0.12, 0.0, -81.5], [-0.1, 1.05, 0.08, 22.0], [0.02, -
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     workspace = tmp_path_factory.mktemp("trained")
-    # Long enough that the model predicts tumour on the new cases (edema and core with this secret, measured).
+    # Long enough that the model predicts tumour on the new cases (oedema and core with this secret, measured).
     server_args = tiny_server_args(
         num_iterations=24,
         val_every=24,
@@ -106,10 +106,10 @@ def test_labels_follow_the_requested_layout_voxel_for_voxel(msd, brats):
         assert set(np.unique(a).tolist()) <= set(msd_layout.allowed_values)
         assert set(np.unique(b).tolist()) <= set(brats_layout.allowed_values)
         # The same model and cases: each MSD class must map to its BraTS 2021 value.
-        for label in ("edema_label", "core_label", "enhancing_label"):
+        for label in ("oedema_label", "core_label", "enhancing_label"):
             np.testing.assert_array_equal(a == getattr(msd_layout, label), b == getattr(brats_layout, label))
         predicted.update(np.unique(a).tolist())
-    # MSD and BraTS 2021 swap the edema and core values (1 <-> 2): two tumour classes make the check bite.
+    # MSD and BraTS 2021 swap the oedema and core values (1 <-> 2): two tumour classes make the check bite.
     assert len(predicted - {0}) >= 2, f"the comparison needs tumour classes predicted, got {sorted(predicted)}"
 
 

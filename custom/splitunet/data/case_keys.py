@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from splitunet.atomic_files import write_text_atomic
 from splitunet.errors import SplitUNetDataError
 
-__all__ = ["KEY_LENGTH", "case_key", "keys_to_case_ids", "CaseMatch", "match_case_keys"]
+__all__ = ["KEY_LENGTH", "case_key", "keys_to_case_ids", "CaseMatch", "match_case_keys", "read_or_create_secret"]
 
 # Hex characters kept: 128 bits, ample against collisions among thousands of cases, short in logs.
 KEY_LENGTH = 32
@@ -99,3 +102,15 @@ def match_case_keys(party_keys: Mapping[str, Iterable[str]]) -> CaseMatch:
     anywhere = set.union(*sets.values())
     missing = {party: sorted(anywhere - keys) for party, keys in sets.items() if anywhere - keys}
     return CaseMatch(common=sorted(everywhere), missing=missing)
+
+
+def read_or_create_secret(path: str | Path) -> str:
+    """The data holders' shared secret for case keys, kept in ``path`` (created random if absent).
+
+    For simulator and demo workspaces only: a real consortium agrees on the secret out of band and each data
+    holder writes it into its own settings file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        write_text_atomic(secrets.token_hex(16), path)
+    return path.read_text().strip()

@@ -64,8 +64,8 @@ class LabelLayout:
                 raise ValueError(f"layout {self.name!r}: {what} must be exactly one label, got {sorted(part)}")
 
     @property
-    def edema_label(self) -> int:
-        """Label of voxels in WT but not TC (edema)."""
+    def oedema_label(self) -> int:
+        """Label of voxels in WT but not TC (oedema)."""
         return next(iter(set(self.regions["WT"]) - set(self.regions["TC"])))
 
     @property
@@ -87,7 +87,7 @@ class LabelLayout:
 LAYOUTS: dict[str, LabelLayout] = {
     "msd": LabelLayout(
         name="msd",
-        label_names={0: "background", 1: "edema", 2: "non-enhancing tumour", 3: "enhancing tumour"},
+        label_names={0: "background", 1: "oedema", 2: "non-enhancing tumour", 3: "enhancing tumour"},
         regions={"TC": (2, 3), "WT": (1, 2, 3), "ET": (3,)},
     ),
     "brats2021": LabelLayout(
@@ -95,7 +95,7 @@ LAYOUTS: dict[str, LabelLayout] = {
         label_names={
             0: "background",
             1: "necrotic tumour core (NCR)",
-            2: "peritumoral edema (ED)",
+            2: "peritumoral oedema (ED)",
             4: "enhancing tumour (ET)",
         },
         regions={"TC": (1, 4), "WT": (1, 2, 4), "ET": (4,)},
@@ -105,7 +105,7 @@ LAYOUTS: dict[str, LabelLayout] = {
         label_names={
             0: "background",
             1: "necrotic tumour core (NCR)",
-            2: "peritumoral edema (ED)",
+            2: "peritumoral oedema (ED)",
             3: "enhancing tumour (ET)",
         },
         regions={"TC": (1, 3), "WT": (1, 2, 3), "ET": (3,)},
@@ -220,7 +220,7 @@ def regions_to_labels(regions: np.ndarray, layout: str | LabelLayout, threshold:
     """Turn region masks or probabilities back into a label volume in the layout's numbering.
 
     Predicted regions need not nest, so nesting is imposed from the inside out: a voxel in ET is enhancing
-    tumour, else a voxel in TC is tumour core (NCR / non-enhancing), else a voxel in WT is edema, else background.
+    tumour, else a voxel in TC is tumour core (NCR / non-enhancing), else a voxel in WT is oedema, else background.
 
     Args:
         regions: ``(3, *spatial)`` masks or sigmoid probabilities, channels in ``protocol.REGIONS`` order.
@@ -237,7 +237,7 @@ def regions_to_labels(regions: np.ndarray, layout: str | LabelLayout, threshold:
     present = {region: regions[channel] >= threshold for channel, region in enumerate(REGIONS)}
     labels = np.zeros(regions.shape[1:], dtype=np.uint8)
     # Later assignments win, so ET overrides TC overrides WT.
-    labels[present["WT"]] = layout.edema_label
+    labels[present["WT"]] = layout.oedema_label
     labels[present["TC"]] = layout.core_label
     labels[present["ET"]] = layout.enhancing_label
     return labels

@@ -11,8 +11,6 @@ import base64
 import gzip
 import hashlib
 import json
-import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from os import PathLike
@@ -23,6 +21,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from splitunet.atomic_files import atomic_path
 from splitunet.errors import SplitUNetDataError
 
 __all__ = [
@@ -181,8 +180,8 @@ def save_nifti_atomic(
 ) -> Path:
     """Write a NIfTI file so that the final name only ever holds a complete file.
 
-    The image is written to a temporary file in the same folder (same file system) and then moved over the
-    final name with :func:`os.replace`, which is atomic; a crash leaves at most a hidden temporary file.
+    The image is written to a hidden temporary file beside it and renamed over the final name
+    (:func:`splitunet.atomic_files.atomic_path`); a failed write leaves the previous file.
 
     Args:
         array: voxels; their dtype becomes the file's data type.
@@ -206,16 +205,9 @@ def save_nifti_atomic(
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64), header=header)
     if header is None:
         img.header.set_data_dtype(array.dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Hidden name with the real suffix, so nibabel compresses it the same way and folder listings skip it.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=f".tmp{suffix}") as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -17,8 +17,6 @@ Every case is checked before any of its files is written, every file is written 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zlib
 from os import PathLike
 from pathlib import Path
@@ -28,6 +26,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from splitunet.atomic_files import write_json_atomic
 from splitunet.data.labels import validate_labels
 from splitunet.data.layouts import SOURCE_LAYOUTS, SOURCE_PARTY, SourceCase, find_source_cases
 from splitunet.data.nifti_io import load_nifti, nifti_case_id, save_nifti_atomic
@@ -75,18 +74,6 @@ def _read_data(img, party: str, case: str, path: Path) -> np.ndarray:
         raise SplitUNetDataError(
             f"cannot read voxel data: {type(e).__name__}: {e}", party=party, case=case, file=path
         ) from e
-
-
-def _write_json_atomic(data: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_same_grid(case: str, files: dict[Path, _OpenFile]) -> None:
@@ -209,7 +196,7 @@ def partition(src: str | PathLike, out: str | PathLike, layout: str = "msd", *, 
 
     for name, folder in party_dirs.items():
         is_labels = name == LABELS_PARTY
-        _write_json_atomic(
+        write_json_atomic(
             {
                 "party_kind": "labels" if is_labels else "modality",
                 "modality": None if is_labels else name,

@@ -174,6 +174,6 @@ def load_server_settings(party: str, site_config_dir: str | os.PathLike | None) 
 
 def write_settings(path: str | os.PathLike, parties: dict[str, dict], case_key_secret: str) -> Path:
     """Write a settings file (used by ``splitunet prepare`` and the demo)."""
-    from splitunet.checkpoint import write_json_atomic
+    from splitunet.atomic_files import write_json_atomic
 
     return write_json_atomic({"case_key_secret": case_key_secret, "parties": parties}, path)

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from numbers import Integral
 from os import PathLike
@@ -42,10 +40,13 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from splitunet.atomic_files import atomic_path, write_text_atomic
+
 __all__ = ["generate_phantom", "synthesize_case", "PHANTOM_LABELS", "PHANTOM_MODALITIES"]
 
 # MSD Task01_BrainTumour channel order and label values (docs/design.md, "Labels and layouts").
 PHANTOM_MODALITIES = ("FLAIR", "T1w", "t1gd", "T2w")
+# Spelled as MSD Task01's own dataset.json spells them.
 PHANTOM_LABELS = {0: "background", 1: "edema", 2: "non-enhancing tumor", 3: "enhancing tumour"}
 
 # Field of view of the 1 mm MNI ICBM152 2009a templates in nilearn: shape and world position of voxel (0, 0, 0).
@@ -58,7 +59,7 @@ _MIN_SIZE = 16
 _MAX_ATTEMPTS = 8
 
 # Tissue classes mixed by partial volume, in this order everywhere below.
-_TISSUES = ("csf", "gm", "wm", "edema", "core", "enhancing")
+_TISSUES = ("csf", "gm", "wm", "oedema", "core", "enhancing")
 # Mean intensity per tissue (rows) and modality (columns FLAIR, T1w, T1gd, T2w), white matter in T1w ~ 0.85.
 # Orderings follow clinical appearance: FLAIR suppresses CSF and shows oedema bright; T1w has WM > GM > CSF with a
 # dark core; T1gd is T1w with a very bright enhancing rim (and slightly lower GM/WM contrast); T2w has bright CSF,
@@ -75,7 +76,7 @@ _CONTRAST = np.array(
     ],
     dtype=np.float32,
 )
-_LABEL_OF_CLASS = np.array([0, 0, 0, 0, 1, 2, 3], dtype=np.uint8)  # background, csf, gm, wm, edema, core, enh.
+_LABEL_OF_CLASS = np.array([0, 0, 0, 0, 1, 2, 3], dtype=np.uint8)  # background, csf, gm, wm, oedema, core, enh.
 
 
 class _Anatomy(NamedTuple):
@@ -95,7 +96,7 @@ class _Tumour(NamedTuple):
 
     core: np.ndarray  # necrotic / non-enhancing core
     enhancing: np.ndarray  # enhancing rim
-    edema: np.ndarray  # oedema (already restricted to GM/WM)
+    oedema: np.ndarray  # oedema (already restricted to GM/WM)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def generate_phantom(
 
         out_dir/dataset.json                 MSD-style index of all cases
         out_dir/imagesTr/BRATS_001.nii.gz    float32 (D, H, W, 4): FLAIR, T1w, T1gd, T2w
-        out_dir/labelsTr/BRATS_001.nii.gz    uint8 (D, H, W): 0 background, 1 edema, 2 non-enhancing, 3 enhancing
+        out_dir/labelsTr/BRATS_001.nii.gz    uint8 (D, H, W): 0 background, 1 oedema, 2 non-enhancing, 3 enhancing
 
     Case ``i`` (1-based) depends only on ``(seed, i, shape)``: the same arguments give byte-identical arrays and
     adding cases never changes earlier ones. Every case holds all three tumour labels. Files are written under a
@@ -155,7 +156,7 @@ def generate_phantom(
         _save_nifti(label, affine, root / "labelsTr" / f"{name}.nii.gz")
         training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
 
-    _write_text_atomic(root / "dataset.json", json.dumps(_dataset_index(training, shape, seed), indent=4) + "\n")
+    write_text_atomic(json.dumps(_dataset_index(training, shape, seed), indent=4) + "\n", root / "dataset.json")
     return root
 
 
@@ -391,7 +392,7 @@ def _pick_centre(rng: np.random.Generator, grid: np.ndarray, template_points: np
 
 def _tumour(rng, grid, centre, sizes, tissue_wm_fraction, spacing) -> _Tumour:
     """Soft maps of core, enhancing rim and oedema around ``centre`` (all mm in output space)."""
-    core_radius, rim, edema_extent = sizes
+    core_radius, rim, oedema_extent = sizes
     # Ellipsoidal, randomly oriented: gliomas are rarely spheres.
     axes = rng.uniform(0.8, 1.25, size=3)
     axes /= np.prod(axes) ** (1.0 / 3.0)
@@ -407,14 +408,14 @@ def _tumour(rng, grid, centre, sizes, tissue_wm_fraction, spacing) -> _Tumour:
     core = _soft_inside(core_distance, core_radius, width)
     tumour_core = _soft_inside(core_distance, core_radius + rim_local, width)
     # Oedema spreads along white-matter tracts and less into grey matter: its reach scales with the WM fraction.
-    edema_distance = distance * (1.0 + 0.3 * np.clip(bumps[2], -2.5, 2.5))
-    edema_reach = (core_radius + rim + edema_extent) * (0.6 + 0.55 * tissue_wm_fraction)
-    edema = np.clip(_soft_inside(edema_distance, edema_reach, width) - tumour_core, 0.0, 1.0)
+    oedema_distance = distance * (1.0 + 0.3 * np.clip(bumps[2], -2.5, 2.5))
+    oedema_reach = (core_radius + rim + oedema_extent) * (0.6 + 0.55 * tissue_wm_fraction)
+    oedema = np.clip(_soft_inside(oedema_distance, oedema_reach, width) - tumour_core, 0.0, 1.0)
     # The noisy reach can leave specks of oedema detached from the tumour; keep only what touches the solid part.
-    components, _ = ndimage.label(edema + tumour_core > 0.5)
+    components, _ = ndimage.label(oedema + tumour_core > 0.5)
     attached = np.isin(components, np.unique(components[tumour_core > 0.5]))
-    edema *= ndimage.binary_dilation(attached & (components > 0))  # dilated: keep the partial-volume edge
-    return _Tumour(core=core, enhancing=np.clip(tumour_core - core, 0.0, 1.0), edema=edema)
+    oedema *= ndimage.binary_dilation(attached & (components > 0))  # dilated: keep the partial-volume edge
+    return _Tumour(core=core, enhancing=np.clip(tumour_core - core, 0.0, 1.0), oedema=oedema)
 
 
 def _tumorous_anatomy(rng: np.random.Generator, anatomy: _Anatomy) -> np.ndarray | None:
@@ -434,7 +435,7 @@ def _tumorous_anatomy(rng: np.random.Generator, anatomy: _Anatomy) -> np.ndarray
     vmax = float(anatomy.spacing.max())
     core_radius = max(rng.uniform(7.0, 14.0), 1.6 * vmax)
     rim = max(rng.uniform(3.0, 5.5), 1.2 * vmax)
-    edema_extent = rng.uniform(6.0, 16.0)
+    oedema_extent = rng.uniform(6.0, 16.0)
     strength = rng.uniform(0.3, 0.6)
 
     # Mass effect first: the tumour occupies space the displaced tissue used to fill.
@@ -444,20 +445,20 @@ def _tumorous_anatomy(rng: np.random.Generator, anatomy: _Anatomy) -> np.ndarray
     )
     parenchyma = gm + wm
     tumour = _tumour(
-        rng, grid, centre, (core_radius, rim, edema_extent), wm / np.maximum(parenchyma, 1e-3), anatomy.spacing
+        rng, grid, centre, (core_radius, rim, oedema_extent), wm / np.maximum(parenchyma, 1e-3), anatomy.spacing
     )
 
     # The solid tumour replaces every tissue inside the brain; oedema is water in GM/WM, not in CSF spaces.
     solid = tumour.core + tumour.enhancing
-    edema = tumour.edema * parenchyma
-    keep_parenchyma = 1.0 - solid - tumour.edema
+    oedema = tumour.oedema * parenchyma
+    keep_parenchyma = 1.0 - solid - tumour.oedema
     fractions = np.stack(
         [
             1.0 - brain,
             csf * (1.0 - solid),
             gm * keep_parenchyma,
             wm * keep_parenchyma,
-            edema,
+            oedema,
             tumour.core * brain,
             tumour.enhancing * brain,
         ]
@@ -535,33 +536,11 @@ def _dataset_index(training: list[dict], shape: tuple[int, int, int], seed: int)
     }
 
 
-def _temp_path(final: Path, suffix: str) -> Path:
-    # Same folder as the final file, so os.replace is an atomic rename on the same file system.
-    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=suffix)
-    os.close(fd)
-    return Path(name)
-
-
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """Write a NIfTI-1 file atomically with qform and sform both set to ``affine`` (mm, RAS)."""
     image = nib.Nifti1Image(array, affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")
-    tmp = _temp_path(path, ".nii.gz")  # nibabel picks gzip from the suffix
-    try:
+    with atomic_path(path, suffix=".nii.gz") as tmp:  # nibabel picks gzip from the suffix
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = _temp_path(path, ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

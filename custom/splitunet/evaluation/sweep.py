@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from splitunet.checkpoint import write_json_atomic
+from splitunet.atomic_files import write_json_atomic
 from splitunet.evaluation.defense_table import cost_cells, mean_dice
 from splitunet.evaluation.leakage import AttackBudget, plot_tradeoff, run_leakage
 from splitunet.evaluation.leakage.report import auxiliary_phantom

@@ -13,6 +13,7 @@ with that message instead of FLARE's bare ``TASK_RESULT_FILTER_ERROR``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -24,7 +25,7 @@ from nvflare.apis.shareable import Shareable
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.wire.codec import ENCODING_META_KEY
-from splitunet.wire.protocol import NUM_LEVELS, SITE_ERROR_HEADER, DataKind, MetaKey, level_index, level_key
+from splitunet.wire.protocol import NUM_LEVELS, SITE_ERROR_HEADER, DataKind, MetaKey, level_index
 from splitunet.wire.transport import payload_bytes, register_tensor_support
 
 __all__ = ["FeatureFilter", "FilterRejection", "FEATURE_KINDS"]
@@ -73,6 +74,10 @@ class FeatureFilter(DXOFilter):
 
     # Encoding filters (quantization, sparsification) must come last; others refuse encoded levels.
     accepts_encoded = False
+    # FLARE runs the server's task-data filters concurrently, one thread per site request. A filter whose
+    # filter_features reads or changes state shared across calls (a random generator, a release count that its
+    # epsilon composes, a capture budget) sets this, and its calls then run one at a time.
+    stateful = False
 
     def __init__(
         self, levels: Iterable[int] | None = None, data_kinds: Sequence[str] | None = None, log_every: int = 1
@@ -84,7 +89,8 @@ class FeatureFilter(DXOFilter):
         if not isinstance(log_every, int) or log_every < 1:
             raise SplitUNetConfigError(f"{name}: log_every must be an int >= 1, got {log_every!r}")
         self.log_every = log_every
-        self.calls = 0
+        self.calls = 0  # completed calls; inside a stateful filter's filter_features, self.calls + 1 is this one
+        self._lock = threading.Lock()
         self._warned_kinds: set[str] = set()
 
     # ------------------------------------------------------------------------------------------ subclass API
@@ -135,7 +141,17 @@ class FeatureFilter(DXOFilter):
                     f"and a site's scope filters run before the job's"
                 )
         bytes_in = payload_bytes(dxo)
-        new_features, facts, message = self.filter_features({k: dxo.data[k] for k in keys}, dxo, fl_ctx)
+        selected = {k: dxo.data[k] for k in keys}
+        if self.stateful:
+            with self._lock:
+                new_features, facts, message = self.filter_features(selected, dxo, fl_ctx)
+                self.calls += 1
+                call = self.calls
+        else:
+            new_features, facts, message = self.filter_features(selected, dxo, fl_ctx)
+            with self._lock:
+                self.calls += 1
+                call = self.calls
         data = {k: v for k, v in dxo.data.items() if k not in keys}
         data.update(new_features)
         meta = dict(dxo.meta or {})
@@ -149,16 +165,15 @@ class FeatureFilter(DXOFilter):
         else:
             meta.pop(ENCODING_META_KEY, None)
         result = DXO(data_kind=dxo.data_kind, data=data, meta=meta)
-        self.calls += 1
         bytes_out = payload_bytes(result)
-        record = {"filter": type(self).__name__, "party": fl_ctx.get_identity_name(), "call": self.calls}
+        record = {"filter": type(self).__name__, "party": fl_ctx.get_identity_name(), "call": call}
         record.update(facts, bytes_in=bytes_in, bytes_out=bytes_out)
         result.meta[MetaKey.FILTER_TRAIL] = list(meta.get(MetaKey.FILTER_TRAIL) or []) + [record]
-        if self.calls % self.log_every == 0 or self.calls == 1:
+        if call % self.log_every == 0 or call == 1:
             at = f"iteration {iteration}" if iteration is not None else "inference"
             self.log_info(
                 fl_ctx,
-                f"{type(self).__name__} call {self.calls} ({where}, {dxo.data_kind}, {at}): {message}; "
+                f"{type(self).__name__} call {call} ({where}, {dxo.data_kind}, {at}): {message}; "
                 f"bytes {bytes_in} -> {bytes_out}",
             )
         return result
@@ -194,8 +209,3 @@ class FeatureFilter(DXOFilter):
         shareable.set_return_code(ReturnCode.EXECUTION_EXCEPTION)
         shareable.set_header(SITE_ERROR_HEADER, message)
         return shareable
-
-
-def level_keys(levels: Iterable[int]) -> list[str]:
-    """``[0, 2] -> ["x0", "x2"]``."""
-    return [level_key(level) for level in levels]

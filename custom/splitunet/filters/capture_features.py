@@ -40,6 +40,7 @@ class CaptureFeatures(FeatureFilter):
     """
 
     accepts_encoded = True
+    stateful = True  # its capture budget
 
     def __init__(
         self,

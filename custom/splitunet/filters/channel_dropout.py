@@ -33,6 +33,8 @@ class ChannelDropout(FeatureFilter):
         log_every: log one line every this many calls.
     """
 
+    stateful = True  # its random generator
+
     def __init__(
         self,
         rate: float,

@@ -68,6 +68,8 @@ class ClippedGaussianNoise(FeatureFilter):
         log_every: log one line every this many calls.
     """
 
+    stateful = True  # its random generator and release count
+
     def __init__(
         self,
         clip_norm: float | Mapping[str, float] | None = None,

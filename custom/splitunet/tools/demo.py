@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitunet.checkpoint import write_json_atomic
+from splitunet.atomic_files import write_json_atomic
 from splitunet.compute.devices import THREADS_ENV_VAR
 from splitunet.data.labels import get_layout, labels_to_regions
 from splitunet.data.nifti_io import read_volume

@@ -9,7 +9,6 @@ copied from the single source in ``custom/``.
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,7 +16,8 @@ from pathlib import Path
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
 import splitunet
-from splitunet.checkpoint import write_json_atomic
+from splitunet.atomic_files import write_json_atomic
+from splitunet.data.case_keys import read_or_create_secret
 from splitunet.data.party_settings import SERVER_PARTY, SETTINGS_FILE_NAME, write_settings
 from splitunet.errors import SplitUNetConfigError
 from splitunet.wire.protocol import LABELS_PARTY, MODALITIES, TaskName
@@ -123,19 +123,6 @@ def prepare_simulator_workspace(
     return workspace
 
 
-def read_or_create_secret(path: str | Path) -> str:
-    """The data holders' shared secret for case keys, kept in ``path`` (created random if absent).
-
-    For simulator and demo workspaces only: a real consortium agrees on the secret out of band and each data
-    holder writes it into its own settings file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(16))
-    return path.read_text().strip()
-
-
 def _app_config_files(job_dir: Path) -> list[Path]:
     return sorted(job_dir.glob("*/config/config_fed_*.json"))
 
@@ -182,7 +169,7 @@ def copy_job_with_overrides(
             if class_name in (filter_args or {}):
                 entry.setdefault("args", {}).update(filter_args[class_name])
                 unused.discard(class_name)
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        write_json_atomic(config, config_path)
     if unused:
         raise SplitUNetConfigError(f"job {job_dir} has no filter of class {sorted(unused)} to override")
     return out_dir
@@ -212,7 +199,7 @@ def add_capture_filter(job_dir: str | Path, iterations: Sequence[int]) -> Path:
                 chains.append({"tasks": [TaskName.STEP], "filters": [dict(entry)]})
             else:
                 step_chain["filters"].append(dict(entry))
-        path.write_text(json.dumps(config, indent=2) + "\n")
+        write_json_atomic(config, path)
     return paths[0]
 
 
@@ -310,7 +297,7 @@ def add_wire_audit(job_dir: str | Path, folder: str = "audit") -> list[Path]:
             uncovered = [task for task in tasks if task not in covered]
             if uncovered:
                 chains.append({"tasks": uncovered, "filters": [dict(entry)]})
-        path.write_text(json.dumps(config, indent=2) + "\n")
+        write_json_atomic(config, path)
         changed.append(path)
     if not changed:
         raise SplitUNetConfigError(f"job {job_dir} has no app config to add a wire audit to")

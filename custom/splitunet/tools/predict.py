@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from splitunet.checkpoint import atomic_write_bytes, write_json_atomic
+from splitunet.atomic_files import atomic_write_bytes, write_json_atomic
 from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.party_data import ModalityFolder
 from splitunet.errors import SplitUNetConfigError

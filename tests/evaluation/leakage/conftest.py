@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from splitunet.checkpoint import save_checkpoint, write_json_atomic
+from splitunet.atomic_files import write_json_atomic
+from splitunet.checkpoint import save_checkpoint
 from splitunet.data.case_keys import case_key
 from splitunet.data.partition import partition_msd
 from splitunet.data.party_data import LabelFolder, ModalityFolder

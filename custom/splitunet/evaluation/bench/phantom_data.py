@@ -8,7 +8,6 @@ does not import the demo, which needs nvflare: the GPU machine runs the in-proce
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitunet.data.case_keys import keys_to_case_ids
+from splitunet.data.case_keys import keys_to_case_ids, read_or_create_secret
 from splitunet.data.partition import partition_msd
 from splitunet.data.party_data import LabelFolder, ModalityFolder
 from splitunet.data.phantom import generate_phantom
@@ -95,11 +94,7 @@ def prepare_bench_data(
         generate_phantom(source, cases, shape=shape, seed=seed, progress=progress)
     if not (parties / LABELS_PARTY).is_dir():
         partition_msd(source, parties, progress=progress)
-    secret_file = data_dir / SECRET_FILE
-    if not secret_file.is_file():
-        # Same form as splitunet.tools.deployment.read_or_create_secret, which the demo uses on this file.
-        secret_file.write_text(secrets.token_hex(16))
-    secret = secret_file.read_text().strip()
+    secret = read_or_create_secret(data_dir / SECRET_FILE)  # the demo's own secret file, when it made this data
 
     labels = LabelFolder(parties / LABELS_PARTY, party="bench-server")
     key_to_case = keys_to_case_ids(labels.case_ids, secret, party="bench-server")

@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Mapping
 from pathlib import Path
 
-from splitunet.checkpoint import write_json_atomic
+from splitunet.atomic_files import write_json_atomic
 from splitunet.compute.devices import THREADS_ENV_VAR
 from splitunet.evaluation.bench.step_timing import STEP_ARMS
 from splitunet.wire.protocol import REGIONS

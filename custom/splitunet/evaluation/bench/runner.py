@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from splitunet.checkpoint import write_json_atomic
+from splitunet.atomic_files import write_json_atomic
 from splitunet.compute.devices import configure_threads
 from splitunet.evaluation.bench.accuracy import train_and_validate
 from splitunet.evaluation.bench.flare_runs import run_poc_path, run_simulator_path

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from splitunet.checkpoint import write_json_atomic
+from splitunet.atomic_files import write_json_atomic
+from splitunet.data.case_keys import read_or_create_secret
 from splitunet.data.partition import partition_msd
 from splitunet.data.party_data import ModalityFolder
 from splitunet.data.phantom import generate_phantom
@@ -20,7 +21,6 @@ from splitunet.evaluation.leakage.attack_suite import INVERSION_ATTACKS, AttackB
 from splitunet.evaluation.leakage.captured_run import ACTIVATIONS, GRADIENTS, CapturedRun
 from splitunet.evaluation.leakage.figures import plot_reconstruction_grid
 from splitunet.evaluation.leakage.ground_truth import AuxiliaryImages, GroundTruth
-from splitunet.tools.deployment import read_or_create_secret
 from splitunet.wire.protocol import MODALITIES
 
 __all__ = ["ATTACK_CHOICES", "run_leakage", "leakage_markdown", "auxiliary_phantom", "best_inversion"]

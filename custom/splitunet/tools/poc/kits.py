@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from splitunet.atomic_files import write_json_atomic
 from splitunet.data.party_settings import SERVER_PARTY
 from splitunet.tools.deployment import write_party_local
 from splitunet.tools.poc.errors import PocError, log_tail
@@ -127,8 +128,7 @@ def _rewrite_json(path: Path, edit: Callable[[dict], None]) -> Path:
         raise PocError(f"startup kit file {path} is missing; did 'nvflare poc prepare' succeed?")
     content = json.loads(path.read_text())
     edit(content)
-    path.write_text(json.dumps(content, indent=2) + "\n")
-    return path
+    return write_json_atomic(content, path)
 
 
 def pin_kits_to_loopback(prod_dir: Path, sites: Iterable[str], port: int, host: str = LOOPBACK_HOST) -> list[Path]:

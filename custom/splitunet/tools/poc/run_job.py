@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from splitunet.checkpoint import write_json_atomic
+from splitunet.atomic_files import write_json_atomic
 from splitunet.tools.poc.consortium import PocConsortium
 from splitunet.tools.poc.errors import PocError
 from splitunet.tools.poc.timeouts import PocTimeouts
