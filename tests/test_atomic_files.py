@@ -85,3 +85,17 @@ def test_a_process_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
     assert len(partial) == 1 and partial[0].stat().st_size > 0  # killed inside the second write, as intended
     state = load_checkpoint(path)
     assert state["step"] == 1 and torch.all(state["weights"] == 1.0)  # the first checkpoint, whole
+
+
+def test_published_files_get_the_mode_a_plain_write_would_or_keep_the_replaced_ones(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        fresh = write_text_atomic("a", tmp_path / "fresh.json")
+        assert fresh.stat().st_mode & 0o777 == 0o644  # the temporary file was 0600; the result is not
+        fresh.chmod(0o640)
+        assert write_text_atomic("b", fresh).stat().st_mode & 0o777 == 0o640
+        assert write_text_atomic("c", tmp_path / "secret.txt", mode=0o600).stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(umask)

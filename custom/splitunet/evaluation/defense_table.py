@@ -11,25 +11,16 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from splitunet.checkpoint import write_json_atomic
+from splitunet.atomic_files import write_json_atomic
 from splitunet.tools.demo import DemoSettings, run_demo
 from splitunet.tools.deployment import bundle_root, job_filters
+from splitunet.tools.jobs import defense_jobs
 
 __all__ = ["DEFENSE_JOBS", "run_defense_table", "defense_table_markdown", "mean_dice", "cost_cells"]
 
-# The float32 reference first: the baseline every other row is compared with. The main job, int8 on the wire
-# both ways, is a row like the others.
-DEFENSE_JOBS = (
-    "split_unet_fp32",
-    "split_unet_fp16",
-    "split_unet",
-    "split_unet_int4",
-    "split_unet_topk",
-    "split_unet_dropout",
-    "split_unet_noise",
-    "split_unet_no_x0",
-    "split_unet_grad_noise",
-)
+# The jobs marked as defenses in the job description, in its order: the float32 reference first (the baseline every
+# other row is compared with); the main job, int8 on the wire both ways, is a row like the others.
+DEFENSE_JOBS = defense_jobs()
 
 
 def _filters_used(job_dir: Path) -> dict[str, list[str]]:

@@ -1,0 +1,426 @@
+"""The bundle's FLARE job folders, described once and generated: ``splitunet jobs`` writes ``jobs/<name>/``.
+
+Every shipped job is an entry of :data:`JOBS`. Two are written out in full (:class:`Job`): the main training job
+``split_unet`` (int8 codes on the wire both ways, then the guard) and the inference job ``split_unet_infer``. Every
+other one is a :class:`Variant`: the job it starts from and what it changes. The float32 reference
+``split_unet_fp32`` is the main job without quantizers, each defense job is that reference plus one defense (and the
+workflow settings the defense forces), and ``split_unet_missing_modality`` changes workflow settings only. Adding a
+job is adding one entry.
+
+The generated folders are checked in under ``jobs/`` as ordinary FLARE job folders (``meta.json`` and
+``app/config/config_fed_{client,server}.json``), so ``nvflare simulator jobs/<name>`` and ``nvflare job submit`` read
+them as before; ``splitunet jobs --check`` (and a test) fail when they drift from this description.
+
+Importing this module loads neither nvflare nor torch (the standard library and two small splitunet modules only),
+so that reading the description, e.g. the defense table's job names, works where they are not installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from splitunet.atomic_files import write_json_atomic
+from splitunet.errors import SplitUNetConfigError
+
+__all__ = [
+    "Filter",
+    "Workflow",
+    "Job",
+    "Variant",
+    "JOBS",
+    "CONFIG_FILES",
+    "resolve_jobs",
+    "defense_jobs",
+    "job_files",
+    "generate_jobs",
+    "write_jobs",
+    "check_jobs",
+]
+
+FILTERS_MODULE = "splitunet.filters"
+# The files of one job folder, relative to it; every app is deployed to every party.
+CONFIG_FILES = ("meta.json", "app/config/config_fed_client.json", "app/config/config_fed_server.json")
+
+
+@dataclass(frozen=True)
+class Filter:
+    """One FLARE filter of ``splitunet.filters``.
+
+    Args:
+        class_name: the class in ``splitunet.filters`` (``"QuantizeFeatures"``).
+        args: its constructor arguments, as written in the config.
+        also_tasks: tasks its chain must filter besides the job's filtered ones (a level-blocking filter marks the
+            setup reply too, so that a decoder still expecting the blocked level stops at setup).
+    """
+
+    class_name: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    also_tasks: tuple[str, ...] = ()
+
+    def config(self) -> dict:
+        """The filter's entry in a filter chain."""
+        return {"path": f"{FILTERS_MODULE}.{self.class_name}", "args": copy.deepcopy(dict(self.args))}
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """The server's one workflow (controller).
+
+    Args:
+        id: its component id.
+        path: the controller class, fully qualified.
+        args: its constructor arguments, in the order written.
+    """
+
+    id: str
+    path: str
+    args: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one job folder says.
+
+    Args:
+        name: the folder name, also ``meta.json``'s name.
+        workflow: the server's workflow.
+        executor_tasks: the tasks the sites' executor takes.
+        executor_args: the sites' :class:`~splitunet.flare.SplitSiteExecutor` arguments.
+        filtered_tasks: the tasks whose payloads go through the filter chains (both sides, both directions).
+        site_filters: what the sites apply to what they send (activations), before the guard.
+        server_filters: what the server applies to what it sends (gradients), before the guard.
+        components: the server's extra components, ``(id, path, args)`` each.
+        min_clients: ``meta.json``'s ``min_clients``.
+        defense: whether the job is a row of the defense table (``splitunet defenses``).
+    """
+
+    name: str
+    workflow: Workflow
+    executor_tasks: tuple[str, ...]
+    executor_args: Mapping[str, Any]
+    filtered_tasks: tuple[str, ...]
+    site_filters: tuple[Filter, ...]
+    server_filters: tuple[Filter, ...]
+    components: tuple[tuple[str, str, Mapping[str, Any]], ...] = ()
+    min_clients: int = 2
+    defense: bool = False
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A job described by the job it starts from and what it changes.
+
+    Args:
+        name: the folder name.
+        base: the name of the entry it starts from (any entry of the description, in any order).
+        site_filters: replace the base's sites' filters (``None``: keep them; ``()``: none).
+        server_filters: replace the base's server's filters (``None``: keep them; ``()``: none).
+        workflow_args: workflow arguments set over the base's (new ones go last).
+        defense: whether the job is a row of the defense table; not inherited from the base.
+    """
+
+    name: str
+    base: str
+    site_filters: tuple[Filter, ...] | None = None
+    server_filters: tuple[Filter, ...] | None = None
+    workflow_args: Mapping[str, Any] = field(default_factory=dict)
+    defense: bool = False
+
+
+Entry = Job | Variant
+
+# What a site sends and the server sends back, checked last on both sides whatever the job.
+GUARD = Filter("FeatureGuard", {"log_every": 50})
+INT8 = Filter("QuantizeFeatures", {"precision": "int8"})
+
+SPLIT_SITE_EXECUTOR = "splitunet.flare.SplitSiteExecutor"
+TRAINING_TASKS = ("split_setup", "split_step", "split_encode", "split_save")
+# Filters see the per-iteration payloads (activations out, gradients back); setup and save carry no features.
+TRAINING_FILTERED_TASKS = ("split_step", "split_encode")
+TB_RECEIVER = ("tb_receiver", "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver", {"tb_folder": "tb_events"})
+
+MAIN_JOB = Job(
+    name="split_unet",
+    workflow=Workflow(
+        "split_learning",
+        "splitunet.flare.SplitLearningController",
+        {
+            "num_iterations": 200,
+            "batch_size": 2,
+            "crop_size": [48, 48, 48],
+            "features": [8, 16, 32, 64, 128, 8],
+            "skip_levels": [0, 1, 2, 3],
+            "fusion": "concat",
+            "loss": "dice_ce",
+            "learning_rate": 0.002,
+            "transfer_dtype": "float32",
+            "val_every": 100,
+            "num_val_cases": 4,
+            "sw_batch_size": 4,
+            "seed": 0,
+            "task_timeout": 600,
+            "device": "auto",
+            "amp": False,
+            "analytics": True,
+            "task_long_poll_s": 2.0,
+        },
+    ),
+    executor_tasks=TRAINING_TASKS,
+    executor_args={"device": "auto", "amp": False},
+    filtered_tasks=TRAINING_FILTERED_TASKS,
+    # int8 codes on every level, both ways: a quarter of float32's bytes.
+    site_filters=(INT8,),
+    server_filters=(INT8,),
+    components=(TB_RECEIVER,),
+    defense=True,
+)
+
+INFERENCE_JOB = Job(
+    name="split_unet_infer",
+    workflow=Workflow(
+        "split_inference",
+        "splitunet.flare.SplitInferenceController",
+        {
+            "experiment": "split_unet",
+            "checkpoint": "best",
+            "sw_batch_size": 4,
+            "sw_overlap": 0.25,
+            "task_timeout": 600,
+            "device": "auto",
+            "task_long_poll_s": 2.0,
+        },
+    ),
+    executor_tasks=("split_setup", "split_encode"),
+    # The training executor; "amp" is left out because it acts on training passes only.
+    executor_args={"device": "auto"},
+    filtered_tasks=("split_encode",),
+    # The wire of the model it runs: the main job's.
+    site_filters=MAIN_JOB.site_filters,
+    server_filters=MAIN_JOB.server_filters,
+    # One site suffices to start; the controller checks that the model can take the modalities present.
+    min_clients=1,
+)
+
+FP32 = "split_unet_fp32"
+
+# The description. Defense rows come in this order, the float32 reference (the baseline of every comparison) first,
+# then the precision ladder (float16, the main job's int8, int4), then one defense each on the float32 reference.
+JOBS: tuple[Entry, ...] = (
+    Variant(FP32, base="split_unet", site_filters=(), server_filters=(), defense=True),
+    Variant(
+        "split_unet_fp16",
+        base=FP32,
+        site_filters=(Filter("QuantizeFeatures", {"precision": "float16"}),),
+        server_filters=(Filter("QuantizeFeatures", {"precision": "float16"}),),
+        defense=True,
+    ),
+    MAIN_JOB,
+    Variant(
+        "split_unet_int4", base=FP32, site_filters=(Filter("QuantizeFeatures", {"precision": "int4"}),), defense=True
+    ),
+    Variant("split_unet_topk", base=FP32, site_filters=(Filter("TopKSparsify", {"fraction": 0.1}),), defense=True),
+    Variant(
+        "split_unet_dropout",
+        base=FP32,
+        site_filters=(Filter("ChannelDropout", {"rate": 0.25, "mode": "channel"}),),
+        defense=True,
+    ),
+    Variant(
+        "split_unet_noise",
+        base=FP32,
+        site_filters=(Filter("ClippedGaussianNoise", {"clip_rms": 1.0, "noise_multiplier": 0.0005}),),
+        defense=True,
+    ),
+    Variant(
+        "split_unet_no_x0",
+        base=FP32,
+        site_filters=(Filter("BlockSkipLevels", {"levels": [0]}, also_tasks=("split_setup",)),),
+        # The decoder must not wait for the level the sites withhold.
+        workflow_args={"skip_levels": [1, 2, 3]},
+        defense=True,
+    ),
+    Variant(
+        "split_unet_grad_noise",
+        base=FP32,
+        # Per-level clip norms at the scale of each level's gradient (the deeper, the smaller).
+        server_filters=(
+            Filter(
+                "ClippedGaussianNoise",
+                {
+                    "clip_norm": {"x0": 0.0003, "x1": 5e-05, "x2": 1e-05, "x3": 2e-06, "x4": 5e-07},
+                    "noise_multiplier": 0.0005,
+                },
+            ),
+        ),
+        defense=True,
+    ),
+    # Trains a decoder that takes any subset of the modalities (mean fusion, modalities dropped in training), and
+    # keeps training when a site fails.
+    Variant(
+        "split_unet_missing_modality",
+        base="split_unet",
+        workflow_args={"fusion": "mean", "modality_dropout": 0.25, "on_site_failure": "continue"},
+    ),
+    INFERENCE_JOB,
+)
+
+
+def resolve_jobs(entries: Sequence[Entry] = JOBS) -> dict[str, Job]:
+    """Every entry as a full :class:`Job`, by name, in the entries' order.
+
+    Raises:
+        SplitUNetConfigError: two entries share a name, a variant's base is not an entry, or bases form a cycle.
+    """
+    by_name: dict[str, Entry] = {}
+    for entry in entries:
+        if entry.name in by_name:
+            raise SplitUNetConfigError(f"job {entry.name!r} is described twice")
+        by_name[entry.name] = entry
+    resolved: dict[str, Job] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> Job:
+        if name in resolved:
+            return resolved[name]
+        if name in chain:
+            raise SplitUNetConfigError(f"job bases form a cycle: {' -> '.join((*chain, name))}")
+        entry = by_name.get(name)
+        if entry is None:
+            raise SplitUNetConfigError(f"job {chain[-1]!r} names base {name!r}, which is not described")
+        if isinstance(entry, Job):
+            job = entry
+        else:
+            base = resolve(entry.base, (*chain, name))
+            workflow = replace(base.workflow, args={**base.workflow.args, **entry.workflow_args})
+            job = replace(
+                base,
+                name=entry.name,
+                workflow=workflow,
+                site_filters=base.site_filters if entry.site_filters is None else entry.site_filters,
+                server_filters=base.server_filters if entry.server_filters is None else entry.server_filters,
+                defense=entry.defense,
+            )
+        resolved[name] = job
+        return job
+
+    for entry in entries:
+        resolve(entry.name, ())
+    return {entry.name: resolved[entry.name] for entry in entries}
+
+
+def defense_jobs(entries: Sequence[Entry] = JOBS) -> tuple[str, ...]:
+    """The defense table's jobs, in the description's order (the float32 reference first)."""
+    return tuple(name for name, job in resolve_jobs(entries).items() if job.defense)
+
+
+def _chain(tasks: Iterable[str], filters: Sequence[Filter]) -> dict:
+    return {"tasks": list(tasks), "filters": [f.config() for f in (*filters, GUARD)]}
+
+
+def job_files(job: Job) -> dict[str, dict]:
+    """The JSON documents of one job folder, by path relative to the folder (:data:`CONFIG_FILES`)."""
+    extra_site_tasks = {task for f in job.site_filters for task in f.also_tasks}
+    # In the executor's task order, so that the chain reads like the executor's list.
+    site_sent_tasks = [t for t in job.executor_tasks if t in job.filtered_tasks or t in extra_site_tasks]
+    meta = {"name": job.name, "resource_spec": {}, "deploy_map": {"app": ["@ALL"]}, "min_clients": job.min_clients}
+    client = {
+        "format_version": 2,
+        "default_task_fetch_interval": 0.01,
+        "executors": [
+            {
+                "tasks": list(job.executor_tasks),
+                "executor": {
+                    "id": "split_site",
+                    "path": SPLIT_SITE_EXECUTOR,
+                    "args": copy.deepcopy(dict(job.executor_args)),
+                },
+            }
+        ],
+        "task_result_filters": [_chain(site_sent_tasks, job.site_filters)],
+        "task_data_filters": [_chain(job.filtered_tasks, ())],
+        "components": [],
+    }
+    server = {
+        "format_version": 2,
+        "server": {"task_request_interval": 0.01},
+        "task_data_filters": [_chain(job.filtered_tasks, job.server_filters)],
+        "task_result_filters": [_chain(job.filtered_tasks, ())],
+        "components": [
+            {"id": component_id, "path": path, "args": copy.deepcopy(dict(args))}
+            for component_id, path, args in job.components
+        ],
+        "workflows": [
+            {"id": job.workflow.id, "path": job.workflow.path, "args": copy.deepcopy(dict(job.workflow.args))}
+        ],
+    }
+    return dict(zip(CONFIG_FILES, (meta, client, server)))
+
+
+def generate_jobs(entries: Sequence[Entry] = JOBS) -> dict[str, dict]:
+    """Every job folder's JSON documents, by path relative to the jobs folder (``split_unet/meta.json``)."""
+    return {
+        f"{name}/{relative}": document
+        for name, job in resolve_jobs(entries).items()
+        for relative, document in job_files(job).items()
+    }
+
+
+def _text(document: dict) -> str:
+    # The format write_json_atomic writes.
+    return json.dumps(document, indent=2) + "\n"
+
+
+def _default_out() -> Path:
+    from splitunet.tools.deployment import bundle_root
+
+    return bundle_root() / "jobs"
+
+
+def write_jobs(out_dir: str | Path | None = None, entries: Sequence[Entry] = JOBS) -> list[Path]:
+    """Write every described job folder under ``out_dir`` (default: the bundle's ``jobs/``), each file atomically.
+
+    Files already as generated are left alone; files the description does not produce are not removed
+    (:func:`check_jobs` lists them).
+
+    Returns:
+        the files written.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else _default_out()
+    written = []
+    for relative, document in generate_jobs(entries).items():
+        path = out_dir / relative
+        if not path.is_file() or path.read_text() != _text(document):
+            written.append(write_json_atomic(document, path))
+    return written
+
+
+def check_jobs(jobs_dir: str | Path | None = None, entries: Sequence[Entry] = JOBS) -> list[str]:
+    """What in ``jobs_dir`` (default: the bundle's ``jobs/``) differs from the generated job folders.
+
+    Returns:
+        one line per differing file, by path relative to ``jobs_dir``: ``missing``, ``differs`` (byte for byte),
+        or ``not generated`` (a file in a described job folder, or a job folder, that the description does not
+        produce); empty when the folder holds exactly the generated jobs.
+    """
+    jobs_dir = Path(jobs_dir) if jobs_dir is not None else _default_out()
+    expected = generate_jobs(entries)
+    problems = []
+    for relative, document in expected.items():
+        path = jobs_dir / relative
+        if not path.is_file():
+            problems.append(f"missing: {relative}")
+        elif path.read_text() != _text(document):
+            problems.append(f"differs: {relative}")
+    described = {relative.split("/", 1)[0] for relative in expected}
+    found = [path for path in jobs_dir.glob("*/**/*") if path.is_file()] if jobs_dir.is_dir() else []
+    for path in sorted(found):
+        relative = path.relative_to(jobs_dir).as_posix()
+        folder = relative.split("/", 1)[0]
+        # A job folder nobody describes is drift too, whatever it holds.
+        if relative not in expected and (folder in described or (jobs_dir / folder / "meta.json").is_file()):
+            problems.append(f"not generated: {relative}")
+    return problems

@@ -1,0 +1,246 @@
+"""tools.jobs: the shipped job folders are generated from one description; each variant is what it is named for."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from splitunet.errors import SplitUNetConfigError
+from splitunet.evaluation.defense_table import DEFENSE_JOBS
+from splitunet.filters import FeatureGuard
+from splitunet.tools.cli import main
+from splitunet.tools.deployment import bundle_root
+from splitunet.tools.jobs import (
+    JOBS,
+    Filter,
+    Variant,
+    check_jobs,
+    defense_jobs,
+    generate_jobs,
+    resolve_jobs,
+    write_jobs,
+)
+
+JOBS_DIR = bundle_root() / "jobs"
+GENERATED = generate_jobs()
+MAIN, FP32, INFER = "split_unet", "split_unet_fp32", "split_unet_infer"
+
+# What each defense job is named for: (side, class name, arguments it must have).
+PROMISED = {
+    "split_unet_fp32": [],
+    "split_unet_fp16": [("client", "QuantizeFeatures", {"precision": "float16"}), ("server", "QuantizeFeatures", {})],
+    "split_unet_int4": [("client", "QuantizeFeatures", {"precision": "int4"})],
+    "split_unet_topk": [("client", "TopKSparsify", {})],
+    "split_unet_dropout": [("client", "ChannelDropout", {})],
+    "split_unet_noise": [("client", "ClippedGaussianNoise", {})],
+    "split_unet_no_x0": [("client", "BlockSkipLevels", {"levels": [0]})],
+    "split_unet_grad_noise": [("server", "ClippedGaussianNoise", {})],
+}
+DEFENSE_VARIANTS = sorted(PROMISED)
+# Workflow settings a defense job must change because of its filters.
+FORCED_WORKFLOW_ARGS = {"split_unet_no_x0": {"skip_levels": [1, 2, 3]}}
+# Jobs that differ from the main job in workflow settings only, not in filters.
+SETTING_VARIANTS = {
+    "split_unet_missing_modality": {"fusion": "mean", "modality_dropout": 0.25, "on_site_failure": "continue"},
+}
+TRAINING_JOBS = sorted(name for name in resolve_jobs() if name != INFER)
+
+
+def _meta(job: str) -> dict:
+    return json.loads(json.dumps(GENERATED[f"{job}/meta.json"]))
+
+
+def _config(job: str, side: str) -> dict:
+    # A copy, so that a test may change it.
+    return json.loads(json.dumps(GENERATED[f"{job}/app/config/config_fed_{side}.json"]))
+
+
+def _without_filters(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("task_data_filters", "task_result_filters")}
+
+
+def _filters(config: dict):
+    for chain_name in ("task_data_filters", "task_result_filters"):
+        for chain in config.get(chain_name, []):
+            for entry in chain["filters"]:
+                yield chain_name, chain["tasks"], entry
+
+
+def _quantizers(job: str, side: str) -> list[dict]:
+    return [entry for _, _, entry in _filters(_config(job, side)) if entry["path"].endswith(".QuantizeFeatures")]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+
+# --- the generator ---
+
+
+def test_checked_in_jobs_are_exactly_the_generated_ones(tmp_path):
+    # The drift test: edit the description in splitunet/tools/jobs.py, then run `splitunet jobs`.
+    written = write_jobs(tmp_path)
+    assert len(written) == len(GENERATED) == 3 * len(JOBS)
+    checked_in = {name: data for name, data in _files(JOBS_DIR).items() if "/" in name}
+    assert sorted(checked_in) == sorted(_files(tmp_path))
+    for name, data in _files(tmp_path).items():
+        assert checked_in[name] == data, f"jobs/{name} differs from the description; run `splitunet jobs`"
+    assert check_jobs() == []
+
+
+def test_every_job_folder_deploys_one_app_to_everyone():
+    for name in resolve_jobs():
+        assert _meta(name)["name"] == name
+        assert _meta(name)["deploy_map"] == {"app": ["@ALL"]}
+
+
+def test_a_variant_is_one_entry(tmp_path):
+    entry = Variant("split_unet_topk20", base=FP32, site_filters=(Filter("TopKSparsify", {"fraction": 0.2}),))
+    write_jobs(tmp_path / "before")
+    write_jobs(tmp_path / "after", (*JOBS, entry))
+    before = {path.name for path in (tmp_path / "before").iterdir()}
+    after = {path.name for path in (tmp_path / "after").iterdir()}
+    assert after - before == {"split_unet_topk20"} and before <= after
+    assert {k: v for k, v in _files(tmp_path / "after").items() if k.split("/")[0] in before} == _files(
+        tmp_path / "before"
+    )
+    assert defense_jobs((*JOBS, entry)) == defense_jobs()  # a defense row only when marked
+    assert defense_jobs((*JOBS, Variant("x", base=FP32, defense=True)))[-1] == "x"
+
+
+def test_the_description_loads_without_nvflare_or_torch():
+    code = (
+        "import sys, splitunet.tools.jobs as jobs; jobs.generate_jobs(); "
+        "print(sorted({'nvflare', 'torch'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ((*JOBS, Variant("y", base="nowhere")), "names base 'nowhere'"),
+        ((*JOBS, Variant(MAIN, base=FP32)), "described twice"),
+        ((Variant("a", base="b"), Variant("b", base="a")), "cycle: a -> b -> a"),
+    ],
+)
+def test_a_malformed_description_is_refused(entries, message):
+    with pytest.raises(SplitUNetConfigError, match=message):
+        resolve_jobs(entries)
+
+
+def test_cli_check_lists_every_file_that_differs(tmp_path, capsys):
+    out = str(tmp_path)
+    assert main(["jobs", "--check", "--out", out]) == 1  # nothing written yet
+    assert main(["jobs", "--out", out]) == 0
+    assert main(["jobs", "--check", "--out", out]) == 0
+    server = tmp_path / MAIN / "app/config/config_fed_server.json"
+    server.write_text(server.read_text().replace('"num_iterations": 200', '"num_iterations": 201'))
+    (tmp_path / FP32 / "meta.json").unlink()
+    (tmp_path / INFER / "app/config/stray.json").write_text("{}")
+    (tmp_path / "hand_made" / "app").mkdir(parents=True)
+    (tmp_path / "hand_made" / "meta.json").write_text("{}")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a job")
+    capsys.readouterr()
+    assert main(["jobs", "--check", "--out", out]) == 1
+    assert sorted(capsys.readouterr().out.splitlines()) == [
+        f"differs: {MAIN}/app/config/config_fed_server.json",
+        f"missing: {FP32}/meta.json",
+        "not generated: hand_made/meta.json",
+        f"not generated: {INFER}/app/config/stray.json",
+    ]
+    # Writing restores what is generated and removes nothing.
+    assert main(["jobs", "--out", out]) == 0
+    assert check_jobs(tmp_path) == [
+        "not generated: hand_made/meta.json",
+        f"not generated: {INFER}/app/config/stray.json",
+    ]
+
+
+# --- what each job is ---
+
+
+def test_every_job_is_a_defense_row_a_setting_variant_or_the_inference_job():
+    assert set(resolve_jobs()) == {*DEFENSE_JOBS, *SETTING_VARIANTS, INFER}
+    assert set(DEFENSE_JOBS) == {MAIN, *DEFENSE_VARIANTS}
+    assert DEFENSE_JOBS[0] == FP32  # the baseline row
+
+
+def test_the_main_job_sends_int8_both_ways():
+    # Activations leave each site, gradients leave the server, as int8 codes on every level.
+    for side, chain_name in (("client", "task_result_filters"), ("server", "task_data_filters")):
+        chain = _config(MAIN, side)[chain_name][0]["filters"]
+        assert [entry["path"].rsplit(".", 1)[1] for entry in chain] == ["QuantizeFeatures", "FeatureGuard"]
+        assert chain[0]["args"] == {"precision": "int8"}
+
+
+@pytest.mark.parametrize("variant", [v for v in DEFENSE_VARIANTS if v not in ("split_unet_fp16", "split_unet_int4")])
+def test_a_defense_job_sends_float32(variant):
+    # Each row of the defense table measures one defense alone, against the float32 reference.
+    for side in ("client", "server"):
+        assert not _quantizers(variant, side)
+
+
+@pytest.mark.parametrize("variant", DEFENSE_VARIANTS)
+def test_a_defense_job_is_the_float32_reference_plus_its_filters(variant):
+    # The float32 reference itself differs from the main job only in its filters.
+    reference = MAIN if variant == FP32 else FP32
+    assert _meta(variant) == {**_meta(reference), "name": variant}
+    assert _without_filters(_config(variant, "client")) == _without_filters(_config(reference, "client"))
+    server, reference_server = (
+        _without_filters(_config(variant, "server")),
+        _without_filters(_config(reference, "server")),
+    )
+    for workflow in reference_server["workflows"]:
+        workflow["args"].update(FORCED_WORKFLOW_ARGS.get(variant, {}))
+    assert server == reference_server
+
+
+@pytest.mark.parametrize("variant", DEFENSE_VARIANTS)
+def test_a_defense_job_holds_the_filters_it_is_named_for(variant):
+    for side, class_name, args in PROMISED[variant]:
+        entries = [entry for _, _, entry in _filters(_config(variant, side))]
+        matching = [e for e in entries if e["path"].endswith("." + class_name)]
+        assert matching, f"{variant} has no {class_name} at the {side}"
+        assert all(matching[0]["args"].get(k) == v for k, v in args.items())
+
+
+@pytest.mark.parametrize("job", TRAINING_JOBS)
+def test_every_filter_builds_and_the_guard_checks_last(job):
+    for side in ("client", "server"):
+        for _, tasks, entry in _filters(_config(job, side)):
+            module, class_name = entry["path"].rsplit(".", 1)
+            built = getattr(importlib.import_module(module), class_name)(**entry.get("args", {}))
+            assert {"split_step", "split_encode"} <= set(tasks)
+        for chain_name in ("task_data_filters", "task_result_filters"):
+            chain = _config(job, side)[chain_name]
+            assert chain and chain[0]["filters"][-1]["path"] == "splitunet.filters.FeatureGuard", (job, side)
+    assert isinstance(built, FeatureGuard)
+
+
+def test_a_level_blocking_job_filters_the_setup_task_and_skips_the_level():
+    chain = _config("split_unet_no_x0", "client")["task_result_filters"][0]
+    assert "split_setup" in chain["tasks"]
+    [blocked] = [entry["args"]["levels"] for entry in chain["filters"] if entry["path"].endswith(".BlockSkipLevels")]
+    # The decoder must not expect a level the sites withhold (it would stop at setup).
+    skip_levels = _config("split_unet_no_x0", "server")["workflows"][0]["args"]["skip_levels"]
+    assert not set(blocked) & set(skip_levels)
+
+
+@pytest.mark.parametrize("variant", sorted(SETTING_VARIANTS))
+def test_a_setting_variant_differs_from_the_main_job_only_in_its_settings(variant):
+    assert _meta(variant) == {**_meta(MAIN), "name": variant}
+    assert _config(variant, "client") == _config(MAIN, "client")
+    server, main_server = _config(variant, "server"), _config(MAIN, "server")
+    main_server["workflows"][0]["args"].update(SETTING_VARIANTS[variant])
+    assert server == main_server
+    workflow = server["workflows"][0]
+    module, class_name = workflow["path"].rsplit(".", 1)
+    getattr(importlib.import_module(module), class_name)(**workflow["args"])
