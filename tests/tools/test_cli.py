@@ -11,7 +11,7 @@ from splitunet.tools.cli import main
 
 def test_python_dash_m_lists_subcommands():
     result = subprocess.run([sys.executable, "-m", "splitunet", "--help"], capture_output=True, text=True, check=True)
-    for command in ("phantom", "partition", "prepare", "stage-byoc", "demo"):
+    for command in ("phantom", "partition", "prepare", "stage-byoc", "demo", "jobs", "leakage", "bench"):
         assert command in result.stdout
 
 

@@ -123,6 +123,26 @@ def test_configure_kit_writes_only_the_partys_own_entry(tmp_path, monkeypatch):
     assert not (server_kit / "local" / "privacy.json").exists()
 
 
+def test_every_site_gets_its_own_private_encoder_seed_and_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPLITUNET_SITE_CONFIG", raising=False)
+    workspace = prepare_simulator_workspace(tmp_path / "ws", tmp_path / "p", default_site_modalities(4), "k", "msd")
+    seeds = {site: load_site_settings(site, workspace / "local").encoder_seed for site in default_site_modalities(4)}
+    assert all(isinstance(seed, int) for seed in seeds.values()) and len(set(seeds.values())) == 4
+    server_entry = json.loads((workspace / "local" / "splitunet_site.json").read_text())["parties"]["server"]
+    assert "encoder_seed" not in server_entry  # the label holder has no encoder
+    again = prepare_simulator_workspace(tmp_path / "ws", tmp_path / "p", default_site_modalities(4), "k", "msd")
+    assert {site: load_site_settings(site, again / "local").encoder_seed for site in seeds} == seeds
+
+    kit = tmp_path / "site-2"
+    (kit / "startup").mkdir(parents=True)
+    configure_kit(kit, {"modality": "t1", "data_dir": str(tmp_path / "t1")}, "s")
+    first = load_site_settings("site-2", kit / "local").encoder_seed
+    configure_kit(kit, {"modality": "t1", "data_dir": str(tmp_path / "t1")}, "s")
+    assert first is not None and load_site_settings("site-2", kit / "local").encoder_seed == first
+    configure_kit(kit, {"modality": "t1", "data_dir": str(tmp_path / "t1"), "encoder_seed": 7}, "s")
+    assert load_site_settings("site-2", kit / "local").encoder_seed == 7  # a seed the site chose itself wins
+
+
 def test_configure_kit_refuses_a_folder_that_is_not_a_kit(tmp_path):
     with pytest.raises(SplitUNetConfigError, match="not a FLARE startup kit"):
         configure_kit(tmp_path, {"modality": "flair", "data_dir": "x"}, "s")

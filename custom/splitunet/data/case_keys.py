@@ -112,5 +112,5 @@ def read_or_create_secret(path: str | Path) -> str:
     """
     path = Path(path)
     if not path.is_file():
-        write_text_atomic(secrets.token_hex(16), path)
+        write_text_atomic(secrets.token_hex(16), path, mode=0o600)  # readable by its owner only
     return path.read_text().strip()

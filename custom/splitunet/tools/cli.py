@@ -93,6 +93,29 @@ def _job_folder(job: str | None) -> Path | None:
     return find_job(job)
 
 
+def _jobs(args) -> int:
+    from splitunet.tools.jobs import check_jobs, write_jobs
+
+    if args.check:
+        problems = check_jobs(args.out)
+        for line in problems:
+            print(line)
+        if problems:
+            print(
+                f"splitunet jobs: {len(problems)} file(s) differ from the description; "
+                "`splitunet jobs` rewrites them (and removes nothing)",
+                file=sys.stderr,
+            )
+            return 1
+        print("every job folder is as generated")
+        return 0
+    written = write_jobs(args.out)
+    for path in written:
+        print(f"wrote {path}")
+    print(f"{len(written)} file(s) written; the others were already as generated")
+    return 0
+
+
 def _defenses(args) -> int:
     from splitunet.evaluation.defense_table import DEFENSE_JOBS, run_defense_table
     from splitunet.tools.demo import DemoSettings
@@ -117,6 +140,7 @@ def _leakage(args) -> int:
         budget=budget,
         data_dir=args.data,
         aux_dir=args.aux,
+        assume_known_init=args.assume_known_init,
     )
     print((Path(args.out) / "report.md").read_text())
     return 0
@@ -384,6 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
     poc.add_argument("--timeout", type=float, default=3600.0, help="seconds the job may run")
     poc.set_defaults(run=_poc)
 
+    jobs = commands.add_parser(
+        "jobs", help="write the shipped job folders from their one description (splitunet.tools.jobs), or check them"
+    )
+    jobs.add_argument("--out", type=Path, default=None, help="folder of job folders (default: the bundle's jobs/)")
+    jobs.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 listing every file that differs from the description",
+    )
+    jobs.set_defaults(run=_jobs)
+
     defenses = commands.add_parser(
         "defenses", help="run the demo once per defense job on the same phantom cases; tabulate Dice and bytes"
     )
@@ -408,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--aux", type=Path, default=None, help="attacker's auxiliary parties folder (default: phantom)"
     )
     leakage.add_argument("--quick", action="store_true", help="a few attack steps only (checks the pipeline)")
+    leakage.add_argument(
+        "--assume-known-init",
+        action="store_true",
+        help="worst case for the white-box attack: the attacker knows each site's private initial encoder seed",
+    )
     leakage.set_defaults(run=_leakage)
 
     sweep = commands.add_parser(

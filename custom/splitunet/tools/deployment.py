@@ -9,6 +9,7 @@ copied from the single source in ``custom/``.
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "configure_kit",
     "copy_job_with_overrides",
     "read_or_create_secret",
+    "with_private_encoder_seeds",
 ]
 
 ALLOW_LIST_PREFIX = "splitunet."
@@ -93,6 +95,26 @@ def recorded_layout(partition_dir: str | Path, default: str = "msd") -> str:
     return read_partition_layout(partition_dir)
 
 
+def with_private_encoder_seeds(parties: Mapping[str, Mapping], keep_from: str | Path | None = None) -> dict:
+    """Give every site entry its own random ``encoder_seed``, which stays in that site's ``local/``.
+
+    Without one a site initialises its encoder from the job's seed, which the server knows: it could rebuild the
+    encoder and invert the first activations white-box. A seed already in ``entry`` or in the settings file
+    ``keep_from`` (when it exists) is kept, so configuring a party again does not change its encoder.
+    """
+    existing = {}
+    if keep_from is not None and Path(keep_from).is_file():
+        existing = json.loads(Path(keep_from).read_text()).get("parties", {})
+    seeded = {}
+    for party, entry in parties.items():
+        entry = dict(entry)
+        if "modality" in entry and entry.get("encoder_seed") is None:
+            kept = existing.get(party, {}).get("encoder_seed")
+            entry["encoder_seed"] = kept if kept is not None else secrets.randbits(63)
+        seeded[party] = entry
+    return seeded
+
+
 def prepare_simulator_workspace(
     workspace: str | Path,
     partition_dir: str | Path,
@@ -107,7 +129,8 @@ def prepare_simulator_workspace(
     folder, and one ``resources.json`` allows the installed package's classes. ``layout`` (the labels' numbering)
     defaults to the one ``splitunet partition`` recorded. With ``checkpoint_root`` each party keeps its
     checkpoints in ``<checkpoint_root>/<party>/``, outside the workspace that the simulator wipes at every start,
-    so that a later run can resume from them.
+    so that a later run can resume from them. Every site gets a private ``encoder_seed``
+    (:func:`with_private_encoder_seeds`).
     """
     layout = layout or recorded_layout(partition_dir)
     workspace, partition_dir = Path(workspace).resolve(), Path(partition_dir).resolve()
@@ -118,7 +141,8 @@ def prepare_simulator_workspace(
     if checkpoint_root is not None:
         for party, entry in parties.items():
             entry["checkpoint_dir"] = str(Path(checkpoint_root).resolve() / party)
-    write_settings(local_dir / SETTINGS_FILE_NAME, parties, case_key_secret)
+    settings_file = local_dir / SETTINGS_FILE_NAME
+    write_settings(settings_file, with_private_encoder_seeds(parties, keep_from=settings_file), case_key_secret)
     allow_splitunet_classes(local_dir)
     return workspace
 
@@ -220,14 +244,17 @@ def write_party_local(
 ) -> list[Path]:
     """Write what a party's administrator keeps in its ``local/`` folder: settings, allow-list, privacy policy.
 
-    The settings file holds only this party's entry, as a real institution's would.
+    The settings file holds only this party's entry, as a real institution's would; a site's entry gets a private
+    ``encoder_seed`` (:func:`with_private_encoder_seeds`).
 
     Returns:
         the files written.
     """
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
-    written = [write_settings(local_dir / SETTINGS_FILE_NAME, {party: dict(entry)}, case_key_secret)]
+    settings_file = local_dir / SETTINGS_FILE_NAME
+    parties = with_private_encoder_seeds({party: entry}, keep_from=settings_file)
+    written = [write_settings(settings_file, parties, case_key_secret)]
     written.append(allow_splitunet_classes(local_dir))
     if privacy is not None:
         written.append(write_json_atomic(dict(privacy), local_dir / "privacy.json"))

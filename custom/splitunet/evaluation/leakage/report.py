@@ -14,6 +14,7 @@ from splitunet.atomic_files import write_json_atomic
 from splitunet.data.case_keys import read_or_create_secret
 from splitunet.data.partition import partition_msd
 from splitunet.data.party_data import ModalityFolder
+from splitunet.data.party_settings import SETTINGS_FILE_NAME, load_site_settings
 from splitunet.data.phantom import generate_phantom
 from splitunet.errors import SplitUNetConfigError
 from splitunet.evaluation.attacks import build_encoder
@@ -23,7 +24,14 @@ from splitunet.evaluation.leakage.figures import plot_reconstruction_grid
 from splitunet.evaluation.leakage.ground_truth import AuxiliaryImages, GroundTruth
 from splitunet.wire.protocol import MODALITIES
 
-__all__ = ["ATTACK_CHOICES", "run_leakage", "leakage_markdown", "auxiliary_phantom", "best_inversion"]
+__all__ = [
+    "ATTACK_CHOICES",
+    "run_leakage",
+    "leakage_markdown",
+    "auxiliary_phantom",
+    "best_inversion",
+    "attacker_encoder_seed",
+]
 
 ATTACK_CHOICES = (*INVERSION_ATTACKS, "label_inference")
 # Auxiliary phantom cases are drawn with this seed offset, so they are never the sites' cases.
@@ -59,6 +67,28 @@ def _defenses_seen(trail: Sequence[Mapping]) -> list[str]:
     return sorted({entry["filter"] for entry in trail if entry.get("filter") not in (None, "FeatureGuard")})
 
 
+def attacker_encoder_seed(run: CapturedRun, site: str, assume_known_init: bool) -> tuple[int, str]:
+    """The seed the attacker initialises its copy of ``site``'s encoder from, and what that assumes.
+
+    The server knows the job's model settings, so it can always rebuild an encoder seeded from them
+    (``config.seed + 1 + modality index``, as a site without a seed of its own does). A site with a private
+    ``encoder_seed`` in its ``local/`` settings starts elsewhere; only ``assume_known_init`` (the worst case: the
+    seed leaked, or the site kept the default) hands the attacker that seed, read from the run's workspace.
+    """
+    modality = run.sites[site]
+    job_seed = run.model.seed + 1 + MODALITIES.index(modality)
+    private = None
+    for settings_dir in (run.workspace / "simulator" / "local", run.workspace / "local"):
+        if (settings_dir / SETTINGS_FILE_NAME).is_file():
+            private = load_site_settings(site, settings_dir).encoder_seed
+            break
+    if private is None:
+        return job_seed, "the site initialised its encoder from the job's seed, which the server knows"
+    if assume_known_init:
+        return private, "assumed known: the site's private encoder_seed (--assume-known-init)"
+    return job_seed, "the site's encoder_seed is private; the attacker rebuilds from the job's seed (a wrong guess)"
+
+
 def _attack_site(
     run: CapturedRun,
     site: str,
@@ -68,6 +98,7 @@ def _attack_site(
     attacks: Sequence[str],
     budget: AttackBudget,
     out_dir: Path,
+    assume_known_init: bool = False,
 ) -> dict:
     modality = run.sites[site]
     capture = run.capture(ACTIVATIONS, site, iteration)
@@ -84,8 +115,10 @@ def _attack_site(
         # The server can rebuild a site's encoder only as initialised; later weights stay at the site.
         inversion.remove("white_box")
         notes.append(f"white-box skipped: it needs the encoder of iteration {iteration}, which only the site holds")
-    # The site seeds its encoder from the server's model settings (SiteTrainer.build): the server can rebuild it.
-    encoder = build_encoder(run.model.features, seed=run.model.seed + 1 + MODALITIES.index(modality)).eval()
+    seed, initialisation = attacker_encoder_seed(run, site, assume_known_init)
+    if "white_box" in inversion:
+        notes.append(f"white-box encoder: {initialisation}")
+    encoder = build_encoder(run.model.features, seed=seed).eval()
     aux_crops = aux.random_crops(budget.learned_crops, size, seed=budget.seed)
     rows, images = invert_capture(capture.observed, size, encoder, original, prior, aux_crops, budget, inversion)
     figures = {}
@@ -106,6 +139,7 @@ def _attack_site(
             notes.append(f"label inference skipped: no gradient capture of iteration {iteration + 1}")
     return {
         "modality": modality,
+        "encoder_initialisation": initialisation,
         "levels_received": [f"x{level}" for level in sorted(capture.observed)],
         "defenses_on_the_way": _defenses_seen(capture.filter_trail),
         "crops": len(original),
@@ -126,6 +160,7 @@ def run_leakage(
     budget: AttackBudget | None = None,
     data_dir: str | Path | None = None,
     aux_dir: str | Path | None = None,
+    assume_known_init: bool = False,
 ) -> dict:
     """Attack a run's captures and write ``report.json``, ``report.md`` and one PNG grid per site and attack.
 
@@ -138,6 +173,9 @@ def run_leakage(
         budget: attack lengths.
         data_dir: the run's data (``parties/`` and ``case_key_secret.txt``); default ``<workspace>/data``.
         aux_dir: parties folder of the attacker's auxiliary cases; default: phantom cases made for the purpose.
+        assume_known_init: the worst case for the white-box attack: the attacker knows each site's initial
+            encoder (its private ``encoder_seed``). Off by default, as sites keep that seed (see
+            :func:`attacker_encoder_seed`).
 
     Returns:
         the report written to ``report.json``.
@@ -162,13 +200,16 @@ def run_leakage(
         "job": run.job,
         "iteration": iteration,
         "attacks": list(attacks),
+        "assume_known_init": bool(assume_known_init),
         "budget": budget.to_dict(),
         "threads": torch.get_num_threads(),
         "sites": {},
     }
     for site in chosen:
         print(f"attacking {site} ({run.sites.get(site)}) at iteration {iteration}", flush=True)
-        report["sites"][site] = _attack_site(run, site, iteration, truth, aux_parties, attacks, budget, out_dir)
+        report["sites"][site] = _attack_site(
+            run, site, iteration, truth, aux_parties, attacks, budget, out_dir, assume_known_init
+        )
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     write_json_atomic(report, out_dir / "report.json")
     (out_dir / "report.md").write_text(leakage_markdown(report))
@@ -183,6 +224,9 @@ def leakage_markdown(report: Mapping) -> str:
     """Human-readable ``report.md``: one table of inversions per site, then label inference."""
     lines = [
         f"# Leakage of `{report['job']}` at iteration {report['iteration']}",
+        "",
+        "Attacker's assumption about the sites' initial encoders: "
+        + ("known (worst case, `--assume-known-init`)." if report.get("assume_known_init") else "not known."),
         "",
         "SSIM and PSNR of each reconstruction against the crop the site encoded (after the least-squares intensity "
         "fit the metrics allow); the prior is the mean auxiliary image at the same place. Relative leakage = "
