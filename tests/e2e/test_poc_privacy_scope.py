@@ -72,6 +72,7 @@ def scope_run(tmp_path_factory):
         "poc-scope-secret",
         privacy_policies={"site-1": SITE_POLICY},
         timeouts=PocTimeouts(start_s=90, stop_s=45, admin_call_s=30),
+        evaluation=True,  # the server records what it receives (CaptureFeatures)
     )
     with poc:
         poc.prepare()

@@ -11,7 +11,8 @@ from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 from splitunet.data.party_settings import load_server_settings, load_site_settings
 from splitunet.errors import SplitUNetConfigError
 from splitunet.tools.deployment import (
-    ALLOW_LIST_PREFIX,
+    ALLOWED_CLASSES,
+    EVALUATION_CLASSES,
     add_wire_audit,
     allow_splitunet_classes,
     configure_kit,
@@ -29,10 +30,49 @@ def test_allow_list_keeps_flare_defaults_and_existing_entries(tmp_path):
     allow_splitunet_classes(tmp_path)  # idempotent
     resources = json.loads((tmp_path / "resources.json").read_text())
     assert resources["format_version"] == 2
-    assert resources["class_allow_list"] == ["mylab.", ALLOW_LIST_PREFIX]
+    assert resources["class_allow_list"] == ["mylab.", *ALLOWED_CLASSES]
     allow_splitunet_classes(tmp_path / "fresh")
     fresh = json.loads((tmp_path / "fresh" / "resources.json").read_text())["class_allow_list"]
-    assert set(DEFAULT_CLASS_ALLOW_LIST) < set(fresh) and ALLOW_LIST_PREFIX in fresh
+    assert set(DEFAULT_CLASS_ALLOW_LIST) < set(fresh) and set(ALLOWED_CLASSES) < set(fresh)
+
+
+def test_allow_list_names_exact_classes_and_capture_only_in_an_evaluation_workspace(tmp_path):
+    # A workspace written by an earlier version allowed the whole package by prefix.
+    (tmp_path / "resources.json").write_text(json.dumps({"class_allow_list": ["nvflare.", "splitunet."]}))
+    allowed = json.loads(allow_splitunet_classes(tmp_path).read_text())["class_allow_list"]
+    assert "splitunet." not in allowed and not any(entry.endswith(".") and "splitunet" in entry for entry in allowed)
+    assert "splitunet.filters.CaptureFeatures" not in allowed
+    evaluation = json.loads(allow_splitunet_classes(tmp_path, evaluation=True).read_text())["class_allow_list"]
+    assert set(EVALUATION_CLASSES) < set(evaluation)
+    again = json.loads(allow_splitunet_classes(tmp_path).read_text())["class_allow_list"]
+    assert not set(EVALUATION_CLASSES) & set(again)  # preparing again without --evaluation takes it back
+
+
+def test_every_class_the_jobs_and_the_example_policy_name_is_allowed_and_resolves():
+    from nvflare.fuel.utils.class_utils import load_class
+
+    from splitunet.tools.deployment import bundle_root
+
+    named = set()
+    configs = list((bundle_root() / "jobs").glob("*/app/config/*.json"))
+    for config_file in configs + [bundle_root() / "poc/privacy.json"]:
+        named |= set(_component_paths(json.loads(config_file.read_text())))
+    ours = {path for path in named if path.startswith("splitunet")}
+    assert ours <= set(ALLOWED_CLASSES), ours - set(ALLOWED_CLASSES)
+    assert named - ours <= set(DEFAULT_CLASS_ALLOW_LIST), named - ours
+    for path in ALLOWED_CLASSES + EVALUATION_CLASSES:
+        load_class(path)
+
+
+def _component_paths(node):
+    if isinstance(node, dict):
+        if isinstance(node.get("path"), str):
+            yield node["path"]
+        for value in node.values():
+            yield from _component_paths(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _component_paths(value)
 
 
 def test_simulator_workspace_settings_resolve_per_party(tmp_path, monkeypatch):
@@ -71,23 +111,12 @@ def test_byoc_job_carries_the_package(tmp_path):
     assert not list(package.glob("**/__pycache__"))
 
 
-def test_shipped_job_names_only_allowed_classes():
-    job = find_job()
-    allowed = set(DEFAULT_CLASS_ALLOW_LIST)
-    for config_file in job.glob("*/config/*.json"):
-        text = json.loads(config_file.read_text())
-        components = text.get("components", []) + text.get("workflows", [])
-        components += [e["executor"] for e in text.get("executors", [])]
-        for component in components:
-            assert component["path"].startswith(ALLOW_LIST_PREFIX) or component["path"] in allowed
-
-
 def test_allow_list_starts_from_a_provisioned_kits_default_resources(tmp_path):
     default = {"format_version": 2, "components": [{"id": "resource_manager", "path": "x.Manager"}]}
     (tmp_path / "resources.json.default").write_text(json.dumps(default))
     resources = json.loads(allow_splitunet_classes(tmp_path).read_text())
     assert resources["components"] == default["components"]
-    assert "splitunet." in resources["class_allow_list"]
+    assert set(ALLOWED_CLASSES) < set(resources["class_allow_list"])
 
 
 def test_capture_filter_goes_last_in_the_servers_step_chains(tmp_path):
@@ -117,7 +146,9 @@ def test_configure_kit_writes_only_the_partys_own_entry(tmp_path, monkeypatch):
     assert list(site_settings["parties"]) == ["site-3"]  # named after the kit folder, as provisioning names it
     assert load_site_settings("site-3", site_kit / "local").modality == "t1gd"
     assert json.loads((site_kit / "local" / "privacy.json").read_text()) == policy
-    assert ALLOW_LIST_PREFIX in json.loads((site_kit / "local" / "resources.json").read_text())["class_allow_list"]
+    assert set(ALLOWED_CLASSES) < set(
+        json.loads((site_kit / "local" / "resources.json").read_text())["class_allow_list"]
+    )
     server = load_server_settings("fl-server.example.org", server_kit / "local")
     assert server.layout == "brats2021" and server.labels_dir == (tmp_path / "labels").resolve()
     assert not (server_kit / "local" / "privacy.json").exists()

@@ -89,7 +89,7 @@ def find_settings_file(site_config_dir: str | os.PathLike | None) -> Path:
     path = Path(site_config_dir) / SETTINGS_FILE_NAME
     if not path.is_file():
         raise SplitUNetConfigError(
-            f"no site settings at {path}: write it (see README, 'Where data lives') or set {SETTINGS_ENV_VAR}"
+            f"no site settings at {path}: write it (see docs/configuration.md) or set {SETTINGS_ENV_VAR}"
         )
     return path
 

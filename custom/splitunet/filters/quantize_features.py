@@ -25,8 +25,9 @@ class QuantizeFeatures(FeatureFilter):
     ``"int1"`` store each (sample, channel) as affine integer codes, ``x ~ min + code * step`` with
     ``step = (max - min) / (2**bits - 1)``, packed ``8 // bits`` codes per byte; the DXO describes the encoding
     and :func:`splitunet.wire.transport.dxo_to_features` decodes it at the receiver, so no paired filter is needed.
-    The error per element is at most ``step / 2``. Fewer bits cut bytes on the wire and what an inversion attack
-    can recover, at some cost in Dice (see README).
+    The error per element is at most ``step / 2``. Fewer bits cut bytes on the wire; as measured
+    (docs/privacy.md), int8 costs no Dice and leaves the inversion attacks as strong as on float32, so quantization
+    is a bandwidth feature, not a defense.
 
     Integer encodings must come last in a filter chain (other filters refuse encoded levels). Levels that an
     earlier filter already encoded (a site's scope quantizing to fewer bits, or top-k) pass unchanged, so the

@@ -45,8 +45,11 @@ def _prepare(args) -> int:
         secret,
         layout=args.layout,
         checkpoint_root=args.checkpoint_dir,
+        evaluation=args.evaluation,
     )
     print(f"simulator workspace ready: {workspace}/local (site settings and class allow-list)")
+    if args.evaluation:
+        print("evaluation workspace: jobs may record what the server receives (CaptureFeatures)")
     print(f"run: nvflare simulator jobs/split_unet -w {args.workspace} -n {args.num_sites} -t {args.num_sites}")
     return 0
 
@@ -327,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="keep each party's checkpoints in DIR/<party>/ (outside the workspace the simulator wipes) to resume",
+    )
+    prepare.add_argument(
+        "--evaluation",
+        action="store_true",
+        help="an evaluation workspace: allow the CaptureFeatures filter (records what the server receives)",
     )
     prepare.set_defaults(run=_prepare)
 

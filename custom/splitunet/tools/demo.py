@@ -33,7 +33,7 @@ __all__ = ["DemoSettings", "run_demo", "ensure_partitioned_phantom"]
 
 
 class DemoSettings:
-    """Size of the demo run. The defaults fit in 10 minutes on 2 CPU cores (see README for measured times).
+    """Size of the demo run. The defaults fit in 10 minutes on 2 CPU cores (measured times: README and CHANGELOG.md).
 
     Threads: the sites compute at the same time, so each gets ``threads_per_party`` torch threads; the server
     computes while every site waits for its gradients, so it gets ``server_threads`` (default: every core).
@@ -141,6 +141,7 @@ def run_demo(
         site_modalities,
         read_or_create_secret(data_dir / "case_key_secret.txt"),
         checkpoint_root=checkpoints,
+        evaluation=bool(settings.capture_iterations),  # only a capturing run may build the capture filter
     )
     job_dir = Path(job_dir) if job_dir else find_job("split_unet")
     server_args = {"num_threads": settings.server_threads, **settings.server_args}

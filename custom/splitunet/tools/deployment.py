@@ -27,7 +27,8 @@ __all__ = [
     "job_filters",
     "add_capture_filter",
     "add_wire_audit",
-    "ALLOW_LIST_PREFIX",
+    "ALLOWED_CLASSES",
+    "EVALUATION_CLASSES",
     "bundle_root",
     "find_job",
     "allow_splitunet_classes",
@@ -42,7 +43,24 @@ __all__ = [
     "with_private_encoder_seeds",
 ]
 
-ALLOW_LIST_PREFIX = "splitunet."
+# Exact class paths (FLARE matches an allow-list entry as the whole path or a dotted prefix) of what the
+# bundle's training and inference jobs build, by the short paths the jobs and privacy policies use.
+ALLOWED_CLASSES = (
+    "splitunet.flare.SplitLearningController",
+    "splitunet.flare.SplitInferenceController",
+    "splitunet.flare.SplitSiteExecutor",
+    "splitunet.filters.BlockSkipLevels",
+    "splitunet.filters.ChannelDropout",
+    "splitunet.filters.ClippedGaussianNoise",
+    "splitunet.filters.FeatureGuard",
+    "splitunet.filters.QuantizeFeatures",
+    "splitunet.filters.TopKSparsify",
+    "splitunet.filters.WireAudit",
+)
+# Recording what crosses the server is for leakage evaluation only: allowed in an evaluation workspace alone.
+EVALUATION_CLASSES = ("splitunet.filters.CaptureFeatures",)
+# What earlier versions allowed (every class of the package); removed wherever the allow-list is written now.
+_BROAD_PREFIX = "splitunet."
 
 
 def bundle_root() -> Path:
@@ -58,21 +76,29 @@ def find_job(name: str = "split_unet") -> Path:
     return path
 
 
-def allow_splitunet_classes(local_dir: str | Path) -> Path:
-    """Add ``splitunet.`` to the class allow-list in ``<local_dir>/resources.json``.
+def allow_splitunet_classes(local_dir: str | Path, evaluation: bool = False) -> Path:
+    """Allow the bundle's job classes, by exact path, in ``<local_dir>/resources.json``.
 
     A configured allow-list replaces FLARE's default one, so FLARE's defaults are written out beside ours. A
     provisioned kit ships only ``resources.json.default``, and FLARE reads ``resources.json`` instead of it (no
     merging), so a missing ``resources.json`` starts as a copy of the default: the site keeps its job launcher
-    and resource manager.
+    and resource manager. Entries the site added itself are kept; the broad ``splitunet.`` prefix of earlier
+    versions is replaced.
+
+    Args:
+        local_dir: the party's ``local/`` folder.
+        evaluation: also allow ``CaptureFeatures`` (an evaluation workspace, where recording what the server
+            receives is the point). Without it a job that configures the capture filter is refused by FLARE
+            (``ComponentNotAuthorized ... is not in allow_list``).
     """
     path = Path(local_dir) / "resources.json"
     default = Path(local_dir) / "resources.json.default"
     source = path if path.is_file() else default
     resources = json.loads(source.read_text()) if source.is_file() else {}
     allow_list = list(resources.get("class_allow_list", DEFAULT_CLASS_ALLOW_LIST))
-    if ALLOW_LIST_PREFIX not in allow_list:
-        allow_list.append(ALLOW_LIST_PREFIX)
+    allow_list = [entry for entry in allow_list if entry != _BROAD_PREFIX and entry not in EVALUATION_CLASSES]
+    wanted = ALLOWED_CLASSES + (EVALUATION_CLASSES if evaluation else ())
+    allow_list += [entry for entry in wanted if entry not in allow_list]
     resources["class_allow_list"] = allow_list
     return write_json_atomic(resources, path)
 
@@ -122,6 +148,7 @@ def prepare_simulator_workspace(
     case_key_secret: str,
     layout: str | None = None,
     checkpoint_root: str | Path | None = None,
+    evaluation: bool = False,
 ) -> Path:
     """Write ``<workspace>/local`` for ``nvflare simulator -w <workspace>``.
 
@@ -130,7 +157,8 @@ def prepare_simulator_workspace(
     defaults to the one ``splitunet partition`` recorded. With ``checkpoint_root`` each party keeps its
     checkpoints in ``<checkpoint_root>/<party>/``, outside the workspace that the simulator wipes at every start,
     so that a later run can resume from them. Every site gets a private ``encoder_seed``
-    (:func:`with_private_encoder_seeds`).
+    (:func:`with_private_encoder_seeds`). ``evaluation`` allows the capture filter (see
+    :func:`allow_splitunet_classes`).
     """
     layout = layout or recorded_layout(partition_dir)
     workspace, partition_dir = Path(workspace).resolve(), Path(partition_dir).resolve()
@@ -143,7 +171,7 @@ def prepare_simulator_workspace(
             entry["checkpoint_dir"] = str(Path(checkpoint_root).resolve() / party)
     settings_file = local_dir / SETTINGS_FILE_NAME
     write_settings(settings_file, with_private_encoder_seeds(parties, keep_from=settings_file), case_key_secret)
-    allow_splitunet_classes(local_dir)
+    allow_splitunet_classes(local_dir, evaluation)
     return workspace
 
 
@@ -240,12 +268,17 @@ def stage_byoc_job(job_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def write_party_local(
-    local_dir: Path, party: str, entry: Mapping, case_key_secret: str, privacy: Mapping | None = None
+    local_dir: Path,
+    party: str,
+    entry: Mapping,
+    case_key_secret: str,
+    privacy: Mapping | None = None,
+    evaluation: bool = False,
 ) -> list[Path]:
     """Write what a party's administrator keeps in its ``local/`` folder: settings, allow-list, privacy policy.
 
     The settings file holds only this party's entry, as a real institution's would; a site's entry gets a private
-    ``encoder_seed`` (:func:`with_private_encoder_seeds`).
+    ``encoder_seed`` (:func:`with_private_encoder_seeds`). ``evaluation``: see :func:`allow_splitunet_classes`.
 
     Returns:
         the files written.
@@ -255,7 +288,7 @@ def write_party_local(
     settings_file = local_dir / SETTINGS_FILE_NAME
     parties = with_private_encoder_seeds({party: entry}, keep_from=settings_file)
     written = [write_settings(settings_file, parties, case_key_secret)]
-    written.append(allow_splitunet_classes(local_dir))
+    written.append(allow_splitunet_classes(local_dir, evaluation))
     if privacy is not None:
         written.append(write_json_atomic(dict(privacy), local_dir / "privacy.json"))
     return written

@@ -6,7 +6,7 @@ import json
 import socket
 
 from splitunet.data.party_settings import SETTINGS_FILE_NAME, load_server_settings, load_site_settings
-from splitunet.tools.deployment import ALLOW_LIST_PREFIX
+from splitunet.tools.deployment import ALLOWED_CLASSES
 from splitunet.tools.poc import (
     ADMIN_USER,
     LOOPBACK_HOST,
@@ -51,7 +51,7 @@ def test_party_local_holds_only_its_own_entry_and_keeps_flare_defaults(tmp_path,
     assert site.modality == "t1" and site.data_dir == (tmp_path / "parties" / "t1").resolve()
     resources = json.loads((local / "resources.json").read_text())
     assert resources["components"] == default["components"]  # FLARE reads resources.json *instead of* the default
-    assert resources["class_allow_list"] == ["nvflare.", ALLOW_LIST_PREFIX]
+    assert resources["class_allow_list"] == ["nvflare.", *ALLOWED_CLASSES]
     assert json.loads((local / "privacy.json").read_text()) == site_privacy
 
 

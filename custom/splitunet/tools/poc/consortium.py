@@ -80,6 +80,8 @@ class PocConsortium:
         timeouts: bounds of each step.
         threads_per_party: torch threads per party (``$SPLITUNET_TORCH_THREADS``); parties share the CPU cores.
         env: extra environment variables for every party's processes.
+        evaluation: an evaluation consortium, whose parties allow the capture filter (see
+            :func:`splitunet.tools.deployment.allow_splitunet_classes`).
 
     Raises:
         PocError: for an unknown modality, a site named like the server, or privacy policies for unknown sites.
@@ -97,6 +99,7 @@ class PocConsortium:
         timeouts: PocTimeouts | None = None,
         threads_per_party: int = 1,
         env: Mapping[str, str] | None = None,
+        evaluation: bool = False,
     ):
         self.site_modalities = dict(site_modalities)
         if not self.site_modalities:
@@ -115,6 +118,7 @@ class PocConsortium:
         self.workspace = Path(workspace).resolve()
         self.partition_dir = Path(partition_dir).resolve()
         self.case_key_secret = case_key_secret
+        self.evaluation = bool(evaluation)
         self.server_privacy = dict(server_privacy) if server_privacy is not None else None
         self.layout = layout
         self.timeouts = timeouts or PocTimeouts()
@@ -215,7 +219,9 @@ class PocConsortium:
             layout = self.layout or recorded_layout(self.partition_dir)
             entry = party_settings_entry(party, self.site_modalities, self.partition_dir, layout)
             privacy = self.server_privacy if party == SERVER_NAME else self.privacy_policies.get(party)
-            write_party_local(self.party_dir(party) / "local", party, entry, self.case_key_secret, privacy)
+            write_party_local(
+                self.party_dir(party) / "local", party, entry, self.case_key_secret, privacy, self.evaluation
+            )
         return self.prod_dir
 
     # -- start -------------------------------------------------------------------------------------------------
