@@ -56,11 +56,11 @@ def test_strong_defense_lowers_the_best_attack_well_below_no_defense(
     no_defense = image_leakage(white_box_x0[0], target_crop, prior)["mean"]
 
     white_box = WhiteBoxInversion(FEATURES, site_encoder.state_dict(), **DEEP_WHITE_BOX)
-    recon_white_box, _ = white_box.reconstruct(defended, input_size=CROP)
+    recon_white_box, _ = white_box.reconstruct(defended, crop_size=CROP)
     noise = torch.Generator().manual_seed(1)  # the attacker's own draws, not the site's
     learned = LearnedInverse(site_encoder, levels=[1, 2, 3, 4], **LEARNED)
     learned.fit(aux_random_crops, feature_transform=lambda batch: defend(batch, noise))
-    recon_learned, _ = learned.reconstruct(defended, input_size=CROP)
+    recon_learned, _ = learned.reconstruct(defended, crop_size=CROP)
 
     results = {
         "white_box_x1": image_leakage(recon_white_box, target_crop, prior)["mean"],
@@ -76,7 +76,7 @@ def test_strong_defense_lowers_the_best_attack_well_below_no_defense(
 
 def test_withholding_x0_alone_is_not_enough(site_encoder, clean_features, target_crop, prior):
     attack = WhiteBoxInversion(FEATURES, site_encoder.state_dict(), **DEEP_WHITE_BOX)
-    reconstruction, stats = attack.reconstruct({1: clean_features[1]}, input_size=CROP)
+    reconstruction, stats = attack.reconstruct({1: clean_features[1]}, crop_size=CROP)
     leakage = image_leakage(reconstruction, target_crop, prior)["mean"]
     print(f"white-box x1 without noise: {leakage}")
     # Measured 0.581 vs 0.261 for the mean image: x1 alone still shows the anatomy.

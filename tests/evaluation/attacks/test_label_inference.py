@@ -65,7 +65,7 @@ def test_inferred_mask_beats_a_random_mask_of_the_same_size(received_gradients, 
 def test_a_coarser_level_still_leaks_when_x0_is_withheld(received_gradients):
     gradients, truth = received_gradients
     without_x0 = {level: t for level, t in gradients.items() if level > 0}
-    mask, stats = GradientLabelInference(threshold=0.95).reconstruct(without_x0, input_size=CROP)
+    mask, stats = GradientLabelInference(threshold=0.95).reconstruct(without_x0, crop_size=CROP)
     assert stats["level"] == 1 and mask.shape == truth.shape
     dice = mask_dice(mask, truth)
     assert torch.all(dice > 3 * expected_random_dice(truth, mask.flatten(1).sum(1)))
@@ -102,4 +102,4 @@ def test_invalid_settings_fail_early(kwargs, message):
 def test_a_level_that_was_not_received_is_named(received_gradients):
     gradients, _ = received_gradients
     with pytest.raises(ValueError, match="x0 was not received"):
-        GradientLabelInference(level=0).reconstruct({1: gradients[1]}, input_size=CROP)
+        GradientLabelInference(level=0).reconstruct({1: gradients[1]}, crop_size=CROP)

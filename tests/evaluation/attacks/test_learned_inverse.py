@@ -40,7 +40,7 @@ def test_reconstruct_needs_fit_and_the_trained_levels(site_encoder, clean_featur
         attack.reconstruct(clean_features)
     attack.fit(torch.zeros(2, 1, *CROP))
     with pytest.raises(ValueError, match=r"levels \[2\] are missing"):
-        attack.reconstruct({1: clean_features[1]}, input_size=CROP)
+        attack.reconstruct({1: clean_features[1]}, crop_size=CROP)
 
 
 def test_feature_transform_is_applied_while_training(site_encoder):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from splitunet.checkpoint import load_checkpoint, save_checkpoint
-from splitunet.evaluation.attacks import check_observed, level_sizes, observed_from_capture, resolve_input_size
+from splitunet.evaluation.attacks import check_observed, level_sizes, observed_from_capture, resolve_crop_size
 
 
 def _features(size=(33, 34, 35), channels=(2, 2, 4, 4, 8), batch=2):
@@ -28,19 +28,19 @@ def test_a_capture_file_becomes_observed_tensors_and_a_plan(tmp_path):
     assert all(t.dtype == torch.float32 for t in observed.values())
     torch.testing.assert_close(observed[2], features["x2"].float())
     assert loaded_plan == plan
-    assert resolve_input_size(observed, loaded_plan["size"]) == (33, 34, 35)
+    assert resolve_crop_size(observed, loaded_plan["size"]) == (33, 34, 35)
 
 
 def test_level_sizes_halve_with_floor():
     assert level_sizes((33, 34, 35)) == [(33, 34, 35), (16, 17, 17), (8, 8, 8), (4, 4, 4), (2, 2, 2)]
 
 
-def test_input_size_is_read_from_x0_or_assumed_even_from_a_coarser_level():
+def test_crop_size_is_read_from_x0_or_assumed_even_from_a_coarser_level():
     features = check_observed(_features(size=(32, 32, 30)))
-    assert resolve_input_size(features) == (32, 32, 30)
-    assert resolve_input_size({2: features[2]}) == (32, 32, 28)  # 8x8x7 * 4: pass the plan's size instead
+    assert resolve_crop_size(features) == (32, 32, 30)
+    assert resolve_crop_size({2: features[2]}) == (32, 32, 28)  # 8x8x7 * 4: pass the plan's size instead
     with pytest.raises(ValueError, match=r"level x2 has spatial size \(8, 8, 7\)"):
-        resolve_input_size({2: features[2]}, (32, 32, 32))
+        resolve_crop_size({2: features[2]}, (32, 32, 32))
 
 
 def test_observed_tensors_are_detached_float32_copies():

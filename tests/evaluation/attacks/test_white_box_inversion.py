@@ -30,14 +30,14 @@ def test_more_iterations_fit_better_and_a_seed_repeats_exactly(site_encoder, cle
     assert ssim_3d(longer, target_crop) > ssim_3d(short, target_crop)
 
 
-def test_default_level_is_the_finest_observed_and_input_size_is_checked(site_encoder, clean_features):
+def test_default_level_is_the_finest_observed_and_crop_size_is_checked(site_encoder, clean_features):
     attack = WhiteBoxInversion(FEATURES, site_encoder.state_dict(), iterations=1)
     observed = {key: clean_features[level] for key, level in (("x2", 2), ("x3", 3))}
-    reconstruction, stats = attack.reconstruct(observed, input_size=CROP)
+    reconstruction, stats = attack.reconstruct(observed, crop_size=CROP)
     assert stats["levels"] == [2]
     assert reconstruction.shape == (1, 1, *CROP)
     with pytest.raises(ValueError, match="spatial size"):
-        attack.reconstruct(observed, input_size=(30, 32, 32))
+        attack.reconstruct(observed, crop_size=(30, 32, 32))
 
 
 @pytest.mark.parametrize(
@@ -63,6 +63,6 @@ def test_weights_of_another_architecture_or_missing_levels_are_refused(site_enco
         WhiteBoxInversion(FEATURES, None)
     attack = WhiteBoxInversion(FEATURES, site_encoder.state_dict(), levels=[0, 1], iterations=1)
     with pytest.raises(ValueError, match=r"levels \[0\] were asked for but not observed"):
-        attack.reconstruct({1: clean_features[1]}, input_size=CROP)
+        attack.reconstruct({1: clean_features[1]}, crop_size=CROP)
     with pytest.raises(ValueError, match="channels"):
         WhiteBoxInversion(FEATURES, site_encoder.state_dict(), iterations=1).reconstruct({0: clean_features[1]})

@@ -1,6 +1,6 @@
 """Leakage attacks on Split-U-Net, in plain torch/MONAI (no FLARE), all with one contract (:class:`Attack`)::
 
-    reconstruction, stats = attack.reconstruct(observed, input_size=plan["size"])
+    reconstruction, stats = attack.reconstruct(observed, crop_size=plan["size"])
 
 - :class:`WhiteBoxInversion`: the server inverts a site's features with the site encoder's weights.
 - :class:`UnSplit`: the server inverts them knowing only the architecture (Erdogan et al., WPES 2022).
@@ -21,7 +21,7 @@ from splitunet.evaluation.attacks.observed import (
     check_observed,
     level_sizes,
     observed_from_capture,
-    resolve_input_size,
+    resolve_crop_size,
 )
 from splitunet.evaluation.attacks.unsplit import UnSplit, orient_to_reference
 from splitunet.evaluation.attacks.white_box_inversion import WhiteBoxInversion
@@ -41,7 +41,7 @@ __all__ = [
     "check_observed",
     "level_sizes",
     "observed_from_capture",
-    "resolve_input_size",
+    "resolve_crop_size",
     "UnSplit",
     "orient_to_reference",
     "WhiteBoxInversion",

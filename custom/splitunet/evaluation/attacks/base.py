@@ -3,7 +3,7 @@
 An attack is configured once (its threat model's knowledge and its optimisation settings, validated up front)
 and then called on what the attacker observed::
 
-    reconstruction, stats = attack.reconstruct(observed, input_size=plan["size"])
+    reconstruction, stats = attack.reconstruct(observed, crop_size=plan["size"])
 
 ``observed`` maps level index (or ``"x0"``-style key) to a ``(B, C, D, H, W)`` tensor, as the attacker holds it
 after every defense; ``reconstruction`` is ``(B, 1, D, H, W)`` (an image, or a mask for label inference) and
@@ -33,13 +33,13 @@ class Attack(ABC):
 
     @abstractmethod
     def reconstruct(
-        self, observed: Mapping[int | str, torch.Tensor], input_size: Sequence[int] | None = None
+        self, observed: Mapping[int | str, torch.Tensor], crop_size: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, dict]:
         """Reconstruct the private data behind ``observed``.
 
         Args:
             observed: level -> ``(B, C, D, H, W)`` tensors as the attacker holds them.
-            input_size: the crop size ``(D, H, W)`` (a capture's ``plan["size"]``); inferred when omitted.
+            crop_size: the crop size ``(D, H, W)`` (a capture's ``plan["size"]``); inferred when omitted.
 
         Returns:
             ``(reconstruction (B, 1, D, H, W), stats)``.

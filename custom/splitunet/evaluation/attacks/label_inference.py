@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from splitunet.evaluation.attacks.base import Attack, check_positive_int
-from splitunet.evaluation.attacks.observed import check_observed, resolve_input_size
+from splitunet.evaluation.attacks.observed import check_observed, resolve_crop_size
 from splitunet.wire.protocol import NUM_LEVELS
 
 __all__ = ["GradientLabelInference", "otsu_threshold", "LABEL_METHODS"]
@@ -86,19 +86,19 @@ class GradientLabelInference(Attack):
         self.bins = check_positive_int("bins", bins)
 
     def score_map(
-        self, observed: Mapping[int | str, torch.Tensor], input_size: Sequence[int] | None = None
+        self, observed: Mapping[int | str, torch.Tensor], crop_size: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, int]:
         """Per-voxel tumour score at crop resolution.
 
         Args:
             observed: level -> gradient ``(B, C, D, H, W)`` as the site received it.
-            input_size: crop size ``(D, H, W)``; inferred from the finest level when omitted.
+            crop_size: crop size ``(D, H, W)``; inferred from the finest level when omitted.
 
         Returns:
             ``(score (B, 1, D, H, W), level used)``; for ``"direction"`` the sign is set so that high = tumour.
         """
         observed = check_observed(observed, what="observed gradients")
-        size = resolve_input_size(observed, input_size)
+        size = resolve_crop_size(observed, crop_size)
         level = min(observed) if self.level is None else self.level
         if level not in observed:
             raise ValueError(f"gradient level x{level} was not received (received: {sorted(observed)})")
@@ -124,7 +124,7 @@ class GradientLabelInference(Attack):
         return projection.reshape(1, *grad.shape[1:])
 
     def reconstruct(
-        self, observed: Mapping[int | str, torch.Tensor], input_size: Sequence[int] | None = None
+        self, observed: Mapping[int | str, torch.Tensor], crop_size: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, dict]:
         """Infer a binary tumour mask per sample.
 
@@ -133,7 +133,7 @@ class GradientLabelInference(Attack):
             fraction of voxels marked per sample, seconds.
         """
         start = time.perf_counter()
-        score, level = self.score_map(observed, input_size)
+        score, level = self.score_map(observed, crop_size)
         masks, cuts = [], []
         for sample in score:
             if self.threshold == "otsu":

@@ -12,7 +12,7 @@ from torch import nn
 
 from splitunet.evaluation.attacks.base import Attack, check_positive, check_positive_int
 from splitunet.evaluation.attacks.encoder_access import EncoderPrefix
-from splitunet.evaluation.attacks.observed import check_observed, level_sizes, resolve_input_size
+from splitunet.evaluation.attacks.observed import check_observed, level_sizes, resolve_crop_size
 from splitunet.networks import SiteEncoder
 from splitunet.networks.layers import DEFAULT_ACT, DEFAULT_NORM
 from splitunet.wire.protocol import NUM_LEVELS
@@ -60,9 +60,9 @@ class InverseDecoder(nn.Module):
             )
         self.head = nn.Conv3d(hidden[0], 1, kernel_size=1)
 
-    def forward(self, observed: Mapping[int, torch.Tensor], input_size: Sequence[int]) -> torch.Tensor:
+    def forward(self, observed: Mapping[int, torch.Tensor], crop_size: Sequence[int]) -> torch.Tensor:
         """``observed``: level -> ``(B, features[level], ...)`` for :attr:`levels` -> image ``(B, 1, D, H, W)``."""
-        sizes = level_sizes(input_size)
+        sizes = level_sizes(crop_size)
         h = self.entry(observed[self.levels[-1]])
         for level in range(self.levels[-1] - 1, -1, -1):
             h = _fit(self.ups[str(level)](h), sizes[level])
@@ -134,7 +134,7 @@ class LearnedInverse(Attack):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.decoder = InverseDecoder(self.features, self.levels, width).to(self.device)
-        self.input_size: tuple[int, int, int] | None = None
+        self.crop_size: tuple[int, int, int] | None = None
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -155,7 +155,7 @@ class LearnedInverse(Attack):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a non-empty (N, 1, D, H, W) tensor, got {shape}")
         images = images.detach().float()
-        self.input_size = tuple(int(s) for s in images.shape[2:])
+        self.crop_size = tuple(int(s) for s in images.shape[2:])
         # The encoder is fixed, so the clean features of every crop are computed once.
         features = {level: t.cpu() for level, t in self._encode(images).items()}
         generator = torch.Generator().manual_seed(self.seed)
@@ -168,7 +168,7 @@ class LearnedInverse(Attack):
             if feature_transform is not None:
                 batch = feature_transform(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.mse_loss(self.decoder(batch, self.input_size), images[index].to(self.device))
+            loss = F.mse_loss(self.decoder(batch, self.crop_size), images[index].to(self.device))
             loss.backward()
             optimizer.step()
             first = float(loss.detach()) if first is None else first
@@ -184,13 +184,13 @@ class LearnedInverse(Attack):
 
     @torch.no_grad()
     def reconstruct(
-        self, observed: Mapping[int | str, torch.Tensor], input_size: Sequence[int] | None = None
+        self, observed: Mapping[int | str, torch.Tensor], crop_size: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, dict]:
         """Decode observed features with the trained decoder.
 
         Args:
             observed: level -> ``(B, features[level], ...)``; must hold every level the decoder was built for.
-            input_size: crop size ``(D, H, W)``; default: the size of the auxiliary crops.
+            crop_size: crop size ``(D, H, W)``; default: the size of the auxiliary crops.
 
         Returns:
             ``(reconstruction (B, 1, D, H, W), stats)``.
@@ -198,14 +198,14 @@ class LearnedInverse(Attack):
         Raises:
             ValueError: :meth:`fit` was not called, or a needed level is missing.
         """
-        if self.input_size is None:
+        if self.crop_size is None:
             raise ValueError("LearnedInverse.reconstruct needs fit() on auxiliary crops first")
         start = time.perf_counter()
         observed = check_observed(observed)
         missing = sorted(set(self.levels) - set(observed))
         if missing:
             raise ValueError(f"the inverse was trained on levels {list(self.levels)}; levels {missing} are missing")
-        size = resolve_input_size(observed, input_size or self.input_size)
+        size = resolve_crop_size(observed, crop_size or self.crop_size)
         inputs = {level: observed[level].to(self.device) for level in self.levels}
         reconstruction = self.decoder(inputs, size).cpu()
         stats = {"attack": self.name, "levels": list(self.levels), "seconds": time.perf_counter() - start}

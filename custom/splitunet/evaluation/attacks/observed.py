@@ -13,7 +13,7 @@ import torch
 
 from splitunet.wire.protocol import NUM_LEVELS, level_index
 
-__all__ = ["Observed", "check_observed", "observed_from_capture", "level_sizes", "resolve_input_size"]
+__all__ = ["Observed", "check_observed", "observed_from_capture", "level_sizes", "resolve_crop_size"]
 
 # Level index (0 = full resolution x0 .. 4 = bottleneck x4) -> tensor (B, C, D, H, W).
 Observed = Mapping[int, torch.Tensor]
@@ -74,7 +74,7 @@ def observed_from_capture(record: Mapping) -> tuple[dict[int, torch.Tensor], dic
 
     Returns:
         ``(observed, plan)``: ``{level: (B, C, D, H, W) float32}`` and the plan the site echoed (``None`` if absent).
-        The plan's ``"size"`` is the crop size to pass as ``input_size``.
+        The plan's ``"size"`` is the crop size to pass as ``crop_size``.
 
     Raises:
         ValueError: the record has no ``"features"`` mapping, or its tensors fail :func:`check_observed`.
@@ -85,15 +85,15 @@ def observed_from_capture(record: Mapping) -> tuple[dict[int, torch.Tensor], dic
     return check_observed(record["features"], what=str(kind)), record.get("plan")
 
 
-def level_sizes(input_size: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Spatial size of each encoder level for an input of ``input_size`` ``(D, H, W)``.
+def level_sizes(crop_size: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Spatial size of each encoder level for an input of ``crop_size`` ``(D, H, W)``.
 
     BasicUNet's ``Down`` max-pools by 2 with floor rounding, so level ``l`` is the size halved ``l`` times, each
     time rounded down.
     """
-    size = tuple(int(s) for s in input_size)
+    size = tuple(int(s) for s in crop_size)
     if len(size) != _SPATIAL_DIMS or min(size) < 1:
-        raise ValueError(f"input_size must be {_SPATIAL_DIMS} positive ints (D, H, W), got {tuple(input_size)}")
+        raise ValueError(f"crop_size must be {_SPATIAL_DIMS} positive ints (D, H, W), got {tuple(crop_size)}")
     sizes = [size]
     for _ in range(NUM_LEVELS - 1):
         size = tuple(s // 2 for s in size)
@@ -101,22 +101,22 @@ def level_sizes(input_size: Sequence[int]) -> list[tuple[int, int, int]]:
     return sizes
 
 
-def resolve_input_size(observed: Observed, input_size: Sequence[int] | None = None) -> tuple[int, int, int]:
+def resolve_crop_size(observed: Observed, crop_size: Sequence[int] | None = None) -> tuple[int, int, int]:
     """The crop size ``(D, H, W)`` behind observed tensors, checked against every observed level.
 
     Args:
         observed: checked observed tensors (:func:`check_observed`).
-        input_size: the crop size if known (a capture's ``plan["size"]``). Without it, the size is read from
+        crop_size: the crop size if known (a capture's ``plan["size"]``). Without it, the size is read from
             level x0 if observed, else taken as the finest level's size times ``2**level`` (exact only for even
-            crop sizes: pass ``input_size`` when x0 is withheld).
+            crop sizes: pass ``crop_size`` when x0 is withheld).
 
     Raises:
-        ValueError: an observed level's spatial size does not match ``input_size``.
+        ValueError: an observed level's spatial size does not match ``crop_size``.
     """
-    if input_size is None:
+    if crop_size is None:
         finest = min(observed)
-        input_size = tuple(int(s) * 2**finest for s in observed[finest].shape[2:])
-    sizes = level_sizes(input_size)
+        crop_size = tuple(int(s) * 2**finest for s in observed[finest].shape[2:])
+    sizes = level_sizes(crop_size)
     for level, tensor in observed.items():
         if tuple(tensor.shape[2:]) != sizes[level]:
             raise ValueError(

@@ -16,7 +16,7 @@ from splitunet.evaluation.attacks.base import (
 )
 from splitunet.evaluation.attacks.encoder_access import EncoderPrefix, build_encoder
 from splitunet.evaluation.attacks.objectives import feature_matching_loss, total_variation_3d
-from splitunet.evaluation.attacks.observed import check_observed, resolve_input_size
+from splitunet.evaluation.attacks.observed import check_observed, resolve_crop_size
 from splitunet.networks import SiteEncoder
 
 __all__ = ["UnSplit", "orient_to_reference"]
@@ -177,14 +177,14 @@ class UnSplit(Attack):
     def reconstruct(
         self,
         observed: Mapping[int | str, torch.Tensor],
-        input_size: Sequence[int] | None = None,
+        crop_size: Sequence[int] | None = None,
         reference: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """Invert the observed features without the encoder's weights.
 
         Args:
             observed: level -> ``(B, features[level], ...)`` as the server received them.
-            input_size: crop size ``(D, H, W)``; inferred from the finest level when omitted.
+            crop_size: crop size ``(D, H, W)``; inferred from the finest level when omitted.
             reference: ``(B or 1, 1, D, H, W)`` image (the mean image) that sets the sign (see the class notes) and,
                 with ``init="reference"``, the start.
 
@@ -194,7 +194,7 @@ class UnSplit(Attack):
         """
         start = time.perf_counter()
         observed = check_observed(observed)
-        size = resolve_input_size(observed, input_size)
+        size = resolve_crop_size(observed, crop_size)
         levels = (min(observed),) if self.levels is None else self.levels
         missing = sorted(set(levels) - set(observed))
         if missing:

@@ -16,7 +16,7 @@ from splitunet.evaluation.attacks.base import (
 )
 from splitunet.evaluation.attacks.encoder_access import EncoderPrefix, build_encoder
 from splitunet.evaluation.attacks.objectives import feature_matching_loss, total_variation_3d
-from splitunet.evaluation.attacks.observed import check_observed, resolve_input_size
+from splitunet.evaluation.attacks.observed import check_observed, resolve_crop_size
 
 __all__ = ["WhiteBoxInversion"]
 
@@ -95,13 +95,13 @@ class WhiteBoxInversion(Attack):
         return self.levels
 
     def reconstruct(
-        self, observed: Mapping[int | str, torch.Tensor], input_size: Sequence[int] | None = None
+        self, observed: Mapping[int | str, torch.Tensor], crop_size: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, dict]:
         """Invert the observed features.
 
         Args:
             observed: level -> ``(B, features[level], ...)`` as the server received them.
-            input_size: crop size ``(D, H, W)``; inferred from the finest level when omitted.
+            crop_size: crop size ``(D, H, W)``; inferred from the finest level when omitted.
 
         Returns:
             ``(reconstruction (B, 1, D, H, W), stats)``; stats: levels, iterations, first and last feature loss,
@@ -109,7 +109,7 @@ class WhiteBoxInversion(Attack):
         """
         start = time.perf_counter()
         observed = check_observed(observed)
-        size = resolve_input_size(observed, input_size)
+        size = resolve_crop_size(observed, crop_size)
         levels = self._levels_for(observed)
         targets = {level: observed[level].to(self.device) for level in levels}
         for level, target in targets.items():

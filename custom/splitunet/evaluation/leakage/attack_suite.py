@@ -68,7 +68,7 @@ def _scored(attack: str, levels: Sequence[int], reconstruction, truth, prior, st
 
 def invert_capture(
     observed: dict[int, torch.Tensor],
-    input_size: Sequence[int],
+    crop_size: Sequence[int],
     encoder: SiteEncoder,
     truth: torch.Tensor,
     prior: torch.Tensor,
@@ -80,7 +80,7 @@ def invert_capture(
 
     Args:
         observed: level -> received features (after every site defense).
-        input_size: the crop size.
+        crop_size: the crop size.
         encoder: the encoder that produced them (white-box; the other attacks use only its architecture, or,
             for the learned inverse, its forward pass on auxiliary crops).
         truth: the crops the site encoded ``(B, 1, D, H, W)`` (scoring only).
@@ -111,7 +111,7 @@ def invert_capture(
                 tv_weight=0.1 if level == 0 else 1.0,
                 seed=budget.seed,
             )
-            runs.append(("white_box", attack.reconstruct(one_level, input_size)))
+            runs.append(("white_box", attack.reconstruct(one_level, crop_size)))
         if "unsplit" in attacks and level in unsplit_levels:
             attack = UnSplit(
                 features,
@@ -120,7 +120,7 @@ def invert_capture(
                 init="reference",
                 seed=budget.seed,
             )
-            runs.append(("unsplit", attack.reconstruct(one_level, input_size, reference=prior)))
+            runs.append(("unsplit", attack.reconstruct(one_level, crop_size, reference=prior)))
         for name, (reconstruction, stats) in runs:
             rows.append(_scored(name, [level], reconstruction, truth, prior, stats))
             images[(name, level_name([level]))] = reconstruction
@@ -130,19 +130,19 @@ def invert_capture(
             encoder, levels=sorted(observed), steps=budget.learned_steps, batch_size=2, seed=budget.seed
         )
         attack.fit(aux_crops)
-        reconstruction, stats = attack.reconstruct(observed, input_size)
+        reconstruction, stats = attack.reconstruct(observed, crop_size)
         stats["seconds"] = time.perf_counter() - started
         rows.append(_scored("learned_inverse", sorted(observed), reconstruction, truth, prior, stats))
         images[("learned_inverse", level_name(sorted(observed)))] = reconstruction
     return rows, images
 
 
-def infer_labels(gradients: dict[int, torch.Tensor], input_size: Sequence[int], truth: torch.Tensor) -> dict:
+def infer_labels(gradients: dict[int, torch.Tensor], crop_size: Sequence[int], truth: torch.Tensor) -> dict:
     """A site's label inference from the gradients it received, scored against the true mask.
 
     Args:
         gradients: level -> gradients the site received for one iteration's features.
-        input_size: the crop size.
+        crop_size: the crop size.
         truth: the true region masks of those crops ``(B, 1, D, H, W)``.
 
     Returns:
@@ -150,7 +150,7 @@ def infer_labels(gradients: dict[int, torch.Tensor], input_size: Sequence[int], 
         of voxels marked.
     """
     started = time.perf_counter()
-    mask, stats = GradientLabelInference(method="norm", threshold="otsu").reconstruct(gradients, input_size)
+    mask, stats = GradientLabelInference(method="norm", threshold="otsu").reconstruct(gradients, crop_size)
     return {
         "attack": "label_inference",
         "level": level_name([stats["level"]]),
