@@ -234,9 +234,20 @@ def test_a_level_blocking_job_filters_the_setup_task_and_skips_the_level():
     assert not set(blocked) & set(skip_levels)
 
 
+def test_every_concat_training_job_waits_for_every_modality_and_mean_fusion_states_its_minimum():
+    from splitunet.wire.protocol import MODALITIES
+
+    for job in sorted(path.parent.name for path in JOBS_DIR.glob("*/meta.json")):
+        if job == "split_unet_infer":
+            continue  # inference checks the modalities present against the trained decoder at setup
+        fusion = _config(job, "server")["workflows"][0]["args"]["fusion"]
+        expected = len(MODALITIES) if fusion == "concat" else 2
+        assert _meta(job)["min_clients"] == expected, job
+
+
 @pytest.mark.parametrize("variant", sorted(SETTING_VARIANTS))
 def test_a_setting_variant_differs_from_the_main_job_only_in_its_settings(variant):
-    assert _meta(variant) == {**_meta(MAIN), "name": variant}
+    assert _meta(variant) == {**_meta(MAIN), "name": variant, "min_clients": 2}  # mean fusion starts with two
     assert _config(variant, "client") == _config(MAIN, "client")
     server, main_server = _config(variant, "server"), _config(MAIN, "server")
     main_server["workflows"][0]["args"].update(SETTING_VARIANTS[variant])

@@ -26,6 +26,7 @@ from typing import Any
 
 from splitunet.atomic_files import write_json_atomic
 from splitunet.errors import SplitUNetConfigError
+from splitunet.wire.protocol import MODALITIES
 
 __all__ = [
     "Filter",
@@ -121,6 +122,7 @@ class Variant:
         site_filters: replace the base's sites' filters (``None``: keep them; ``()``: none).
         server_filters: replace the base's server's filters (``None``: keep them; ``()``: none).
         workflow_args: workflow arguments set over the base's (new ones go last).
+        min_clients: replace the base's ``min_clients`` (``None``: keep it).
         defense: whether the job is a row of the defense table; not inherited from the base.
     """
 
@@ -129,6 +131,7 @@ class Variant:
     site_filters: tuple[Filter, ...] | None = None
     server_filters: tuple[Filter, ...] | None = None
     workflow_args: Mapping[str, Any] = field(default_factory=dict)
+    min_clients: int | None = None
     defense: bool = False
 
 
@@ -177,6 +180,9 @@ MAIN_JOB = Job(
     site_filters=(INT8,),
     server_filters=(INT8,),
     components=(TB_RECEIVER,),
+    # A concat decoder has one input per modality: FLARE starts the job only when every modality's site is
+    # connected, instead of training a smaller decoder on whoever is up.
+    min_clients=len(MODALITIES),
     defense=True,
 )
 
@@ -265,6 +271,8 @@ JOBS: tuple[Entry, ...] = (
         "split_unet_missing_modality",
         base="split_unet",
         workflow_args={"fusion": "mean", "modality_dropout": 0.25, "on_site_failure": "continue"},
+        # Mean fusion trains and predicts with a modality absent: two sites suffice to start.
+        min_clients=2,
     ),
     INFERENCE_JOB,
 )
@@ -302,6 +310,7 @@ def resolve_jobs(entries: Sequence[Entry] = JOBS) -> dict[str, Job]:
                 workflow=workflow,
                 site_filters=base.site_filters if entry.site_filters is None else entry.site_filters,
                 server_filters=base.server_filters if entry.server_filters is None else entry.server_filters,
+                min_clients=base.min_clients if entry.min_clients is None else entry.min_clients,
                 defense=entry.defense,
             )
         resolved[name] = job
