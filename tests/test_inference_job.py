@@ -8,7 +8,6 @@ import pytest
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.flare import SplitInferenceController
-from splitunet.flare.inference_controller import decoder_inputs
 from splitunet.tools.deployment import bundle_root
 
 JOBS = bundle_root() / "jobs"
@@ -37,7 +36,7 @@ def test_workflow_builds_from_the_job():
     [workflow] = _config("split_unet_infer", "server")["workflows"]
     assert workflow["path"] == "splitunet.flare.SplitInferenceController"
     controller = SplitInferenceController(**workflow["args"])
-    assert controller.checkpoint == "best" and controller.experiment == "split_unet"
+    assert controller.settings.checkpoint == "best" and controller.settings.experiment == "split_unet"
 
 
 @pytest.mark.parametrize(
@@ -54,26 +53,3 @@ def test_workflow_builds_from_the_job():
 def test_malformed_arguments_are_named(kwargs, message):
     with pytest.raises(SplitUNetConfigError, match=message):
         SplitInferenceController(**kwargs)
-
-
-TRAINED = ["flair", "t1", "t1gd", "t2"]
-
-
-def test_decoder_inputs_follow_the_trained_order_whatever_the_site_names():
-    present = {"b": "t2", "a": "t1gd", "c": "flair", "d": "t1"}
-    assert decoder_inputs(TRAINED, present, "concat") == ["c", "d", "a", "b"]
-    assert decoder_inputs(TRAINED, {"a": "t1gd", "c": "flair"}, "mean") == ["c", None, "a", None]
-
-
-@pytest.mark.parametrize(
-    "present, fusion, message",
-    [
-        ({"a": "flair", "b": "t1", "c": "t1gd"}, "concat", r"\['t2'\] are absent.*concatenation"),
-        ({"a": "flair", "b": "flair"}, "mean", "both hold modality flair"),
-        ({"a": "pd"}, "mean", "site a holds pd, but the model was trained on"),
-        ({}, "mean", "no site takes part"),
-    ],
-)
-def test_decoder_inputs_refuse_what_the_model_cannot_take(present, fusion, message):
-    with pytest.raises(SplitUNetConfigError, match=message):
-        decoder_inputs(TRAINED, present, fusion)

@@ -13,6 +13,8 @@ from nvflare.private.fed.app.fl_conf import create_privacy_manager
 from nvflare.private.privacy_manager import PrivacyManager
 
 from splitunet.filters import BlockSkipLevels, ChannelDropout, ClippedGaussianNoise, FeatureGuard, QuantizeFeatures
+from splitunet.flare.site_minimum import read_minimum_defense
+from splitunet.site.minimum_defense import shortfalls
 from splitunet.tools.deployment import bundle_root
 from splitunet.wire.protocol import DataKind
 from splitunet.wire.transport import dxo_to_features, features_to_dxo, register_tensor_support
@@ -37,7 +39,7 @@ def _result_filters(manager, scope: str):
 
 def test_scopes_and_their_filters_in_order(manager):
     assert manager.default_scope.name == "standard"
-    assert _result_filters(manager, "public") == [FeatureGuard]
+    assert _result_filters(manager, "minimum") == [ClippedGaussianNoise, FeatureGuard]
     assert _result_filters(manager, "standard") == [ClippedGaussianNoise, QuantizeFeatures, FeatureGuard]
     assert _result_filters(manager, "strict") == [
         BlockSkipLevels,
@@ -46,6 +48,20 @@ def test_scopes_and_their_filters_in_order(manager):
         QuantizeFeatures,
         FeatureGuard,
     ]
+
+
+def test_every_scope_meets_the_policys_own_minimum_defense(manager):
+    # FLARE lets a job name any scope a site defines: each must hold the site's floor.
+    minimum = read_minimum_defense(POLICY.parent)
+    assert minimum == {"ClippedGaussianNoise": {"clip_rms": 1.0, "noise_multiplier": 0.0005}}
+    for scope in manager.name_to_scopes.values():
+        assert shortfalls(minimum, scope.task_result_filters.get("out", [])) == [], scope.name
+
+
+def test_a_scope_below_the_minimum_is_found(manager):
+    minimum = read_minimum_defense(POLICY.parent)
+    weaker = {**minimum, "ClippedGaussianNoise": {"noise_multiplier": 0.01}}
+    assert shortfalls(weaker, manager.get_scope("minimum").task_result_filters["out"])
 
 
 def test_strict_scope_output_is_what_the_decoder_can_use(manager):

@@ -31,6 +31,8 @@ from splitunet.tools.simulator import find_run_file, run_simulator
 pytestmark = pytest.mark.e2e
 
 SITES = default_site_modalities(4)
+# The consortium's sites keep their private encoder seeds from run to run, as real sites do in their local/.
+ENCODER_SEEDS = {site: 1000 + index for index, site in enumerate(SITES)}
 EXPERIMENT = "faults"
 TINY = tiny_server_args(
     num_iterations=6,
@@ -65,7 +67,9 @@ def _with_fault(job: Path, site: str, iteration: int) -> Path:
 
 
 def _run(root: Path, parties: Path, checkpoints: Path, fault=None, **overrides) -> dict:
-    workspace = prepare_simulator_workspace(root / "sim", parties, SITES, "k", checkpoint_root=checkpoints)
+    workspace = prepare_simulator_workspace(
+        root / "sim", parties, SITES, "k", checkpoint_root=checkpoints, encoder_seeds=ENCODER_SEEDS
+    )
     job = copy_job_with_overrides(find_job(), root / "job", {**TINY, **overrides})
     if fault:
         _with_fault(job, *fault)

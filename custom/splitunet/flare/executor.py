@@ -19,6 +19,7 @@ from splitunet.data.party_data import ModalityFolder
 from splitunet.data.party_settings import load_site_settings
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.flare.replies import error_reply, reply_error_message
+from splitunet.flare.site_minimum import check_minimum_defense
 from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
 from splitunet.resume import CHECKPOINT_TAGS, encoder_checkpoint, load_for_resume
 from splitunet.site.trainer import SiteTrainer
@@ -95,6 +96,10 @@ class SplitSiteExecutor(Executor):
             return error_reply(message)
 
     def _setup(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
+        # Before anything is read or sent: this job must run the site's minimum defense on what it releases.
+        checked = check_minimum_defense(fl_ctx, party)
+        if checked:
+            self.log_info(fl_ctx, f"{party}: {checked}")
         settings = load_site_settings(party, site_config_dir(fl_ctx))
         device = select_device(self.device_name)
         inference = dxo.get_meta_prop(MetaKey.INFERENCE)

@@ -24,20 +24,19 @@ from nvflare.apis.signal import Signal
 from splitunet.checkpoint import write_json_atomic
 from splitunet.compute.devices import configure_threads
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.flare.nvflare_compat import set_task_check_period, version_warning
 from splitunet.flare.replies import reply_error_message
 from splitunet.flare.task_long_poll import TaskLongPoll
 from splitunet.flare.workspace_paths import run_dir
+from splitunet.server.run_record import RunRecord
+from splitunet.server.run_settings import SITE_FAILURE_POLICIES, TaskSettings
 from splitunet.server.site_roster import SiteRoster
+from splitunet.server.sliding_window import EncodeFn
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import DataKind, MetaKey, TaskName
-from splitunet.wire.transport import control_dxo, dxo_to_features, payload_bytes, register_tensor_support
+from splitunet.wire.transport import control_dxo, dxo_to_features, register_tensor_support
 
 __all__ = ["SiteTaskController", "SplitRunError", "SITE_FAILURE_POLICIES"]
-
-# What a run does when a site stops answering or fails a task after setup.
-SITE_FAILURE_POLICIES = ("stop", "continue")
-# A held task request occupies a server thread and must end well before the site's own request timeout.
-_MAX_LONG_POLL_S = 5.0
 
 
 class SplitRunError(RuntimeError):
@@ -47,17 +46,13 @@ class SplitRunError(RuntimeError):
 class SiteTaskController(Controller):
     """Base of the Split-U-Net server workflows (not a workflow itself: subclasses implement ``_run``).
 
-    Args:
-        task_timeout: seconds a site may take to answer one task before it counts as gone.
-        setup_timeout: seconds the sites may take to answer the setup task (they may still be starting, and
-            they read every case once).
-        on_site_failure: ``"stop"`` or ``"continue"`` (drop the site and go on; the subclass decides whether it
-            can).
-        task_check_period: how often FLARE checks task status (its 0.2 s default adds latency to every step).
-        num_threads: torch CPU threads at the server (0: default or ``$SPLITUNET_TORCH_THREADS``).
-        task_long_poll_s: seconds a site's request for work may wait at the server for its next task (0: FLARE's
-            polling only); see :class:`~splitunet.flare.task_long_poll.TaskLongPoll`.
+    The arguments are checked in :class:`~splitunet.server.run_settings.TaskSettings` (they are its fields); a
+    workflow with more arguments builds its own settings and calls :meth:`_use_settings` instead of this
+    constructor. What the run records goes to :attr:`record` (a :attr:`record_class`), written as
+    ``results.json``.
     """
+
+    record_class: type[RunRecord] = RunRecord
 
     def __init__(
         self,
@@ -68,45 +63,59 @@ class SiteTaskController(Controller):
         num_threads: int = 0,
         task_long_poll_s: float = 0.0,
     ):
-        super().__init__(task_check_period=task_check_period)
-        if not isinstance(task_long_poll_s, (int, float)) or not 0 <= task_long_poll_s <= _MAX_LONG_POLL_S:
-            raise SplitUNetConfigError(
-                f"task_long_poll_s must be a number of seconds in [0, {_MAX_LONG_POLL_S}], got {task_long_poll_s!r}"
+        self._use_settings(
+            TaskSettings(
+                task_timeout=task_timeout,
+                setup_timeout=setup_timeout,
+                on_site_failure=on_site_failure,
+                task_check_period=task_check_period,
+                num_threads=num_threads,
+                task_long_poll_s=task_long_poll_s,
             )
-        for name, value in {"task_timeout": task_timeout, "setup_timeout": setup_timeout}.items():
-            if not isinstance(value, int) or value < 1:
-                raise SplitUNetConfigError(f"{name} must be an int >= 1, got {value!r}")
-        if on_site_failure not in SITE_FAILURE_POLICIES:
-            raise SplitUNetConfigError(
-                f"on_site_failure must be one of {SITE_FAILURE_POLICIES}, got {on_site_failure!r}"
-            )
-        self.task_timeout = task_timeout
-        self.setup_timeout = setup_timeout
-        self.on_site_failure = on_site_failure
-        self.task_check_period = float(task_check_period)
-        self.num_threads = num_threads
-        self.task_long_poll_s = float(task_long_poll_s)
-        self._long_poll = TaskLongPoll(self.task_long_poll_s) if self.task_long_poll_s > 0 else None
+        )
+
+    def _use_settings(self, settings: TaskSettings) -> None:
+        """Set the workflow up from checked settings (a :class:`TaskSettings` or a workflow's own)."""
+        Controller.__init__(self, task_check_period=settings.task_check_period)
+        self.settings = settings
+        self._long_poll = TaskLongPoll(settings.task_long_poll_s) if settings.task_long_poll_s > 0 else None
         self.model_config: SplitModelConfig | None = None
         self.sites: list[str] = []  # in decoder order, dropped ones included
         self.site_modality: dict[str, str] = {}
         self.roster: SiteRoster | None = None
-        self.results: dict = {}
-        self._activation_bytes = 0
+        self.record = self.record_class()
         # Seconds from scheduling the last round trip's tasks until each site took its own.
         self.last_dispatch_s: dict[str, float] = {}
 
     def start_controller(self, fl_ctx: FLContext):
         register_tensor_support()
-        configure_threads(self.num_threads)
+        configure_threads(self.settings.num_threads)
+        note = version_warning()
+        if note:
+            self.log_warning(fl_ctx, note)
         # Controller(task_check_period=...) does not reach WFCommServer in nvflare 2.9 (docs/design.md, "FLARE facts").
-        self.communicator._task_check_period = self.task_check_period
+        if not set_task_check_period(self.communicator, self.settings.task_check_period):
+            self.log_error(
+                fl_ctx,
+                "cannot set this FLARE's task check period: task_check_period has no effect, and every step may "
+                "wait up to FLARE's own period (0.2 s in nvflare 2.9) longer",
+                fire_event=False,
+            )
         if self._long_poll is not None and not self._long_poll.install(fl_ctx):
-            self.log_warning(fl_ctx, "this FLARE cannot hold task requests; task_long_poll_s has no effect")
+            self.log_error(
+                fl_ctx, "this FLARE cannot hold task requests; task_long_poll_s has no effect", fire_event=False
+            )
             self._long_poll = None
 
     def _run(self, abort_signal: Signal, fl_ctx: FLContext, out_dir: Path) -> None:
         raise NotImplementedError
+
+    def _sites_to_use(self, fl_ctx: FLContext) -> list[str]:
+        """The job's ``sites``, else every connected client, sorted by name."""
+        sites = self.settings.sites or sorted(client.name for client in fl_ctx.get_engine().get_clients())
+        if not sites:
+            raise SplitRunError("no sites are connected")
+        return list(sites)
 
     def _decoder_order(self) -> Sequence[str | None]:
         """The site feeding each decoder input (``None``: no site holds that modality in this run)."""
@@ -124,18 +133,18 @@ class SiteTaskController(Controller):
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext):
         out_dir = run_dir(fl_ctx)
-        self.results = {"status": "running", "iterations": 0}
+        self.record = self.record_class()
         try:
             self._run(abort_signal, fl_ctx, out_dir)
-            self.results["status"] = "aborted" if abort_signal.triggered else "completed"
+            self.record.finish(aborted=abort_signal.triggered)
         except Exception as error:  # noqa: BLE001 - any failure must still leave a results file saying why
             if not isinstance(error, (SplitRunError, SplitUNetDataError, SplitUNetConfigError)):
                 self.log_exception(fl_ctx, f"unexpected error: {error}")
-            self.results.update(status="failed", error=str(error))
-            write_json_atomic(self.results, out_dir / "results.json")
+            self.record.fail(error)
+            write_json_atomic(self.record.to_json(), out_dir / "results.json")
             self.system_panic(f"Split-U-Net run stopped: {error}", fl_ctx)
             return
-        write_json_atomic(self.results, out_dir / "results.json")
+        write_json_atomic(self.record.to_json(), out_dir / "results.json")
         self.log_info(fl_ctx, f"results written to {out_dir / 'results.json'}")
 
     def _control_data(self, meta: dict, sites: Sequence[str] | None = None) -> dict[str, Shareable]:
@@ -144,7 +153,7 @@ class SiteTaskController(Controller):
             site: control_dxo(dict(meta)).to_shareable() for site in (self.roster.active if sites is None else sites)
         }
 
-    def _features(self, replies: Mapping[str, DXO], senders: Sequence[str], training: bool = False) -> list:
+    def _features(self, replies: Mapping[str, DXO], senders: Sequence[str]) -> list:
         """Features in decoder order (``None`` for a site that sent none), decoded and checked; notes filters."""
         features = []
         for site in self._decoder_order():
@@ -152,22 +161,28 @@ class SiteTaskController(Controller):
                 features.append(None)
                 continue
             dxo = replies[site]
-            self._note_filters(site, dxo)
-            if training:
-                self._activation_bytes += payload_bytes(dxo)
+            self.record.note_filters(site, dxo.get_meta_prop(MetaKey.FILTER_TRAIL))
             features.append(
                 dxo_to_features(dxo, DataKind.ACTIVATIONS, party=site, expected_levels=self.model_config.sent_levels)
             )
         return features
 
-    def _note_filters(self, site: str, dxo: DXO) -> None:
-        """Count, per site and ``filter@party``, how many of the DXOs received went through it (DXO trail)."""
-        per_site = self.results.setdefault("filters", {}).setdefault(site, {})
-        for record in dxo.get_meta_prop(MetaKey.FILTER_TRAIL) or ():
-            where = f"{record.get('filter', '?')}@{record.get('party', '?')}"
-            entry = per_site.setdefault(where, {"calls": 0})
-            entry["calls"] += 1
-            entry["last"] = {k: v for k, v in record.items() if isinstance(v, (int, float, str, list, dict))}
+    def _encode_fn(
+        self, iteration: int, fl_ctx: FLContext, abort_signal: Signal, without: str | None = None
+    ) -> EncodeFn:
+        """Encodes one plan of windows at every active site (but ``without``): features in decoder order."""
+
+        def encode(plan: dict):
+            sites = [site for site in self.roster.active if site != without]
+            replies = self._round_trip(
+                TaskName.ENCODE, self._control_data({MetaKey.PLAN: plan}, sites), iteration, fl_ctx, abort_signal
+            )
+            encoded = [site for site in sites if site in replies]
+            if not encoded:
+                raise SplitRunError(f"no site is left to encode validation windows at iteration {iteration}")
+            return self._features(replies, encoded)
+
+        return encode
 
     def _round_trip(
         self,
@@ -192,7 +207,7 @@ class SiteTaskController(Controller):
             if client_task.task_sent_time is not None:
                 sent_at[client_task.client.name] = client_task.task_sent_time
 
-        timeout = self.setup_timeout if task_name == TaskName.SETUP else self.task_timeout
+        timeout = self.settings.setup_timeout if task_name == TaskName.SETUP else self.settings.task_timeout
         tasks = {}
         for site, data in data_by_site.items():
             task = Task(name=task_name, data=data, timeout=timeout, result_received_cb=on_result)
@@ -226,7 +241,7 @@ class SiteTaskController(Controller):
                 self.cancel_all_tasks(fl_ctx=fl_ctx)
                 raise SplitRunError("; ".join(failures[site] for site in sorted(failures)))
             if waiting:
-                time.sleep(self.task_check_period)
+                time.sleep(self.settings.task_check_period)
         for site in sorted(failures):
             self._drop(site, iteration, failures[site], fl_ctx)
         # When each site took its task, from the scheduling: how long FLARE took to hand the tasks out.
@@ -234,11 +249,11 @@ class SiteTaskController(Controller):
         return {site: from_shareable(reply) for site, reply in replies.items() if site not in failures}
 
     def _may_drop(self, task_name: str) -> bool:
-        return self.on_site_failure == "continue" and task_name != TaskName.SETUP
+        return self.settings.on_site_failure == "continue" and task_name != TaskName.SETUP
 
     def _drop(self, site: str, iteration: int, reason: str, fl_ctx: FLContext) -> None:
         record = self.roster.drop(site, iteration, reason)
-        self.results["dropped_sites"] = self.roster.dropped
+        self.record.drop(self.roster.dropped)
         if not self.roster.active:
             raise SplitRunError(f"every site has dropped out; the last: {reason}")
         self.log_warning(

@@ -6,12 +6,12 @@ once more: ``default_task_fetch_interval`` / ``task_request_interval`` in POC an
 site only after the server's decoder step, so a site that asked a moment too early starts its part of the next
 step up to that long after the others, and the whole step waits for it.
 
-:class:`TaskLongPoll` wraps the server runner's task lookup (``ServerRunner._try_to_get_task``, nvflare 2.9): a
-request that finds no task sleeps until the workflow announces new tasks (:meth:`TaskLongPoll.notify`) or
-``retry_s`` passes, looks again, and gives up after ``timeout_s``. Sleeping on a condition rather than polling
-keeps the waiting request threads off the CPU and the GIL while the server computes. Each waiting site holds one
-of the server's request threads for at most ``timeout_s``, so the timeout must stay well below the sites'
-task-request timeout.
+:class:`TaskLongPoll` wraps the server runner's task lookup (``ServerRunner._try_to_get_task``, nvflare 2.9,
+reached through :mod:`splitunet.flare.nvflare_compat`): a request that finds no task sleeps until the workflow
+announces new tasks (:meth:`TaskLongPoll.notify`) or ``retry_s`` passes, looks again, and gives up after
+``timeout_s``. Sleeping on a condition rather than polling keeps the waiting request threads off the CPU and the
+GIL while the server computes. Each waiting site holds one of the server's request threads for at most
+``timeout_s``, so the timeout must stay well below the sites' task-request timeout.
 """
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ from __future__ import annotations
 import threading
 import time
 
-from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.private.defs import SpecialTaskName
+
+from splitunet.flare.nvflare_compat import TRY_AGAIN, unwrap_task_lookup, wrap_task_lookup
 
 __all__ = ["TaskLongPoll"]
-
-# The server runner's method that asks the current workflow for a site's task (nvflare 2.9).
-_GET_TASK = "_try_to_get_task"
 
 
 class TaskLongPoll:
@@ -47,18 +44,18 @@ class TaskLongPoll:
 
     def install(self, fl_ctx: FLContext) -> bool:
         """Wrap the task lookup of the server runner in ``fl_ctx``; ``False`` (and nothing changed) without one."""
-        runner = fl_ctx.get_prop(FLContextKey.RUNNER)
-        original = getattr(runner, _GET_TASK, None)
-        if original is None:
-            return False
-        self._runner, self._original = runner, original
-        setattr(runner, _GET_TASK, self._lookup)
-        return True
+
+        def make_lookup(original):
+            self._original = original
+            return self._lookup
+
+        self._runner = wrap_task_lookup(fl_ctx, make_lookup)
+        return self._runner is not None
 
     def uninstall(self) -> None:
-        """Give the runner its own lookup back (the bound method lives on its class) and release waiting requests."""
+        """Give the runner its own lookup back and release waiting requests."""
         if self._runner is not None:
-            self._runner.__dict__.pop(_GET_TASK, None)
+            unwrap_task_lookup(self._runner)
             self._runner = None
         self.notify()
 
@@ -75,7 +72,7 @@ class TaskLongPoll:
             seen = self._announcements
             task_name, task_id, task_data = self._original(client, fl_ctx)
             remaining = deadline - time.monotonic()
-            if (task_name and task_name != SpecialTaskName.TRY_AGAIN) or remaining <= 0 or self._runner is None:
+            if (task_name and task_name != TRY_AGAIN) or remaining <= 0 or self._runner is None:
                 return task_name, task_id, task_data
             with self._scheduled:
                 if self._announcements == seen:

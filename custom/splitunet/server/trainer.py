@@ -21,7 +21,15 @@ from splitunet.server.sliding_window import EncodeFn, split_sliding_window
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import REGIONS
 
-__all__ = ["ServerTrainer", "StepResult", "make_loss", "to_decoder_inputs", "initial_decoder", "LOSSES"]
+__all__ = [
+    "ServerTrainer",
+    "StepResult",
+    "make_loss",
+    "to_decoder_inputs",
+    "build_decoder",
+    "initial_decoder",
+    "LOSSES",
+]
 
 LOSSES = ("dice_ce", "dice_focal")
 
@@ -35,9 +43,8 @@ def make_loss(name: str) -> torch.nn.Module:
     raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
 
 
-def initial_decoder(config: SplitModelConfig, num_sites: int) -> ServerDecoder:
-    """The server's decoder as training starts (seeded by ``config.seed``), on the CPU."""
-    torch.manual_seed(config.seed)
+def build_decoder(config: SplitModelConfig, num_sites: int) -> ServerDecoder:
+    """The server's decoder for ``config`` and ``num_sites`` sites, on the CPU (weights from torch's generator)."""
     return ServerDecoder(
         num_sites=num_sites,
         features=config.features,
@@ -45,6 +52,12 @@ def initial_decoder(config: SplitModelConfig, num_sites: int) -> ServerDecoder:
         fusion=config.fusion,
         out_channels=len(REGIONS),
     )
+
+
+def initial_decoder(config: SplitModelConfig, num_sites: int) -> ServerDecoder:
+    """The server's decoder as training starts (seeded by ``config.seed``), on the CPU."""
+    torch.manual_seed(config.seed)
+    return build_decoder(config, num_sites)
 
 
 def to_decoder_inputs(

@@ -149,6 +149,7 @@ def prepare_simulator_workspace(
     layout: str | None = None,
     checkpoint_root: str | Path | None = None,
     evaluation: bool = False,
+    encoder_seeds: Mapping[str, int] | None = None,
 ) -> Path:
     """Write ``<workspace>/local`` for ``nvflare simulator -w <workspace>``.
 
@@ -157,7 +158,8 @@ def prepare_simulator_workspace(
     defaults to the one ``splitunet partition`` recorded. With ``checkpoint_root`` each party keeps its
     checkpoints in ``<checkpoint_root>/<party>/``, outside the workspace that the simulator wipes at every start,
     so that a later run can resume from them. Every site gets a private ``encoder_seed``
-    (:func:`with_private_encoder_seeds`). ``evaluation`` allows the capture filter (see
+    (:func:`with_private_encoder_seeds`); ``encoder_seeds`` gives sites the seeds they already keep (a consortium
+    whose runs must start from the same encoders). ``evaluation`` allows the capture filter (see
     :func:`allow_splitunet_classes`).
     """
     layout = layout or recorded_layout(partition_dir)
@@ -165,6 +167,8 @@ def prepare_simulator_workspace(
     local_dir = workspace / "local"
     local_dir.mkdir(parents=True, exist_ok=True)
     parties = {site: {"modality": m, "data_dir": str(partition_dir / m)} for site, m in site_modalities.items()}
+    for site, seed in (encoder_seeds or {}).items():
+        parties[site]["encoder_seed"] = int(seed)
     parties[SERVER_PARTY] = {"labels_dir": str(partition_dir / LABELS_PARTY), "layout": layout}
     if checkpoint_root is not None:
         for party, entry in parties.items():

@@ -1,0 +1,89 @@
+"""The site's check of its minimum defense against the filter chain this job would run on what the site releases.
+
+The chain of a released payload is, in FLARE's order, the filters of the privacy scope the job runs under (the
+scope object FLARE puts in the job's context) and then the job's own result filters for that task (from the job's
+client config). The site's floor comes from its own ``local/privacy.json`` (see
+:mod:`splitunet.site.minimum_defense`); a job that falls short is refused at setup, before any data leaves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from nvflare.apis.fl_constant import FilterKey, FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.fuel.utils.class_utils import load_class
+
+from splitunet.errors import SplitUNetConfigError
+from splitunet.flare.workspace_paths import site_config_dir
+from splitunet.site.minimum_defense import MINIMUM_DEFENSE_KEY, describe_chain, parse_minimum_defense, shortfalls
+from splitunet.wire.protocol import TaskName
+
+__all__ = ["RELEASING_TASKS", "PRIVACY_FILE", "read_minimum_defense", "released_chain", "check_minimum_defense"]
+
+# The tasks whose results carry the site's features.
+RELEASING_TASKS = (TaskName.STEP, TaskName.ENCODE)
+PRIVACY_FILE = "privacy.json"
+
+
+def read_minimum_defense(local_dir: Path) -> dict[str, dict] | None:
+    """The site's minimum defense from ``<local_dir>/privacy.json``, or ``None`` when it states none."""
+    path = Path(local_dir) / PRIVACY_FILE
+    if not path.is_file():
+        return None
+    try:
+        policy = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SplitUNetConfigError(f"local/{PRIVACY_FILE} cannot be read: {error}") from error
+    if MINIMUM_DEFENSE_KEY not in policy:
+        return None
+    return parse_minimum_defense(policy[MINIMUM_DEFENSE_KEY], f"local/{PRIVACY_FILE}")
+
+
+def _job_result_filters(config: dict, task: str) -> list:
+    filters = []
+    for chain in config.get("task_result_filters", []):
+        if task in chain.get("tasks", []) or "*" in chain.get("tasks", []):
+            for entry in chain.get("filters", []):
+                filters.append(load_class(entry["path"])(**entry.get("args", {})))
+    return filters
+
+
+def released_chain(scope_filters: Sequence, job_config: dict, task: str) -> list:
+    """The filters a result of ``task`` goes through: the scope's, then the job's for that task."""
+    return list(scope_filters) + _job_result_filters(job_config, task)
+
+
+def check_minimum_defense(fl_ctx: FLContext, party: str) -> str | None:
+    """Refuse this job if the chain on any releasing task falls short of the site's minimum defense.
+
+    Returns:
+        a line for the site's log saying what was checked, or ``None`` when the site states no minimum.
+
+    Raises:
+        SplitUNetConfigError: the shortfall, naming the site, the scope, the task and each missing defense (no data
+            path or case: the message goes to the server).
+    """
+    minimum = read_minimum_defense(site_config_dir(fl_ctx))
+    if minimum is None:
+        return None
+    scope = fl_ctx.get_prop(FLContextKey.SCOPE_OBJECT)
+    scope_name = getattr(scope, "name", None) or "none"
+    scope_filters = list((getattr(scope, "task_result_filters", None) or {}).get(FilterKey.OUT, []))
+    workspace = fl_ctx.get_engine().get_workspace()
+    config_file = Path(workspace.get_app_config_dir(fl_ctx.get_job_id())) / "config_fed_client.json"
+    job_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    problems = []
+    for task in RELEASING_TASKS:
+        chain = released_chain(scope_filters, job_config, task)
+        missing = shortfalls(minimum, chain)
+        if missing:
+            problems.append(f"{task} results would pass {describe_chain(chain)}; missing {'; '.join(missing)}")
+    if problems:
+        raise SplitUNetConfigError(
+            f"site {party} refuses this job: its privacy policy's minimum defense is not met under scope "
+            f"{scope_name!r}: " + " | ".join(problems)
+        )
+    return f"minimum defense {sorted(minimum)} met under scope {scope_name!r} on {list(RELEASING_TASKS)}"
