@@ -16,17 +16,20 @@ from splitunet.evaluation.leakage import (
     invert_capture,
     level_name,
 )
+from splitunet.evaluation.leakage.report import auxiliary_phantom
 from splitunet.wire.protocol import MODALITIES
 
 
 @pytest.fixture(scope="module")
-def scene(workspace, secret):
+def scene(workspace, secret, tmp_path_factory):
     """Everything invert_capture takes, for the FLAIR site at iteration 1."""
     torch.set_num_threads(1)
     run = CapturedRun(workspace)
     capture = run.capture(ACTIVATIONS, "site-1", 1)
     truth = GroundTruth(workspace / "data" / "parties", secret)
-    aux = AuxiliaryImages(ModalityFolder(workspace / "data" / "parties" / "t1", "t1", party="attacker"))
+    # The attacker's prior: FLAIR scans of other patients (auxiliary phantom cases), never the sites' own cases.
+    aux_parties = auxiliary_phantom(workspace / "data", tmp_path_factory.mktemp("auxiliary"))
+    aux = AuxiliaryImages(ModalityFolder(aux_parties / "flair", "flair", party="attacker"))
     encoder = build_encoder(run.model.features, seed=run.model.seed + 1 + MODALITIES.index("flair"))
     return {
         "run": run,
