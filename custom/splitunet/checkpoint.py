@@ -8,10 +8,9 @@ from typing import Any
 
 import torch
 
-from splitunet.atomic_files import atomic_write_bytes, write_json_atomic
+from splitunet.atomic_files import atomic_write_bytes
 
-# write_json_atomic: re-exported until every caller imports it from splitunet.atomic_files.
-__all__ = ["save_checkpoint", "load_checkpoint", "write_json_atomic"]
+__all__ = ["save_checkpoint", "load_checkpoint"]
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -16,7 +16,7 @@ import pytest
 from tiny_job import tiny_server_args
 
 from splitunet.tools.demo import ensure_partitioned_phantom
-from splitunet.tools.deployment import copy_job_with_overrides, default_site_modalities, find_job
+from splitunet.tools.deployment import ALLOWED_CLASSES, copy_job_with_overrides, default_site_modalities, find_job
 from splitunet.tools.poc import LOOPBACK_HOST, PocConsortium, PocTimeouts
 
 pytestmark = pytest.mark.e2e
@@ -103,7 +103,9 @@ def test_each_party_reads_only_its_own_settings(poc_run):
         settings = json.loads((poc.party_dir(party) / "local" / "splitunet_site.json").read_text())
         assert list(settings["parties"]) == [party]
         resources = json.loads((poc.party_dir(party) / "local" / "resources.json").read_text())
-        assert "splitunet." in resources["class_allow_list"]
+        allowed = resources["class_allow_list"]
+        assert set(ALLOWED_CLASSES) <= set(allowed) and "splitunet." not in allowed  # exact classes, no prefix
+        assert "splitunet.filters.CaptureFeatures" not in allowed  # not an evaluation consortium
         assert resources.get("components"), f"{party} lost FLARE's default components (job launcher)"
 
 

@@ -124,3 +124,14 @@ def test_the_workflow_says_which_feature_is_off_on_an_unknown_flare(monkeypatch)
     assert warnings.lines == ["nvflare 9.0 is installed, ..."]
     assert "task_check_period has no effect" in errors.lines[0]
     assert "task_long_poll_s has no effect" in errors.lines[1] and controller._long_poll is None
+
+
+def test_a_panic_is_seen_in_the_workflows_context_but_an_abort_is_not():
+    from nvflare.apis.fl_context import FLContextManager
+
+    manager = FLContextManager()
+    workflow_ctx = manager.new_context()
+    assert not nvflare_compat.fatal_error_reported(workflow_ctx)
+    # As nvflare 2.9's ServerRunner marks a panic, in the context of the event, before it aborts the run.
+    manager.new_context().set_prop(FLContextKey.FATAL_SYSTEM_ERROR, True, private=True, sticky=True)
+    assert nvflare_compat.fatal_error_reported(workflow_ctx)

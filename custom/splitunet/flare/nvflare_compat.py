@@ -6,7 +6,11 @@ The workflows need three things FLARE 2.9 offers no public way to do (docs/desig
   ``WFCommServer._task_check_period`` in 2.9, and its 0.2 s default adds latency to every step;
 * the server runner's task lookup ``ServerRunner._try_to_get_task``, wrapped by
   :class:`~splitunet.flare.task_long_poll.TaskLongPoll`;
-* ``nvflare.private.defs.SpecialTaskName.TRY_AGAIN``, what that lookup answers when it has no task.
+* ``nvflare.private.defs.SpecialTaskName.TRY_AGAIN``, what that lookup answers when it has no task;
+* whether FLARE itself ended the run: its server runner marks a panic (``system_panic`` of any component) in a
+  sticky context property before it triggers the abort signal, which an admin's ``abort_job`` triggers as well.
+
+Whether a site is disconnected is public (``Controller.get_client_disconnect_time``), so it is not here.
 
 Analytics go through FLARE's public functions (:func:`send_scalar`). On another FLARE version each internal is
 looked up defensively: :func:`version_warning` says the run is on an unverified version, and each helper reports
@@ -32,6 +36,7 @@ __all__ = [
     "wrap_task_lookup",
     "unwrap_task_lookup",
     "send_scalar",
+    "fatal_error_reported",
 ]
 
 # The FLARE release line (major.minor) whose internals this module was checked against.
@@ -122,3 +127,14 @@ def send_scalar(component: FLComponent, fl_ctx: FLContext, tag: str, value: floa
     )
     with fl_ctx.get_engine().new_context() as event_ctx:
         send_analytic_dxo(component, dxo=dxo, fl_ctx=event_ctx)
+
+
+def fatal_error_reported(fl_ctx: FLContext) -> bool:
+    """Whether a component of this run has reported a fatal error (``system_panic``) to FLARE's server runner.
+
+    The nvflare 2.9 ``ServerRunner`` sets the sticky ``FLContextKey.FATAL_SYSTEM_ERROR`` when it handles a panic
+    and then aborts the run; sticky properties reach every context of the run, the workflow's own included. An
+    admin's ``abort_job`` triggers the same abort signal without it. ``False`` where the property is not set (or
+    another FLARE does not set it).
+    """
+    return bool(fl_ctx.get_prop(FLContextKey.FATAL_SYSTEM_ERROR, False))

@@ -2,9 +2,10 @@
 
 Training (:class:`~splitunet.flare.controller.SplitLearningController`) and inference
 (:class:`~splitunet.flare.inference_controller.SplitInferenceController`) both talk to the sites through
-:meth:`SiteTaskController._round_trip`: a site that fails a task or stays silent stops the run naming it, or is
-dropped when the workflow tolerates that. Whatever happens, ``results.json`` in the server's run folder says how the
-run ended and why.
+:meth:`SiteTaskController._round_trip`: a site that fails a task, stays silent or that FLARE deems disconnected stops
+the run naming it, or is dropped when the workflow tolerates that. An abort (FLARE's abort signal, e.g. an admin's
+``abort_job``) ends the run as aborted, not failed. Whatever happens, ``results.json`` in the server's run folder says
+how the run ended and why.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from nvflare.apis.impl.controller import Controller
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 
-from splitunet.checkpoint import write_json_atomic
+from splitunet.atomic_files import write_json_atomic
 from splitunet.compute.devices import configure_threads
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
-from splitunet.flare.nvflare_compat import set_task_check_period, version_warning
+from splitunet.flare.nvflare_compat import fatal_error_reported, set_task_check_period, version_warning
 from splitunet.flare.replies import reply_error_message
 from splitunet.flare.task_long_poll import TaskLongPoll
 from splitunet.flare.workspace_paths import run_dir
@@ -36,11 +37,18 @@ from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import DataKind, MetaKey, TaskName
 from splitunet.wire.transport import control_dxo, dxo_to_features, register_tensor_support
 
-__all__ = ["SiteTaskController", "SplitRunError", "SITE_FAILURE_POLICIES"]
+__all__ = ["SiteTaskController", "SplitRunError", "SplitRunAborted", "SITE_FAILURE_POLICIES"]
 
 
 class SplitRunError(RuntimeError):
     """The run cannot go on (a site failed or stopped answering); the message names the site and step."""
+
+
+class SplitRunAborted(RuntimeError):
+    """The run was aborted (FLARE's abort signal) while it waited for the sites; not a failure.
+
+    Not a :class:`SplitRunError`, so that an abort is never taken for a site's failure.
+    """
 
 
 class SiteTaskController(Controller):
@@ -134,8 +142,14 @@ class SiteTaskController(Controller):
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext):
         out_dir = run_dir(fl_ctx)
         self.record = self.record_class()
+        where = "between tasks"
         try:
-            self._run(abort_signal, fl_ctx, out_dir)
+            try:
+                self._run(abort_signal, fl_ctx, out_dir)
+            except SplitRunAborted as aborted:
+                where = str(aborted)
+            if abort_signal.triggered:
+                self._raise_if_stopped_by_flare(fl_ctx, where)
             self.record.finish(aborted=abort_signal.triggered)
         except Exception as error:  # noqa: BLE001 - any failure must still leave a results file saying why
             if not isinstance(error, (SplitRunError, SplitUNetDataError, SplitUNetConfigError)):
@@ -145,7 +159,57 @@ class SiteTaskController(Controller):
             self.system_panic(f"Split-U-Net run stopped: {error}", fl_ctx)
             return
         write_json_atomic(self.record.to_json(), out_dir / "results.json")
-        self.log_info(fl_ctx, f"results written to {out_dir / 'results.json'}")
+        if self.record.status == "aborted":
+            # Someone asked for it (an admin's abort_job, a shutdown): a warning, not a panic.
+            self.log_warning(
+                fl_ctx,
+                f"run aborted after iteration {self.record.iterations} ({where}); results written to "
+                f"{out_dir / 'results.json'}",
+            )
+        else:
+            self.log_info(fl_ctx, f"results written to {out_dir / 'results.json'}")
+
+    def _raise_if_stopped_by_flare(self, fl_ctx: FLContext, where: str) -> None:
+        """After an abort: fail the run when FLARE ended it itself rather than someone asking for it.
+
+        FLARE aborts a job on any component's panic, e.g. its own when fewer sites than the job's ``min_clients``
+        are left alive; a site the run still needs that FLARE deems disconnected is a failure too.
+
+        Raises:
+            SplitRunError: naming the disconnected sites, or the system error.
+        """
+        gone = self._disconnect_times(self.sites)
+        fatal = fatal_error_reported(fl_ctx)
+        needed = {site: when for site, when in gone.items() if fatal or site in self._active_sites()}
+        if needed:
+            names = "; ".join(
+                f"site {site} disconnected (FLARE deems it gone since {time.ctime(needed[site])})"
+                for site in sorted(needed)
+            )
+            raise SplitRunError(f"{names}; FLARE aborted the job after iteration {self.record.iterations} ({where})")
+        if fatal:
+            raise SplitRunError(
+                f"FLARE aborted the job on a system error after iteration {self.record.iterations} ({where}); see "
+                "the server's log"
+            )
+
+    def _active_sites(self) -> list[str]:
+        """The sites still taking part: the roster's once training started, else every site of the run."""
+        return list(self.roster.active) if self.roster is not None else list(self.sites)
+
+    def _disconnect_times(self, sites) -> dict[str, float]:
+        """Site -> when FLARE deemed it disconnected (``time.time()``), for the ``sites`` FLARE deems disconnected.
+
+        FLARE deems a site disconnected once its job has been reported dead (its heartbeat stopped, or its job is
+        gone from it) and the dead-client grace period passed without a sign of life (docs/design.md, "FLARE
+        facts"). ``Controller.get_client_disconnect_time`` is FLARE's public way to ask.
+        """
+        times = {}
+        for site in sites:
+            when = self.get_client_disconnect_time(site)
+            if when is not None:
+                times[site] = when
+        return times
 
     def _control_data(self, meta: dict, sites: Sequence[str] | None = None) -> dict[str, Shareable]:
         # One Shareable per task: FLARE writes task headers into it, so tasks must not share one.
@@ -194,9 +258,14 @@ class SiteTaskController(Controller):
     ) -> dict[str, DXO]:
         """Send one task to each site at once and wait for every reply.
 
-        A site that fails the task or stays silent for ``task_timeout`` (``setup_timeout`` at setup) stops the
-        run, naming it; with ``on_site_failure="continue"`` after setup it is dropped instead and the replies of
-        the others are returned.
+        A site that fails the task, that FLARE deems disconnected or that stays silent for ``task_timeout``
+        (``setup_timeout`` at setup) stops the run, naming it; with ``on_site_failure="continue"`` after setup it
+        is dropped instead and the replies of the others are returned.
+
+        Raises:
+            SplitRunError: a site failed (and may not be dropped), or every site dropped out.
+            SplitRunAborted: FLARE's abort signal was triggered while waiting (and no awaited site is disconnected:
+                FLARE also aborts a job whose sites are too few, and then the disconnect is what is reported).
         """
         replies: dict[str, Shareable] = {}
         sent_at: dict[str, float] = {}
@@ -218,25 +287,39 @@ class SiteTaskController(Controller):
         deadline = time.monotonic() + timeout
         waiting = set(tasks)
         failures: dict[str, str] = {}
+        disconnected: set[str] = set()
         while waiting:
-            if abort_signal.triggered:
-                self.cancel_all_tasks(fl_ctx=fl_ctx)
-                raise SplitRunError(f"aborted while waiting for {task_name} at iteration {iteration}")
+            aborted = abort_signal.triggered  # read before the checks: a disconnect seen with it explains it
+            gone = self._disconnect_times(site for site in waiting if site not in replies)
             for site in sorted(waiting):
+                status = tasks[site].completion_status
                 if site in replies:
                     waiting.discard(site)
                     error = reply_error_message(replies[site])
                     if error:
                         failures[site] = f"site {site} failed task {task_name} at iteration {iteration}: {error}"
-                elif tasks[site].completion_status is not None or time.monotonic() > deadline:
+                elif site in gone or status == TaskCompletionStatus.CLIENT_DEAD:
                     waiting.discard(site)
-                    status = tasks[site].completion_status
+                    disconnected.add(site)
+                    if status is None:
+                        self.cancel_task(tasks[site], fl_ctx=fl_ctx)
+                    failures[site] = (
+                        f"site {site} disconnected while it held task {task_name} at iteration {iteration} "
+                        f"(FLARE deems it gone; {time.time() - scheduled_at:.0f}s after the task was scheduled)"
+                    )
+                elif status is not None or time.monotonic() > deadline:
+                    waiting.discard(site)
                     if status is None:
                         self.cancel_task(tasks[site], fl_ctx=fl_ctx)
                     ended = "" if status in (None, TaskCompletionStatus.TIMEOUT) else f" (task {status})"
                     failures[site] = (
                         f"site {site} did not answer task {task_name} within {timeout}s at iteration {iteration}{ended}"
                     )
+            if aborted:
+                self.cancel_all_tasks(fl_ctx=fl_ctx)
+                if disconnected:
+                    raise SplitRunError("; ".join(failures[site] for site in sorted(disconnected)))
+                raise SplitRunAborted(f"aborted while waiting for {task_name} at iteration {iteration}")
             if failures and not self._may_drop(task_name):
                 self.cancel_all_tasks(fl_ctx=fl_ctx)
                 raise SplitRunError("; ".join(failures[site] for site in sorted(failures)))

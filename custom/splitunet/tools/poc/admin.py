@@ -1,4 +1,4 @@
-"""The project admin's session with the POC server: connect, submit, job status, download, shutdown.
+"""The project admin's session with the POC server: connect, submit, job status, abort, download, shutdown.
 
 FLARE's admin client has no overall deadline for a command (a connect can retry, an upload can stall), so every
 command runs through :func:`_call_bounded`, which keeps the deadline itself.
@@ -119,6 +119,10 @@ class AdminSession:
     def job_meta(self, job_id: str, timeout_s: float | None = None) -> dict:
         """The server's meta data of a job (``status``, ``submit_time``, ...)."""
         return self.call(lambda session: session.get_job_meta(job_id), f"reading the status of job {job_id}", timeout_s)
+
+    def abort_job(self, job_id: str) -> str:
+        """Abort a job (FLARE's ``abort_job``); returns the server's message. A finished job is left as it is."""
+        return self.call(lambda session: session.abort_job(job_id), f"aborting job {job_id}")
 
     def download_server_workspace(self, job_id: str, target: Path) -> Path:
         """Download a finished job's archived server run folder from the job store and unpack it as ``target``.

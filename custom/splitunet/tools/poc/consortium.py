@@ -29,6 +29,7 @@ from splitunet.tools.poc.kits import (
     pin_kits_to_loopback,
     poc_project_config,
     provision_kits,
+    set_heart_beat_timeout,
     write_party_local,
 )
 from splitunet.tools.poc.processes import FLARE_LOG, PartyProcesses, launch_party, party_environment, party_log_files
@@ -82,6 +83,8 @@ class PocConsortium:
         env: extra environment variables for every party's processes.
         evaluation: an evaluation consortium, whose parties allow the capture filter (see
             :func:`splitunet.tools.deployment.allow_splitunet_classes`).
+        heart_beat_timeout_s: seconds without a site's heartbeat after which the server logs the site out (FLARE's
+            kits say 600); a test of lost sites lowers it (:func:`~splitunet.tools.poc.kits.set_heart_beat_timeout`).
 
     Raises:
         PocError: for an unknown modality, a site named like the server, or privacy policies for unknown sites.
@@ -100,6 +103,7 @@ class PocConsortium:
         threads_per_party: int = 1,
         env: Mapping[str, str] | None = None,
         evaluation: bool = False,
+        heart_beat_timeout_s: float | None = None,
     ):
         self.site_modalities = dict(site_modalities)
         if not self.site_modalities:
@@ -124,6 +128,9 @@ class PocConsortium:
         self.timeouts = timeouts or PocTimeouts()
         self.threads_per_party = int(threads_per_party)
         self.extra_env = dict(env or {})
+        if heart_beat_timeout_s is not None and not heart_beat_timeout_s > 0:
+            raise PocError(f"heart_beat_timeout_s must be > 0, got {heart_beat_timeout_s}")
+        self.heart_beat_timeout_s = heart_beat_timeout_s
         self.port: int | None = None
         self._processes = PartyProcesses(self.prod_dir)
         self._admin = AdminSession(self.admin_dir, self.timeouts.admin_call_s)
@@ -222,6 +229,8 @@ class PocConsortium:
             write_party_local(
                 self.party_dir(party) / "local", party, entry, self.case_key_secret, privacy, self.evaluation
             )
+        if self.heart_beat_timeout_s is not None:
+            set_heart_beat_timeout(self.party_dir(SERVER_NAME), self.heart_beat_timeout_s)
         return self.prod_dir
 
     # -- start -------------------------------------------------------------------------------------------------
@@ -365,7 +374,37 @@ class PocConsortium:
             f"see {self.log_files(SERVER_NAME)[0]} and each site's {FLARE_LOG}"
         )
 
+    def abort(self, job_id: str) -> str:
+        """Abort a job through the admin API, as ``abort_job`` in the admin console; returns the server's message.
+
+        Raises:
+            PocError: if the admin call fails or outlasts its bound.
+        """
+        return self._admin.abort_job(job_id)
+
     # -- processes ---------------------------------------------------------------------------------------------
+
+    def kill_party(self, party: str) -> list[str]:
+        """Kill a party's process and its job processes at once (SIGKILL), as a crash or a lost machine would.
+
+        The party gets no chance to log out, so the server learns of it only when its heartbeat is missed
+        (``heart_beat_timeout_s``). From then on :meth:`wait` no longer checks that party, and :meth:`stop` does
+        not wait for it.
+
+        Returns:
+            ``"<party or job process> pid=<pid>"`` for each process killed.
+
+        Raises:
+            PocError: for an unknown or not started party, or a process that survives SIGKILL.
+        """
+        if party not in self.parties:
+            raise PocError(f"unknown party {party!r}; parties: {self.parties}")
+        if self._processes.get(party) is None:
+            raise PocError(f"{party} is not running (not started, or killed before)")
+        killed, survivors = self._processes.kill_party(party)
+        if survivors:
+            raise PocError(f"processes of {party} survive SIGKILL: pids {survivors}")
+        return killed
 
     def processes(self) -> list[psutil.Process]:
         """Every live process of the consortium: the parties, their job processes and strays found by path."""

@@ -33,6 +33,7 @@ __all__ = [
     "poc_project_config",
     "provision_kits",
     "pin_kits_to_loopback",
+    "set_heart_beat_timeout",
     "party_settings_entry",
     "write_party_local",
 ]
@@ -161,6 +162,32 @@ def pin_kits_to_loopback(prod_dir: Path, sites: Iterable[str], port: int, host: 
     edited = [_rewrite_json(prod_dir / SERVER_NAME / "startup" / "fed_server.json", server)]
     edited += [_rewrite_json(prod_dir / site / "startup" / "fed_client.json", client) for site in sites]
     edited.append(_rewrite_json(prod_dir / ADMIN_USER / "startup" / "fed_admin.json", admin))
+    return edited
+
+
+def set_heart_beat_timeout(server_dir: Path, seconds: float) -> list[Path]:
+    """Make the server log a site out after ``seconds`` without its heartbeat (FLARE's kits say 600).
+
+    A site whose machine or connection is gone sends no heartbeat; only once the server logs it out does FLARE
+    report its job dead, and the workflow learns it is disconnected after FLARE's dead-client grace period on top.
+    Sites send a heartbeat every 10 s (nvflare 2.9), so keep it well above that. The value goes into the server's
+    ``startup/fed_server.json`` and, where the kit has one, ``local/resources.json`` (both are read, merged).
+
+    Returns:
+        the files rewritten.
+    """
+    if not seconds > 0:
+        raise PocError(f"heart_beat_timeout must be > 0 seconds, got {seconds}")
+
+    def edit(config: dict) -> None:
+        for entry in config.get("servers", []):
+            entry["heart_beat_timeout"] = float(seconds)
+
+    server_dir = Path(server_dir)
+    edited = [_rewrite_json(server_dir / "startup" / "fed_server.json", edit)]
+    resources = server_dir / "local" / "resources.json"
+    if resources.is_file():
+        edited.append(_rewrite_json(resources, edit))
     return edited
 
 

@@ -190,6 +190,52 @@ class PartyProcesses:
             self.remember_descendants()  # job processes of parties still alive
         return late
 
+    def kill_party(self, party: str, grace_s: float = 5.0) -> tuple[list[str], list[int]]:
+        """SIGKILL one party's own process and its job processes at once, as a crash or power cut would.
+
+        No SIGTERM first: a party that is asked to stop logs out of the server, which a site whose machine or
+        connection is lost never does. The party is forgotten afterwards, so :meth:`poll` does not report it.
+
+        Returns:
+            ``"<party or job process> pid=<pid>"`` for each process killed, and the pids still alive after
+            ``grace_s`` (should stay empty).
+
+        Raises:
+            KeyError: ``party`` was never added.
+        """
+        own = self._parties[party]
+        self.remember_descendants()
+        victims: dict[int, tuple[str, psutil.Process]] = {}
+        found = _process_or_none(own.pid) if own.poll() is None else None
+        if found is not None:
+            victims[own.pid] = (party, found)
+        victims.update({pid: entry for pid, entry in self._descendants.items() if entry[0].startswith(f"{party} ")})
+        # Job processes reparented before they were remembered: their command line names the party's kit folder.
+        kit = str(self.kits_dir / party)
+        for name, process in self._kit_processes():
+            try:
+                cmdline = process.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if any(part == kit or part.startswith(kit + os.sep) for part in cmdline):
+                victims.setdefault(process.pid, (name, process))
+        killed = []
+        for pid, (name, process) in victims.items():
+            try:
+                process.kill()
+                killed.append(f"{name} pid={pid}")
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            own.wait(timeout=grace_s)  # reap, so the pid is not left as a zombie of this process
+        except subprocess.TimeoutExpired:
+            pass
+        _, still_alive = psutil.wait_procs([process for _, process in victims.values()], timeout=grace_s)
+        del self._parties[party]
+        for pid in [pid for pid, _ in victims.items() if pid in self._descendants]:
+            del self._descendants[pid]
+        return killed, sorted(process.pid for process in still_alive)
+
     def kill_all(self, grace_s: float = 5.0) -> tuple[list[str], list[int]]:
         """SIGTERM every remaining process of the consortium, then SIGKILL what outlives ``grace_s``.
 
