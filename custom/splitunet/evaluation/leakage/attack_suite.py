@@ -10,6 +10,12 @@ import torch
 
 from splitunet.evaluation.attacks import GradientLabelInference, LearnedInverse, UnSplit, WhiteBoxInversion
 from splitunet.evaluation.metrics import expected_random_dice, image_leakage, mask_dice
+from splitunet.evaluation.metrics.own_image_baseline import (
+    TUMOUR_APPEARS_BRIGHT,
+    best_threshold_dice,
+    own_image_mask,
+    roc_auc,
+)
 from splitunet.networks import SiteEncoder
 
 __all__ = ["INVERSION_ATTACKS", "AttackBudget", "invert_capture", "infer_labels", "level_name"]
@@ -137,25 +143,54 @@ def invert_capture(
     return rows, images
 
 
-def infer_labels(gradients: dict[int, torch.Tensor], crop_size: Sequence[int], truth: torch.Tensor) -> dict:
-    """A site's label inference from the gradients it received, scored against the true mask.
+def infer_labels(
+    gradients: dict[int, torch.Tensor],
+    crop_size: Sequence[int],
+    truth: torch.Tensor,
+    own_image: torch.Tensor | None = None,
+    modality: str | None = None,
+) -> dict:
+    """A site's label inference from the gradients it received, scored against the truth and the site's own image.
 
     Args:
         gradients: level -> gradients the site received for one iteration's features.
         crop_size: the crop size.
         truth: the true region masks of those crops ``(B, 1, D, H, W)``.
+        own_image: the site's own crops of its modality ``(B, 1, D, H, W)``: what it could infer without any
+            gradient (:mod:`splitunet.evaluation.metrics.own_image_baseline`). Without it only the random-mask
+            chance level is given.
+        modality: the site's modality (which way its image shows the tumour); needed with ``own_image``.
 
     Returns:
         level used, mean Dice of the inferred mask, mean Dice a random mask of the same size would get, fraction
-        of voxels marked.
+        of voxels marked, the gradient score's ROC AUC; with ``own_image``: the Dice of the same number of the
+        image's most tumour-like voxels (``dice_own_image``), the best single threshold of the image (an oracle,
+        ``dice_own_image_best_threshold``), the image's AUC, and ``gain_over_own_image`` = Dice - dice_own_image.
     """
     started = time.perf_counter()
-    mask, stats = GradientLabelInference(method="norm", threshold="otsu").reconstruct(gradients, crop_size)
-    return {
+    attack = GradientLabelInference(method="norm", threshold="otsu")
+    mask, stats = attack.reconstruct(gradients, crop_size)
+    score, _ = attack.score_map(gradients, crop_size)
+    marked = mask.flatten(1).sum(1)
+    dice = float(mask_dice(mask, truth).mean())
+    result = {
         "attack": "label_inference",
         "level": level_name([stats["level"]]),
-        "dice": float(mask_dice(mask, truth).mean()),
-        "dice_random_mask": float(expected_random_dice(truth, mask.flatten(1).sum(1)).mean()),
+        "dice": dice,
+        "dice_random_mask": float(expected_random_dice(truth, marked).mean()),
         "fraction_marked": float(mask.mean()),
-        "seconds": round(time.perf_counter() - started, 2),
+        "auc": float(roc_auc(score, truth).nanmean()),
     }
+    if own_image is not None:
+        if modality is None:
+            raise ValueError("infer_labels needs the site's modality to score its own image")
+        own = float(mask_dice(own_image_mask(own_image, modality, marked), truth).mean())
+        brightness = own_image if TUMOUR_APPEARS_BRIGHT[modality] else -own_image
+        result.update(
+            dice_own_image=own,
+            dice_own_image_best_threshold=float(best_threshold_dice(own_image, truth).mean()),
+            auc_own_image=float(roc_auc(brightness, truth).nanmean()),
+            gain_over_own_image=dice - own,
+        )
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result

@@ -134,7 +134,7 @@ def _attack_site(
         # The gradients for iteration t's features travel with the request of iteration t + 1.
         if iteration + 1 in run.iterations(GRADIENTS, site):
             gradients = run.capture(GRADIENTS, site, iteration + 1)
-            labels = infer_labels(gradients.observed, size, truth.region_crops(plan, "WT"))
+            labels = infer_labels(gradients.observed, size, truth.region_crops(plan, "WT"), original, modality)
         else:
             notes.append(f"label inference skipped: no gradient capture of iteration {iteration + 1}")
     return {
@@ -254,8 +254,12 @@ def leakage_markdown(report: Mapping) -> str:
             lines += [
                 "",
                 f"Label inference from the gradients of {labels['level']} (norm, Otsu): whole-tumour Dice "
-                f"{_fmt(labels['dice'])} against {_fmt(labels['dice_random_mask'])} for a random mask of the same "
-                f"size ({labels['fraction_marked']:.1%} of voxels marked).",
+                f"{_fmt(labels['dice'])} (AUC {_fmt(labels.get('auc'))}), {labels['fraction_marked']:.1%} of voxels "
+                f"marked. Without any gradient: the same number of the site's own most tumour-like voxels "
+                f"{_fmt(labels.get('dice_own_image'))} (AUC {_fmt(labels.get('auc_own_image'))}; best single "
+                f"threshold, an oracle: {_fmt(labels.get('dice_own_image_best_threshold'))}); a random mask "
+                f"{_fmt(labels['dice_random_mask'])}. Gain of the gradients over the own image: "
+                f"{_fmt(labels.get('gain_over_own_image'))}.",
             ]
         for note in result["notes"]:
             lines.append(f"\nNote: {note}.")
