@@ -70,15 +70,15 @@ def test_markdown_tables():
                 {"attack": "white_box", "level": "x0", "ssim": 0.95, "psnr": 40.0, **level},
                 {"attack": "white_box", "level": "x1", "ssim": 0.5, "psnr": 24.0, **level},
             ],
-            {"dice": 0.7, "dice_random_mask": 0.03},
+            {"dice": 0.7, "dice_random_mask": 0.03, "dice_own_image": 0.72, "gain_over_own_image": -0.02},
         ),
         _row("no x0", 0.7, [{"attack": "white_box", "level": "x1", "ssim": 0.55, "psnr": 25.0, **level}], None, 2.5),
     ]
     text = sweep_markdown(rows, elapsed_s=120)
     first = "| none | 0.800 | 0.800 | 0.800 | +0.000 | 10.0 (1.00x) | white_box x0 | 0.95 (0.30) | 40.0 (20.0) |"
-    assert first + " 0.70 (0.03) |" in text
+    assert first + " 0.70 (0.72; 0.03) | -0.02 |" in text
     assert (
-        "| no x0 | 0.700 | 0.700 | 0.700 | -0.100 | 2.5 (0.25x) | white_box x1 | 0.55 (0.30) | 25.0 (20.0) | - |"
+        "| no x0 | 0.700 | 0.700 | 0.700 | -0.100 | 2.5 (0.25x) | white_box x1 | 0.55 (0.30) | 25.0 (20.0) | - | - |"
         in text
     )
     assert "| no x0 | - | 0.55 / 25.0 |" in text  # x0 column empty: the level was not sent

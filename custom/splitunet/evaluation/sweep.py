@@ -177,17 +177,24 @@ def sweep_markdown(rows: Sequence[Mapping], elapsed_s: float | None = None) -> s
         "sites keep a private encoder seed by default).",
         "",
         "| setting | Dice TC | Dice WT | Dice ET | mean Dice vs first row | activation MB / iteration (4 sites) "
-        "| best attack on the site's crop | SSIM (prior) | PSNR dB (prior) | label-inference Dice (random mask) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| best attack on the site's crop | SSIM (prior) | PSNR dB (prior) "
+        "| label-inference Dice (own image; random mask) | gain over own image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         best, labels = row["best_inversion"], row["label_inference"]
         attack = f"{best['attack']} {best['level']}" if best else "-"
         ssim = f"{best['ssim']:.2f} ({best['ssim_prior']:.2f})" if best else "-"
         psnr = f"{best['psnr']:.1f} ({best['psnr_prior']:.1f})" if best else "-"
-        label = f"{labels['dice']:.2f} ({labels['dice_random_mask']:.2f})" if labels else "-"
+        label, gain = "-", "-"
+        if labels:
+            own = labels.get("dice_own_image")
+            own_text = "-" if own is None else f"{own:.2f}"
+            label = f"{labels['dice']:.2f} ({own_text}; {labels['dice_random_mask']:.2f})"
+            gain = "-" if own is None else f"{labels['gain_over_own_image']:+.2f}"
         lines.append(
-            f"| {row['label']} | {cost_cells(row, rows[0], megabyte_digits=1)} | {attack} | {ssim} | {psnr} | {label} |"
+            f"| {row['label']} | {cost_cells(row, rows[0], megabyte_digits=1)} | {attack} | {ssim} | {psnr} | {label} "
+            f"| {gain} |"
         )
     columns = []
     for row in rows:
