@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.signal import Signal
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.flare import SplitInferenceController
 from splitunet.tools.deployment import bundle_root
+from splitunet.wire.model_config import SplitModelConfig
+from splitunet.wire.protocol import MetaKey
+from splitunet.wire.transport import control_dxo
 
 JOBS = bundle_root() / "jobs"
 
@@ -53,3 +58,31 @@ def test_workflow_builds_from_the_job():
 def test_malformed_arguments_are_named(kwargs, message):
     with pytest.raises(SplitUNetConfigError, match=message):
         SplitInferenceController(**kwargs)
+
+
+def test_only_the_first_site_in_decoder_order_sends_the_headers():
+    """Every grid is the same (checked by digest), so one site's NIfTI headers serve: the others send none."""
+    controller = SplitInferenceController()
+    controller.model_config = SplitModelConfig()
+    controller.sites = ["site-a", "site-b"]  # by name; site-b holds flair, the first decoder input
+    modality = {"site-a": "t1", "site-b": "flair"}
+    cases = {"k1": {"shape": [32, 32, 32], "affine_digest": "grid"}}
+    asked = []
+
+    def round_trip(task_name, data, iteration, fl_ctx, abort_signal):
+        replies = {}
+        for site, shareable in data.items():
+            headers = from_shareable(shareable).get_meta_prop(MetaKey.INFERENCE)["headers"]
+            asked.append((site, headers))
+            meta = {MetaKey.MODALITY: modality[site], MetaKey.CASES: cases}
+            if headers:
+                meta[MetaKey.HEADERS] = {"k1": {"dim": [3, 32, 32, 32]}}
+            replies[site] = control_dxo(meta)
+        return replies
+
+    controller._round_trip = round_trip
+    state = {"sites": ["site-b", "site-a"], "site_modality": {"site-b": "flair", "site-a": "t1"}}
+    shapes, headers = controller._setup(state, Signal(), fl_ctx=None)
+    assert asked == [("site-a", False), ("site-b", False), ("site-b", True)]
+    assert controller.sites == ["site-b", "site-a"]
+    assert shapes == {"k1": (32, 32, 32)} and headers == {"k1": {"dim": [3, 32, 32, 32]}}

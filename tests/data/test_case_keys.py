@@ -7,7 +7,7 @@ import hmac
 
 import pytest
 
-from splitunet.data.case_keys import KEY_LENGTH, CaseMatch, case_key, match_case_keys
+from splitunet.data.case_keys import KEY_LENGTH, CaseMatch, PrivateNames, case_key, match_case_keys, scrub_private
 from splitunet.errors import SplitUNetDataError
 
 
@@ -86,3 +86,39 @@ def test_keys_to_case_ids_maps_back_and_reports_collisions(monkeypatch):
     monkeypatch.setattr(case_keys, "case_key", lambda case_id, secret: "same")
     with pytest.raises(SplitUNetDataError, match="site-1"):
         case_keys.keys_to_case_ids(["A", "B"], "s", party="site-1")
+
+
+def test_scrub_replaces_paths_under_private_folders_and_case_ids_by_keys(tmp_path):
+    data = tmp_path / "flair"
+    keys = {"BRATS_001": "k1", "BRATS_0010": "k10"}
+    text = (
+        f"[party=site-1, case=BRATS_001, file={data}/BRATS_001.nii.gz] bad header; also {data}, {data}2/x, "
+        "BRATS_0010 and 'BRATS_001'"
+    )
+    assert scrub_private(text, keys, [("data_dir", data)]) == (
+        "[party=site-1, case=<case key k1>, file=<data_dir>] bad header; also <data_dir>, "
+        # A sibling folder that merely starts alike is not private; the longer ID is not half replaced.
+        f"{data}2/x, <case key k10> and '<case key k1>'"
+    )
+
+
+def test_scrub_knows_a_folder_by_its_resolved_path_too(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert (
+        scrub_private(f"cannot read {real}/a.nii.gz", {}, [("data_dir", tmp_path / "link")]) == "cannot read <data_dir>"
+    )
+    assert scrub_private("nothing private here", {"BRATS_001": "k"}, [("data_dir", "/data")]) == "nothing private here"
+
+
+def test_private_names_key_cases_with_the_secret_as_they_become_known():
+    names = PrivateNames()
+    assert names.key("BRATS_001") is None  # no secret yet: nothing to key with
+    names.use_secret("s3cret")
+    names.add_dir("data_dir", "/data/flair")
+    names.add_cases(["BRATS_001"])
+    key = case_key("BRATS_001", "s3cret")
+    assert names.scrub("case BRATS_001 in /data/flair/BRATS_001.nii.gz") == f"case <case key {key}> in <data_dir>"
+    assert names.key("BRATS_002") == case_key("BRATS_002", "s3cret")
+    assert "BRATS_002" not in names.scrub("BRATS_002")  # a case met in an error is remembered

@@ -1,4 +1,8 @@
-"""End to end: bad site input is named (site, case, file or folder) instead of crashing deep in training."""
+"""End to end: bad site input is named instead of crashing deep in training.
+
+What the server keeps names the site and the case by key; the file or folder is named in the log of the party that
+holds it (the site's log, the label holder's private details file).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ import numpy as np
 import pytest
 from tiny_job import tiny_server_args
 
+from splitunet.data.case_keys import case_key
 from splitunet.data.party_settings import SETTINGS_FILE_NAME
+from splitunet.server.private_details import DETAILS_FILE
 from splitunet.tools.demo import ensure_partitioned_phantom
 from splitunet.tools.deployment import (
     copy_job_with_overrides,
@@ -55,7 +61,10 @@ def test_missing_site_data_folder_is_named(tmp_path, parties):
     missing = tmp_path / "no_such_folder"
     workspace, results, _ = _run(tmp_path, parties, lambda p: p["site-2"].update(data_dir=str(missing)))
     assert results["status"] == "failed"
-    assert "site-2" in results["error"] and str(missing) in results["error"]
+    assert "site-2: SplitUNetDataError; details in site-2's log" in results["error"]
+    assert str(missing) not in results["error"]  # the site's data path stays at the site
+    site_log = "".join(path.read_text() for path in (workspace / "site-2").rglob("log.txt"))
+    assert "data folder not found (or not a folder)" in site_log and str(missing) in site_log
     assert not list(workspace.glob("**/*_best.pt"))
 
 
@@ -64,8 +73,10 @@ def test_case_missing_at_one_site_is_named_and_left_out(tmp_path, parties):
     _, results, log = _run(tmp_path, parties)
     assert results["status"] == "completed"
     assert results["left_out_cases"] == {"site-3": 1}
-    assert "case BRATS_002" in log and "missing at site-3 (t1gd)" in log
-    assert "BRATS_002" not in results["val_cases"]
+    key = case_key("BRATS_002", "k")
+    assert f"case key {key} is missing at site-3 (t1gd); left out of training" in log
+    assert "BRATS_002" not in log  # the server's log names cases by key
+    assert key not in results["val_cases"] and len(results["val_cases"][0]) == len(key)
 
 
 def test_modality_not_aligned_with_label_is_named(tmp_path, parties):
@@ -74,7 +85,10 @@ def test_modality_not_aligned_with_label_is_named(tmp_path, parties):
     shifted = image.affine.copy()
     shifted[:3, 3] += 5.0
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj), shifted, image.header), path)
-    _, results, _ = _run(tmp_path, parties)
+    workspace, results, _ = _run(tmp_path, parties)
     assert results["status"] == "failed"
-    assert "site-1" in results["error"] and "BRATS_003" in results["error"]
-    assert "not voxel-aligned" in results["error"] and "labels" in results["error"]
+    assert f"[party=site-1, case key={case_key('BRATS_003', 'k')}]" in results["error"]
+    assert "not voxel-aligned with the label" in results["error"] and "BRATS_003" not in results["error"]
+    # The case ID and the label file, for the label holder only: in its own local/ folder.
+    [details] = list(workspace.rglob(DETAILS_FILE))
+    assert str(parties / "labels" / "BRATS_003.nii.gz") in details.read_text()

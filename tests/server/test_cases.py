@@ -32,11 +32,16 @@ def test_cases_every_party_holds_are_matched_and_the_others_reported_by_party():
     matched = match_cases({"server": labels, **sites})
     assert matched.common == ["k1", "k2"]
     assert matched.left_out == {"server": 1, "site-2": 2}
-    assert training_notes(matched, "server", MODALITY, _name) == [
-        "case BRATS_k4 (key k4) has no label; left out of training",
-        "case BRATS_k3 (key k3) is missing at site-2 (t1); left out of training",
-        "case BRATS_k4 (key k4) is missing at site-2 (t1); left out of training",
+    # By key in the log (FLARE archives it); with the case ID for the label holder's private details only.
+    assert training_notes(matched, "server", MODALITY) == [
+        "case key k4 has no label; left out of training",
+        "case key k3 is missing at site-2 (t1); left out of training",
+        "case key k4 is missing at site-2 (t1); left out of training",
     ]
+    assert (
+        training_notes(matched, "server", MODALITY, _name)[0]
+        == "case key k4 (case BRATS_k4) has no label; left out of training"
+    )
     assert inference_notes(match_cases(sites), MODALITY) == [
         "case key k3 is missing at site-2 (t1); skipped",
         "case key k4 is missing at site-2 (t1); skipped",
@@ -61,7 +66,13 @@ def test_a_misaligned_site_volume_is_named_with_party_case_and_label_file():
     with pytest.raises(SplitUNetDataError) as caught:
         check_training_cases(matched, labels, sites, MODALITY, _name, lambda case: f"/labels/{case}.nii.gz")
     error = caught.value
-    assert (error.party, error.case, error.file) == ("site-2", "BRATS_k2", "/labels/BRATS_k2.nii.gz")
+    # The full details, for the label holder's private file; the run folder gets the key (PrivateDetails).
+    assert (error.party, error.case, error.case_key, error.file) == (
+        "site-2",
+        "BRATS_k2",
+        "k2",
+        "/labels/BRATS_k2.nii.gz",
+    )
     assert "t1 volume (shape [40, 40, 39]) is not voxel-aligned with the label (shape [40, 40, 40])" in str(error)
 
 
@@ -73,8 +84,11 @@ def test_inference_matches_the_sites_against_the_first_one():
         check_inference_cases(match_cases(apart), apart, MODALITY)
     assert caught.value.party == "site-1"
     skewed = {"site-1": _cases(["k1"]), "site-2": _cases(["k1"], "other")}
-    with pytest.raises(SplitUNetDataError, match="the t1 volume at site-2 .* not voxel-aligned with the flair volume"):
+    with pytest.raises(
+        SplitUNetDataError, match="the t1 volume at site-2 .* not voxel-aligned with the flair volume"
+    ) as caught:
         check_inference_cases(match_cases(skewed), skewed, MODALITY)
+    assert caught.value.case_key == "k1" and "case key=k1" in str(caught.value)
 
 
 def test_the_split_is_fixed_by_the_seed_and_leaves_a_case_to_train_on():

@@ -68,8 +68,9 @@ def test_the_final_round_scores_each_absent_modality_and_writes_previews(tmp_pat
     assert {modality: dice["mean"] for modality, dice in outcome.dice_without.items()} == {"flair": 0.4, "t1": 0.6}
     assert trainer.calls[0][-1] == ("k1",)  # the first num_preview_cases held-out cases are kept
     assert lines[1] == "validation at iteration 8 without flair (site-1): Dice TC 0.100 WT 0.200 ET 0.300 (mean 0.400)"
-    path = tmp_path / "predictions" / "BRATS_k1.nii.gz"
-    assert outcome.predictions == {"BRATS_k1": str(path)}
+    # Named by case key: FLARE archives the server's run folder.
+    path = tmp_path / "predictions" / "k1.nii.gz"
+    assert outcome.predictions == {"k1": str(path)}
     image = load_nifti(path, party="server", in_memory=True)
     assert np.allclose(image.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
     assert np.count_nonzero(np.asarray(image.dataobj)) == 1

@@ -26,6 +26,7 @@ from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
 from splitunet.server import cases
 from splitunet.server.checkpointing import load_resume_state, restore_server_state, save_server_state
 from splitunet.server.decoder_inputs import check_sent_levels, training_order
+from splitunet.server.private_details import DETAILS_FILE, PrivateDetails
 from splitunet.server.run_record import TrainingRecord
 from splitunet.server.run_settings import EXPERIMENT_NAME, MODEL_DEFAULTS, TrainingSettings
 from splitunet.server.site_roster import SiteRoster
@@ -94,15 +95,33 @@ class SplitLearningController(SiteTaskController):
         self.trainer: ServerTrainer | None = None
         self.site_saved_iteration: dict[str, int] = {}
         self.checkpoints: Path | None = None
+        self.details: PrivateDetails | None = None
 
     # ----------------------------------------------------------------------------------------- the run
     def _run(self, abort_signal: Signal, fl_ctx: FLContext, out_dir: Path):
+        # FLARE archives the run folder, log included: an error leaving here names cases by key, and its full
+        # text (case ID, label file) goes to the label holder's own local/ folder.
+        self.details = PrivateDetails(site_config_dir(fl_ctx) / DETAILS_FILE, fl_ctx.get_job_id())
+        try:
+            self._train(abort_signal, fl_ctx, out_dir)
+        except Exception as error:
+            public = self.details.public_error(error)
+            if public is error:
+                raise
+            raise public from None  # the original's text names what the run folder must not keep
+
+    def _train(self, abort_signal: Signal, fl_ctx: FLContext, out_dir: Path):
         s, record = self.settings, self.record
         server_party = fl_ctx.get_identity_name()
         party_settings = load_server_settings(server_party, site_config_dir(fl_ctx))
         if party_settings.labels_dir is None:
             raise SplitUNetConfigError(f"{party_settings.source}: the server's entry needs 'labels_dir' to train")
+        private = self.details.names
+        private.use_secret(party_settings.case_key_secret)
+        private.add_dir("labels_dir", party_settings.labels_dir)
         labels = LabelFolder(party_settings.labels_dir, party_settings.layout, party=server_party)
+        private.add_dir("labels_dir", labels.folder)
+        private.add_cases(labels.case_ids)
         layout = get_layout(party_settings.layout)
         device = select_device(s.device)
         self.trainer = ServerTrainer(labels, party_settings.case_key_secret, device, s.loss, amp=s.amp)
@@ -216,6 +235,8 @@ class SplitLearningController(SiteTaskController):
             self.record.dice_without = outcome.dice_without
         if outcome.predictions is not None:
             self.record.predictions = outcome.predictions
+            for key in outcome.predictions:
+                self.details.write(f"preview predictions/{key}.nii.gz is case {self.trainer.case_name(key)}")
         return self.record.add_validation(iteration, loss, outcome.dice)
 
     def _setup(self, abort_signal: Signal, fl_ctx: FLContext):
@@ -239,8 +260,10 @@ class SplitLearningController(SiteTaskController):
         label_cases = self.trainer.describe_cases()
         server = self.trainer.party
         matched = cases.match_cases({server: label_cases, **site_cases})
-        for note in cases.training_notes(matched, server, self.site_modality, self.trainer.case_name):
+        for note in cases.training_notes(matched, server, self.site_modality):
             self.log_warning(fl_ctx, note)
+        for note in cases.training_notes(matched, server, self.site_modality, self.trainer.case_name):
+            self.details.write(note)
         self.record.left_out_cases = matched.left_out
         shapes = cases.check_training_cases(
             matched,
@@ -251,7 +274,10 @@ class SplitLearningController(SiteTaskController):
             self.trainer.labels.path,
         )
         train_keys, val_keys = cases.split_cases(matched.common, self.settings.num_val_cases, self.settings.seed)
-        self.record.val_cases = [self.trainer.case_name(key) for key in val_keys]
+        self.record.val_cases = list(val_keys)
+        self.details.write(
+            "validation cases: " + ", ".join(f"{key} is {self.trainer.case_name(key)}" for key in val_keys)
+        )
         return train_keys, val_keys, shapes
 
     def _step_data(self, grads, plan, participants, iteration: int) -> dict[str, Shareable]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 from nvflare.apis.dxo import from_shareable
@@ -14,6 +15,7 @@ from nvflare.apis.signal import Signal
 
 from splitunet.checkpoint import save_checkpoint
 from splitunet.compute.devices import configure_threads, select_device
+from splitunet.data.case_keys import PrivateNames
 from splitunet.data.nifti_io import geometry_header
 from splitunet.data.party_data import ModalityFolder
 from splitunet.data.party_settings import load_site_settings
@@ -27,13 +29,35 @@ from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import DataKind, MetaKey, TaskName
 from splitunet.wire.transport import control_dxo, dxo_to_features, features_to_dxo, register_tensor_support
 
-__all__ = ["SplitSiteExecutor"]
+__all__ = ["SplitSiteExecutor", "site_error_message"]
 
 
 def _amp_note(requested: bool, applied: bool) -> str:
     if applied:
         return ", training under bfloat16 autocast"
     return ", amp ignored on this device (AMP is for CUDA), training in float32" if requested else ""
+
+
+def site_error_message(error: BaseException, party: str, private: PrivateNames) -> str:
+    """What a site tells the server about a failed task: no case ID, no path under its data folders.
+
+    A data error sends only the party, the error class and the case's key (the message names the case and its
+    file); any other error keeps its message, scrubbed by ``private``, since the server must learn why (a refused
+    job, a configuration error). The full message stays in the site's own log.
+
+    Args:
+        error: what the task raised.
+        party: this site's name.
+        private: this site's case IDs, secret and data folders, as far as known.
+    """
+    details = f"details in {party}'s log"
+    if isinstance(error, SplitUNetDataError):
+        key = error.case_key or private.key(error.case)
+        case = f" (case key {key})" if key else ""
+        return f"{party}: {type(error).__name__}{case}; {details}"
+    text = f"{type(error).__name__}: {error}" if isinstance(error, OSError) else str(error)
+    scrubbed = private.scrub(text)
+    return f"{party}: {scrubbed}" if scrubbed == text else f"{party}: {scrubbed} ({details})"
 
 
 class SplitSiteExecutor(Executor):
@@ -61,6 +85,8 @@ class SplitSiteExecutor(Executor):
         self.num_threads = num_threads
         self.trainer: SiteTrainer | None = None
         self.checkpoints: Path | None = None
+        # Filled in at setup: what no message leaving this site may name.
+        self.private = PrivateNames()
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
@@ -85,13 +111,18 @@ class SplitSiteExecutor(Executor):
         if rejected:
             # A filter (at the server, or this site's own data filter) refused the task data.
             self.log_error(fl_ctx, f"task {task_name} arrived rejected: {rejected}")
-            return error_reply(f"{party}: task data rejected before execution: {rejected}")
+            return error_reply(f"{party}: task data rejected before execution: {self.private.scrub(rejected)}")
         try:
             return handler(from_shareable(shareable), party, fl_ctx)
         except Exception as error:  # noqa: BLE001 - the server must learn why, not just that, a site failed
+            full = f"{type(error).__name__}: {error}"
             if not isinstance(error, (SplitUNetDataError, SplitUNetConfigError, ValueError, RuntimeError)):
-                self.log_exception(fl_ctx, f"unexpected error in task {task_name}")
-            message = f"{party}: {type(error).__name__}: {error}" if isinstance(error, OSError) else f"{party}: {error}"
+                full += "\n" + traceback.format_exc()
+            # The full message names cases and files: a warning, because provisioned FLARE sites stream their
+            # error log (ERROR and above) to the server's job store, and without a log event, because FLARE's
+            # info collector hands those to the admin client.
+            self.log_warning(fl_ctx, f"task {task_name} failed: {party}: {full}", fire_event=False)
+            message = site_error_message(error, party, self.private)
             self.log_error(fl_ctx, f"task {task_name} failed: {message}")
             return error_reply(message)
 
@@ -100,11 +131,17 @@ class SplitSiteExecutor(Executor):
         checked = check_minimum_defense(fl_ctx, party)
         if checked:
             self.log_info(fl_ctx, f"{party}: {checked}")
+        self.private = PrivateNames()
         settings = load_site_settings(party, site_config_dir(fl_ctx))
+        self.private.use_secret(settings.case_key_secret)
+        self.private.add_dir("data_dir", settings.data_dir)
+        self.private.add_dir("inference_dir", settings.inference_dir)
         device = select_device(self.device_name)
         inference = dxo.get_meta_prop(MetaKey.INFERENCE)
         data_dir = (settings.inference_dir or settings.data_dir) if inference else settings.data_dir
         folder = ModalityFolder(data_dir, settings.modality, party=party)
+        self.private.add_dir("inference_dir" if inference and settings.inference_dir else "data_dir", folder.folder)
+        self.private.add_cases(folder.case_ids)
         self.trainer = SiteTrainer(folder, settings.case_key_secret, device, amp=self.amp)
         self.trainer.build(SplitModelConfig.from_dict(dxo.get_meta_prop(MetaKey.CONFIG)), settings.encoder_seed)
         self.checkpoints = checkpoint_folder(fl_ctx, settings.checkpoint_dir, dxo.get_meta_prop(MetaKey.EXPERIMENT))
@@ -126,10 +163,12 @@ class SplitSiteExecutor(Executor):
             config = self.trainer.config.to_dict()
             self.trainer.load_state_dict(load_for_resume(path, party, None, config, purpose="run inference"))
             self.log_info(fl_ctx, f"{party}: encoding new cases with {path}")
-            # The grid of each case, so that the server writes segmentations on it; no voxels, no free text.
-            meta[MetaKey.HEADERS] = {
-                key: geometry_header(folder.header(case_id)) for key, case_id in self.trainer.key_to_case.items()
-            }
+            if inference.get("headers"):
+                # The grid of each case, so that the server writes segmentations on it; no voxels, no free text.
+                # The server asks one site only: every site's grid is the same (checked by affine digest).
+                meta[MetaKey.HEADERS] = {
+                    key: geometry_header(folder.header(case_id)) for key, case_id in self.trainer.key_to_case.items()
+                }
         return control_dxo(meta).to_shareable()
 
     def _require_trainer(self) -> SiteTrainer:

@@ -14,7 +14,7 @@ from splitunet.compute.devices import select_device
 from splitunet.data.labels import get_layout, regions_to_labels
 from splitunet.data.nifti_io import header_from_geometry, save_nifti_atomic
 from splitunet.data.party_settings import load_server_settings
-from splitunet.flare.site_tasks import SiteTaskController
+from splitunet.flare.site_tasks import SiteTaskController, SplitRunError
 from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
 from splitunet.networks import ServerDecoder
 from splitunet.resume import decoder_checkpoint, read_checkpoint
@@ -41,8 +41,8 @@ class SplitInferenceController(SiteTaskController):
     ``inference_dir`` (default ``data_dir``). The server runs MONAI sliding-window inference over each case, the
     sites encoding each window, and writes ``predictions/<case key>.nii.gz`` in its run folder: label values in
     the convention of its settings' ``layout``, on the case's grid (the sites send each case's NIfTI header
-    without voxels or free text). Only the sites know which case ID a key stands for. A modality may be absent
-    when the model was trained with mean fusion.
+    without voxels or free text; only the first site in decoder order is asked for them). Only the data holders know
+    which case ID a key stands for. A modality may be absent when the model was trained with mean fusion.
 
     Its arguments are the fields of :class:`~splitunet.server.run_settings.InferenceSettings`, which documents and
     checks them.
@@ -118,26 +118,26 @@ class SplitInferenceController(SiteTaskController):
             }
             record.predictions = predictions
             self.log_info(
-                fl_ctx, f"case {number}/{len(shapes)} (key {key[:8]}) segmented in {time.perf_counter() - start:.1f}s"
+                fl_ctx, f"case {number}/{len(shapes)} (key {key}) segmented in {time.perf_counter() - start:.1f}s"
             )
 
     def _decoder_order(self) -> Sequence[str | None]:
         return self.inputs
 
     def _setup(self, state: dict, abort_signal: Signal, fl_ctx: FLContext):
-        """Sites load their encoders and report modality, keyed cases and grids; the server matches them."""
-        meta = {
-            MetaKey.CONFIG: self.model_config.to_dict(),
-            MetaKey.EXPERIMENT: self.settings.experiment,
-            MetaKey.INFERENCE: {"tag": self.settings.checkpoint},
-        }
-        replies = self._round_trip(
-            TaskName.SETUP,
-            {site: control_dxo(dict(meta)).to_shareable() for site in self.sites},
-            0,
-            fl_ctx,
-            abort_signal,
-        )
+        """Sites load their encoders and report modality and keyed cases; the server matches them, then asks the
+        first site in decoder order, and only that one, for the cases' grids (NIfTI headers)."""
+
+        def setup_data(sites: Sequence[str], headers: bool) -> dict:
+            inference = {"tag": self.settings.checkpoint, "headers": headers}
+            meta = {
+                MetaKey.CONFIG: self.model_config.to_dict(),
+                MetaKey.EXPERIMENT: self.settings.experiment,
+                MetaKey.INFERENCE: inference,
+            }
+            return {site: control_dxo(dict(meta)).to_shareable() for site in sites}
+
+        replies = self._round_trip(TaskName.SETUP, setup_data(self.sites, False), 0, fl_ctx, abort_signal)
         for site in self.sites:
             self.site_modality[site] = replies[site].get_meta_prop(MetaKey.MODALITY)
         trained = [state["site_modality"][site] for site in state["sites"]]
@@ -151,5 +151,12 @@ class SplitInferenceController(SiteTaskController):
             self.log_warning(fl_ctx, note)
         self.record.left_out_cases = matched.left_out
         shapes = cases.check_inference_cases(matched, site_cases, self.site_modality)
-        headers = replies[self.sites[0]].get_meta_prop(MetaKey.HEADERS)
+        # Which site is first in decoder order is known only now, from the modalities the sites reported; the
+        # grids are the same at every site (checked above), so one site's headers serve every case.
+        first = self.sites[0]
+        again = self._round_trip(TaskName.SETUP, setup_data([first], True), 0, fl_ctx, abort_signal)
+        headers = again[first].get_meta_prop(MetaKey.HEADERS) or {}
+        missing = [key for key in matched.common if key not in headers]
+        if missing:
+            raise SplitRunError(f"site {first} sent no header for {len(missing)} of its cases (case key {missing[0]})")
         return shapes, {key: headers[key] for key in matched.common}

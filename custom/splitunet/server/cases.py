@@ -2,9 +2,9 @@
 
 Parties describe their cases by keyed hash (``{key: {"shape": [...], "affine_digest": "..."}}``, see
 :mod:`splitunet.data.case_keys`). A case some party lacks is left out with a note; a case whose grids differ
-between parties stops the run, naming the party, the case and (at the server) the label file. Training matches
-the sites against the server's labels; inference matches the sites against each other (docs/design.md,
-"Wire contract").
+between parties stops the run, naming the party and the case (by key in what the server's run folder keeps, see
+:mod:`splitunet.server.private_details`). Training matches the sites against the server's labels; inference
+matches the sites against each other (docs/design.md, "Wire contract").
 """
 
 from __future__ import annotations
@@ -57,21 +57,32 @@ def match_cases(cases_by_party: CasesByParty) -> MatchedCases:
 
 
 def training_notes(
-    matched: MatchedCases, server: str, modality_of: Mapping[str, str], case_name: Callable[[str], str]
+    matched: MatchedCases,
+    server: str,
+    modality_of: Mapping[str, str],
+    case_name: Callable[[str], str] | None = None,
 ) -> list[str]:
-    """One warning per case left out of training (the server knows case IDs, so the notes name them)."""
+    """One warning per case left out of training, naming the case by its full key.
+
+    Args:
+        matched: the match of the server's and the sites' cases.
+        server: the label holder's name.
+        modality_of: site -> modality.
+        case_name: key -> case ID, for the label holder's private details only (the run folder gets keys).
+    """
     notes = []
     for party, missing in matched.missing.items():
         for key in missing:
             where = "has no label" if party == server else f"is missing at {party} ({modality_of[party]})"
-            notes.append(f"case {case_name(key)} (key {key[:8]}) {where}; left out of training")
+            case = f" (case {case_name(key)})" if case_name else ""
+            notes.append(f"case key {key}{case} {where}; left out of training")
     return notes
 
 
 def inference_notes(matched: MatchedCases, modality_of: Mapping[str, str]) -> list[str]:
-    """One warning per case skipped at inference (only the sites know what a key stands for)."""
+    """One warning per case skipped at inference, naming the case by its full key."""
     return [
-        f"case key {key[:8]} is missing at {site} ({modality_of[site]}); skipped"
+        f"case key {key} is missing at {site} ({modality_of[site]}); skipped"
         for site, missing in matched.missing.items()
         for key in missing
     ]
@@ -103,11 +114,13 @@ def check_training_cases(
         site_cases: per site (in decoder order), its cases.
         modality_of: site -> modality.
         case_name: key -> case ID (the server holds the IDs of its labels).
-        label_file: case ID -> the label file (named in errors).
+        label_file: case ID -> the label file (named in errors, for the label holder's private details: see
+            :meth:`~splitunet.server.private_details.PrivateDetails.public_error`).
 
     Raises:
         SplitUNetConfigError: fewer than two common cases (one to train on, one to validate).
-        SplitUNetDataError: a site's volume is not on the grid of its label.
+        SplitUNetDataError: a site's volume is not on the grid of its label (with the case, its key and the label
+            file).
     """
     if len(matched.common) < 2:
         raise SplitUNetConfigError(f"only {len(matched.common)} cases are present at every party; need at least 2")
@@ -117,6 +130,7 @@ def check_training_cases(
             f"(shape {label_cases[key]['shape']}): shape or affine differs",
             party=site,
             case=case_name(key),
+            case_key=key,
             file=label_file(case_name(key)),
         )
     return {key: tuple(label_cases[key]["shape"]) for key in matched.common}
@@ -137,10 +151,11 @@ def check_inference_cases(
     others = {site: site_cases[site] for site in sites[1:]}
     for key, site in _misaligned(site_cases[reference], others, matched.common):
         raise SplitUNetDataError(
-            f"case key {key[:8]}: the {modality_of[site]} volume at {site} (shape {site_cases[site][key]['shape']}) "
+            f"the {modality_of[site]} volume at {site} (shape {site_cases[site][key]['shape']}) "
             f"is not voxel-aligned with the {modality_of[reference]} volume at {reference} "
             f"(shape {site_cases[reference][key]['shape']})",
             party=site,
+            case_key=key,
         )
     return {key: tuple(site_cases[reference][key]["shape"]) for key in matched.common}
 

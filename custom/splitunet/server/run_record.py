@@ -118,7 +118,7 @@ class TrainingRecord(RunRecord):
 
     Attributes:
         resumed_from: ``{"iteration", "checkpoint"}`` of the checkpoint a resumed run started from.
-        val_cases: the held-out case IDs.
+        val_cases: the held-out cases' keys.
         sites: site -> modality, in decoder order.
         num_train_cases, num_val_cases: how many cases train and validate.
         model: the model settings (``SplitModelConfig.to_dict()``).
@@ -130,7 +130,7 @@ class TrainingRecord(RunRecord):
         dice: the last validation's Dice per region and mean.
         best: ``{"iteration", "dice"}`` of the best validation so far.
         dice_without: at the end of a mean-fusion run, the Dice with each modality left out in turn.
-        predictions: case ID -> NIfTI file of the final segmentations of the first held-out cases.
+        predictions: case key -> NIfTI file of the final segmentations of the first held-out cases.
         activation_bytes_per_iteration, timing_per_iteration_s, task_dispatch_per_iteration_s: means over the
             timed steps, written when the training loop ends (:meth:`summarise_steps`).
         timing: the sums behind those means.

@@ -39,7 +39,7 @@ class ValidationOutcome:
     Attributes:
         dice: Dice per region and mean, every active site encoding.
         dice_without: modality -> Dice with that modality's site left out (final round of mean fusion only).
-        predictions: case ID -> written NIfTI segmentation (final round only).
+        predictions: case key -> written NIfTI segmentation (final round only).
     """
 
     dice: dict[str, float]
@@ -94,7 +94,8 @@ class Validation:
             encode_for: see :data:`EncodeFor`.
             roster: the run's sites (asked which are active after the main round, which may drop some).
             final: whether this is the run's last validation.
-            out_dir: the server's run folder; previews go to ``predictions/<case>.nii.gz`` under it.
+            out_dir: the server's run folder; previews go to ``predictions/<case key>.nii.gz`` under it (FLARE
+                archives the run folder, so no case ID names a file there).
             log: where progress lines go.
         """
         start = time.perf_counter()
@@ -129,13 +130,12 @@ class Validation:
         return dice_without
 
     def write_previews(self, kept: Mapping[str, torch.Tensor], out_dir: Path) -> dict[str, str]:
-        """Write segmentations of kept probabilities as NIfTI on their labels' grid; returns case ID -> file."""
+        """Write segmentations of kept probabilities as NIfTI on their labels' grid; returns case key -> file."""
         previews = {}
         for key, probabilities in kept.items():
-            case = self.trainer.case_name(key)
-            _, affine = self.trainer.labels.read(case)
+            _, affine = self.trainer.labels.read(self.trainer.case_name(key))
             segmentation = regions_to_labels(probabilities.numpy(), self.layout)
-            path = Path(out_dir) / "predictions" / f"{case}.nii.gz"
+            path = Path(out_dir) / "predictions" / f"{key}.nii.gz"
             save_nifti_atomic(segmentation.astype(np.uint8), affine, path)
-            previews[case] = str(path)
+            previews[key] = str(path)
         return previews

@@ -13,8 +13,9 @@ import numpy as np
 
 from splitunet.atomic_files import write_json_atomic
 from splitunet.compute.devices import THREADS_ENV_VAR
+from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.labels import get_layout, labels_to_regions
-from splitunet.data.nifti_io import read_volume
+from splitunet.data.nifti_io import nifti_case_id, read_volume
 from splitunet.data.partition import partition_msd
 from splitunet.data.phantom import generate_phantom
 from splitunet.tools.deployment import (
@@ -88,11 +89,14 @@ def ensure_partitioned_phantom(data_dir: Path, cases: int, shape: Sequence[int],
     return parties
 
 
-def _preview(results: Mapping, parties: Path, out_png: Path) -> Path | None:
+def _preview(results: Mapping, parties: Path, secret: str, out_png: Path) -> Path | None:
     predictions = results.get("predictions") or {}
     if not predictions:
         return None
-    case, prediction_path = next(iter(predictions.items()))
+    key, prediction_path = next(iter(predictions.items()))
+    # The server names its previews by case key; the demo holds the data and the secret, as every data holder does.
+    case_ids = sorted(filter(None, (nifti_case_id(path) for path in (parties / LABELS_PARTY).iterdir())))
+    case = keys_to_case_ids(case_ids, secret, party="demo")[key]
     layout = get_layout("msd")
     flair, _, _ = read_volume(parties / "flair" / f"{case}.nii.gz", party="demo", case=case)
     labels, _, _ = read_volume(parties / LABELS_PARTY / f"{case}.nii.gz", party="demo", case=case)
@@ -140,11 +144,12 @@ def run_demo(
     for folder in (sim_workspace, checkpoints):
         if folder.exists():
             shutil.rmtree(folder)  # a fresh run each time: stale checkpoints must not pass for new ones
+    secret = read_or_create_secret(data_dir / "case_key_secret.txt")
     prepare_simulator_workspace(
         sim_workspace,
         parties,
         site_modalities,
-        read_or_create_secret(data_dir / "case_key_secret.txt"),
+        secret,
         checkpoint_root=checkpoints,
         evaluation=bool(settings.capture_iterations),  # only a capturing run may build the capture filter
         encoder_seeds=settings.encoder_seeds,
@@ -167,7 +172,7 @@ def run_demo(
         env={THREADS_ENV_VAR: str(settings.threads_per_party)},
     )
     server_results_path, results = completed_server_results(sim_workspace, return_code, log_file)
-    preview = _preview(results, parties, workspace / "preview.png")
+    preview = _preview(results, parties, secret, workspace / "preview.png")
     tb_dir = server_results_path.parent / "tb_events"
     summary = {
         "job": job_dir.name,
