@@ -64,15 +64,16 @@ def markdown_files() -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
-def prose_lines(path: Path) -> list[tuple[int, str]]:
-    """``(line number, text)`` outside fenced code blocks, with inline code spans removed."""
+def prose_lines(path: Path, keep_code: bool = False) -> list[tuple[int, str]]:
+    """``(line number, text)`` outside fenced code blocks; inline code spans removed unless ``keep_code`` (headings
+    such as ``# Benchmark: `splitunet bench` `` need them)."""
     lines, fenced = [], False
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if _FENCE.match(line):
             fenced = not fenced
             continue
         if not fenced:
-            lines.append((number, re.sub(r"`[^`]*`", "", line)))
+            lines.append((number, line if keep_code else re.sub(r"`[^`]*`", "", line)))
     return lines
 
 
@@ -88,7 +89,7 @@ def github_slug(heading: str) -> str:
 def anchors(path: Path) -> frozenset[str]:
     seen: dict[str, int] = {}
     result = set()
-    for _, line in prose_lines_with_code(path):
+    for _, line in prose_lines(path, keep_code=True):
         match = _HEADING.match(line)
         if not match:
             continue
@@ -97,18 +98,6 @@ def anchors(path: Path) -> frozenset[str]:
         seen[slug] = count + 1
         result.add(slug if count == 0 else f"{slug}-{count}")
     return frozenset(result)
-
-
-def prose_lines_with_code(path: Path) -> list[tuple[int, str]]:
-    """Like :func:`prose_lines`, but inline code kept (headings such as ``# Benchmark: `splitunet bench` ``)."""
-    lines, fenced = [], False
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if _FENCE.match(line):
-            fenced = not fenced
-            continue
-        if not fenced:
-            lines.append((number, line))
-    return lines
 
 
 def links(path: Path) -> list[tuple[int, str]]:
@@ -163,7 +152,7 @@ def test_the_slug_rules_match_github():
 
 
 def test_the_design_document_has_the_sections_code_cites():
-    headings = {m.group(2) for _, line in prose_lines_with_code(DESIGN) if (m := _HEADING.match(line))}
+    headings = {m.group(2) for _, line in prose_lines(DESIGN, keep_code=True) if (m := _HEADING.match(line))}
     missing = [s for s in DESIGN_SECTIONS if s not in headings]
     assert not missing, f"docs/design.md lacks the sections {missing}"
     cited = set()

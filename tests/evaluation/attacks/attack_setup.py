@@ -48,3 +48,28 @@ def tumour_origin(regions: np.ndarray, size=CROP) -> list[int]:
     """Origin of a crop centred on the whole tumour (test set-up only: real sampling never looks at labels)."""
     centre = np.argwhere(regions[1] > 0).mean(0).round().astype(int)
     return np.clip(centre - np.array(size) // 2, 0, np.array(regions.shape[1:]) - np.array(size)).tolist()
+
+
+def first_step_gradients(images: torch.Tensor, targets: torch.Tensor, seed: int = 0) -> list[dict[int, torch.Tensor]]:
+    """The gradients each site receives at the first training iteration: fresh encoders and decoder, the server's
+    DiceCE loss on ``targets``; ``images`` holds one channel per site, in ``MODALITIES`` order.
+
+    Returns:
+        per site, level -> the gradient of its features, as ``ServerTrainer.train_step`` hands them back.
+    """
+    from splitunet.networks import ServerDecoder, SiteEncoder
+    from splitunet.server.trainer import make_loss
+
+    sites = images.shape[1]
+    with torch.random.fork_rng(devices=[]), one_thread():
+        torch.manual_seed(seed)
+        encoders = [SiteEncoder(1, FEATURES) for _ in range(sites)]
+        decoder = ServerDecoder(sites, FEATURES)
+        # As ServerTrainer.train_step: the received features are leaves, their .grad is what each site gets back.
+        leaves = []
+        for channel, encoder in enumerate(encoders):
+            with torch.no_grad():
+                features = encoder(images[:, channel : channel + 1])
+            leaves.append({level: t.requires_grad_(True) for level, t in enumerate(features)})
+        make_loss("dice_ce")(decoder(leaves), targets).backward()
+    return [{level: t.grad for level, t in site.items()} for site in leaves]

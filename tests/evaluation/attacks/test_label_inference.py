@@ -9,12 +9,10 @@ two crops, against 0.05-0.07 for a random mask of the same size. Direction + Ots
 
 import pytest
 import torch
-from attack_setup import CROP, FEATURES, crop_tensor, one_thread, tumour_origin
+from attack_setup import CROP, crop_tensor, first_step_gradients, tumour_origin
 
 from splitunet.evaluation.attacks import GradientLabelInference, otsu_threshold
 from splitunet.evaluation.metrics import expected_random_dice, mask_dice, random_mask_like
-from splitunet.networks import ServerDecoder, SiteEncoder
-from splitunet.server.trainer import make_loss
 from splitunet.wire.protocol import REGIONS
 
 CASES = ("BRATS_001", "BRATS_002")
@@ -31,18 +29,7 @@ def received_gradients(sites, labels):
         images.append(torch.cat([crop_tensor(site.read(case)[0], origin) for site in sites], dim=1))
         targets.append(crop_tensor(regions, origin))
     images, targets = torch.cat(images), torch.cat(targets)
-    with torch.random.fork_rng(devices=[]), one_thread():
-        torch.manual_seed(0)
-        encoders = [SiteEncoder(1, FEATURES) for _ in sites]
-        decoder = ServerDecoder(len(sites), FEATURES)
-        # As ServerTrainer.train_step: the received features are leaves, their .grad is what each site gets back.
-        leaves = []
-        for channel, encoder in enumerate(encoders):
-            with torch.no_grad():
-                features = encoder(images[:, channel : channel + 1])
-            leaves.append({level: t.requires_grad_(True) for level, t in enumerate(features)})
-        make_loss("dice_ce")(decoder(leaves), targets).backward()
-    return {level: t.grad for level, t in leaves[0].items()}, targets[:, WT : WT + 1]
+    return first_step_gradients(images, targets)[0], targets[:, WT : WT + 1]
 
 
 @pytest.mark.parametrize("method", ["norm", "direction"])

@@ -16,11 +16,9 @@ own image does not show (gain +0.73, +0.55, +0.15), while the FLAIR site gains n
 import numpy as np
 import pytest
 import torch
-from attack_setup import CROP, FEATURES, SHAPE, crop_tensor, one_thread
+from attack_setup import CROP, SHAPE, crop_tensor, first_step_gradients
 
 from splitunet.evaluation.leakage import infer_labels
-from splitunet.networks import ServerDecoder, SiteEncoder
-from splitunet.server.trainer import make_loss
 from splitunet.wire.protocol import MODALITIES, REGIONS
 
 CASES = ("BRATS_001", "BRATS_002", "BRATS_003", "BRATS_004")
@@ -41,22 +39,12 @@ def attacks(sites, labels):
             images.append(torch.cat([crop_tensor(volume, origin) for volume in volumes], dim=1))
             targets.append(crop_tensor(regions, origin))
     images, targets = torch.cat(images), torch.cat(targets)
-    with torch.random.fork_rng(devices=[]), one_thread():
-        torch.manual_seed(0)
-        encoders = [SiteEncoder(1, FEATURES) for _ in sites]
-        decoder = ServerDecoder(len(sites), FEATURES)
-        leaves = []
-        for channel, encoder in enumerate(encoders):
-            with torch.no_grad():
-                features = encoder(images[:, channel : channel + 1])
-            leaves.append({level: t.requires_grad_(True) for level, t in enumerate(features)})
-        make_loss("dice_ce")(decoder(leaves), targets).backward()
+    received = first_step_gradients(images, targets)
     truth = targets[:, WT : WT + 1]
     results = {}
     for channel, modality in enumerate(MODALITIES):
-        gradients = {level: t.grad for level, t in leaves[channel].items()}
         own = images[:, channel : channel + 1]
-        results[modality] = infer_labels(gradients, CROP, truth, own, modality)
+        results[modality] = infer_labels(received[channel], CROP, truth, own, modality)
     for modality, result in results.items():
         print(
             f"{modality}: gradient Dice {result['dice']:.3f} AUC {result['auc']:.3f} | own image same size "
