@@ -6,11 +6,11 @@ set-up is the first training iteration (fresh encoders and decoder), 4 cases x 2
 sites attacks the gradients of its own x0 (norm, Otsu) and is compared with the same number of its own image's most
 tumour-like voxels (brightest, or darkest in T1).
 
-Measured when written (2026-12-03): gradient Dice 0.73-0.75 and AUC 0.99 at every site; the own image alone,
-same number of voxels: FLAIR 0.756, T2 0.581, T1gd 0.175, T1 0.000 (best single threshold, an oracle: 0.920,
-0.600, 0.324, 0.142); a random mask 0.05. So the gradients tell the T1, T1gd and T2 sites the tumour outline their
-own image does not show (gain +0.73, +0.55, +0.15), while the FLAIR site gains nothing over its own image
-(-0.01) from this attack.
+Measured when written (2026-12-03): gradient Dice 0.73-0.75 (smoothed norm: 0.78-0.79) and AUC 0.99 at every
+site; the own image alone, same number of voxels: FLAIR 0.756, T2 0.581, T1gd 0.175, T1 0.000 (best single
+threshold, an oracle: 0.920, 0.600, 0.324, 0.142); a random mask 0.05. So the gradients tell the T1, T1gd and T2
+sites the tumour outline their own image does not show (gain of the better attack +0.78, +0.60, +0.20), while the
+FLAIR site gains little over its own image (+0.04).
 """
 
 import numpy as np
@@ -47,7 +47,8 @@ def attacks(sites, labels):
         results[modality] = infer_labels(received[channel], CROP, truth, own, modality)
     for modality, result in results.items():
         print(
-            f"{modality}: gradient Dice {result['dice']:.3f} AUC {result['auc']:.3f} | own image same size "
+            f"{modality}: gradient Dice {result['dice']:.3f} smoothed {result['dice_smoothed']:.3f} AUC "
+            f"{result['auc']:.3f} | own image same size "
             f"{result['dice_own_image']:.3f} AUC {result['auc_own_image']:.3f} best threshold "
             f"{result['dice_own_image_best_threshold']:.3f} | random {result['dice_random_mask']:.3f} | gain "
             f"{result['gain_over_own_image']:+.3f}"
@@ -61,7 +62,8 @@ def test_every_figure_is_a_measurement_in_range(attacks):
             assert 0.0 <= result[key] <= 1.0, (modality, key)
         for key in ("auc", "auc_own_image"):
             assert 0.0 <= result[key] <= 1.0, (modality, key)
-        assert result["gain_over_own_image"] == pytest.approx(result["dice"] - result["dice_own_image"])
+        best = max(result["dice"], result["dice_smoothed"])
+        assert result["gain_over_own_image"] == pytest.approx(best - result["dice_own_image"])
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
@@ -72,13 +74,13 @@ def test_the_gradient_score_separates_tumour_from_brain_at_every_site(attacks, m
 
 @pytest.mark.parametrize("modality", ["t1", "t1gd"])
 def test_sites_whose_image_hides_the_tumour_learn_its_outline_from_the_gradients(attacks, modality):
-    # Measured gains over the own image: T1 +0.726, T1gd +0.549.
+    # Measured gains over the own image: T1 +0.783, T1gd +0.601.
     assert attacks[modality]["gain_over_own_image"] > 0.3
 
 
 def test_the_flair_site_gains_little_over_its_own_image(attacks):
     # FLAIR shows oedema bright: the same number of its brightest voxels already scores what the attack does
-    # (measured gain -0.009). Leakage to this site must be judged against that, not against a random mask.
+    # (measured gain +0.037). Leakage to this site must be judged against that, not against a random mask.
     flair = attacks["flair"]
     assert abs(flair["gain_over_own_image"]) < 0.1
     assert flair["dice_own_image"] > 10 * flair["dice_random_mask"]

@@ -40,6 +40,14 @@ def test_only_label_inference(workspace, tmp_path):
     site = result["sites"]["site-1"]
     assert site["inversion"] == [] and site["best_inversion"] is None
     assert site["label_inference"]["dice"] >= 0
+    # Every site with gradient captures is scored against its own image; sites without captures say so.
+    by_site = result["label_inference_by_site"]
+    assert by_site["site-1"] == site["label_inference"] and set(by_site) == set(result["modalities"])
+    labels = site["label_inference"]
+    for key in ("dice_smoothed", "auc", "dice_own_image", "dice_own_image_best_threshold", "auc_own_image"):
+        assert 0.0 <= labels[key] <= 1.0, key
+    text = (tmp_path / "report.md").read_text()
+    assert "## Label inference at every site" in text and "| site-1 (flair) |" in text
 
 
 def test_later_iteration_skips_white_box_and_says_why(workspace, tmp_path):

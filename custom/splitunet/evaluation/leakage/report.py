@@ -89,6 +89,19 @@ def attacker_encoder_seed(run: CapturedRun, site: str, assume_known_init: bool) 
     return job_seed, "the site's encoder_seed is private; the attacker rebuilds from the job's seed (a wrong guess)"
 
 
+def site_label_inference(run: CapturedRun, site: str, iteration: int, truth: GroundTruth) -> dict | None:
+    """``site``'s label inference from the gradients of ``iteration``'s features, scored against the truth and the
+    site's own crops; ``None`` without a gradient capture for it."""
+    # The gradients for iteration t's features travel with the request of iteration t + 1.
+    if iteration + 1 not in run.iterations(GRADIENTS, site):
+        return None
+    plan = run.capture(ACTIVATIONS, site, iteration).plan
+    modality = run.sites[site]
+    gradients = run.capture(GRADIENTS, site, iteration + 1)
+    own = truth.image_crops(modality, plan)
+    return infer_labels(gradients.observed, plan["size"], truth.region_crops(plan, "WT"), own, modality)
+
+
 def _attack_site(
     run: CapturedRun,
     site: str,
@@ -131,11 +144,8 @@ def _attack_site(
             figures[attack] = path.name
     labels = None
     if "label_inference" in attacks:
-        # The gradients for iteration t's features travel with the request of iteration t + 1.
-        if iteration + 1 in run.iterations(GRADIENTS, site):
-            gradients = run.capture(GRADIENTS, site, iteration + 1)
-            labels = infer_labels(gradients.observed, size, truth.region_crops(plan, "WT"), original, modality)
-        else:
+        labels = site_label_inference(run, site, iteration, truth)
+        if labels is None:
             notes.append(f"label inference skipped: no gradient capture of iteration {iteration + 1}")
     return {
         "modality": modality,
@@ -203,6 +213,7 @@ def run_leakage(
         "assume_known_init": bool(assume_known_init),
         "budget": budget.to_dict(),
         "threads": torch.get_num_threads(),
+        "modalities": dict(run.sites),
         "sites": {},
     }
     for site in chosen:
@@ -210,6 +221,13 @@ def run_leakage(
         report["sites"][site] = _attack_site(
             run, site, iteration, truth, aux_parties, attacks, budget, out_dir, assume_known_init
         )
+    if "label_inference" in attacks:
+        # Cheap (no optimisation): every site that received gradients, each against its own image.
+        report["label_inference_by_site"] = {
+            site: (report["sites"][site]["label_inference"] if site in report["sites"] else None)
+            or site_label_inference(run, site, iteration, truth)
+            for site in run.sites
+        }
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     write_json_atomic(report, out_dir / "report.json")
     (out_dir / "report.md").write_text(leakage_markdown(report))
@@ -265,5 +283,28 @@ def leakage_markdown(report: Mapping) -> str:
             lines.append(f"\nNote: {note}.")
         for attack, figure in result["figures"].items():
             lines.append(f"\n![{site} {attack}]({figure})")
+        lines.append("")
+    by_site = {site: labels for site, labels in (report.get("label_inference_by_site") or {}).items() if labels}
+    if by_site:
+        lines += [
+            "## Label inference at every site",
+            "",
+            "Whole-tumour Dice of the mask each site infers from the gradients it received (norm + Otsu; smoothed: "
+            "the squared norm averaged first, the adaptation to gradient noise), against what the site's own image "
+            "gives without any gradient (the same number of its most tumour-like voxels; the best single threshold, "
+            "an oracle) and a random mask. Gain = the better attack minus the own image.",
+            "",
+            "| site | attack Dice | smoothed | AUC | own image | own-image AUC | best threshold (oracle) | random "
+            "| gain |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for site, labels in by_site.items():
+            lines.append(
+                f"| {site} ({report.get('modalities', {}).get(site, '')}) | {_fmt(labels['dice'])} | "
+                f"{_fmt(labels.get('dice_smoothed'))} | {_fmt(labels.get('auc'))} | "
+                f"{_fmt(labels.get('dice_own_image'))} | {_fmt(labels.get('auc_own_image'))} | "
+                f"{_fmt(labels.get('dice_own_image_best_threshold'))} | {_fmt(labels['dice_random_mask'])} | "
+                f"{_fmt(labels.get('gain_over_own_image'))} |"
+            )
         lines.append("")
     return "\n".join(lines) + "\n"
