@@ -63,8 +63,11 @@ def test_every_attack_gives_a_scored_row_per_level(scene):
     assert {("unsplit", "x0"), ("unsplit", "x1"), ("learned_inverse", "x0-x4")} <= set(found)
     assert ("unsplit", "x2") not in found  # the budget attacks the two finest levels only
     for row in rows:
-        for key in ("ssim", "psnr", "ssim_prior", "psnr_prior", "relative_leakage", "seconds"):
+        keys = ("ssim", "psnr", "ssim_prior", "psnr_prior", "relative_leakage", "ssim_brain", "ssim_prior_brain")
+        for key in (*keys, "ssim_reported", "seconds"):
             assert math.isfinite(row[key]), (row, key)
+        # A failed attack is reported at the prior, which the attacker could have submitted instead.
+        assert row["ssim_reported"] == max(row["ssim"], row["ssim_prior"])
     assert set(images) == set(found)
     assert all(image.shape == (2, 1, 32, 32, 32) for image in images.values())
 

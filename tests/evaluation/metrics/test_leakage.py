@@ -34,6 +34,16 @@ def test_relative_leakage_of_the_prior_is_zero_and_grows_with_a_better_reconstru
     assert perfect["relative_leakage"] > 0
     halfway = image_leakage((original + prior) / 2, original, prior)["mean"]
     assert 0 < halfway["relative_leakage"] < perfect["relative_leakage"]
+    assert perfect["ssim_brain"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_attack_worse_than_the_prior_is_reported_at_the_prior():
+    images = _volumes(5)
+    original, prior = images[:1], mean_image_prior(images[1:])
+    unrelated = torch.randn_like(original)
+    result = image_leakage(unrelated, original, prior)["mean"]
+    assert result["ssim"] < result["ssim_prior"]
+    assert result["ssim_reported"] == result["ssim_prior"] and result["relative_leakage"] < 0
 
 
 def test_relative_leakage_formula_and_undefined_baseline():

@@ -85,3 +85,23 @@ def test_the_reference_spans_the_scale():
     assert values["light noise"] > 0.9 > values["blurred"] > values["heavy noise"]
     # A negative slope gets no credit: the aligned image is the original's mean, structure-free.
     assert values["inverted"] < 0.05
+
+
+def test_ssim_inside_a_mask_averages_only_the_windows_centred_there():
+    rng = np.random.default_rng(1)
+    original = _brainish(rng, shape=(36, 36, 36))
+    as_tensor = lambda volume: torch.from_numpy(volume.astype(np.float32))[None, None]  # noqa: E731
+    everywhere = torch.ones(1, 1, *original.shape)
+    noisy = original + 0.5 * rng.normal(size=original.shape)
+    assert float(ssim_3d(as_tensor(noisy), as_tensor(original), mask=everywhere)[0]) == pytest.approx(
+        float(ssim_3d(as_tensor(noisy), as_tensor(original))[0]), abs=1e-5
+    )
+    # Noise only outside a central box: inside it the reconstruction is exact, away from the box's edge.
+    box = np.zeros(original.shape, dtype=bool)
+    box[6:-6, 6:-6, 6:-6] = True
+    partly = np.where(box, original, noisy)
+    inner = torch.zeros(1, 1, *original.shape)
+    inner[0, 0, 11:-11, 11:-11, 11:-11] = 1.0  # windows reaching no noisy voxel (half width 5)
+    masked = float(ssim_3d(as_tensor(partly), as_tensor(original), mask=inner, align=False)[0])
+    assert masked == pytest.approx(1.0, abs=1e-5)
+    assert float(ssim_3d(as_tensor(partly), as_tensor(original), align=False)[0]) < 0.9

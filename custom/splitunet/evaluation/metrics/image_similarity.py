@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
+from monai.metrics.regression import compute_ssim_and_cs
 
-__all__ = ["align_intensity", "data_range", "ssim_3d", "psnr_3d", "SSIM_WINDOW"]
+__all__ = ["align_intensity", "data_range", "ssim_3d", "psnr_3d", "brain_mask", "SSIM_WINDOW"]
 
-# MONAI SSIMMetric's default window size: crops smaller than this cannot be scored.
+# MONAI SSIMMetric's default window size and Gaussian sigma: crops smaller than the window cannot be scored.
 SSIM_WINDOW = 11
+_SSIM_SIGMA = 1.5
 
 
 def _check_pair(reconstruction: torch.Tensor, original: torch.Tensor) -> None:
@@ -67,23 +69,46 @@ def data_range(original: torch.Tensor) -> torch.Tensor:
     return torch.where(spread > 0, spread, torch.ones_like(spread))
 
 
-def ssim_3d(reconstruction: torch.Tensor, original: torch.Tensor, align: bool = True) -> torch.Tensor:
+def ssim_3d(
+    reconstruction: torch.Tensor, original: torch.Tensor, align: bool = True, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """3D SSIM per sample (MONAI ``SSIMMetric``), after :func:`align_intensity` unless ``align`` is False.
 
     Args:
         reconstruction, original: ``(B, 1, D, H, W)``, each spatial size >= 11.
         align: fit the positive affine intensity map first (see the module notes).
+        mask: ``(B, 1, D, H, W)`` in {0, 1}, e.g. the brain (:func:`brain_mask`): average the SSIM map only over
+            the window positions whose centre voxel is in the mask, so that an easy background does not lift the
+            score. ``None``: every valid position, as ``SSIMMetric``.
 
     Returns:
-        ``(B,)`` SSIM values (1 for identical crops).
+        ``(B,)`` SSIM values (1 for identical crops; NaN for a sample whose mask covers no valid position).
     """
     _check_pair(reconstruction, original)
     candidate = align_intensity(reconstruction, original) if align else reconstruction.detach().float()
     values = []
-    for sample, target, peak in zip(candidate, original.detach().float(), data_range(original)):
-        metric = SSIMMetric(spatial_dims=3, data_range=float(peak))
-        values.append(metric(sample[None], target[None]).reshape(()))
+    for index, (sample, target, peak) in enumerate(zip(candidate, original.detach().float(), data_range(original))):
+        if mask is None:
+            metric = SSIMMetric(spatial_dims=3, data_range=float(peak))
+            values.append(metric(sample[None], target[None]).reshape(()))
+            continue
+        # MONAI's own SSIM map over the valid positions (the same computation SSIMMetric averages).
+        ssim_map, _ = compute_ssim_and_cs(
+            sample[None], target[None], 3, [SSIM_WINDOW] * 3, [_SSIM_SIGMA] * 3, data_range=float(peak)
+        )
+        half = SSIM_WINDOW // 2
+        inside = mask[index, 0, half:-half, half:-half, half:-half].bool()
+        values.append(ssim_map[0, 0][inside].mean() if inside.any() else torch.tensor(float("nan")))
     return torch.stack(values)
+
+
+def brain_mask(original: torch.Tensor) -> torch.Tensor:
+    """Voxels of the brain in a site's crops ``(B, 1, D, H, W)``: the non-zero ones.
+
+    Volumes are skull-stripped with a zero background, and the sites' normalisation (MONAI ``NormalizeIntensity``
+    with ``nonzero=True``) leaves those zeros at exactly zero.
+    """
+    return (original.detach() != 0).float()
 
 
 def psnr_3d(reconstruction: torch.Tensor, original: torch.Tensor, align: bool = True) -> torch.Tensor:
