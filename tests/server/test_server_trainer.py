@@ -145,3 +145,20 @@ def test_features_targets_and_gradients_cross_the_host_staging(parties, recordin
         ("to_device", "target", {0: (2, 3, 32, 32, 32)}),
         *[("to_host", tag, shape) for tag, shape in zip(tags, shapes)],
     ]
+
+
+def test_frozen_encoders_get_no_gradients_and_the_decoder_still_learns(tiny_parties):
+    torch.manual_seed(0)
+    frozen = SplitModelConfig(features=(4, 8, 8, 16, 16), learning_rate=5e-3, seed=2, train_encoders=False)
+    sites, server = _build(tiny_parties, frozen)
+    shapes = {key: info["shape"] for key, info in server.describe_cases().items()}
+    fixed_plan = RandomCropPlanner(shapes, (32, 32, 32), batch_size=2, seed=0, flip_prob=0.0).next_plan()
+    encoders_before = [[p.detach().clone() for p in site.encoder.parameters()] for site in sites]
+    losses = []
+    for _ in range(12):
+        step = server.train_step(fixed_plan, [site.forward(fixed_plan) for site in sites])
+        assert step.grads == [None] * len(sites)
+        losses.append(step.loss)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    for site, before in zip(sites, encoders_before):
+        assert all(torch.equal(b, p) for b, p in zip(before, site.encoder.parameters()))

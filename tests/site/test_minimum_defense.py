@@ -64,3 +64,16 @@ def test_every_required_filter_counts_and_any_matching_instance_will_do():
 def test_a_malformed_minimum_is_refused_naming_its_file(bad):
     with pytest.raises(SplitUNetConfigError, match="local/privacy.json: splitunet_minimum_defense must map"):
         parse_minimum_defense(bad, "local/privacy.json")
+
+
+def test_the_model_settings_entry_binds_the_job_not_the_chain():
+    from splitunet.site.minimum_defense import model_shortfalls
+    from splitunet.wire.model_config import SplitModelConfig
+
+    minimum = parse_minimum_defense({"SplitModelConfig": {"train_encoders": False}}, "privacy.json")
+    assert shortfalls(minimum, []) == []  # not a filter: the chain check leaves it alone
+    assert model_shortfalls(minimum, SplitModelConfig(train_encoders=False)) == []
+    assert model_shortfalls(minimum, SplitModelConfig()) == [
+        "SplitModelConfig train_encoders True (needs = False)"
+    ]
+    assert model_shortfalls({"BlockSkipLevels": {}}, SplitModelConfig()) == []

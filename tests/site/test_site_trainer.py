@@ -146,3 +146,13 @@ def test_crops_features_and_gradients_cross_the_host_staging(trainer, recording_
         ("to_host", "features", shapes),
         ("to_device", "gradients", shapes),
     ]
+
+
+def test_a_frozen_encoder_keeps_no_graph_and_refuses_gradients(tiny_parties):
+    site = SiteTrainer(ModalityFolder(tiny_parties / "t1gd", "t1gd", party="site-3"), "test-secret")
+    site.build(SplitModelConfig(features=(4, 4, 8, 8, 16), skip_levels=(1, 2, 3), train_encoders=False))
+    features = site.forward(_plan(site))
+    assert sorted(features) == [1, 2, 3, 4] and site._pending is None
+    site.forward(_plan(site))  # no gradients pending: the next step may encode at once
+    with pytest.raises(ValueError, match="site-3: received gradients, but this job freezes the encoders"):
+        site.backward({level: torch.ones_like(t) for level, t in features.items()})

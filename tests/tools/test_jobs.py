@@ -40,10 +40,17 @@ PROMISED = {
     "split_unet_noise": [("client", "ClippedGaussianNoise", {})],
     "split_unet_no_x0": [("client", "BlockSkipLevels", {"levels": [0]})],
     "split_unet_grad_noise": [("server", "ClippedGaussianNoise", {})],
+    "split_unet_protected": [
+        ("client", "BlockSkipLevels", {"levels": [0]}),
+        ("client", "QuantizeFeatures", {"precision": "int8"}),
+    ],
 }
 DEFENSE_VARIANTS = sorted(PROMISED)
 # Workflow settings a defense job must change because of its filters.
-FORCED_WORKFLOW_ARGS = {"split_unet_no_x0": {"skip_levels": [1, 2, 3]}}
+FORCED_WORKFLOW_ARGS = {
+    "split_unet_no_x0": {"skip_levels": [1, 2, 3]},
+    "split_unet_protected": {"skip_levels": [1, 2, 3], "train_encoders": False},
+}
 # Jobs that differ from the main job in workflow settings only, not in filters.
 SETTING_VARIANTS = {
     "split_unet_missing_modality": {"fusion": "mean", "modality_dropout": 0.25, "on_site_failure": "continue"},
@@ -181,9 +188,12 @@ def test_the_main_job_sends_int8_both_ways():
         assert chain[0]["args"] == {"precision": "int8"}
 
 
-@pytest.mark.parametrize("variant", [v for v in DEFENSE_VARIANTS if v not in ("split_unet_fp16", "split_unet_int4")])
+@pytest.mark.parametrize(
+    "variant", [v for v in DEFENSE_VARIANTS if v not in ("split_unet_fp16", "split_unet_int4", "split_unet_protected")]
+)
 def test_a_defense_job_sends_float32(variant):
-    # Each row of the defense table measures one defense alone, against the float32 reference.
+    # Each row of the defense table measures one defense alone, against the float32 reference (the protected
+    # preset is the one combination: int8 on what it sends).
     for side in ("client", "server"):
         assert not _quantizers(variant, side)
 

@@ -67,6 +67,7 @@ class SplitLearningController(SiteTaskController):
         learning_rate: float = MODEL_DEFAULTS.learning_rate,
         weight_decay: float = MODEL_DEFAULTS.weight_decay,
         transfer_dtype: str = MODEL_DEFAULTS.transfer_dtype,
+        train_encoders: bool = MODEL_DEFAULTS.train_encoders,
         val_every: int = 100,
         num_val_cases: int = 4,
         sw_batch_size: int = 4,
@@ -170,10 +171,11 @@ class SplitLearningController(SiteTaskController):
             record.iterations = iteration
             validate = iteration % s.val_every == 0 or iteration == s.num_iterations
             if validate or (s.checkpoint_every and iteration % s.checkpoint_every == 0):
-                # Deliver the pending gradients first so that every encoder is at step `iteration`.
-                self._round_trip(
-                    TaskName.STEP, self._step_data(grads, None, (), iteration), iteration, fl_ctx, abort_signal
-                )
+                if self.model_config.train_encoders:
+                    # Deliver the pending gradients first so that every encoder is at step `iteration`.
+                    self._round_trip(
+                        TaskName.STEP, self._step_data(grads, None, (), iteration), iteration, fl_ctx, abort_signal
+                    )
                 grads = None
                 is_best = validate and self._validate(validation, iteration, loss, fl_ctx, abort_signal, out_dir)
                 self._save("last", iteration, planner, fl_ctx, abort_signal)

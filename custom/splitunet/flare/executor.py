@@ -128,7 +128,8 @@ class SplitSiteExecutor(Executor):
 
     def _setup(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
         # Before anything is read or sent: this job must run the site's minimum defense on what it releases.
-        checked = check_minimum_defense(fl_ctx, party)
+        config = SplitModelConfig.from_dict(dxo.get_meta_prop(MetaKey.CONFIG))
+        checked = check_minimum_defense(fl_ctx, party, config)
         if checked:
             self.log_info(fl_ctx, f"{party}: {checked}")
         self.private = PrivateNames()
@@ -143,7 +144,7 @@ class SplitSiteExecutor(Executor):
         self.private.add_dir("inference_dir" if inference and settings.inference_dir else "data_dir", folder.folder)
         self.private.add_cases(folder.case_ids)
         self.trainer = SiteTrainer(folder, settings.case_key_secret, device, amp=self.amp)
-        self.trainer.build(SplitModelConfig.from_dict(dxo.get_meta_prop(MetaKey.CONFIG)), settings.encoder_seed)
+        self.trainer.build(config, settings.encoder_seed)
         self.checkpoints = checkpoint_folder(fl_ctx, settings.checkpoint_dir, dxo.get_meta_prop(MetaKey.EXPERIMENT))
         compute = f"device {device}" + _amp_note(self.amp, self.trainer.amp)
         self.log_info(

@@ -18,7 +18,13 @@ from nvflare.fuel.utils.class_utils import load_class
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.flare.workspace_paths import site_config_dir
-from splitunet.site.minimum_defense import MINIMUM_DEFENSE_KEY, describe_chain, parse_minimum_defense, shortfalls
+from splitunet.site.minimum_defense import (
+    MINIMUM_DEFENSE_KEY,
+    describe_chain,
+    model_shortfalls,
+    parse_minimum_defense,
+    shortfalls,
+)
 from splitunet.wire.protocol import TaskName
 
 __all__ = ["RELEASING_TASKS", "PRIVACY_FILE", "read_minimum_defense", "released_chain", "check_minimum_defense"]
@@ -56,8 +62,14 @@ def released_chain(scope_filters: Sequence, job_config: dict, task: str) -> list
     return list(scope_filters) + _job_result_filters(job_config, task)
 
 
-def check_minimum_defense(fl_ctx: FLContext, party: str) -> str | None:
-    """Refuse this job if the chain on any releasing task falls short of the site's minimum defense.
+def check_minimum_defense(fl_ctx: FLContext, party: str, model_config: object | None = None) -> str | None:
+    """Refuse this job if the chain on any releasing task, or the model settings it asks for, fall short of the
+    site's minimum defense.
+
+    Args:
+        fl_ctx: the setup task's context.
+        party: this site.
+        model_config: the model settings the server sent (checked against the minimum's ``SplitModelConfig``).
 
     Returns:
         a line for the site's log saying what was checked, or ``None`` when the site states no minimum.
@@ -76,6 +88,10 @@ def check_minimum_defense(fl_ctx: FLContext, party: str) -> str | None:
     config_file = Path(workspace.get_app_config_dir(fl_ctx.get_job_id())) / "config_fed_client.json"
     job_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     problems = []
+    if model_config is not None:
+        missing = model_shortfalls(minimum, model_config)
+        if missing:
+            problems.append(f"the job's model settings: missing {'; '.join(missing)}")
     for task in RELEASING_TASKS:
         chain = released_chain(scope_filters, job_config, task)
         missing = shortfalls(minimum, chain)

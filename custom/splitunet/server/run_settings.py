@@ -131,6 +131,8 @@ class TrainingSettings(TaskSettings):
         learning_rate: Adam learning rate at every party.
         weight_decay: Adam weight decay.
         transfer_dtype: ``"float32"`` or ``"float16"`` on the wire.
+        train_encoders: ``False``: send the sites no gradients; their encoders stay at their private
+            initialisation (:class:`~splitunet.wire.model_config.SplitModelConfig`).
         val_every: validate every this many iterations (and after the last).
         num_val_cases: held-out cases (chosen by seed among the cases every party has).
         sw_batch_size: windows per round trip at validation.
@@ -175,6 +177,7 @@ class TrainingSettings(TaskSettings):
     learning_rate: float = MODEL_DEFAULTS.learning_rate
     weight_decay: float = MODEL_DEFAULTS.weight_decay
     transfer_dtype: str = MODEL_DEFAULTS.transfer_dtype
+    train_encoders: bool = MODEL_DEFAULTS.train_encoders
     val_every: int = 100
     num_val_cases: int = 4
     sw_batch_size: int = 4
@@ -203,6 +206,7 @@ class TrainingSettings(TaskSettings):
             weight_decay=self.weight_decay,
             seed=self.seed,
             transfer_dtype=self.transfer_dtype,
+            train_encoders=self.train_encoders,
         )
         for name in ("num_iterations", "batch_size", "val_every", "num_val_cases", "sw_batch_size", "log_every"):
             _check_int(name, getattr(self, name), 1)

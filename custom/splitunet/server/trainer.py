@@ -150,16 +150,19 @@ class ServerTrainer:
             None if features is None else self.staging.to_device(features, f"site{index}")
             for index, features in enumerate(site_features)
         ]
-        # Received features become leaves: their .grad is exactly what each site needs back.
+        # Received features become leaves: their .grad is exactly what each site needs back. With frozen encoders
+        # nothing goes back, so no gradient is computed for them.
+        wanted = self.config.train_encoders
         return [
-            None if features is None else {level: t.requires_grad_(True) for level, t in features.items()}
+            None if features is None else {level: t.requires_grad_(wanted) for level, t in features.items()}
             for features in to_decoder_inputs(staged, self.device)
         ]
 
     def train_step(self, plan: Mapping, site_features: Sequence[Mapping[int, torch.Tensor] | None]) -> StepResult:
         """Decode, compute the loss against the server-held labels, update the decoder, return site gradients.
 
-        A ``None`` entry is a site that sat this step out (mean fusion only); it gets no gradients back.
+        A ``None`` entry is a site that sat this step out (mean fusion only); it gets no gradients back, and
+        neither does any site when the job freezes the encoders (``train_encoders=False``).
         """
         start = time.perf_counter()
         self.decoder.train()
@@ -173,7 +176,7 @@ class ServerTrainer:
         wire_dtype = getattr(torch, self.config.transfer_dtype)
         grads = [
             None
-            if leaf_map is None
+            if leaf_map is None or not self.config.train_encoders
             else self.staging.to_host(
                 {level: leaf.grad.detach().to(wire_dtype) for level, leaf in leaf_map.items()}, f"site{index}"
             )

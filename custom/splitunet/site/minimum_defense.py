@@ -9,7 +9,12 @@ alone cannot promise a floor. The site states its floor once, in the same file, 
         "BlockSkipLevels": {"levels": [0]}
     }
 
-Each entry names a filter class that must be in the chain a released payload goes through (the scope's filters
+One more entry, :data:`MODEL_SETTINGS_KEY` (``"SplitModelConfig"``), sets the model settings the job must use, with
+the same rules: ``{"SplitModelConfig": {"train_encoders": false}}`` refuses any job that would send the site
+gradients (the protected preset's frozen encoders; a server that lies about it is refused again when the first
+gradient arrives, by :meth:`~splitunet.site.trainer.SiteTrainer.backward`).
+
+Each other entry names a filter class that must be in the chain a released payload goes through (the scope's filters
 and then the job's), with the settings it must at least have: a number must be at least as strong as the stated
 one (at least it; at most it for the settings in :data:`SMALLER_IS_STRONGER`, such as a clip norm, a top-k fraction
 or ``bits`` of a quantizer), a list of levels must be covered (a filter acting on every level covers any list),
@@ -24,9 +29,19 @@ from numbers import Real
 
 from splitunet.errors import SplitUNetConfigError
 
-__all__ = ["MINIMUM_DEFENSE_KEY", "SMALLER_IS_STRONGER", "parse_minimum_defense", "shortfalls", "describe_chain"]
+__all__ = [
+    "MINIMUM_DEFENSE_KEY",
+    "MODEL_SETTINGS_KEY",
+    "SMALLER_IS_STRONGER",
+    "parse_minimum_defense",
+    "shortfalls",
+    "model_shortfalls",
+    "describe_chain",
+]
 
 MINIMUM_DEFENSE_KEY = "splitunet_minimum_defense"
+# The entry of the minimum that binds the job's model settings rather than a filter.
+MODEL_SETTINGS_KEY = "SplitModelConfig"
 # Filter settings whose smaller values protect more: clip norms, the fraction top-k keeps, a quantizer's bits,
 # the delta of (epsilon, delta).
 SMALLER_IS_STRONGER = frozenset({"clip_norm", "clip_rms", "fraction", "bits", "delta"})
@@ -61,13 +76,17 @@ def _meets(name: str, actual: object, least: object) -> bool:
     return actual == least
 
 
-def _bound(name: str) -> str:
+def _bound(name: str, least: object = 0) -> str:
+    if isinstance(least, (list, tuple)):
+        return "covering"
+    if isinstance(least, bool) or not isinstance(least, Real):
+        return "="
     return "<=" if name in SMALLER_IS_STRONGER else ">="
 
 
 def _unmet(filter_: object, settings: Mapping[str, object]) -> list[str]:
     return [
-        f"{name} {getattr(filter_, name, None)!r} (needs {_bound(name)} {least!r})"
+        f"{name} {getattr(filter_, name, None)!r} (needs {_bound(name, least)} {least!r})"
         for name, least in settings.items()
         if not _meets(name, getattr(filter_, name, None), least)
     ]
@@ -81,11 +100,13 @@ def shortfalls(minimum: Mapping[str, Mapping[str, object]], chain: Iterable[obje
     chain = list(chain)
     missing = []
     for class_name, settings in minimum.items():
+        if class_name == MODEL_SETTINGS_KEY:
+            continue  # not a filter: model_shortfalls checks it against the job's model settings
         candidates = [f for f in chain if type(f).__name__ == class_name]
         if any(not _unmet(f, settings) for f in candidates):
             continue
         wanted = class_name + (
-            f"({', '.join(f'{k} {_bound(k)} {v!r}' for k, v in settings.items())})" if settings else ""
+            f"({', '.join(f'{k} {_bound(k, v)} {v!r}' for k, v in settings.items())})" if settings else ""
         )
         if candidates:
             found = "; ".join(", ".join(_unmet(f, settings)) for f in candidates)
@@ -93,6 +114,13 @@ def shortfalls(minimum: Mapping[str, Mapping[str, object]], chain: Iterable[obje
         else:
             missing.append(f"{wanted}: not in the chain")
     return missing
+
+
+def model_shortfalls(minimum: Mapping[str, Mapping[str, object]], model_config: object) -> list[str]:
+    """What the job's model settings (a :class:`~splitunet.wire.model_config.SplitModelConfig`) lack against the
+    minimum's :data:`MODEL_SETTINGS_KEY` entry; empty when it meets it or states none."""
+    settings = minimum.get(MODEL_SETTINGS_KEY) or {}
+    return [f"{MODEL_SETTINGS_KEY} {unmet}" for unmet in _unmet(model_config, settings)]
 
 
 def describe_chain(chain: Iterable[object]) -> str:

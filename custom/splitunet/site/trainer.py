@@ -119,6 +119,10 @@ class SiteTrainer:
             raise RuntimeError(f"{self.party}: forward called while the previous step's gradients are pending")
         self.encoder.train()
         batch = self._batch(plan)
+        if not self.config.train_encoders:
+            # Frozen encoder: no gradient will come back, so no graph is kept (and none is pending).
+            with torch.no_grad(), autocast(self.device, self.amp):
+                return self._to_wire(self.encoder(batch), "features")
         with autocast(self.device, self.amp):
             features = self.encoder(batch)
         self._pending = {level: features[level] for level in self.config.sent_levels}
@@ -127,6 +131,9 @@ class SiteTrainer:
     def backward(self, grads: Mapping[int, torch.Tensor]) -> None:
         """Back-propagate the server's gradients through the pending features and step the optimiser."""
         self._require_built()
+        if not self.config.train_encoders:
+            # The job said the encoder stays frozen: a server that sends gradients anyway is not followed.
+            raise ValueError(f"{self.party}: received gradients, but this job freezes the encoders (train_encoders)")
         if self._pending is None:
             raise RuntimeError(f"{self.party}: received gradients but no forward pass is pending")
         if set(grads) != set(self._pending):

@@ -149,6 +149,18 @@ def _leakage(args) -> int:
     return 0
 
 
+def _utility(args) -> int:
+    from splitunet.evaluation.utility import UTILITY_ITERATIONS, UTILITY_SETTINGS, run_utility
+
+    settings = UTILITY_SETTINGS[:2] if args.quick else UTILITY_SETTINGS
+    iterations = args.iterations or (4 if args.quick else UTILITY_ITERATIONS)
+    seeds = tuple(range(args.seeds))
+    capture = tuple(args.capture or ())
+    run_utility(args.out, settings, seeds, iterations, quick=args.quick, capture_iterations=capture)
+    print((Path(args.out) / "utility.md").read_text())
+    return 0
+
+
 def _sweep(args) -> int:
     from splitunet.evaluation.sweep import DEFAULT_SWEEP, QUICK_SWEEP, run_sweep
 
@@ -457,6 +469,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="worst case for the white-box attack: the attacker knows each site's private initial encoder seed",
     )
     leakage.set_defaults(run=_leakage)
+
+    utility = commands.add_parser(
+        "utility",
+        help="Dice cost of the float32, main and protected jobs: paired seeds, 300 iterations, 95 %% intervals",
+    )
+    utility.add_argument("--out", required=True, type=Path, help="study folder (finished runs in it are reused)")
+    utility.add_argument("--iterations", type=int, default=0, help="training iterations per run (default: 300)")
+    utility.add_argument("--seeds", type=int, default=3, help="paired seeds 0..N-1 (default: 3)")
+    utility.add_argument("--capture", type=int, nargs="*", help="iterations whose features each run captures")
+    utility.add_argument("--quick", action="store_true", help="2 tiny settings, 4 iterations (checks the pipeline)")
+    utility.set_defaults(run=_utility)
 
     sweep = commands.add_parser(
         "sweep", help="train under each defense at two strengths, attack each run, tabulate and plot the trade-off"

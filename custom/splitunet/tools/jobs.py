@@ -267,6 +267,15 @@ JOBS: tuple[Entry, ...] = (
     ),
     # Trains a decoder that takes any subset of the modalities (mean fusion, modalities dropped in training), and
     # keeps training when a site fails.
+    # The protected preset (docs/privacy.md, "The protected preset"): no gradient leaves the server, so the encoders
+    # stay at each site's private random initialisation; x0 never leaves a site; int8 codes on the wire.
+    Variant(
+        "split_unet_protected",
+        base="split_unet",
+        site_filters=(Filter("BlockSkipLevels", {"levels": [0]}, also_tasks=("split_setup",)), INT8),
+        workflow_args={"skip_levels": [1, 2, 3], "train_encoders": False},
+        defense=True,
+    ),
     Variant(
         "split_unet_missing_modality",
         base="split_unet",

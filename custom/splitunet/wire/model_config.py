@@ -44,6 +44,10 @@ class SplitModelConfig:
         weight_decay: Adam weight decay.
         seed: seed of parameter initialisation; each party offsets it by its role.
         transfer_dtype: dtype of activations and gradients on the wire (``"float32"`` or ``"float16"``).
+        train_encoders: ``True``: the server returns the gradients of the sites' features and the sites train
+            their encoders. ``False``: no gradient ever leaves the server and every encoder stays at its private
+            random initialisation (the decoder learns on fixed random features). Nothing label-derived then
+            reaches a site, and a server cannot steer a site's encoder (docs/design.md, "Threat models").
     """
 
     # The shipped jobs' widths and rate: one place for the defaults of every party and workflow.
@@ -54,6 +58,7 @@ class SplitModelConfig:
     weight_decay: float = 1e-5
     seed: int = 0
     transfer_dtype: str = "float32"
+    train_encoders: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -71,6 +76,8 @@ class SplitModelConfig:
             raise SplitUNetConfigError(f"fusion must be 'concat' or 'mean', got {self.fusion!r}")
         if self.transfer_dtype not in TRANSFER_DTYPES:
             raise SplitUNetConfigError(f"transfer_dtype must be one of {TRANSFER_DTYPES}, got {self.transfer_dtype!r}")
+        if not isinstance(self.train_encoders, bool):
+            raise SplitUNetConfigError(f"train_encoders must be true or false, got {self.train_encoders!r}")
         if not self.learning_rate > 0:
             raise SplitUNetConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
 

@@ -1,0 +1,256 @@
+"""``splitunet utility``: what a job costs in Dice, measured so that it means something: every setting trained for the
+same budget on the same phantom split under several paired seeds, reported as the mean and a 95 % interval of the
+paired difference against the first setting (the float32 reference).
+
+Seed ``s`` fixes the phantom cases, the case split, the crops and the initialisation for every setting, so the
+settings differ only in what they do; the interval is Student's t over the per-seed differences. The validation
+Dice at every ``val_every`` shows whether the numbers had stopped moving by the end of the budget.
+
+Each run keeps its ``results.json``; a rerun with the same out folder and budget reuses finished runs, so a long
+study can be stopped and continued.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from splitunet.atomic_files import write_json_atomic
+from splitunet.evaluation.sweep import SweepSetting
+from splitunet.tools.demo import DemoSettings, run_demo
+from splitunet.tools.deployment import find_job
+
+__all__ = [
+    "UTILITY_SETTINGS",
+    "UTILITY_ITERATIONS",
+    "UTILITY_SEEDS",
+    "REGIONS",
+    "run_utility",
+    "summarise_utility",
+    "utility_markdown",
+    "paired_interval",
+]
+
+REGIONS = ("TC", "WT", "ET")
+# 300 iterations: at 80 the undefended run's TC was still 0.02 and runs swung by tens of points.
+UTILITY_ITERATIONS = 300
+UTILITY_SEEDS = (0, 1, 2)
+# Validations along the way: the curve that shows whether the budget was enough.
+_VAL_EVERY = 100
+
+UTILITY_SETTINGS = (
+    SweepSetting("float32 (reference)", "split_unet_fp32"),
+    SweepSetting("int8 (the main job)", "split_unet"),
+    SweepSetting("protected preset", "split_unet_protected"),
+    SweepSetting(
+        "protected, x0 and x1 withheld",
+        "split_unet_protected",
+        {"BlockSkipLevels": {"levels": [0, 1]}},
+        {"skip_levels": [2, 3]},
+    ),
+)
+
+# The tiny configuration of ``--quick`` (seconds a run): it checks the pipeline, its figures mean nothing.
+_QUICK_DEMO = {"cases": 6, "shape": (40, 40, 40)}
+_QUICK_SERVER_ARGS = {
+    "crop_size": [32, 32, 32],
+    "features": [4, 8, 8, 16, 16, 4],
+    "num_val_cases": 2,
+}
+
+# Two-sided 95 % Student's t quantiles by degrees of freedom (scipy is not a dependency of the evaluation).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_interval(values: Sequence[float]) -> dict:
+    """Mean and 95 % Student's t interval of paired differences (one per seed).
+
+    Returns:
+        ``{"mean", "low", "high", "n"}``; the bounds are NaN with fewer than 2 values.
+    """
+    values = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": len(values)}
+    quantile = _T95.get(len(values) - 1, 1.96)
+    half = quantile * statistics.stdev(values) / math.sqrt(len(values))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
+
+
+def _mean_dice(dice: Mapping[str, float]) -> float:
+    return statistics.fmean(float(dice[region]) for region in REGIONS)
+
+
+def _run_dir(out_dir: Path, seed: int, setting: SweepSetting) -> Path:
+    # Named by the label, not the position, so that a study run again with more settings reuses the finished ones.
+    slug = "".join(c if c.isalnum() else "_" for c in setting.label.lower()).strip("_")
+    return out_dir / f"seed{seed}" / f"{setting.job}__{slug}"
+
+
+def _finished(run_dir: Path, iterations: int) -> dict | None:
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("iterations") == iterations and summary.get("simulator_exit_code") == 0 else None
+
+
+def run_utility(
+    out_dir: str | Path,
+    settings: Sequence[SweepSetting] = UTILITY_SETTINGS,
+    seeds: Sequence[int] = UTILITY_SEEDS,
+    iterations: int = UTILITY_ITERATIONS,
+    quick: bool = False,
+    capture_iterations: Sequence[int] = (),
+) -> dict:
+    """Train every setting under every seed; write ``utility.json`` and ``utility.md``.
+
+    Args:
+        out_dir: the study's folder (one data folder per seed, one workspace per run, the tables).
+        settings: the runs; the first is the reference of the paired differences.
+        seeds: paired seeds (at least 3 for an interval worth reading).
+        iterations: training iterations per run.
+        quick: the tiny configuration (tests); its figures mean nothing.
+        capture_iterations: iterations whose activations and gradients each run captures for ``splitunet leakage``.
+
+    Returns:
+        the summary written to ``utility.json``.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir).resolve()
+    runs: dict[str, dict[int, dict]] = {setting.label: {} for setting in settings}
+    for seed in seeds:
+        data_dir = out_dir / f"data_seed{seed}"
+        for setting in settings:
+            run_dir = _run_dir(out_dir, seed, setting)
+            summary = _finished(run_dir, iterations)
+            if summary is None:
+                print(f"\n=== seed {seed}: {setting.label} ({setting.job}), {iterations} iterations ===", flush=True)
+                server_args = {
+                    **(_QUICK_SERVER_ARGS if quick else {}),
+                    "num_iterations": iterations,
+                    "val_every": min(_VAL_EVERY, iterations),
+                    **setting.server_args,
+                }
+                summary = run_demo(
+                    run_dir,
+                    DemoSettings(
+                        seed=seed,
+                        server_args=server_args,
+                        filter_args=setting.filter_args,
+                        capture_iterations=capture_iterations,
+                        **(_QUICK_DEMO if quick else {}),
+                    ),
+                    job_dir=find_job(setting.job),
+                    data_dir=data_dir,
+                )
+            runs[setting.label][seed] = summary
+            write_json_atomic(summarise_utility(settings, runs, seeds, iterations), out_dir / "utility.json")
+    report = summarise_utility(settings, runs, seeds, iterations)
+    report["elapsed_s"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(report, out_dir / "utility.json")
+    (out_dir / "utility.md").write_text(utility_markdown(report))
+    return report
+
+
+def _history(summary: Mapping) -> dict[int, float]:
+    """Mean Dice at each validation of a run: ``{iteration: mean of TC, WT, ET}``."""
+    points = {}
+    for entry in summary.get("history") or []:
+        dice = entry.get("dice") if isinstance(entry, Mapping) else None
+        if dice and all(region in dice for region in REGIONS):
+            points[int(entry["iteration"])] = _mean_dice(dice)
+    return points
+
+
+def summarise_utility(
+    settings: Sequence[SweepSetting], runs: Mapping[str, Mapping[int, Mapping]], seeds: Sequence[int], iterations: int
+) -> dict:
+    """Per setting: Dice per seed, their mean, the paired difference to the first setting with its interval, the
+    validation curve (mean over seeds), bytes and seconds per iteration."""
+    reference = settings[0].label
+    rows = []
+    for setting in settings:
+        mine = runs.get(setting.label, {})
+        paired = [seed for seed in seeds if seed in mine and seed in runs.get(reference, {})]
+        row = {
+            "label": setting.label,
+            "job": setting.job,
+            "filter_args": setting.filter_args,
+            "server_args": setting.server_args,
+            "seeds": sorted(mine),
+            "dice_by_seed": {str(seed): mine[seed]["dice"] for seed in sorted(mine)},
+            "dice_mean": {
+                region: statistics.fmean(float(mine[s]["dice"][region]) for s in mine) if mine else math.nan
+                for region in REGIONS
+            },
+        }
+        row["difference_to_reference"] = {
+            region: paired_interval(
+                [float(mine[s]["dice"][region]) - float(runs[reference][s]["dice"][region]) for s in paired]
+            )
+            for region in REGIONS
+        }
+        row["difference_to_reference"]["mean"] = paired_interval(
+            [_mean_dice(mine[s]["dice"]) - _mean_dice(runs[reference][s]["dice"]) for s in paired]
+        )
+        curves = [_history(mine[s]) for s in mine]
+        shared = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        row["mean_dice_at_validation"] = {str(i): statistics.fmean(c[i] for c in curves) for i in shared}
+        byte_counts = [mine[s].get("activation_bytes_per_iteration") for s in mine]
+        byte_counts = [b for b in byte_counts if b]
+        row["activation_bytes_per_iteration"] = byte_counts[0] if byte_counts else None
+        row["seconds_per_run"] = [mine[s].get("elapsed_s") for s in sorted(mine)]
+        rows.append(row)
+    return {"iterations": iterations, "seeds": list(seeds), "reference": reference, "rows": rows}
+
+
+def _interval_cell(interval: Mapping, scale: float = 100.0) -> str:
+    if not math.isfinite(interval.get("mean", math.nan)):
+        return "-"
+    if not math.isfinite(interval.get("low", math.nan)):
+        return f"{scale * interval['mean']:+.1f}"
+    return f"{scale * interval['mean']:+.1f} [{scale * interval['low']:+.1f}, {scale * interval['high']:+.1f}]"
+
+
+def utility_markdown(report: Mapping) -> str:
+    """The table: Dice per region (mean over seeds), the paired difference to the reference in Dice points with its
+    95 % interval, the mean Dice at each validation, and bytes."""
+    rows = report["rows"]
+    reference_bytes = rows[0].get("activation_bytes_per_iteration") if rows else None
+    validations = sorted({int(i) for row in rows for i in row["mean_dice_at_validation"]})
+    lines = [
+        f"{report['iterations']} iterations, paired seeds {report['seeds']}; differences are in Dice points against "
+        f"'{report['reference']}', mean over seeds [95 % t interval].",
+        "",
+        "| setting | Dice TC | Dice WT | Dice ET | Δ mean Dice (points) | Δ TC | Δ WT | Δ ET | "
+        + " | ".join(f"mean Dice @{i}" for i in validations)
+        + " | activation bytes / iteration (vs reference) |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(validations) + "---|",
+    ]
+    for row in rows:
+        difference = row["difference_to_reference"]
+        dice = row["dice_mean"]
+        curve = " | ".join(
+            f"{row['mean_dice_at_validation'][str(i)]:.3f}" if str(i) in row["mean_dice_at_validation"] else "-"
+            for i in validations
+        )
+        size = row.get("activation_bytes_per_iteration")
+        size_text = "-"
+        if size:
+            ratio = f" ({size / reference_bytes:.3f}x)" if reference_bytes else ""
+            size_text = f"{size / 1e6:.2f} MB{ratio}"
+        lines.append(
+            f"| {row['label']} | {dice['TC']:.3f} | {dice['WT']:.3f} | {dice['ET']:.3f} | "
+            f"{_interval_cell(difference['mean'])} | {_interval_cell(difference['TC'])} | "
+            f"{_interval_cell(difference['WT'])} | {_interval_cell(difference['ET'])} | {curve} | {size_text} |"
+        )
+    if report.get("elapsed_s") is not None:
+        lines += ["", f"Whole study: {report['elapsed_s'] / 60:.0f} min ({sum(len(r['seeds']) for r in rows)} runs)."]
+    return "\n".join(lines) + "\n"

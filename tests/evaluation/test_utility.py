@@ -1,0 +1,78 @@
+"""utility: paired-seed Dice differences with intervals, and a study that reuses its finished runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from splitunet.evaluation import utility
+from splitunet.evaluation.sweep import SweepSetting
+from splitunet.evaluation.utility import paired_interval, run_utility, summarise_utility, utility_markdown
+
+REFERENCE = SweepSetting("reference", "split_unet_fp32")
+DEFENDED = SweepSetting("defended", "split_unet_protected")
+
+
+def test_paired_interval_is_students_t():
+    interval = paired_interval([0.01, 0.03, 0.02])
+    # mean 0.02, sd 0.01, t(2) = 4.303: half-width 4.303 * 0.01 / sqrt(3)
+    assert interval["mean"] == pytest.approx(0.02)
+    assert interval["high"] - interval["mean"] == pytest.approx(4.303 * 0.01 / math.sqrt(3))
+    assert interval["n"] == 3
+    single = paired_interval([0.5])
+    assert single["mean"] == 0.5 and math.isnan(single["low"])
+    assert paired_interval([])["n"] == 0
+
+
+def _summary(tc, wt, et, history=((100, 0.1),)):
+    return {
+        "dice": {"TC": tc, "WT": wt, "ET": et},
+        "history": [{"iteration": i, "dice": {"TC": d, "WT": d, "ET": d}} for i, d in history],
+        "activation_bytes_per_iteration": 1000,
+        "elapsed_s": 1.0,
+        "iterations": 300,
+        "simulator_exit_code": 0,
+    }
+
+
+def test_differences_are_paired_by_seed():
+    runs = {
+        "reference": {0: _summary(0.8, 0.9, 0.7), 1: _summary(0.6, 0.7, 0.5), 2: _summary(0.7, 0.8, 0.6)},
+        # Exactly 0.05 below the reference in every region under every seed, whatever the seed's level.
+        "defended": {0: _summary(0.75, 0.85, 0.65), 1: _summary(0.55, 0.65, 0.45), 2: _summary(0.65, 0.75, 0.55)},
+    }
+    report = summarise_utility((REFERENCE, DEFENDED), runs, (0, 1, 2), 300)
+    difference = report["rows"][1]["difference_to_reference"]
+    for region in ("TC", "WT", "ET", "mean"):
+        assert difference[region]["mean"] == pytest.approx(-0.05)
+        assert difference[region]["high"] - difference[region]["low"] == pytest.approx(0, abs=1e-9)
+    assert report["rows"][0]["mean_dice_at_validation"] == {"100": pytest.approx(0.1)}
+    table = utility_markdown(report)
+    assert "| defended | 0.650 | 0.750 | 0.550 | -5.0 [-5.0, -5.0] |" in table
+
+
+def test_a_study_reuses_finished_runs_and_pairs_data_by_seed(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_demo(run_dir, settings, job_dir, data_dir):
+        calls.append((run_dir.name, settings.seed, data_dir.name, settings.server_args["num_iterations"]))
+        summary = _summary(0.5 + 0.1 * settings.seed, 0.6, 0.4)
+        summary["iterations"] = settings.server_args["num_iterations"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "results.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(utility, "run_demo", fake_run_demo)
+    run_utility(tmp_path, (REFERENCE,), (0, 1), iterations=7)
+    assert [(seed, data) for _, seed, data, _ in calls] == [(0, "data_seed0"), (1, "data_seed1")]
+    calls.clear()
+    report = run_utility(tmp_path, (REFERENCE, DEFENDED), (0, 1), iterations=7)
+    # Only the new setting trains; the reference's runs are read back.
+    assert [name for name, *_ in calls] == ["split_unet_protected__defended"] * 2
+    assert report["rows"][1]["difference_to_reference"]["TC"]["mean"] == pytest.approx(0)
+    assert (tmp_path / "utility.md").is_file()
+    calls.clear()
+    run_utility(tmp_path, (REFERENCE,), (0,), iterations=8)  # another budget is another run
+    assert len(calls) == 1
