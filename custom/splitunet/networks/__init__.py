@@ -11,6 +11,7 @@ _EXPORTS = {
     "ServerDecoder": "server_decoder",
     "FUSIONS": "server_decoder",
     "MonolithicSplitUNet": "split_unet",
+    "seeded_encoder": "initialisation",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

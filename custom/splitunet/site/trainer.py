@@ -14,7 +14,7 @@ from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.party_data import ModalityFolder
 from splitunet.data.sampling import extract_crop
 from splitunet.errors import SplitUNetDataError
-from splitunet.networks import SiteEncoder
+from splitunet.networks import SiteEncoder, seeded_encoder
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import MODALITIES
 
@@ -31,8 +31,7 @@ def initial_encoder(config: SplitModelConfig, modality: str, init_seed: int | No
         init_seed: the site's own seed (see :meth:`SiteTrainer.build`).
     """
     seed = config.seed + 1 + MODALITIES.index(modality) if init_seed is None else int(init_seed)
-    torch.manual_seed(seed)
-    return SiteEncoder(in_channels=1, features=config.features)
+    return seeded_encoder(config.features, seed)
 
 
 class SiteTrainer:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from splitunet.networks import SiteEncoder
+from splitunet.networks import SiteEncoder, seeded_encoder
 from splitunet.wire.protocol import NUM_LEVELS
 
 __all__ = ["build_encoder", "EncoderPrefix"]
@@ -31,9 +31,8 @@ def build_encoder(
     Raises:
         ValueError: ``features`` is malformed, or ``state_dict`` does not fit that architecture.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        encoder = SiteEncoder(in_channels=1, features=tuple(int(f) for f in features))
+    # The sites' own initialisation (splitunet.networks.initialisation), so a known seed rebuilds their encoder.
+    encoder = seeded_encoder(features, seed)
     if state_dict is not None:
         try:
             encoder.load_state_dict(state_dict, strict=True)
