@@ -186,3 +186,32 @@ def test_with_x0_sent_the_correlation_is_reported(full_run, no_x0_run):
     assert set(sent) == {"x0", "x1", "x2", "x3"}  # x4 of a 32^3 crop has 8 voxels: left out
     # The full-resolution skip mirrors the crop more closely than anything the no-x0 run sends.
     assert sent["x0"] > max(_correlations(no_x0_run).values())
+
+
+@pytest.fixture(scope="module")
+def protected_run(tmp_path_factory):
+    return _run(tmp_path_factory, "split_unet_protected")
+
+
+def test_the_protected_preset_sends_no_gradient_and_the_encoders_stay_as_initialised(protected_run):
+    from splitunet.data.party_settings import SETTINGS_FILE_NAME, load_site_settings
+    from splitunet.site.trainer import initial_encoder
+    from splitunet.wire.model_config import SplitModelConfig
+
+    audit = _audit(protected_run)
+    server = next(records for party, records in audit.items() if not party.startswith("site-"))
+    assert not _digests(server, "out", DataKind.GRADIENTS)
+    settings_dir = protected_run / "simulator" / "local"
+    assert (settings_dir / SETTINGS_FILE_NAME).is_file()
+    config = SplitModelConfig(**{k: v for k, v in tiny_server_args().items() if k == "features"})
+    for site in ("site-1", "site-2", "site-3", "site-4"):
+        assert not _digests(audit[site], "in", DataKind.GRADIENTS)
+        sent = {key for r in audit[site] if r["direction"] == "out" and r["kind"] for key in r.get("entries", {})}
+        assert sent == {"x1", "x2", "x3", "x4"}
+        # Nothing label-derived reached the site, so its encoder is exactly its private initialisation.
+        settings = load_site_settings(site, settings_dir)
+        assert settings.encoder_seed is not None
+        expected = initial_encoder(config, settings.modality, settings.encoder_seed).state_dict()
+        (saved,) = (protected_run / "checkpoints" / site).glob("**/encoder_*_last.pt")
+        for name, tensor in load_checkpoint(saved)["encoder"].items():
+            assert torch.equal(tensor, expected[name]), (site, name)
