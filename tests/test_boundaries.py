@@ -47,7 +47,8 @@ from nvflare.fuel.utils.class_utils import load_class
 for path in ["splitunet.flare.SplitSiteExecutor", "splitunet.filters.QuantizeFeatures",
              "splitunet.filters.FeatureGuard", "splitunet.filters.ClippedGaussianNoise",
              "splitunet.filters.ChannelDropout", "splitunet.filters.TopKSparsify",
-             "splitunet.filters.BlockSkipLevels", "splitunet.filters.WireAudit"]:
+             "splitunet.filters.BlockSkipLevels", "splitunet.filters.WireAudit",
+             "splitunet.filters.GradientDetector"]:
     load_class(path)
 import splitunet.site.trainer
 """

@@ -73,7 +73,5 @@ def test_the_model_settings_entry_binds_the_job_not_the_chain():
     minimum = parse_minimum_defense({"SplitModelConfig": {"train_encoders": False}}, "privacy.json")
     assert shortfalls(minimum, []) == []  # not a filter: the chain check leaves it alone
     assert model_shortfalls(minimum, SplitModelConfig(train_encoders=False)) == []
-    assert model_shortfalls(minimum, SplitModelConfig()) == [
-        "SplitModelConfig train_encoders True (needs = False)"
-    ]
+    assert model_shortfalls(minimum, SplitModelConfig()) == ["SplitModelConfig train_encoders True (needs = False)"]
     assert model_shortfalls({"BlockSkipLevels": {}}, SplitModelConfig()) == []

@@ -16,6 +16,7 @@ _EXPORTS = {
     "ChannelDropout": "channel_dropout",
     "ClippedGaussianNoise": "clipped_gaussian_noise",
     "FeatureGuard": "feature_guard",
+    "GradientDetector": "gradient_detector",
     "QuantizeFeatures": "quantize_features",
     "TopKSparsify": "top_k_sparsify",
     "WireAudit": "wire_audit",

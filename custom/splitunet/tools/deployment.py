@@ -53,6 +53,7 @@ ALLOWED_CLASSES = (
     "splitunet.filters.ChannelDropout",
     "splitunet.filters.ClippedGaussianNoise",
     "splitunet.filters.FeatureGuard",
+    "splitunet.filters.GradientDetector",
     "splitunet.filters.QuantizeFeatures",
     "splitunet.filters.TopKSparsify",
     "splitunet.filters.WireAudit",

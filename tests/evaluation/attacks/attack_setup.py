@@ -73,3 +73,23 @@ def first_step_gradients(images: torch.Tensor, targets: torch.Tensor, seed: int 
             leaves.append({level: t.requires_grad_(True) for level, t in enumerate(features)})
         make_loss("dice_ce")(decoder(leaves), targets).backward()
     return [{level: t.grad for level, t in site.items()} for site in leaves]
+
+
+def run_filters(filters, features: dict[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], list]:
+    """Activations through real privacy filters as FLARE runs them (``process`` on a DXO).
+
+    Returns:
+        ``(features as the server decodes them, the DXO's filter trail)``: what ``CaptureFeatures`` records.
+    """
+    from nvflare.apis.dxo import from_shareable
+    from nvflare.apis.fl_context import FLContext
+
+    from splitunet.wire.protocol import DataKind, MetaKey
+    from splitunet.wire.transport import dxo_to_features, features_to_dxo, register_tensor_support
+
+    register_tensor_support()
+    shareable = features_to_dxo(features, DataKind.ACTIVATIONS, {"iteration": 1}).to_shareable()
+    for one in filters:
+        shareable = one.process(shareable, FLContext())
+    dxo = from_shareable(shareable)
+    return dxo_to_features(dxo, DataKind.ACTIVATIONS), dxo.meta[MetaKey.FILTER_TRAIL]

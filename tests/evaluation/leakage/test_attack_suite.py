@@ -87,7 +87,7 @@ def test_unknown_attack(scene):
 
 
 def test_white_box_inverts_a_real_capture(scene):
-    budget = AttackBudget(white_box_iterations=60)
+    budget = AttackBudget(white_box_iterations=60, adaptive=False)  # the adaptive variant: test_adaptive_suite.py
     observed = {0: scene["capture"].observed[0]}
     rows, _ = invert_capture(
         observed, [32] * 3, scene["encoder"], scene["original"], scene["prior"], None, budget, ["white_box"]

@@ -25,6 +25,11 @@ def test_report_files_and_structure(report):
         assert (out / site["figures"][attack]).is_file()
     markdown = (out / "report.md").read_text()
     assert "| white_box | x0 |" in markdown and "Label inference from the gradients of x0" in markdown
+    # No defense in the trail: the adaptive white-box still runs (from the prior) and is shown next to the plain one.
+    assert {row["attack"] for row in site["inversion"]} >= {"white_box", "white_box_adaptive"}
+    assert site["defense_model"] == [] and "(none modelled)" in markdown
+    assert "| SSIM plain | SSIM adaptive |" in markdown
+    assert "Adaptive label attack" in markdown and "dice_adaptive_oracle" in site["label_inference"]
 
 
 def test_auxiliary_cases_are_not_the_sites_cases(report, workspace):

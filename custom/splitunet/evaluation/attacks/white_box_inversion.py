@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -18,7 +18,10 @@ from splitunet.evaluation.attacks.encoder_access import EncoderPrefix, build_enc
 from splitunet.evaluation.attacks.objectives import feature_matching_loss, total_variation_3d
 from splitunet.evaluation.attacks.observed import check_observed, resolve_crop_size
 
-__all__ = ["WhiteBoxInversion"]
+__all__ = ["WhiteBoxInversion", "INIT_CHOICES"]
+
+# Where an inversion starts: seeded small noise, or the attacker's prior image (plus that noise).
+INIT_CHOICES = ("noise", "prior")
 
 
 class WhiteBoxInversion(Attack):
@@ -55,6 +58,8 @@ class WhiteBoxInversion(Attack):
         init_std: std of the Gaussian noise the crop starts from.
         seed: seed of the starting noise.
         device: where to optimise.
+        init: where the crop starts: ``"noise"`` (seeded small noise, the default) or ``"prior"`` (the ``prior``
+            given to :meth:`reconstruct`, e.g. the mean auxiliary image at the same place, plus that noise).
     """
 
     name = "white_box_inversion"
@@ -71,6 +76,7 @@ class WhiteBoxInversion(Attack):
         init_std: float = 0.1,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        init: str = "noise",
     ):
         if state_dict is None:
             raise ValueError("WhiteBoxInversion needs the site encoder's state_dict (use UnSplit without it)")
@@ -85,6 +91,9 @@ class WhiteBoxInversion(Attack):
         self.tv_weight = check_non_negative("tv_weight", tv_weight)
         self.init_std = check_positive("init_std", init_std)
         self.seed = int(seed)
+        if init not in INIT_CHOICES:
+            raise ValueError(f"init must be one of {INIT_CHOICES}, got {init!r}")
+        self.init = init
 
     def _levels_for(self, observed: Mapping[int, torch.Tensor]) -> tuple[int, ...]:
         if self.levels is None:
@@ -95,17 +104,21 @@ class WhiteBoxInversion(Attack):
         return self.levels
 
     def reconstruct(
-        self, observed: Mapping[int | str, torch.Tensor], crop_size: Sequence[int] | None = None
+        self,
+        observed: Mapping[int | str, torch.Tensor],
+        crop_size: Sequence[int] | None = None,
+        prior: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """Invert the observed features.
 
         Args:
             observed: level -> ``(B, features[level], ...)`` as the server received them.
             crop_size: crop size ``(D, H, W)``; inferred from the finest level when omitted.
+            prior: ``(1 or B, 1, D, H, W)`` image to start from; needed (and only used) with ``init="prior"``.
 
         Returns:
             ``(reconstruction (B, 1, D, H, W), stats)``; stats: levels, iterations, first and last feature loss,
-            last TV value, seconds.
+            last TV value, TV weight, start, seconds.
         """
         start = time.perf_counter()
         observed = check_observed(observed)
@@ -119,24 +132,47 @@ class WhiteBoxInversion(Attack):
                 )
         prefix = EncoderPrefix(self.encoder, levels)
         batch = next(iter(targets.values())).shape[0]
-        generator = torch.Generator().manual_seed(self.seed)
-        x = (self.init_std * torch.randn((batch, 1, *size), generator=generator)).to(self.device).requires_grad_(True)
+        x = self._start(batch, size, prior).requires_grad_(True)
+        objective = self.objective(targets)
+        tv_weight = self.tv_weight_for(targets)
         optimizer = torch.optim.Adam([x], lr=self.lr)
         first = None
         for _ in range(self.iterations):
             optimizer.zero_grad(set_to_none=True)
-            match = feature_matching_loss(prefix(x), targets)
+            match = objective(prefix(x))
             tv = total_variation_3d(x)
-            (match + self.tv_weight * tv).backward()
+            (match + tv_weight * tv).backward()
             optimizer.step()
             first = float(match.detach()) if first is None else first
         stats = {
             "attack": self.name,
             "levels": list(levels),
             "iterations": self.iterations,
+            "init": self.init,
+            "tv_weight": tv_weight,
             "feature_loss_first": first,
             "feature_loss_last": float(match.detach()),
             "tv_last": float(tv.detach()),
             "seconds": time.perf_counter() - start,
         }
         return x.detach().cpu(), stats
+
+    def _start(self, batch: int, size: Sequence[int], prior: torch.Tensor | None) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        x = self.init_std * torch.randn((batch, 1, *size), generator=generator)
+        if self.init == "prior":
+            if prior is None:
+                raise ValueError("init='prior' needs the prior image: reconstruct(..., prior=...)")
+            prior = prior.detach().float().cpu()
+            if prior.dim() != 5 or prior.shape[1] != 1 or tuple(prior.shape[2:]) != tuple(size):
+                raise ValueError(f"prior must be (1 or B, 1, {', '.join(map(str, size))}), got {tuple(prior.shape)}")
+            x = x + prior.expand(batch, -1, -1, -1, -1)
+        return x.to(self.device)
+
+    def objective(self, targets: Mapping[int, torch.Tensor]) -> Callable[[dict[int, torch.Tensor]], torch.Tensor]:
+        """The feature term: predicted level features -> scalar. Subclasses that model a defense override it."""
+        return lambda predicted: feature_matching_loss(predicted, targets)
+
+    def tv_weight_for(self, targets: Mapping[int, torch.Tensor]) -> float:
+        """The TV weight used on these targets (the fixed ``tv_weight`` here)."""
+        return self.tv_weight

@@ -8,7 +8,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from splitunet.evaluation.attacks import GradientLabelInference, LearnedInverse, UnSplit, WhiteBoxInversion
+from splitunet.evaluation.attacks import (
+    AdaptiveWhiteBoxInversion,
+    DefenseModel,
+    GradientLabelInference,
+    LearnedInverse,
+    UnSplit,
+    WhiteBoxInversion,
+    adaptive_label_inference,
+    simulate_defense,
+)
+from splitunet.evaluation.attacks.white_box_inversion import INIT_CHOICES
 from splitunet.evaluation.metrics import expected_random_dice, image_leakage, mask_dice
 from splitunet.evaluation.metrics.own_image_baseline import (
     TUMOUR_APPEARS_BRIGHT,
@@ -18,10 +28,19 @@ from splitunet.evaluation.metrics.own_image_baseline import (
 )
 from splitunet.networks import SiteEncoder
 
-__all__ = ["INVERSION_ATTACKS", "AttackBudget", "invert_capture", "infer_labels", "level_name"]
+__all__ = [
+    "INVERSION_ATTACKS",
+    "ADAPTIVE_SUFFIX",
+    "AttackBudget",
+    "invert_capture",
+    "infer_labels",
+    "level_name",
+]
 
 # Input-inversion attacks in the order reports list them: strongest threat model first.
 INVERSION_ATTACKS = ("white_box", "unsplit", "learned_inverse")
+# Row name of an attack's variant that models the defense the filter trail describes ("white_box_adaptive").
+ADAPTIVE_SUFFIX = "_adaptive"
 # Voxels of Gaussian averaging of the squared gradient norm in the adapted label attack (measured to undo gradient
 # noise at multiplier 5e-3: tests/evaluation/attacks/test_label_inference_adaptive.py).
 LABEL_SMOOTHING_SIGMA = 1.5
@@ -45,6 +64,10 @@ class AttackBudget:
         learned_steps: training steps of the learned inverse (one network on all received levels).
         learned_crops: auxiliary crops it trains on.
         seed: seed of every attack's random start.
+        adaptive: also run the adaptive variants (``white_box_adaptive``, ``learned_inverse_adaptive``) next to
+            the plain attacks.
+        adaptive_init: where the adaptive white-box inversion starts (``"prior"``: the mean auxiliary image,
+            better than noise under every defense measured but int2; ``"noise"``).
     """
 
     white_box_iterations: int = 150
@@ -53,6 +76,12 @@ class AttackBudget:
     learned_steps: int = 300
     learned_crops: int = 24
     seed: int = 0
+    adaptive: bool = True
+    adaptive_init: str = "prior"
+
+    def __post_init__(self):
+        if self.adaptive_init not in INIT_CHOICES:
+            raise ValueError(f"adaptive_init must be one of {INIT_CHOICES}, got {self.adaptive_init!r}")
 
     @classmethod
     def sweep(cls) -> AttackBudget:
@@ -72,7 +101,10 @@ class AttackBudget:
 
 def _scored(attack: str, levels: Sequence[int], reconstruction, truth, prior, stats: dict) -> dict:
     leakage = image_leakage(reconstruction, truth, prior)["mean"]
-    return {"attack": attack, "level": level_name(levels), **leakage, "seconds": round(stats["seconds"], 2)}
+    row = {"attack": attack, "level": level_name(levels), **leakage, "seconds": round(stats["seconds"], 2)}
+    # How an inversion was set up, where it says (the adaptive TV weight follows the noise).
+    row.update({key: stats[key] for key in ("init", "tv_weight") if key in stats})
+    return row
 
 
 def invert_capture(
@@ -84,6 +116,7 @@ def invert_capture(
     aux_crops: torch.Tensor,
     budget: AttackBudget,
     attacks: Sequence[str] = INVERSION_ATTACKS,
+    defense: DefenseModel | None = None,
 ) -> tuple[list[dict], dict[tuple[str, str], torch.Tensor]]:
     """Reconstruct a site's crops from the features the server received, level by level.
 
@@ -97,6 +130,10 @@ def invert_capture(
         aux_crops: the attacker's auxiliary crops of the modality, for the learned inverse.
         budget: attack lengths.
         attacks: names from :data:`INVERSION_ATTACKS`.
+        defense: the defense the capture's filter trail describes (``defense_from_trail``). With
+            ``budget.adaptive``, the white-box inversion also runs adapted to it (``white_box_adaptive``, from
+            ``budget.adaptive_init``), and the learned inverse also trains on features through the simulated
+            defense (``learned_inverse_adaptive``; not run without a modelled defense, where it would be the same).
 
     Returns:
         ``(rows, reconstructions)``: one row per attack and level (SSIM, PSNR, prior, relative leakage, seconds),
@@ -106,6 +143,7 @@ def invert_capture(
     if unknown:
         raise ValueError(f"unknown attacks {unknown}; choose from {INVERSION_ATTACKS}")
     features = encoder.features
+    defense = defense or DefenseModel()
     unsplit_levels = sorted(observed)[: budget.unsplit_levels]
     rows, images = [], {}
     for level in sorted(observed):
@@ -113,14 +151,18 @@ def invert_capture(
         runs = []
         if "white_box" in attacks:
             # Coarser levels need the stronger TV prior (WhiteBoxInversion's measured settings).
-            attack = WhiteBoxInversion(
-                features,
-                encoder.state_dict(),
-                iterations=budget.white_box_iterations,
-                tv_weight=0.1 if level == 0 else 1.0,
-                seed=budget.seed,
-            )
+            settings = {
+                "iterations": budget.white_box_iterations,
+                "tv_weight": 0.1 if level == 0 else 1.0,
+                "seed": budget.seed,
+            }
+            attack = WhiteBoxInversion(features, encoder.state_dict(), **settings)
             runs.append(("white_box", attack.reconstruct(one_level, crop_size)))
+            if budget.adaptive:
+                adaptive = AdaptiveWhiteBoxInversion(
+                    features, encoder.state_dict(), defense, init=budget.adaptive_init, **settings
+                )
+                runs.append(("white_box" + ADAPTIVE_SUFFIX, adaptive.reconstruct(one_level, crop_size, prior=prior)))
         if "unsplit" in attacks and level in unsplit_levels:
             attack = UnSplit(
                 features,
@@ -134,15 +176,22 @@ def invert_capture(
             rows.append(_scored(name, [level], reconstruction, truth, prior, stats))
             images[(name, level_name([level]))] = reconstruction
     if "learned_inverse" in attacks:
-        started = time.perf_counter()
-        attack = LearnedInverse(
-            encoder, levels=sorted(observed), steps=budget.learned_steps, batch_size=2, seed=budget.seed
-        )
-        attack.fit(aux_crops)
-        reconstruction, stats = attack.reconstruct(observed, crop_size)
-        stats["seconds"] = time.perf_counter() - started
-        rows.append(_scored("learned_inverse", sorted(observed), reconstruction, truth, prior, stats))
-        images[("learned_inverse", level_name(sorted(observed)))] = reconstruction
+        variants = [("learned_inverse", None)]
+        if budget.adaptive and defense.steps:
+            # The attacker's own random draws for the simulated defense, never the site's.
+            generator = torch.Generator().manual_seed(budget.seed + 1)
+            transform = lambda batch: simulate_defense(batch, defense, generator)  # noqa: E731
+            variants.append(("learned_inverse" + ADAPTIVE_SUFFIX, transform))
+        for name, transform in variants:
+            started = time.perf_counter()
+            attack = LearnedInverse(
+                encoder, levels=sorted(observed), steps=budget.learned_steps, batch_size=2, seed=budget.seed
+            )
+            attack.fit(aux_crops, feature_transform=transform)
+            reconstruction, stats = attack.reconstruct(observed, crop_size)
+            stats["seconds"] = time.perf_counter() - started
+            rows.append(_scored(name, sorted(observed), reconstruction, truth, prior, stats))
+            images[(name, level_name(sorted(observed)))] = reconstruction
     return rows, images
 
 
@@ -152,6 +201,7 @@ def infer_labels(
     truth: torch.Tensor,
     own_image: torch.Tensor | None = None,
     modality: str | None = None,
+    defense: DefenseModel | None = None,
 ) -> dict:
     """A site's label inference from the gradients it received, scored against the truth and the site's own image.
 
@@ -163,6 +213,8 @@ def infer_labels(
             gradient (:mod:`splitunet.evaluation.metrics.own_image_baseline`). Without it only the random-mask
             chance level is given.
         modality: the site's modality (which way its image shows the tumour); needed with ``own_image``.
+        defense: the defense the gradients' filter trail describes; its gradient noise sets the adaptive attack's
+            smoothing (:func:`~splitunet.evaluation.attacks.adaptive_label_inference`).
 
     Returns:
         level used, mean Dice of the inferred mask, mean Dice a random mask of the same size would get, fraction
@@ -170,7 +222,11 @@ def infer_labels(
         norm first (``dice_smoothed``, the adaptation to gradient noise); with ``own_image``: the Dice of the same
         number of the image's most tumour-like voxels (``dice_own_image``), the best single threshold of the image
         (an oracle, ``dice_own_image_best_threshold``), the image's AUC, and ``gain_over_own_image``: the better
-        attack's Dice minus dice_own_image.
+        attack's Dice minus dice_own_image. The adaptive attack (smoothing from the trail's gradient noise, Otsu
+        and quantile thresholds): ``dice_adaptive`` of the mask its attacker-side rule chose (``adaptive_chosen``),
+        ``dice_adaptive_candidates`` per threshold, and ``dice_adaptive_oracle``, the best of them by Dice against
+        the truth (an upper bound the attacker cannot pick), and with ``own_image`` ``gain_over_own_image_adaptive``:
+        dice_adaptive minus dice_own_image.
     """
     started = time.perf_counter()
     attack = GradientLabelInference(method="norm", threshold="otsu")
@@ -183,11 +239,22 @@ def infer_labels(
     )
     dice = float(mask_dice(mask, truth).mean())
     dice_smoothed = float(mask_dice(smoothed, truth).mean())
+    noise = (defense or DefenseModel()).noise(stats["level"])
+    candidates, adaptive = adaptive_label_inference(
+        gradients, crop_size, noise_std=noise[1] if noise else 0.0, level=stats["level"]
+    )
+    dice_candidates = {name: float(mask_dice(m, truth).mean()) for name, m in candidates.items() if name != "chosen"}
+    dice_adaptive = float(mask_dice(candidates["chosen"], truth).mean())
     result = {
         "attack": "label_inference",
         "level": level_name([stats["level"]]),
         "dice": dice,
         "dice_smoothed": dice_smoothed,
+        "dice_adaptive": dice_adaptive,
+        "adaptive_chosen": adaptive["chosen"],
+        "adaptive_smoothing_sigma": adaptive["smoothing_sigma"],
+        "dice_adaptive_candidates": dice_candidates,
+        "dice_adaptive_oracle": max(dice_candidates.values()),
         "dice_random_mask": float(expected_random_dice(truth, marked).mean()),
         "fraction_marked": float(mask.mean()),
         "auc": float(roc_auc(score, truth).nanmean()),
@@ -202,6 +269,7 @@ def infer_labels(
             dice_own_image_best_threshold=float(best_threshold_dice(own_image, truth).mean()),
             auc_own_image=float(roc_auc(brightness, truth).nanmean()),
             gain_over_own_image=max(dice, dice_smoothed) - own,
+            gain_over_own_image_adaptive=dice_adaptive - own,
         )
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result

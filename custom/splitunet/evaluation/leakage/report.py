@@ -17,8 +17,14 @@ from splitunet.data.party_data import ModalityFolder
 from splitunet.data.party_settings import SETTINGS_FILE_NAME, load_site_settings
 from splitunet.data.phantom import generate_phantom
 from splitunet.errors import SplitUNetConfigError
-from splitunet.evaluation.attacks import build_encoder
-from splitunet.evaluation.leakage.attack_suite import INVERSION_ATTACKS, AttackBudget, infer_labels, invert_capture
+from splitunet.evaluation.attacks import build_encoder, defense_from_trail
+from splitunet.evaluation.leakage.attack_suite import (
+    ADAPTIVE_SUFFIX,
+    INVERSION_ATTACKS,
+    AttackBudget,
+    infer_labels,
+    invert_capture,
+)
 from splitunet.evaluation.leakage.captured_run import ACTIVATIONS, GRADIENTS, CapturedRun
 from splitunet.evaluation.leakage.figures import plot_reconstruction_grid
 from splitunet.evaluation.leakage.ground_truth import AuxiliaryImages, GroundTruth
@@ -58,7 +64,11 @@ def auxiliary_phantom(data_dir: Path, out_dir: Path) -> Path:
 
 
 def best_inversion(rows: Sequence[Mapping]) -> Mapping | None:
-    """The inversion row with the highest SSIM (the leak a defense must be judged by), or None."""
+    """The inversion row with the highest SSIM (the leak a defense must be judged by), or None.
+
+    Plain and adaptive attacks (``white_box`` and ``white_box_adaptive``, ...) compete alike: the defense is judged
+    by the stronger.
+    """
     scored = [row for row in rows if math.isfinite(row.get("ssim", math.nan))]
     return max(scored, key=lambda row: row["ssim"]) if scored else None
 
@@ -99,7 +109,8 @@ def site_label_inference(run: CapturedRun, site: str, iteration: int, truth: Gro
     modality = run.sites[site]
     gradients = run.capture(GRADIENTS, site, iteration + 1)
     own = truth.image_crops(modality, plan)
-    return infer_labels(gradients.observed, plan["size"], truth.region_crops(plan, "WT"), own, modality)
+    defense = defense_from_trail(gradients.filter_trail)
+    return infer_labels(gradients.observed, plan["size"], truth.region_crops(plan, "WT"), own, modality, defense)
 
 
 def _attack_site(
@@ -133,9 +144,12 @@ def _attack_site(
         notes.append(f"white-box encoder: {initialisation}")
     encoder = build_encoder(run.model.features, seed=seed).eval()
     aux_crops = aux.random_crops(budget.learned_crops, size, seed=budget.seed)
-    rows, images = invert_capture(capture.observed, size, encoder, original, prior, aux_crops, budget, inversion)
+    defense = defense_from_trail(capture.filter_trail)
+    rows, images = invert_capture(
+        capture.observed, size, encoder, original, prior, aux_crops, budget, inversion, defense
+    )
     figures = {}
-    for attack in inversion:
+    for attack in dict.fromkeys(name for name, _ in images):
         mine = {level: image[:1] for (name, level), image in images.items() if name == attack}
         if mine:
             path = out_dir / f"{site}_{attack}.png"
@@ -152,6 +166,7 @@ def _attack_site(
         "encoder_initialisation": initialisation,
         "levels_received": [f"x{level}" for level in sorted(capture.observed)],
         "defenses_on_the_way": _defenses_seen(capture.filter_trail),
+        "defense_model": defense.describe(),
         "crops": len(original),
         "inversion": rows,
         "best_inversion": best_inversion(rows),
@@ -234,6 +249,34 @@ def run_leakage(
     return report
 
 
+def _adaptive_table(result: Mapping) -> list[str]:
+    """Plain attack next to its adaptive variant (same level), under the defense the trail describes."""
+    found = {(row["attack"], row["level"]): row for row in result["inversion"]}
+    pairs = [
+        (row, found[(row["attack"] + ADAPTIVE_SUFFIX, row["level"])])
+        for row in result["inversion"]
+        if (row["attack"] + ADAPTIVE_SUFFIX, row["level"]) in found
+    ]
+    if not pairs:
+        return []
+    defense = "; ".join(result.get("defense_model") or []) or "none modelled"
+    lines = [
+        "",
+        f"Plain attacks next to the attacks adapted to the defense read from the filter trail ({defense}): SSIM, "
+        "and the reported leak max(SSIM, prior).",
+        "",
+        "| attack | level | SSIM plain | SSIM adaptive | reported plain | reported adaptive | adaptive - plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for plain, adaptive in pairs:
+        lines.append(
+            f"| {plain['attack']} | {plain['level']} | {_fmt(plain['ssim'])} | {_fmt(adaptive['ssim'])} | "
+            f"{_fmt(plain.get('ssim_reported'))} | {_fmt(adaptive.get('ssim_reported'))} | "
+            f"{adaptive['ssim'] - plain['ssim']:+.3f} |"
+        )
+    return lines
+
+
 def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
@@ -270,6 +313,7 @@ def leakage_markdown(report: Mapping) -> str:
                 f"{_fmt(row.get('ssim_brain'))} ({_fmt(row.get('ssim_prior_brain'))}) | "
                 f"{_fmt(row.get('ssim_reported'))} | {row['seconds']:.0f} |"
             )
+        lines += _adaptive_table(result)
         labels = result.get("label_inference")
         if labels:
             lines += [
@@ -282,6 +326,16 @@ def leakage_markdown(report: Mapping) -> str:
                 f"{_fmt(labels['dice_random_mask'])}. Gain of the gradients over the own image: "
                 f"{_fmt(labels.get('gain_over_own_image'))}.",
             ]
+            if "dice_adaptive" in labels:
+                candidates = ", ".join(
+                    f"{name} {_fmt(dice)}" for name, dice in labels.get("dice_adaptive_candidates", {}).items()
+                )
+                lines.append(
+                    f"Adaptive label attack (squared norm smoothed by sigma {labels['adaptive_smoothing_sigma']:.2f} "
+                    f"voxels, set from the gradient noise in the filter trail): Dice {_fmt(labels['dice_adaptive'])} "
+                    f"with the attacker's rule ({labels['adaptive_chosen']}); per threshold {candidates}; best of "
+                    f"them (an oracle, not an attack) {_fmt(labels.get('dice_adaptive_oracle'))}."
+                )
         for note in result["notes"]:
             lines.append(f"\nNote: {note}.")
         for attack, figure in result["figures"].items():

@@ -1,0 +1,266 @@
+"""Refuse gradients that do not look like honest segmentation gradients: a label-free malicious-server detector.
+
+In split learning the site trains its encoder on whatever gradients the server returns. A malicious server can
+return gradients of another objective, e.g. feature-space hijacking (FSHA; Pasquini, Ateniese and Bernaschi,
+"Unleashing the Tiger", CCS 2021), which steers the encoder into a feature space the server can invert.
+SplitGuard (Erdogan, Kupcu and Cicek, "SplitGuard: Detecting and Mitigating Training-Hijacking Attacks in Split
+Learning", WPES 2022) detects this by sending fake batches with flipped labels, which needs labels at the client;
+in Split-U-Net the labels are the server's. This filter needs none: it tests statistics of the received
+gradients that the decoder's structure and the segmentation loss shape, and that another objective does not
+reproduce.
+
+Statistics, per received gradient DXO (levels ``x0..x4``; the bottleneck ``x4`` is always sent):
+
+- ``level_ratio[xl]``: ``log10(rms(g_l) / rms(g_x4))``. Scale-free (Adam makes a global scale harmless, so a
+  malicious server may use any), but the split U-Net fixes how strongly each level drives the loss: an honest
+  decoder's skip gradients are many times larger per element than its bottleneck's.
+- ``dc_fraction[xl]``: the share of a level's gradient energy in the spatial mean of each (sample, channel). The
+  honest gradient varies with the image and the labels over space; a critic that pools its input (FSHA's
+  discriminator, any global statistic matcher) sends nearly the same value at every voxel of a channel.
+- drift: how far a level ratio falls below the median of this filter's previous accepted calls (after ``warmup``
+  calls). Honest ratios rise as training goes on (the decoder lets the bottleneck's gradient fade); a sudden fall
+  is a server that changed its objective mid-training, which this catches even with the absolute bounds off (an
+  architecture whose honest profile the defaults do not fit).
+
+The default bounds were measured on the shipped job's architecture (features 8/16/32/64/128, concat fusion of
+four sites, DiceCE, 32^3 crops; the evaluation package's ``malicious_server`` module, which a site never imports);
+another architecture should re-measure them with its ``run_malicious_server``. A refused DXO becomes the
+task's error naming this filter and the statistic, its value and the bound; the site applies nothing.
+
+Limits: an adaptive server that returns honest gradients on the skips and hijacks only the bottleneck x4 (whose
+DC share is not tested) would pass; so would one whose critic does not pool. The cosine of a gradient with the
+features the site sent would be a further test, but a task-data filter does not see the site's last results.
+
+Only the data-independent settings go into the DXO meta; the statistics are logged locally.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+
+import torch
+from nvflare.apis.dxo import DXO
+from nvflare.apis.fl_context import FLContext
+
+from splitunet.errors import SplitUNetConfigError
+from splitunet.filters.base import FeatureFilter, FilterRejection
+from splitunet.wire.protocol import NUM_LEVELS, DataKind, level_index, level_key
+
+__all__ = ["GradientDetector", "gradient_statistics"]
+
+_BOTTLENECK = level_key(NUM_LEVELS - 1)
+# rms below this counts as zero: a level sent back as all zeros (a server that hijacks only some levels).
+_TINY = 1e-30
+
+
+def gradient_statistics(grads: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """The detector's statistics of one gradient DXO.
+
+    Args:
+        grads: level key -> ``(B, C, D, H, W)`` gradient; must hold the bottleneck ``x4``.
+
+    Returns:
+        ``{"level_ratio": {key: log10 rms ratio to x4}, "dc_fraction": {key: share in [0, 1]},
+        "rms": {key: rms}}``; a ratio is ``-inf`` for an all-zero level and ``+inf`` when ``x4`` is zero.
+    """
+    if _BOTTLENECK not in grads:
+        raise FilterRejection(f"gradients lack the bottleneck {_BOTTLENECK}; got {sorted(grads)}")
+    rms, dc = {}, {}
+    for key, tensor in grads.items():
+        values = tensor.detach().float()
+        if values.dim() != 5 or not values.numel():
+            raise FilterRejection(f"{key} has shape {tuple(values.shape)}; expected (B, C, D, H, W)")
+        if not bool(torch.isfinite(values).all()):
+            raise FilterRejection(f"{key} holds NaN/Inf values")
+        energy = float(values.pow(2).sum())
+        rms[key] = math.sqrt(energy / values.numel())
+        voxels = values[0, 0].numel()
+        means = values.mean(dim=(2, 3, 4))
+        dc[key] = float(means.pow(2).sum()) * voxels / energy if energy > 0 else 0.0
+    bottleneck = rms[_BOTTLENECK]
+    ratios = {}
+    for key, value in rms.items():
+        if key == _BOTTLENECK:
+            continue
+        if bottleneck <= _TINY:
+            ratios[key] = math.inf
+        elif value <= _TINY:
+            ratios[key] = -math.inf
+        else:
+            ratios[key] = math.log10(value / bottleneck)
+    return {"level_ratio": ratios, "dc_fraction": dc, "rms": rms}
+
+
+def _bound_pair(value, where: str) -> tuple[float, float]:
+    """``[low, high]`` with ``None`` for an open end, as floats with low < high."""
+    try:
+        low, high = value
+        low = -math.inf if low is None else float(low)
+        high = math.inf if high is None else float(high)
+    except (TypeError, ValueError):
+        raise SplitUNetConfigError(f"GradientDetector: {where} must be [low, high], got {value!r}") from None
+    if math.isnan(low) or math.isnan(high) or not low < high:
+        raise SplitUNetConfigError(f"GradientDetector: {where} must have low < high, got {value!r}")
+    return low, high
+
+
+def _level_mapping(name: str, value, check, allow_bottleneck: bool) -> dict:
+    """Validate ``{level key: setting}`` with ``check(setting, where)``."""
+    if not isinstance(value, Mapping):
+        raise SplitUNetConfigError(f"GradientDetector: {name} must map level keys to settings, got {value!r}")
+    checked = {}
+    for key, setting in value.items():
+        try:
+            level = level_index(key)
+        except ValueError:
+            raise SplitUNetConfigError(f"GradientDetector: {name} keys must be level keys, got {key!r}") from None
+        if level == NUM_LEVELS - 1 and not allow_bottleneck:
+            raise SplitUNetConfigError(f"GradientDetector: {name} is relative to {_BOTTLENECK}; drop that key")
+        checked[key] = check(setting, f"{name}[{key}]")
+    return checked
+
+
+def _share(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise SplitUNetConfigError(f"GradientDetector: {where} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+class GradientDetector(FeatureFilter):
+    """A site's check of the gradients the server returns; refuses those unlike honest segmentation gradients.
+
+    Configure it as a site's ``task_data_filter`` (the server's gradients arrive as task data); it acts on
+    gradient DXOs only. See the module docstring for the statistics and how the defaults were measured.
+
+    Args:
+        level_ratio_bounds: ``{"x0": [low, high], ...}``: allowed ``log10(rms(x_l) / rms(x4))`` per skip level
+            (``null`` for an open end); ``None``: :attr:`DEFAULT_LEVEL_RATIO_BOUNDS`; ``{}``: no level-ratio test.
+        max_dc_fraction: largest share of a level's gradient energy in per-channel spatial means, one number for
+            every level or ``{"x0": 0.02, ...}`` per level; ``None``: :attr:`DEFAULT_MAX_DC_FRACTION`; ``{}``: no
+            test.
+        drift_threshold: largest fall (log10 units) of a level ratio below the median of the accepted calls so
+            far; ``None``: no drift test.
+        warmup: accepted calls before the drift test starts (its baseline needs them).
+        history: accepted calls the drift baseline keeps (a window, so honest training may drift slowly).
+        log_every: log one line every this many calls (refusals are always logged).
+    """
+
+    stateful = True  # the drift baseline: the statistics of the accepted calls
+
+    # Measured on honest runs of the shipped architecture at 32^3 crops (3 seeds x 40 iterations, four sites,
+    # DiceCE; lowest honest log10 ratios x0 1.44, x1 1.08, x2 0.67, x3 0.22, rising as training goes on) and on
+    # FSHA (highest ratios x0 -0.66, x1 -0.65, x2 -0.53, x3 -0.50): lower bounds between the two, no upper bound
+    # (an honest decoder lets the bottleneck's gradient fade, so the ratios grow without bound).
+    DEFAULT_LEVEL_RATIO_BOUNDS = {"x0": (0.5, None), "x1": (0.3, None), "x2": (0.0, None), "x3": (-0.2, None)}
+    # Same runs: highest honest DC shares x0 0.0005, x1 0.004, x2 0.008, x3 0.033 (x4 0.28: not tested, its
+    # 2^3 voxels leave too little room between the white-noise share 1/8 and a pooled critic's); lowest FSHA
+    # shares x0 0.066, x1 0.09, x2 0.11, x3 0.14. Larger crops lower the honest shares further.
+    DEFAULT_MAX_DC_FRACTION = {"x0": 0.02, "x1": 0.03, "x2": 0.05, "x3": 0.08}
+    # Largest honest fall of a ratio below its running median: 0.52 (same runs); FSHA's ratios sit 1..6 lower.
+    DEFAULT_DRIFT_THRESHOLD = 1.5
+
+    def __init__(
+        self,
+        level_ratio_bounds: Mapping[str, Sequence[float | None]] | None = None,
+        max_dc_fraction: float | Mapping[str, float] | None = None,
+        drift_threshold: float | None = DEFAULT_DRIFT_THRESHOLD,
+        warmup: int = 5,
+        history: int = 50,
+        log_every: int = 1,
+    ):
+        super().__init__(levels=None, data_kinds=[DataKind.GRADIENTS], log_every=log_every)
+        if level_ratio_bounds is None:
+            level_ratio_bounds = self.DEFAULT_LEVEL_RATIO_BOUNDS
+        self.level_ratio_bounds = _level_mapping("level_ratio_bounds", level_ratio_bounds, _bound_pair, False)
+        if max_dc_fraction is None:
+            max_dc_fraction = self.DEFAULT_MAX_DC_FRACTION
+        if isinstance(max_dc_fraction, Mapping):
+            self.max_dc_fraction = _level_mapping("max_dc_fraction", max_dc_fraction, _share, True)
+        else:
+            share = _share(max_dc_fraction, "max_dc_fraction")
+            self.max_dc_fraction = {level_key(level): share for level in range(NUM_LEVELS)}
+        if drift_threshold is not None and (
+            isinstance(drift_threshold, bool)
+            or not isinstance(drift_threshold, (int, float))
+            or not 0 < drift_threshold < math.inf
+        ):
+            raise SplitUNetConfigError(
+                f"GradientDetector: drift_threshold must be a number > 0 or null, got {drift_threshold!r}"
+            )
+        for name, value in (("warmup", warmup), ("history", history)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SplitUNetConfigError(f"GradientDetector: {name} must be an int >= 1, got {value!r}")
+        if history < warmup:
+            raise SplitUNetConfigError(f"GradientDetector: history ({history}) must be >= warmup ({warmup})")
+        self.drift_threshold = None if drift_threshold is None else float(drift_threshold)
+        self.warmup = warmup
+        self.history = history
+        self._accepted: list[dict[str, float]] = []  # level ratios of the accepted calls (the window)
+        self.refusals = 0
+
+    # ------------------------------------------------------------------------------------------ the tests
+    def check(self, grads: Mapping[str, torch.Tensor]) -> tuple[dict, str | None]:
+        """Compute the statistics of one gradient DXO and test them (no state changes).
+
+        Args:
+            grads: level key -> gradient ``(B, C, D, H, W)``, as in the DXO.
+
+        Returns:
+            ``(statistics, reason)``: ``reason`` is ``None`` when every test passes, else names the statistic,
+            its value and the bound it broke.
+
+        Raises:
+            FilterRejection: the bottleneck is missing, or a level is malformed or not finite.
+        """
+        stats = gradient_statistics(grads)
+        ratios = stats["level_ratio"]
+        for key, (low, high) in sorted(self.level_ratio_bounds.items()):
+            if key in ratios and not low <= ratios[key] <= high:
+                return stats, (
+                    f"level_ratio {key} = log10(rms {key} / rms {_BOTTLENECK}) = {ratios[key]:.3g} outside "
+                    f"[{low:g}, {high:g}]"
+                )
+        for key, limit in sorted(self.max_dc_fraction.items()):
+            value = stats["dc_fraction"].get(key)
+            if value is not None and value > limit:
+                return stats, f"dc_fraction {key} = {value:.3g} > max_dc_fraction {limit:g}"
+        if self.drift_threshold is not None:
+            for key, value in sorted(ratios.items()):
+                past = [entry[key] for entry in self._accepted if key in entry]
+                if len(past) < self.warmup or not math.isfinite(value):
+                    continue
+                fall = statistics.median(past) - value
+                if fall > self.drift_threshold:
+                    return stats, (
+                        f"drift of level_ratio {key}: {value:.3g} is {fall:.3g} below the median of {len(past)} "
+                        f"accepted calls > drift_threshold {self.drift_threshold:g}"
+                    )
+        return stats, None
+
+    def filter_features(self, features: dict[str, torch.Tensor], dxo: DXO, fl_ctx: FLContext):
+        stats, reason = self.check(features)
+        if reason is not None:
+            self.refusals += 1
+            raise FilterRejection(f"suspicious gradients (after {self.calls} accepted): {reason}")
+        self._accepted.append({key: v for key, v in stats["level_ratio"].items() if math.isfinite(v)})
+        del self._accepted[: -self.history]
+        facts = {
+            "level_ratio_bounds": {
+                key: [_json(low), _json(high)] for key, (low, high) in self.level_ratio_bounds.items()
+            },
+            "max_dc_fraction": dict(self.max_dc_fraction),
+            "drift_threshold": self.drift_threshold,
+            "warmup": self.warmup,
+            "history": self.history,
+        }
+        ratios = ", ".join(f"{key} {value:.2f}" for key, value in sorted(stats["level_ratio"].items()))
+        dc = ", ".join(f"{key} {value:.2g}" for key, value in sorted(stats["dc_fraction"].items()))
+        message = f"passed: log10 rms ratios to {_BOTTLENECK} {ratios}; dc_fraction {dc}"
+        return dict(features), facts, message
+
+
+def _json(bound: float) -> float | None:
+    """An open bound as ``None`` (JSON has no infinity)."""
+    return None if math.isinf(bound) else bound
