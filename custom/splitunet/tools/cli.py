@@ -15,7 +15,15 @@ __all__ = ["main", "build_parser", "ATTACKS"]
 
 # `splitunet leakage --attack` choices, spelled out so that parsing needs no torch import (a test keeps them equal
 # to splitunet.evaluation.leakage.ATTACK_CHOICES).
-ATTACKS = ("white_box", "unsplit", "learned_inverse", "label_inference")
+ATTACKS = (
+    "white_box",
+    "unsplit",
+    "learned_inverse",
+    "substitute_encoder",
+    "label_inference",
+    "encoder_tracking",
+    "malicious_server",
+)
 
 
 def _phantom(args) -> int:

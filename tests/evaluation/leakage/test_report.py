@@ -65,3 +65,16 @@ def test_unknown_attack_and_missing_secret(workspace, tmp_path):
         run_leakage(workspace, tmp_path, attacks=["guess"])
     with pytest.raises(SplitUNetConfigError, match="case_key_secret.txt not found"):
         run_leakage(workspace, tmp_path, data_dir=tmp_path)
+
+
+def test_the_substitute_tracking_and_malicious_server_sections(report):
+    result, out = report
+    site = result["sites"]["site-1"]
+    assert any(row["attack"] == "substitute_encoder" and row["level"] == "x0" for row in site["inversion"])
+    # Only iteration 1 was captured: tracking says what it needs instead of inventing a curve.
+    assert "consecutive iterations" in result["encoder_tracking"]["skipped"]
+    malicious = result["malicious_server"]
+    assert malicious["site"] == "site-1" and malicious["curve"][-1]["iteration"] == 2
+    markdown = (out / "report.md").read_text()
+    assert "## Malicious server (feature-space hijacking, simulated)" in markdown
+    assert "| iteration | SSIM without detector | SSIM with detector | prior |" in markdown

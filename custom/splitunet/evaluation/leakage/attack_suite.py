@@ -13,6 +13,7 @@ from splitunet.evaluation.attacks import (
     DefenseModel,
     GradientLabelInference,
     LearnedInverse,
+    SubstituteEncoderAttack,
     UnSplit,
     WhiteBoxInversion,
     adaptive_label_inference,
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 # Input-inversion attacks in the order reports list them: strongest threat model first.
-INVERSION_ATTACKS = ("white_box", "unsplit", "learned_inverse")
+INVERSION_ATTACKS = ("white_box", "unsplit", "learned_inverse", "substitute_encoder")
 # Row name of an attack's variant that models the defense the filter trail describes ("white_box_adaptive").
 ADAPTIVE_SUFFIX = "_adaptive"
 # Voxels of Gaussian averaging of the squared gradient norm in the adapted label attack (measured to undo gradient
@@ -68,6 +69,13 @@ class AttackBudget:
             the plain attacks.
         adaptive_init: where the adaptive white-box inversion starts (``"prior"``: the mean auxiliary image,
             better than noise under every defense measured but int2; ``"noise"``).
+        substitute_steps: training steps of the substitute-encoder attack (80 was its best length on the 32^3
+            test crop: longer runs drifted to a constant image; see ``SubstituteEncoderAttack``).
+        tracking_iterations: white-box inversion steps per tracked iteration (encoder tracking).
+        malicious_iterations: iterations of the simulated feature-space hijacking and of each honest run the
+            gradient detector is tried on (0: no malicious-server section).
+        malicious_crops: private crops of the simulated site.
+        honest_seeds: honest runs on which the detector's false alarms are counted.
     """
 
     white_box_iterations: int = 150
@@ -78,6 +86,11 @@ class AttackBudget:
     seed: int = 0
     adaptive: bool = True
     adaptive_init: str = "prior"
+    substitute_steps: int = 80
+    tracking_iterations: int = 60
+    malicious_iterations: int = 40
+    malicious_crops: int = 16
+    honest_seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self):
         if self.adaptive_init not in INIT_CHOICES:
@@ -87,13 +100,28 @@ class AttackBudget:
     def sweep(cls) -> AttackBudget:
         """Shorter attacks for ``splitunet sweep``, which runs them once per defense (about a minute a run)."""
         return cls(
-            white_box_iterations=100, unsplit_iterations=60, unsplit_levels=1, learned_steps=150, learned_crops=16
+            white_box_iterations=100,
+            unsplit_iterations=60,
+            unsplit_levels=1,
+            learned_steps=150,
+            learned_crops=16,
+            malicious_iterations=0,  # the hijacking does not depend on the activation defense: once, not per row
         )
 
     @classmethod
     def quick(cls) -> AttackBudget:
         """A few steps of each: exercises the whole report in seconds (tests); the figures mean little."""
-        return cls(white_box_iterations=10, unsplit_iterations=5, learned_steps=10, learned_crops=2)
+        return cls(
+            white_box_iterations=10,
+            unsplit_iterations=5,
+            learned_steps=10,
+            learned_crops=2,
+            substitute_steps=3,
+            tracking_iterations=3,
+            malicious_iterations=2,
+            malicious_crops=2,
+            honest_seeds=(0,),
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -192,6 +220,16 @@ def invert_capture(
             stats["seconds"] = time.perf_counter() - started
             rows.append(_scored(name, sorted(observed), reconstruction, truth, prior, stats))
             images[(name, level_name(sorted(observed)))] = reconstruction
+    if "substitute_encoder" in attacks:
+        # No site weights: the server's own encoder, trained so that its features follow the received ones.
+        finest = min(observed)
+        started = time.perf_counter()
+        attack = SubstituteEncoderAttack(features, levels=(finest,), steps=budget.substitute_steps, seed=budget.seed)
+        attack.fit(aux_crops, {finest: observed[finest]})
+        reconstruction, stats = attack.reconstruct({finest: observed[finest]}, crop_size)
+        stats["seconds"] = time.perf_counter() - started
+        rows.append(_scored("substitute_encoder", [finest], reconstruction, truth, prior, stats))
+        images[("substitute_encoder", level_name([finest]))] = reconstruction
     return rows, images
 
 

@@ -18,6 +18,7 @@ from splitunet.data.party_settings import SETTINGS_FILE_NAME, load_site_settings
 from splitunet.data.phantom import generate_phantom
 from splitunet.errors import SplitUNetConfigError
 from splitunet.evaluation.attacks import build_encoder, defense_from_trail
+from splitunet.evaluation.leakage.active_attackers import malicious_server_section, tracking_section
 from splitunet.evaluation.leakage.attack_suite import (
     ADAPTIVE_SUFFIX,
     INVERSION_ATTACKS,
@@ -39,7 +40,9 @@ __all__ = [
     "attacker_encoder_seed",
 ]
 
-ATTACK_CHOICES = (*INVERSION_ATTACKS, "label_inference")
+# Attacks over many iterations (splitunet.evaluation.leakage.active_attackers), after the per-capture ones.
+ACTIVE_ATTACKS = ("encoder_tracking", "malicious_server")
+ATTACK_CHOICES = (*INVERSION_ATTACKS, "label_inference", *ACTIVE_ATTACKS)
 # Auxiliary phantom cases are drawn with this seed offset, so they are never the sites' cases.
 _AUX_SEED_OFFSET = 1000
 _AUX_CASES = 6
@@ -243,10 +246,102 @@ def run_leakage(
             or site_label_inference(run, site, iteration, truth)
             for site in run.sites
         }
+    first = chosen[0]
+    aux = AuxiliaryImages(ModalityFolder(aux_parties / run.sites[first], run.sites[first], party="attacker"))
+    if "encoder_tracking" in attacks:
+        report["encoder_tracking"] = _tracking(run, first, truth, aux, budget, assume_known_init)
+    if "malicious_server" in attacks and budget.malicious_iterations:
+        report["malicious_server"] = _malicious_server(run, first, truth, aux, budget)
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     write_json_atomic(report, out_dir / "report.json")
     (out_dir / "report.md").write_text(leakage_markdown(report))
     return report
+
+
+def _tracking(
+    run: CapturedRun, site: str, truth: GroundTruth, aux: AuxiliaryImages, budget: AttackBudget, known: bool
+) -> dict:
+    seed, initialisation = attacker_encoder_seed(run, site, known)
+    if "wrong guess" in initialisation:
+        return {"site": site, "skipped": "needs the site's initial encoder, which is private (--assume-known-init)"}
+    if not run.model.train_encoders:
+        return {"site": site, "skipped": "the job freezes the encoders: the initial encoder is the encoder throughout"}
+    print(f"encoder tracking of {site}", flush=True)
+    section = tracking_section(run, site, seed, truth, aux, budget.tracking_iterations)
+    if section is None:
+        return {"site": site, "skipped": "needs captures of consecutive iterations from 1 (--capture 1 2 3 ...)"}
+    return section
+
+
+def _malicious_server(run: CapturedRun, site: str, truth: GroundTruth, aux: AuxiliaryImages, budget: AttackBudget):
+    if not run.model.train_encoders:
+        # Simulated anyway, it would describe another job: these sites refuse any gradient.
+        return {"site": site, "skipped": "the job sends no gradients and its sites refuse any (train_encoders false)"}
+    print(f"simulated malicious server against {site} ({budget.malicious_iterations} iterations)", flush=True)
+    modalities = list(run.sites.values())
+    size = run.capture(ACTIVATIONS, site, run.iterations(ACTIVATIONS, site)[0]).plan["size"]
+    section = malicious_server_section(
+        truth,
+        aux,
+        modalities,
+        list(run.sites).index(site),
+        run.model,
+        size,
+        budget.malicious_iterations,
+        budget.honest_seeds,
+        budget.malicious_crops,
+        budget.seed,
+    )
+    return {"site": site, **section}
+
+
+def _active_markdown(report: Mapping) -> list[str]:
+    lines = []
+    tracking = report.get("encoder_tracking")
+    if tracking:
+        lines += ["## Encoder tracking", ""]
+        if "skipped" in tracking:
+            lines += [f"Skipped for {tracking['site']}: {tracking['skipped']}.", ""]
+        else:
+            lines += [
+                f"A server that knows {tracking['site']}'s initial encoder replays its training from the gradients it "
+                f"sent and inverts {tracking['level']} of each captured iteration with the tracked weights, against "
+                "an attacker that keeps the initial weights.",
+                "",
+                "| iteration | SSIM, tracked weights | SSIM, initial weights | prior |",
+                "|---|---|---|---|",
+            ]
+            for row in tracking["rows"]:
+                lines.append(
+                    f"| {row['iteration']} | {_fmt(row.get('ssim'))} | {_fmt(row.get('ssim_untracked'))} | "
+                    f"{_fmt(row.get('ssim_prior'))} |"
+                )
+            lines.append("")
+    malicious = report.get("malicious_server")
+    if malicious:
+        lines += ["## Malicious server (feature-space hijacking, simulated)", ""]
+        if "skipped" in malicious:
+            lines += [f"Skipped for {malicious['site']}: {malicious['skipped']}.", ""]
+        else:
+            detection, alarms = malicious["detection"], malicious["false_alarms"]
+            lines += [
+                f"The server sends {malicious['site']} ({malicious['modality']}) the hijacking gradients instead of "
+                f"honest ones, in-process on the run's data ({malicious['crop_size']} crops). The site-side "
+                f"GradientDetector flagged {detection['flagged']}/{detection['tested']} hijacking iterations (first "
+                f"at iteration {detection['first_flag']}) and {alarms['flagged']}/{alarms['tested']} iterations of "
+                f"{len(alarms['runs'])} honest run(s). With the detector the site applies nothing after the first "
+                "flag, so its curve stops there.",
+                "",
+                "| iteration | SSIM without detector | SSIM with detector | prior |",
+                "|---|---|---|---|",
+            ]
+            for row in malicious["curve"]:
+                lines.append(
+                    f"| {row['iteration']} | {_fmt(row['ssim_no_detector'])} | {_fmt(row['ssim_with_detector'])} | "
+                    f"{_fmt(row['ssim_prior'])} |"
+                )
+            lines.append("")
+    return lines
 
 
 def _adaptive_table(result: Mapping) -> list[str]:
@@ -364,4 +459,5 @@ def leakage_markdown(report: Mapping) -> str:
                 f"{_fmt(labels.get('gain_over_own_image'))} |"
             )
         lines.append("")
+    lines += _active_markdown(report)
     return "\n".join(lines) + "\n"
