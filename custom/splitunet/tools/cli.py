@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
@@ -142,6 +143,8 @@ def _leakage(args) -> int:
     from splitunet.evaluation.leakage import AttackBudget, run_leakage
 
     budget = AttackBudget.quick() if args.quick else AttackBudget()
+    if args.malicious_iterations is not None:
+        budget = replace(budget, malicious_iterations=args.malicious_iterations)
     run_leakage(
         args.workspace,
         args.out,
@@ -471,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--aux", type=Path, default=None, help="attacker's auxiliary parties folder (default: phantom)"
     )
     leakage.add_argument("--quick", action="store_true", help="a few attack steps only (checks the pipeline)")
+    leakage.add_argument(
+        "--malicious-iterations",
+        type=int,
+        default=None,
+        help="iterations of the simulated malicious server and of each honest run (default 40; 0: none)",
+    )
     leakage.add_argument(
         "--assume-known-init",
         action="store_true",

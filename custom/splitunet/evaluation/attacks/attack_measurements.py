@@ -1,9 +1,9 @@
 """Offline measurements behind the figures in the docstrings of the stronger black-box attacks (not tests: each
 takes minutes on a CPU). Run one with::
 
-    PYTHONPATH=custom python -m splitunet.evaluation.attacks.attack_measurements unsplit --outer 2
-    PYTHONPATH=custom python -m splitunet.evaluation.attacks.attack_measurements substitute --seeds 1 2
-    PYTHONPATH=custom python -m splitunet.evaluation.attacks.attack_measurements tracking --iterations 40
+    python3 -m splitunet.evaluation.attacks.attack_measurements unsplit --outer 2
+    python3 -m splitunet.evaluation.attacks.attack_measurements substitute --seeds 1 2
+    python3 -m splitunet.evaluation.attacks.attack_measurements tracking --iterations 40
 
 Each prints JSON lines. The set-up is the attack tests' (``tests/evaluation/attacks/conftest.py``): 6 phantom
 cases of 48^3, the attacked 32^3 FLAIR crop of BRATS_001 at (8, 8, 8), 20 auxiliary crops of the other cases,
