@@ -175,4 +175,21 @@ def test_the_detector_imports_nothing_a_site_must_not_load():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     ours = sorted(name for name in imported if name.startswith("splitunet"))
-    assert ours == ["splitunet.errors", "splitunet.filters.base", "splitunet.wire.protocol"]
+    assert ours == ["splitunet.errors", "splitunet.filters.base", "splitunet.wire.codec", "splitunet.wire.protocol"]
+
+
+def test_int8_gradients_of_the_main_job_are_judged_decoded_and_passed_on_encoded():
+    from splitunet.filters import QuantizeFeatures
+
+    honest = _scaled_noise({0: 100.0, 1: 30.0, 2: 10.0, 3: 3.0, 4: 1.0})
+    hijacked = _scaled_noise({0: 0.01, 1: 30.0, 2: 10.0, 3: 3.0, 4: 1.0})
+    for grads, refused in ((honest, False), (hijacked, True)):
+        shareable = features_to_dxo(grads, DataKind.GRADIENTS, {"iteration": 1}).to_shareable()
+        shareable = QuantizeFeatures(precision="int8").process(shareable, FLContext())
+        out = GradientDetector().process(shareable, FLContext())
+        message = out.get_header(SITE_ERROR_HEADER)
+        assert (message is not None) == refused, message
+        if refused:
+            assert "level_ratio x0" in message
+        else:
+            assert out is shareable or out.get_header(SITE_ERROR_HEADER) is None

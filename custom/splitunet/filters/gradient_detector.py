@@ -46,6 +46,7 @@ from nvflare.apis.fl_context import FLContext
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters.base import FeatureFilter, FilterRejection
+from splitunet.wire.codec import ENCODING_META_KEY, decode_entry
 from splitunet.wire.protocol import NUM_LEVELS, DataKind, level_index, level_key
 
 __all__ = ["GradientDetector", "gradient_statistics"]
@@ -148,6 +149,7 @@ class GradientDetector(FeatureFilter):
     """
 
     stateful = True  # the drift baseline: the statistics of the accepted calls
+    accepts_encoded = True  # it reads the decoded values and passes the payload on unchanged
 
     # Measured on honest runs of the shipped architecture at 32^3 crops (3 seeds x 40 iterations, four sites,
     # DiceCE; lowest honest log10 ratios x0 1.44, x1 1.08, x2 0.67, x3 0.22, rising as training goes on) and on
@@ -240,7 +242,10 @@ class GradientDetector(FeatureFilter):
         return stats, None
 
     def filter_features(self, features: dict[str, torch.Tensor], dxo: DXO, fl_ctx: FLContext):
-        stats, reason = self.check(features)
+        # The server's gradients may arrive as int8 codes (the main job): judge what the site would apply.
+        encodings = (dxo.meta or {}).get(ENCODING_META_KEY) or {}
+        decoded = {key: decode_entry(value, encodings.get(key)) for key, value in features.items()}
+        stats, reason = self.check(decoded)
         if reason is not None:
             self.refusals += 1
             raise FilterRejection(f"suspicious gradients (after {self.calls} accepted): {reason}")
