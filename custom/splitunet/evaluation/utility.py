@@ -2,8 +2,10 @@
 same budget on the same phantom split under several paired seeds, reported as the mean and a 95 % interval of the
 paired difference against the first setting (the float32 reference).
 
-Seed ``s`` fixes the phantom cases, the case split, the crops and the initialisation for every setting, so the
-settings differ only in what they do; the interval is Student's t over the per-seed differences. The validation
+Seed ``s`` draws the phantom cases and, in their data folder, the case-key secret, which sets the case split and
+the crop sequence: every setting of seed ``s`` trains on the same data, split and crops, so the settings differ
+only in what they do (the decoder starts from the job's seed, the sites from private seeds of their own). The
+interval is Student's t over the per-seed differences. The validation
 Dice at every ``val_every`` shows whether the numbers had stopped moving by the end of the budget.
 
 Each run keeps its ``results.json``; a rerun with the same out folder and budget reuses finished runs, so a long
@@ -251,6 +253,8 @@ def utility_markdown(report: Mapping) -> str:
             f"{_interval_cell(difference['mean'])} | {_interval_cell(difference['TC'])} | "
             f"{_interval_cell(difference['WT'])} | {_interval_cell(difference['ET'])} | {curve} | {size_text} |"
         )
-    if report.get("elapsed_s") is not None:
-        lines += ["", f"Whole study: {report['elapsed_s'] / 60:.0f} min ({sum(len(r['seeds']) for r in rows)} runs)."]
+    run_seconds = [t for row in rows for t in row.get("seconds_per_run", []) if t]
+    if run_seconds:
+        # The runs' own times, not this call's: a study resumed over several calls reuses finished runs.
+        lines += ["", f"{len(run_seconds)} runs, {sum(run_seconds) / 60:.0f} min of training and validation in all."]
     return "\n".join(lines) + "\n"

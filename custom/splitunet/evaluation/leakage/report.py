@@ -163,7 +163,10 @@ def _attack_site(
     if "label_inference" in attacks:
         labels = site_label_inference(run, site, iteration, truth)
         if labels is None:
-            notes.append(f"label inference skipped: no gradient capture of iteration {iteration + 1}")
+            if not run.model.train_encoders:
+                notes.append("label inference: the job sends no gradients, so a site has only its own image")
+            else:
+                notes.append(f"label inference skipped: no gradient capture of iteration {iteration + 1}")
     return {
         "modality": modality,
         "encoder_initialisation": initialisation,
