@@ -43,6 +43,8 @@ __all__ = [
 # Attacks over many iterations (splitunet.evaluation.leakage.active_attackers), after the per-capture ones.
 ACTIVE_ATTACKS = ("encoder_tracking", "malicious_server")
 ATTACK_CHOICES = (*INVERSION_ATTACKS, "label_inference", *ACTIVE_ATTACKS)
+# What the attacker's encoder is when a site keeps a private seed and the worst case is not assumed.
+WRONG_GUESS = "the site's encoder_seed is private; the attacker rebuilds from the job's seed (a wrong guess)"
 # Auxiliary phantom cases are drawn with this seed offset, so they are never the sites' cases.
 _AUX_SEED_OFFSET = 1000
 _AUX_CASES = 6
@@ -99,7 +101,7 @@ def attacker_encoder_seed(run: CapturedRun, site: str, assume_known_init: bool) 
         return job_seed, "the site initialised its encoder from the job's seed, which the server knows"
     if assume_known_init:
         return private, "assumed known: the site's private encoder_seed (--assume-known-init)"
-    return job_seed, "the site's encoder_seed is private; the attacker rebuilds from the job's seed (a wrong guess)"
+    return job_seed, WRONG_GUESS
 
 
 def site_label_inference(run: CapturedRun, site: str, iteration: int, truth: GroundTruth) -> dict | None:
@@ -265,7 +267,7 @@ def _tracking(
     run: CapturedRun, site: str, truth: GroundTruth, aux: AuxiliaryImages, budget: AttackBudget, known: bool
 ) -> dict:
     seed, initialisation = attacker_encoder_seed(run, site, known)
-    if "wrong guess" in initialisation:
+    if initialisation == WRONG_GUESS:
         return {"site": site, "skipped": "needs the site's initial encoder, which is private (--assume-known-init)"}
     if not run.model.train_encoders:
         return {"site": site, "skipped": "the job freezes the encoders: the initial encoder is the encoder throughout"}
