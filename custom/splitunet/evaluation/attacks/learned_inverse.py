@@ -17,7 +17,7 @@ from splitunet.networks import SiteEncoder
 from splitunet.networks.layers import DEFAULT_ACT, DEFAULT_NORM
 from splitunet.wire.protocol import NUM_LEVELS
 
-__all__ = ["InverseDecoder", "LearnedInverse"]
+__all__ = ["InverseDecoder", "LearnedInverse", "decode_levels"]
 
 # Features of auxiliary crops -> what the attacker expects to observe (e.g. the defense's public settings).
 FeatureTransform = Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]]
@@ -202,11 +202,28 @@ class LearnedInverse(Attack):
             raise ValueError("LearnedInverse.reconstruct needs fit() on auxiliary crops first")
         start = time.perf_counter()
         observed = check_observed(observed)
-        missing = sorted(set(self.levels) - set(observed))
-        if missing:
-            raise ValueError(f"the inverse was trained on levels {list(self.levels)}; levels {missing} are missing")
-        size = resolve_crop_size(observed, crop_size or self.crop_size)
-        inputs = {level: observed[level].to(self.device) for level in self.levels}
-        reconstruction = self.decoder(inputs, size).cpu()
+        reconstruction = decode_levels(self.decoder, self.levels, observed, crop_size or self.crop_size, self.device)
         stats = {"attack": self.name, "levels": list(self.levels), "seconds": time.perf_counter() - start}
         return reconstruction, stats
+
+
+def decode_levels(
+    decoder: InverseDecoder,
+    levels: Sequence[int],
+    observed: Mapping[int, torch.Tensor],
+    crop_size: Sequence[int] | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Run a trained :class:`InverseDecoder` on checked observed features (every one of ``levels`` required).
+
+    Shared by the attacks that end in an inverse decoder (:class:`LearnedInverse`, the substitute-encoder attack).
+
+    Returns:
+        the reconstruction ``(B, 1, D, H, W)`` on the CPU.
+    """
+    missing = sorted(set(levels) - set(observed))
+    if missing:
+        raise ValueError(f"the decoder was trained on levels {list(levels)}; levels {missing} are missing")
+    size = resolve_crop_size(observed, crop_size)
+    inputs = {level: observed[level].float().to(device) for level in levels}
+    return decoder(inputs, size).cpu()

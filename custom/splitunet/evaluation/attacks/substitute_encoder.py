@@ -27,8 +27,8 @@ from splitunet.evaluation.attacks.base import (
     check_positive_int,
 )
 from splitunet.evaluation.attacks.encoder_access import EncoderPrefix, build_encoder
-from splitunet.evaluation.attacks.learned_inverse import InverseDecoder
-from splitunet.evaluation.attacks.observed import check_observed, resolve_crop_size
+from splitunet.evaluation.attacks.learned_inverse import InverseDecoder, decode_levels
+from splitunet.evaluation.attacks.observed import check_observed
 
 __all__ = ["SubstituteEncoderAttack", "mk_mmd", "voxel_vectors"]
 
@@ -338,13 +338,9 @@ class SubstituteEncoderAttack(Attack):
             raise ValueError("SubstituteEncoderAttack.reconstruct needs fit() first")
         start = time.perf_counter()
         observed = check_observed(observed)
-        missing = sorted(set(self.levels) - set(observed))
-        if missing:
-            raise ValueError(f"the attack was fitted on levels {list(self.levels)}; levels {missing} are missing")
         # With x0 observed its size is the crop's; otherwise fall back to the auxiliary crops' size.
-        size = resolve_crop_size(observed, crop_size or (None if 0 in observed else self.crop_size))
-        inputs = {level: observed[level].float().to(self.device) for level in self.levels}
-        reconstruction = self.decoder(inputs, size).cpu()
+        size = crop_size or (None if 0 in observed else self.crop_size)
+        reconstruction = decode_levels(self.decoder, self.levels, observed, size, self.device)
         return reconstruction, {
             "attack": self.name,
             "levels": list(self.levels),
