@@ -1,4 +1,5 @@
-"""`splitunet sweep --quick`: two tiny runs in the FLARE simulator (no defense, x0 withheld), each attacked."""
+"""`splitunet sweep --quick`: two tiny runs in the FLARE simulator (no defense, x0 withheld), every site attacked at
+the first, middle and last iteration, Dice joined from a utility report."""
 
 import json
 
@@ -8,31 +9,67 @@ from splitunet.tools.cli import main
 
 pytestmark = pytest.mark.e2e
 
+# A utility report with one measured setting: the sweep's "no defense" run (same job and arguments).
+_UTILITY_ROW = {
+    "label": "float32 (reference)",
+    "job": "split_unet_fp32",
+    "filter_args": {},
+    "server_args": {},
+    "dice_mean": {"TC": 0.9, "WT": 0.9, "ET": 0.9},
+    "difference_to_reference": {"mean": {"mean": 0.0, "low": 0.0, "high": 0.0, "n": 3}},
+}
+
 
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    assert main(["sweep", "--quick", "--out", str(out)]) == 0
+    utility = out / "utility.json"
+    utility.write_text(json.dumps({"rows": [_UTILITY_ROW]}))
+    assert main(["sweep", "--quick", "--out", str(out), "--utility", str(utility)]) == 0
     return out
 
 
-def test_table_plot_and_one_report_per_run(sweep_dir):
-    rows = json.loads((sweep_dir / "sweep.json").read_text())["rows"]
-    assert [row["label"] for row in rows] == ["no defense", "x0 withheld"]
-    assert (sweep_dir / "tradeoff.png").stat().st_size > 0
-    assert "| no defense |" in (sweep_dir / "sweep.md").read_text()
-    for row in rows:
-        assert row["iterations"] == 4
-        assert (sweep_dir / row["report"]).is_file()
-        assert row["label_inference"] is not None
-        for result in row["inversion"]:
-            assert 0 < result["psnr"] < 100 and -1 <= result["ssim"] <= 1
+def _summary(sweep_dir):
+    return json.loads((sweep_dir / "sweep.json").read_text())
+
+
+def test_every_site_attacked_at_first_middle_and_last_iteration(sweep_dir):
+    summary = _summary(sweep_dir)
+    assert summary["attack_iterations"] == [1, 2, 4]
+    for row in summary["rows"]:
+        assert sorted(row["attacks"]) == ["1", "2", "4"]
+        for iteration, attacked in row["attacks"].items():
+            assert (sweep_dir / attacked["report"]).is_file()
+            names = {entry["attack"] for entry in attacked["inversion"]}
+            # White-box needs the encoder as initialised: only the first iteration.
+            assert ("white_box" in names) == (iteration == "1")
+            assert {"unsplit", "substitute_encoder"} <= names
+            for entry in attacked["inversion"]:
+                assert entry["crops"] == 8  # 4 sites x batch 2, pooled
+                assert len(entry["sites"]) == 4
+                ssim = entry["ssim_brain"]
+                assert ssim["low"] <= ssim["mean"] <= ssim["high"]
+                assert -1 <= ssim["mean"] <= 1
+        # Gradients for iterations 1 and 2 were captured (with 2 and 3); none follow the last.
+        assert len(row["attacks"]["1"]["labels"]["by_site"]) == 4
+        assert len(row["attacks"]["2"]["labels"]["by_site"]) == 4
+        assert row["attacks"]["4"]["labels"]["by_site"] == {}
 
 
 def test_withholding_x0_shows_in_what_the_server_received(sweep_dir):
-    baseline, no_x0 = json.loads((sweep_dir / "sweep.json").read_text())["rows"]
-    assert baseline["levels_received"] == ["x0", "x1", "x2", "x3", "x4"]
-    assert no_x0["levels_received"] == ["x1", "x2", "x3", "x4"]
-    assert not any(result["level"] == "x0" for result in no_x0["inversion"])
-    assert no_x0["label_inference"]["level"] == "x1"  # the gradients of x0 are not sent either
+    baseline, no_x0 = _summary(sweep_dir)["rows"]
+    assert any(entry["level"] == "x0" for entry in baseline["attacks"]["1"]["inversion"])
+    for attacked in no_x0["attacks"].values():
+        assert not any("x0" in entry["level"] for entry in attacked["inversion"])
     assert no_x0["activation_bytes_per_iteration"] < 0.5 * baseline["activation_bytes_per_iteration"]
+
+
+def test_dice_comes_from_the_utility_report_and_the_tables_are_written(sweep_dir):
+    baseline, no_x0 = _summary(sweep_dir)["rows"]
+    assert baseline["utility"]["label"] == "float32 (reference)"
+    assert no_x0["utility"] is None
+    text = (sweep_dir / "sweep.md").read_text()
+    assert "| no defense | 37" not in text  # the quick model is far smaller than the demo's
+    assert "| no defense |" in text and "| +0.0 [+0.0, +0.0] |" in text
+    assert "white_box adaptive" in text and "Later iterations" in text
+    assert (sweep_dir / "tradeoff.png").stat().st_size > 0

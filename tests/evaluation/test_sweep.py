@@ -3,11 +3,12 @@ import json
 
 import pytest
 
-from splitunet.evaluation.sweep import DEFAULT_SWEEP, QUICK_SWEEP, sweep_markdown
+from splitunet.evaluation.sweep import FULL_SWEEP, PRESETS, STANDARD_SWEEP, SweepPreset
+from splitunet.evaluation.sweep_report import label_summary, pool_inversions, sweep_markdown
 from splitunet.tools.deployment import copy_job_with_overrides, find_job, job_filters
 
 
-@pytest.mark.parametrize("setting", DEFAULT_SWEEP, ids=lambda s: s.label)
+@pytest.mark.parametrize("setting", FULL_SWEEP, ids=lambda s: s.label)
 def test_every_setting_makes_a_valid_job(setting, tmp_path):
     job = copy_job_with_overrides(
         find_job(setting.job), tmp_path / "job", setting.server_args, None, setting.filter_args
@@ -38,48 +39,111 @@ def _defense(job_name: str) -> str:
     return "+".join(sites) if sites else "+".join(f"{name}@server" for name in server)
 
 
-def test_two_strengths_of_every_shipped_defense():
-    defenses = [_defense(setting.job) for setting in DEFAULT_SWEEP]
+def test_full_sweeps_two_strengths_of_every_shipped_defense_and_the_standard_one_each():
+    *single, protected = FULL_SWEEP
+    assert protected.job == "split_unet_protected"
+    defenses = [_defense(setting.job) for setting in single]
     assert defenses[0] == ""  # the baseline comes first
     for defense in set(defenses[1:]):
         assert defenses.count(defense) == 2, defense
     assert len(set(defenses[1:])) == 6  # noise, gradient noise (server side), dropout, top-k, quantize, block
-    assert len({setting.label for setting in DEFAULT_SWEEP}) == len(DEFAULT_SWEEP)
-    assert all(setting in DEFAULT_SWEEP for setting in QUICK_SWEEP)
+    assert len({setting.label for setting in FULL_SWEEP}) == len(FULL_SWEEP)
+    standard = [_defense(setting.job) for setting in STANDARD_SWEEP]
+    assert sorted(set(standard)) == sorted(set(defenses + [_defense(protected.job)]))
+    assert len(standard) == len(set(standard))  # each once
+    assert all(setting in FULL_SWEEP for setting in PRESETS["quick"].settings)
 
 
-def _row(label, dice, inversion, labels=None, megabytes=10.0):
-    best = max(inversion, key=lambda r: r["ssim"]) if inversion else None
+def test_presets_attack_first_middle_last_and_capture_the_gradients_that_follow():
+    preset = SweepPreset("p", (), iterations=80)
+    assert preset.attack_iterations() == (1, 40, 80)
+    assert preset.capture_iterations() == (1, 2, 40, 41, 80)
+    assert SweepPreset("p", (), iterations=2).attack_iterations() == (1, 2)
+    assert PRESETS["full"].iterations == 300 and PRESETS["standard"].iterations == 80
+
+
+def _inversion(attack, level, ssim_brain, prior_brain):
     return {
-        "label": label,
-        "dice": {"TC": dice, "WT": dice, "ET": dice},
-        "activation_bytes_per_iteration": megabytes * 1e6,
-        "inversion": inversion,
-        "best_inversion": best,
-        "label_inference": labels,
+        "attack": attack,
+        "level": level,
+        "seconds": 1.0,
+        "per_crop": {
+            "ssim": ssim_brain,
+            "ssim_prior": prior_brain,
+            "ssim_brain": ssim_brain,
+            "ssim_prior_brain": prior_brain,
+        },
     }
 
 
-def test_markdown_tables():
-    level = {"ssim_prior": 0.3, "psnr_prior": 20.0}
-    rows = [
-        _row(
-            "none",
-            0.8,
-            [
-                {"attack": "white_box", "level": "x0", "ssim": 0.95, "psnr": 40.0, **level},
-                {"attack": "white_box", "level": "x1", "ssim": 0.5, "psnr": 24.0, **level},
-            ],
-            {"dice": 0.7, "dice_random_mask": 0.03, "dice_own_image": 0.72, "gain_over_own_image": -0.02},
-        ),
-        _row("no x0", 0.7, [{"attack": "white_box", "level": "x1", "ssim": 0.55, "psnr": 25.0, **level}], None, 2.5),
-    ]
-    text = sweep_markdown(rows, elapsed_s=120)
-    first = "| none | 0.800 | 0.800 | 0.800 | +0.000 | 10.0 (1.00x) | white_box x0 | 0.95 (0.30) | 40.0 (20.0) |"
-    assert first + " 0.70 (0.72; 0.03) | -0.02 |" in text
-    assert (
-        "| no x0 | 0.700 | 0.700 | 0.700 | -0.100 | 2.5 (0.25x) | white_box x1 | 0.55 (0.30) | 25.0 (20.0) | - | - |"
-        in text
+def _report(site_rows, labels=None):
+    return {
+        "sites": {site: {"inversion": rows} for site, rows in site_rows.items()},
+        "label_inference_by_site": labels or {},
+    }
+
+
+def test_crops_are_pooled_over_sites_with_a_t_interval_and_a_per_crop_gain():
+    report = _report(
+        {
+            "site-1": [_inversion("white_box", "x0", [0.9, 0.7], [0.3, 0.3])],
+            "site-2": [_inversion("white_box", "x0", [0.5, float("nan")], [0.2, 0.4])],
+        }
     )
-    assert "| no x0 | - | 0.55 / 25.0 |" in text  # x0 column empty: the level was not sent
-    assert "Whole sweep: 2 min (2 runs)." in text
+    (entry,) = pool_inversions(report)
+    assert entry["crops"] == 4 and entry["sites"] == ["site-1", "site-2"] and entry["seconds"] == 2.0
+    # The crop without a brain-mask score is left out of both the SSIM and the gain.
+    assert entry["ssim_brain"]["n"] == 3
+    assert entry["ssim_brain"]["mean"] == pytest.approx(0.7)
+    # stdev of (0.9, 0.7, 0.5) is 0.2; t(2) = 4.303.
+    assert entry["ssim_brain"]["high"] - entry["ssim_brain"]["mean"] == pytest.approx(4.303 * 0.2 / 3**0.5, abs=1e-6)
+    assert entry["gain_brain"]["mean"] == pytest.approx((0.6 + 0.4 + 0.3) / 3)
+    assert entry["ssim_prior_brain"] == pytest.approx((0.3 + 0.3 + 0.2) / 3)
+
+
+def test_label_summary_takes_the_better_attack_and_the_largest_gain():
+    labels = {
+        "site-1": {"dice": 0.7, "dice_smoothed": 0.75, "dice_adaptive": 0.72, "dice_own_image": 0.76, "auc": 0.99},
+        "site-2": {"dice": 0.6, "dice_smoothed": 0.5, "dice_adaptive": 0.8, "dice_own_image": 0.1, "auc": 0.98},
+        "site-3": None,
+    }
+    summary = label_summary(_report({}, labels))
+    assert summary["by_site"]["site-1"]["gain_over_own_image"] == pytest.approx(-0.01)
+    assert summary["by_site"]["site-2"]["dice"] == 0.8
+    assert summary["largest_gain"] == pytest.approx(0.7)
+    assert "site-3" not in summary["by_site"]
+
+
+def test_markdown_tables():
+    first = _report(
+        {
+            "site-1": [
+                _inversion("white_box", "x0", [0.9, 0.9], [0.3, 0.3]),
+                _inversion("unsplit", "x0", [0.5, 0.5], [0.3, 0.3]),
+            ]
+        },
+        {"site-1": {"dice": 0.7, "dice_own_image": 0.5, "auc": 0.9, "auc_own_image": 0.8}},
+    )
+    later = _report({"site-1": [_inversion("unsplit", "x0", [0.4, 0.6], [0.3, 0.3])]})
+    utility = {"difference_to_reference": {"mean": {"mean": -0.112, "low": -0.125, "high": -0.1, "n": 3}}}
+    row = {
+        "label": "none",
+        "activation_bytes_per_iteration": 10e6,
+        "utility": utility,
+        "train_encoders": True,
+        "attacks": {
+            "1": {"inversion": pool_inversions(first), "labels": label_summary(first)},
+            "40": {"inversion": pool_inversions(later), "labels": label_summary(later)},
+        },
+        "train_s": 60.0,
+        "attack_s": 60.0,
+    }
+    text = sweep_markdown(
+        {"preset": "standard", "iterations": 80, "attack_iterations": [1, 40], "rows": [row], "elapsed_s": 120}
+    )
+    assert "| none | 10.0 (1.00x) | -11.2 [-12.5, -10.0] | white_box x0 | 0.90 [0.90, 0.90] | 0.30 |" in text
+    assert "| +0.60 [+0.60, +0.60] | +0.20 (site-1) |" in text
+    assert "0.70 / 0.50 / +0.20; AUC 0.90 (0.80)" in text
+    # iteration 40: unsplit, mean 0.5, t(1) = 12.706 x 0.1414 / 1.414 = 1.27
+    assert "| none | unsplit x0 | 0.50 [-0.77, 1.77] | +0.20 [-1.07, +1.47] | - |" in text
+    assert "Whole sweep: 2 min for 1 runs (1 min training, 1 min attacks" in text

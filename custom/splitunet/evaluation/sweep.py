@@ -1,31 +1,54 @@
-"""``splitunet sweep``: train the demo configuration under each shipped defense at two strengths, attack every
-run's captures, and tabulate what each defense costs (Dice, bytes) against what it protects (attack SSIM, label
-Dice), with a trade-off plot.
+"""``splitunet sweep``: train the demo configuration under each shipped defense, attack every site's captures at the
+first, a middle and the last iteration, and tabulate what each defense costs (bytes; Dice from ``splitunet utility``)
+against what it protects (attack SSIM over crops with intervals, label inference per site), plain and adaptive
+attacks side by side.
 
 All runs share the phantom cases, the case-key secret and the attacker's auxiliary cases, so differences are the
-defenses' doing (up to the run-to-run variation of the random defenses, one run each).
+defenses' doing (up to the run-to-run variation of the random defenses: one run each). The sweep does not measure
+Dice: after its short training Dice still swings by tens of points between seeds, so the Dice column comes from a
+``splitunet utility`` study (300 iterations, paired seeds) when one is given (``--utility``), and is left empty
+otherwise.
+
+Presets (:data:`PRESETS`): ``quick`` checks the pipeline at a tiny size (tests); ``standard`` runs the eight settings
+that cover every shipped defense once, at 80 iterations; ``full`` runs every defense at two strengths and the
+protected preset at 300 iterations. Finished runs and reports are reused, so a stopped sweep continues where it was.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from splitunet.atomic_files import write_json_atomic
-from splitunet.evaluation.defense_table import cost_cells, mean_dice
 from splitunet.evaluation.leakage import AttackBudget, plot_tradeoff, run_leakage
+from splitunet.evaluation.leakage.captured_run import CapturedRun
 from splitunet.evaluation.leakage.report import auxiliary_phantom
+from splitunet.evaluation.sweep_report import best_pooled, label_summary, pool_inversions, sweep_markdown
 from splitunet.tools.demo import DemoSettings, run_demo
 from splitunet.tools.deployment import find_job
 
-__all__ = ["SweepSetting", "DEFAULT_SWEEP", "QUICK_SWEEP", "run_sweep", "sweep_markdown"]
+__all__ = [
+    "SweepSetting",
+    "SweepPreset",
+    "FULL_SWEEP",
+    "STANDARD_SWEEP",
+    "PRESETS",
+    "FIRST_ATTACKS",
+    "LATER_ATTACKS",
+    "run_sweep",
+    "sweep_markdown",
+]
 
-# Iterations a sweep run trains by default: 13 runs and their attacks fit in an hour on 2 CPU cores.
-SWEEP_ITERATIONS = 80
-# Captured iterations: activations of 1 (encoders as initialised) and, with 2, the gradients for them.
-_CAPTURE = (1, 2)
+# At iteration 1 the attacker may know the encoders as initialised (the worst case the sweep assumes): every attack.
+FIRST_ATTACKS = ("white_box", "unsplit", "learned_inverse", "substitute_encoder", "label_inference")
+# Later the encoders have moved away from anything the server can rebuild: the attacks that need no site weights.
+LATER_ATTACKS = ("unsplit", "substitute_encoder", "label_inference")
 
 
 @dataclass(frozen=True)
@@ -44,8 +67,13 @@ class SweepSetting:
     filter_args: dict = field(default_factory=dict)
     server_args: dict = field(default_factory=dict)
 
+    def key(self) -> str:
+        """What identifies the run across studies (``splitunet utility`` rows carry the same fields)."""
+        return json.dumps([self.job, self.filter_args, self.server_args], sort_keys=True)
 
-DEFAULT_SWEEP = (
+
+# Every shipped defense at two strengths, then the protected preset.
+FULL_SWEEP = (
     SweepSetting("no defense", "split_unet_fp32"),
     SweepSetting("activation noise σ 5e-4", "split_unet_noise"),
     SweepSetting("activation noise σ 2e-3", "split_unet_noise", {"ClippedGaussianNoise": {"noise_multiplier": 2e-3}}),
@@ -63,155 +91,220 @@ DEFAULT_SWEEP = (
     SweepSetting(
         "gradient noise σ 5e-3", "split_unet_grad_noise", {"ClippedGaussianNoise": {"noise_multiplier": 5e-3}}
     ),
+    SweepSetting("protected preset", "split_unet_protected"),
 )
 
-QUICK_SWEEP = (DEFAULT_SWEEP[0], DEFAULT_SWEEP[9])
+# Every shipped defense once, at the stronger strength where two are swept (the weaker ones did not hold).
+STANDARD_SWEEP = tuple(
+    setting
+    for setting in FULL_SWEEP
+    if setting.label
+    in {
+        "no defense",
+        "activation noise σ 2e-3",
+        "channel dropout 0.5",
+        "top-k 10 %",
+        "int8 (the main job)",
+        "x0 withheld",
+        "gradient noise σ 5e-3",
+        "protected preset",
+    }
+)
 
-# The tiny configuration of ``--quick`` (seconds a run): it checks the pipeline, its figures mean little.
-_QUICK_DEMO = {"cases": 6, "shape": (40, 40, 40)}
-_QUICK_SERVER_ARGS = {
-    "num_iterations": 4,
-    "crop_size": [32, 32, 32],
-    "features": [4, 8, 8, 16, 16, 4],
-    "val_every": 4,
-    "num_val_cases": 2,
+
+@dataclass(frozen=True)
+class SweepPreset:
+    """How long a sweep trains and attacks.
+
+    Args:
+        name: the preset's name (``--preset``).
+        settings: the runs.
+        iterations: training iterations per run; the attacks run at 1, ``iterations // 2`` and ``iterations``.
+        budget: :class:`AttackBudget` factory name (``"sweep"``, ``"quick"``).
+        demo: :class:`DemoSettings` fields set over the demo's (size of the phantom).
+        server_args: workflow arguments set over every job's (model size of ``quick``).
+    """
+
+    name: str
+    settings: tuple[SweepSetting, ...]
+    iterations: int
+    budget: str = "sweep"
+    demo: Mapping = field(default_factory=dict)
+    server_args: Mapping = field(default_factory=dict)
+
+    def attack_iterations(self) -> tuple[int, ...]:
+        """The iterations attacked: the first, the middle and the last (without repeats)."""
+        return tuple(dict.fromkeys((1, max(1, self.iterations // 2), self.iterations)))
+
+    def capture_iterations(self) -> tuple[int, ...]:
+        """Captured iterations: each attacked one and, for label inference, the next (which carries its gradients),
+        except after the last."""
+        captured = []
+        for iteration in self.attack_iterations():
+            captured += [iteration, iteration + 1] if iteration < self.iterations else [iteration]
+        return tuple(sorted(set(captured)))
+
+    def attack_budget(self) -> AttackBudget:
+        return getattr(AttackBudget, self.budget)()
+
+
+PRESETS = {
+    # A tiny configuration (seconds a run): it checks the pipeline; its figures mean little.
+    "quick": SweepPreset(
+        "quick",
+        (FULL_SWEEP[0], FULL_SWEEP[9]),
+        iterations=4,
+        budget="quick",
+        demo={"cases": 6, "shape": (40, 40, 40)},
+        server_args={"crop_size": [32, 32, 32], "features": [4, 8, 8, 16, 16, 4], "num_val_cases": 2},
+    ),
+    "standard": SweepPreset("standard", STANDARD_SWEEP, iterations=80),
+    "full": SweepPreset("full", FULL_SWEEP, iterations=300),
 }
 
 
+def _trained(run_dir: Path, iterations: int) -> dict | None:
+    results = run_dir / "results.json"
+    if not results.is_file():
+        return None
+    summary = json.loads(results.read_text())
+    return summary if summary.get("iterations") == iterations else None
+
+
+def _leakage(run_dir: Path, iteration: int, attacks: Sequence[str], budget: AttackBudget, data_dir, aux) -> dict:
+    out = run_dir / f"leakage_{iteration:06d}"
+    done = out / "report.json"
+    if done.is_file():
+        report = json.loads(done.read_text())
+        if report.get("budget") == budget.to_dict() and report.get("attacks") == list(attacks):
+            print(f"reusing {done}", flush=True)
+            return report
+    sites = list(CapturedRun(run_dir).sites)
+    # The worst case the sweep judges each defense against: a server that knows the sites' initial encoders.
+    return run_leakage(
+        run_dir,
+        out,
+        attacks=attacks,
+        sites=sites,
+        iteration=iteration,
+        budget=budget,
+        data_dir=data_dir,
+        aux_dir=aux,
+        assume_known_init=True,
+        # Reconstruction grids at the first iteration only: they show what the tables cannot; more would only cost.
+        figures=iteration == 1,
+    )
+
+
+def _utility_rows(utility: str | Path | None) -> dict[str, Mapping]:
+    if not utility:
+        return {}
+    report = json.loads(Path(utility).read_text())
+    return {
+        SweepSetting(row["label"], row["job"], row["filter_args"], row["server_args"]).key(): row
+        for row in report["rows"]
+    }
+
+
 def run_sweep(
-    out_dir: str | Path,
-    settings: Sequence[SweepSetting] = DEFAULT_SWEEP,
-    quick: bool = False,
-    iterations: int = SWEEP_ITERATIONS,
-    seed: int = 0,
-) -> list[dict]:
-    """Train, capture and attack each setting; write ``sweep.json``, ``sweep.md`` and ``tradeoff.png``.
+    out_dir: str | Path, preset: SweepPreset | str = "standard", utility: str | Path | None = None, seed: int = 0
+) -> dict:
+    """Train, capture and attack each setting of a preset; write ``sweep.json``, ``sweep.md`` (and, with Dice from
+    ``utility``, ``tradeoff.png``).
 
     Args:
-        out_dir: the sweep's folder (data, one workspace and leakage report per run, the table and plot).
-        settings: the runs.
-        quick: the tiny configuration and short attacks (tests).
-        iterations: training iterations per run (ignored with ``quick``).
+        out_dir: the sweep's folder (data, one workspace and leakage report per run and attacked iteration).
+        preset: a :class:`SweepPreset` or a name of :data:`PRESETS`.
+        utility: a ``splitunet utility`` report (``utility.json``) whose Dice changes fill the Dice column of the
+            settings it measured.
         seed: phantom and training seed.
 
     Returns:
-        one row per setting.
+        the summary written to ``sweep.json``.
     """
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
     started = time.perf_counter()
     out_dir = Path(out_dir).resolve()
     data_dir = out_dir / "data"
-    budget = AttackBudget.quick() if quick else AttackBudget.sweep()
-    demo = _QUICK_DEMO if quick else {}
-    base_args = dict(_QUICK_SERVER_ARGS) if quick else {"num_iterations": iterations, "val_every": iterations}
-    rows = []
-    for index, setting in enumerate(settings):
-        print(f"\n=== sweep {index + 1}/{len(settings)}: {setting.label} ({setting.job}) ===", flush=True)
+    budget = preset.attack_budget()
+    utility_rows = _utility_rows(utility)
+    summary = {
+        "preset": preset.name,
+        "iterations": preset.iterations,
+        "attack_iterations": list(preset.attack_iterations()),
+        "budget": budget.to_dict(),
+        "threads": torch.get_num_threads(),
+        "utility": str(utility) if utility else None,
+        "rows": [],
+    }
+    for index, setting in enumerate(preset.settings):
+        print(f"\n=== sweep {index + 1}/{len(preset.settings)}: {setting.label} ({setting.job}) ===", flush=True)
         run_dir = out_dir / f"run_{index:02d}_{setting.job}"
         run_started = time.perf_counter()
-        summary = run_demo(
-            run_dir,
-            DemoSettings(
-                seed=seed,
-                server_args={**base_args, **setting.server_args},
-                filter_args=setting.filter_args,
-                capture_iterations=_CAPTURE,
-                **demo,
-            ),
-            job_dir=find_job(setting.job),
-            data_dir=data_dir,
-        )
+        trained = _trained(run_dir, preset.iterations)
+        if trained is None:
+            trained = run_demo(
+                run_dir,
+                DemoSettings(
+                    seed=seed,
+                    server_args={
+                        **preset.server_args,
+                        "num_iterations": preset.iterations,
+                        "val_every": preset.iterations,
+                        **setting.server_args,
+                    },
+                    filter_args=setting.filter_args,
+                    capture_iterations=preset.capture_iterations(),
+                    **preset.demo,
+                ),
+                job_dir=find_job(setting.job),
+                data_dir=data_dir,
+            )
         train_s = time.perf_counter() - run_started
         aux = auxiliary_phantom(data_dir, out_dir / "auxiliary")
-        # The sweep judges each defense against the worst case: a server that knows the sites' initial encoders.
-        report = run_leakage(
-            run_dir, run_dir / "leakage", budget=budget, data_dir=data_dir, aux_dir=aux, assume_known_init=True
-        )
-        site_report = next(iter(report["sites"].values()))
-        rows.append(
+        attacks, attack_s = {}, 0.0
+        for iteration in preset.attack_iterations():
+            attack_started = time.perf_counter()
+            chosen = FIRST_ATTACKS if iteration == 1 else LATER_ATTACKS
+            report = _leakage(run_dir, iteration, chosen, budget, data_dir, aux)
+            attack_s += time.perf_counter() - attack_started
+            attacks[str(iteration)] = {
+                "inversion": pool_inversions(report),
+                "labels": label_summary(report),
+                "report": str((run_dir / f"leakage_{iteration:06d}" / "report.md").relative_to(out_dir)),
+            }
+        model = CapturedRun(run_dir).model
+        summary["rows"].append(
             {
                 "label": setting.label,
                 "job": setting.job,
                 "filter_args": setting.filter_args,
                 "server_args": setting.server_args,
-                "dice": summary["dice"],
-                "iterations": summary["iterations"],
-                "activation_bytes_per_iteration": summary.get("activation_bytes_per_iteration"),
-                "site": next(iter(report["sites"])),
-                "levels_received": site_report["levels_received"],
-                "inversion": site_report["inversion"],
-                "best_inversion": site_report["best_inversion"],
-                "label_inference": site_report["label_inference"],
+                "train_encoders": model.train_encoders,
+                "activation_bytes_per_iteration": trained.get("activation_bytes_per_iteration"),
+                "utility": utility_rows.get(setting.key()),
+                "attacks": attacks,
                 "train_s": round(train_s, 1),
-                "attack_s": report["elapsed_s"],
-                "report": str(run_dir / "leakage" / "report.md"),
+                "attack_s": round(attack_s, 1),
             }
         )
-        write_json_atomic({"rows": rows, "budget": budget.to_dict()}, out_dir / "sweep.json")
-    points = [
-        {
-            "label": row["label"],
-            "dice": mean_dice(row["dice"]),
-            "ssim": row["best_inversion"]["ssim"],
-            "ssim_prior": row["best_inversion"]["ssim_prior"],
-        }
-        for row in rows
-        if row["best_inversion"]
-    ]
-    plot_tradeoff(points, out_dir / "tradeoff.png", f"Defenses after {rows[0]['iterations']} iterations (phantom)")
-    elapsed = time.perf_counter() - started
-    write_json_atomic(
-        {"rows": rows, "budget": budget.to_dict(), "elapsed_s": round(elapsed, 1)}, out_dir / "sweep.json"
-    )
-    (out_dir / "sweep.md").write_text(sweep_markdown(rows, elapsed))
-    return rows
-
-
-def _cell(row: Mapping | None) -> str:
-    return "-" if not row else f"{row['ssim']:.2f} / {row['psnr']:.1f}"
-
-
-def sweep_markdown(rows: Sequence[Mapping], elapsed_s: float | None = None) -> str:
-    """Two tables: what each setting costs and the best attack against it; then SSIM / PSNR per attack and level."""
-    lines = [
-        "Attacker's assumption: it knows every site's initial encoder (`--assume-known-init`, the worst case; "
-        "sites keep a private encoder seed by default).",
-        "",
-        "| setting | Dice TC | Dice WT | Dice ET | mean Dice vs first row | activation MB / iteration (4 sites) "
-        "| best attack on the site's crop | SSIM (prior) | PSNR dB (prior) "
-        "| label-inference Dice (own image; random mask) | gain over own image |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        best, labels = row["best_inversion"], row["label_inference"]
-        attack = f"{best['attack']} {best['level']}" if best else "-"
-        ssim = f"{best['ssim']:.2f} ({best['ssim_prior']:.2f})" if best else "-"
-        psnr = f"{best['psnr']:.1f} ({best['psnr_prior']:.1f})" if best else "-"
-        label, gain = "-", "-"
-        if labels:
-            own = labels.get("dice_own_image")
-            own_text = "-" if own is None else f"{own:.2f}"
-            label = f"{labels['dice']:.2f} ({own_text}; {labels['dice_random_mask']:.2f})"
-            gain = "-" if own is None else f"{labels['gain_over_own_image']:+.2f}"
-        lines.append(
-            f"| {row['label']} | {cost_cells(row, rows[0], megabyte_digits=1)} | {attack} | {ssim} | {psnr} | {label} "
-            f"| {gain} |"
-        )
-    columns = []
-    for row in rows:
-        for result in row["inversion"]:
-            key = (result["attack"], result["level"])
-            if key not in columns:
-                columns.append(key)
-    lines += [
-        "",
-        "SSIM / PSNR dB of each attack's reconstruction of the site's crop, per received level ('-': level not sent):",
-        "",
-        "| setting | " + " | ".join(f"{attack} {level}" for attack, level in columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for row in rows:
-        found = {(r["attack"], r["level"]): r for r in row["inversion"]}
-        lines.append(f"| {row['label']} | " + " | ".join(_cell(found.get(key)) for key in columns) + " |")
-    if elapsed_s is not None:
-        lines += ["", f"Whole sweep: {elapsed_s / 60:.0f} min ({len(rows)} runs)."]
-    return "\n".join(lines) + "\n"
+        write_json_atomic(summary, out_dir / "sweep.json")
+    first = str(preset.attack_iterations()[0])
+    points = []
+    for row in summary["rows"]:
+        best = best_pooled(row["attacks"][first]["inversion"])
+        if best and row["utility"]:
+            points.append(
+                {
+                    "label": row["label"],
+                    "dice": statistics.fmean(row["utility"]["dice_mean"].values()),
+                    "ssim": best["ssim_brain"]["mean"],
+                    "ssim_prior": best["ssim_prior_brain"],
+                }
+            )
+    if points:
+        plot_tradeoff(points, out_dir / "tradeoff.png", "Mean Dice (utility study) against the best attack's SSIM")
+    summary["elapsed_s"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(summary, out_dir / "sweep.json")
+    (out_dir / "sweep.md").write_text(sweep_markdown(summary))
+    return summary

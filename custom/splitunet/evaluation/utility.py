@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from splitunet.atomic_files import write_json_atomic
+from splitunet.evaluation.intervals import t_interval
 from splitunet.evaluation.sweep import SweepSetting
 from splitunet.tools.demo import DemoSettings, run_demo
 from splitunet.tools.deployment import find_job
@@ -64,25 +65,14 @@ _QUICK_SERVER_ARGS = {
     "num_val_cases": 2,
 }
 
-# Two-sided 95 % Student's t quantiles by degrees of freedom (scipy is not a dependency of the evaluation).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
 
 def paired_interval(values: Sequence[float]) -> dict:
-    """Mean and 95 % Student's t interval of paired differences (one per seed).
+    """Mean and 95 % Student's t interval of paired differences (one per seed): :func:`t_interval`.
 
     Returns:
         ``{"mean", "low", "high", "n"}``; the bounds are NaN with fewer than 2 values.
     """
-    values = [float(v) for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return {"mean": mean, "low": math.nan, "high": math.nan, "n": len(values)}
-    quantile = _T95.get(len(values) - 1, 1.96)
-    half = quantile * statistics.stdev(values) / math.sqrt(len(values))
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
+    return t_interval(values)
 
 
 def _mean_dice(dice: Mapping[str, float]) -> float:

@@ -173,12 +173,12 @@ def _utility(args) -> int:
 
 
 def _sweep(args) -> int:
-    from splitunet.evaluation.sweep import DEFAULT_SWEEP, QUICK_SWEEP, run_sweep
+    from splitunet.evaluation.sweep import run_sweep
 
-    length = {"iterations": args.iterations} if args.iterations else {}
-    run_sweep(args.out, QUICK_SWEEP if args.quick else DEFAULT_SWEEP, quick=args.quick, **length)
+    run_sweep(args.out, "quick" if args.quick else args.preset, utility=args.utility)
     print((Path(args.out) / "sweep.md").read_text())
-    print(f"plot: {Path(args.out).resolve() / 'tradeoff.png'}")
+    if (Path(args.out) / "tradeoff.png").is_file():
+        print(f"plot: {Path(args.out).resolve() / 'tradeoff.png'}")
     return 0
 
 
@@ -499,11 +499,17 @@ def build_parser() -> argparse.ArgumentParser:
     utility.set_defaults(run=_utility)
 
     sweep = commands.add_parser(
-        "sweep", help="train under each defense at two strengths, attack each run, tabulate and plot the trade-off"
+        "sweep", help="train under each defense, attack every site at the first, middle and last iteration, tabulate"
     )
     sweep.add_argument("--out", required=True, type=Path)
-    sweep.add_argument("--iterations", type=int, default=0, help="training iterations per run (default: 80)")
-    sweep.add_argument("--quick", action="store_true", help="2 tiny runs with short attacks (checks the pipeline)")
+    sweep.add_argument(
+        "--preset",
+        choices=("quick", "standard", "full"),
+        default="standard",
+        help="standard: every defense once, 80 iterations; full: two strengths each and the protected preset, 300",
+    )
+    sweep.add_argument("--utility", type=Path, help="a `splitunet utility` report (utility.json) for the Dice column")
+    sweep.add_argument("--quick", action="store_true", help="the same as --preset quick (checks the pipeline)")
     sweep.set_defaults(run=_sweep)
     bench = commands.add_parser(
         "bench", help="step time, bytes on the wire and Dice: centralized vs split in process, simulator, POC"

@@ -60,6 +60,8 @@ class AttackBudget:
     Args:
         white_box_iterations: Adam steps of the white-box inversion, per level.
         unsplit_iterations: input/surrogate alternations of UnSplit, per level.
+        white_box_levels: how many of the finest received levels the white-box inversions attack (``None``: all;
+            the coarse levels cost the most steps and, at 48^3, were never inverted above the prior).
         unsplit_levels: how many of the finest received levels UnSplit attacks (it costs about twice the white-box
             per step, and coarse levels give it little to work with).
         learned_steps: training steps of the learned inverse (one network on all received levels).
@@ -79,6 +81,7 @@ class AttackBudget:
     """
 
     white_box_iterations: int = 150
+    white_box_levels: int | None = None
     unsplit_iterations: int = 100
     unsplit_levels: int = 2
     learned_steps: int = 300
@@ -98,9 +101,10 @@ class AttackBudget:
 
     @classmethod
     def sweep(cls) -> AttackBudget:
-        """Shorter attacks for ``splitunet sweep``, which runs them once per defense (about a minute a run)."""
+        """Shorter attacks for ``splitunet sweep``, which runs them on every site of every defense's run."""
         return cls(
             white_box_iterations=100,
+            white_box_levels=2,
             unsplit_iterations=60,
             unsplit_levels=1,
             learned_steps=150,
@@ -113,7 +117,9 @@ class AttackBudget:
         """A few steps of each: exercises the whole report in seconds (tests); the figures mean little."""
         return cls(
             white_box_iterations=10,
+            white_box_levels=2,
             unsplit_iterations=5,
+            unsplit_levels=1,
             learned_steps=10,
             learned_crops=2,
             substitute_steps=3,
@@ -127,9 +133,14 @@ class AttackBudget:
         return asdict(self)
 
 
+# Per-crop scores a row keeps beside the means, so that reports can pool crops across sites and give intervals.
+PER_CROP_KEYS = ("ssim", "ssim_prior", "ssim_brain", "ssim_prior_brain")
+
+
 def _scored(attack: str, levels: Sequence[int], reconstruction, truth, prior, stats: dict) -> dict:
-    leakage = image_leakage(reconstruction, truth, prior)["mean"]
-    row = {"attack": attack, "level": level_name(levels), **leakage, "seconds": round(stats["seconds"], 2)}
+    scores = image_leakage(reconstruction, truth, prior)
+    row = {"attack": attack, "level": level_name(levels), **scores["mean"], "seconds": round(stats["seconds"], 2)}
+    row["per_crop"] = {key: scores[key] for key in PER_CROP_KEYS}
     # How an inversion was set up, where it says (the adaptive TV weight follows the noise).
     row.update({key: stats[key] for key in ("init", "tv_weight") if key in stats})
     return row
@@ -173,11 +184,12 @@ def invert_capture(
     features = encoder.features
     defense = defense or DefenseModel()
     unsplit_levels = sorted(observed)[: budget.unsplit_levels]
+    white_box_levels = sorted(observed)[: budget.white_box_levels]
     rows, images = [], {}
     for level in sorted(observed):
         one_level = {level: observed[level]}
         runs = []
-        if "white_box" in attacks:
+        if "white_box" in attacks and level in white_box_levels:
             # Coarser levels need the stronger TV prior (WhiteBoxInversion's measured settings).
             settings = {
                 "iterations": budget.white_box_iterations,

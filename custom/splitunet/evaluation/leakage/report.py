@@ -128,6 +128,7 @@ def _attack_site(
     budget: AttackBudget,
     out_dir: Path,
     assume_known_init: bool = False,
+    figures: bool = True,
 ) -> dict:
     modality = run.sites[site]
     capture = run.capture(ACTIVATIONS, site, iteration)
@@ -153,14 +154,14 @@ def _attack_site(
     rows, images = invert_capture(
         capture.observed, size, encoder, original, prior, aux_crops, budget, inversion, defense
     )
-    figures = {}
-    for attack in dict.fromkeys(name for name, _ in images):
+    written = {}
+    for attack in dict.fromkeys(name for name, _ in images) if figures else ():
         mine = {level: image[:1] for (name, level), image in images.items() if name == attack}
         if mine:
             path = out_dir / f"{site}_{attack}.png"
             title = f"{site} ({modality}), iteration {iteration}: {attack} per received level, first crop of the batch"
             plot_reconstruction_grid(original[0], mine, path, title)
-            figures[attack] = path.name
+            written[attack] = path.name
     labels = None
     if "label_inference" in attacks:
         labels = site_label_inference(run, site, iteration, truth)
@@ -179,7 +180,7 @@ def _attack_site(
         "inversion": rows,
         "best_inversion": best_inversion(rows),
         "label_inference": labels,
-        "figures": figures,
+        "figures": written,
         "notes": notes,
     }
 
@@ -194,6 +195,7 @@ def run_leakage(
     data_dir: str | Path | None = None,
     aux_dir: str | Path | None = None,
     assume_known_init: bool = False,
+    figures: bool = True,
 ) -> dict:
     """Attack a run's captures and write ``report.json``, ``report.md`` and one PNG grid per site and attack.
 
@@ -209,6 +211,7 @@ def run_leakage(
         assume_known_init: the worst case for the white-box attack: the attacker knows each site's initial
             encoder (its private ``encoder_seed``). Off by default, as sites keep that seed (see
             :func:`attacker_encoder_seed`).
+        figures: write the PNG grids (a sweep that attacks many runs keeps one set).
 
     Returns:
         the report written to ``report.json``.
@@ -242,7 +245,7 @@ def run_leakage(
     for site in chosen:
         print(f"attacking {site} ({run.sites.get(site)}) at iteration {iteration}", flush=True)
         report["sites"][site] = _attack_site(
-            run, site, iteration, truth, aux_parties, attacks, budget, out_dir, assume_known_init
+            run, site, iteration, truth, aux_parties, attacks, budget, out_dir, assume_known_init, figures
         )
     if "label_inference" in attacks:
         # Cheap (no optimisation): every site that received gradients, each against its own image.
