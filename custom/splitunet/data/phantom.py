@@ -17,6 +17,13 @@ The tissue intensities are chosen so that no single modality separates all label
 only in T1gd, oedema is bright in FLAIR and T2w but close to the core in T2w, and the core is dark in T1w but
 close to grey matter in FLAIR. A segmentation model therefore needs all four sites, as in the real task.
 
+Hospitals differ (non-IID data): keyword-only knobs of :func:`generate_phantom` and :func:`synthesize_case` scale
+the tumour size, the scanner gain (intensity scale), the tissue contrast, the bias field and the noise. Every knob
+acts on a random draw after it is made and never changes how many numbers are drawn. So at the defaults (all 1.0)
+the output is bit for bit what it was before the knobs existed, and the same case made with a knob changed keeps
+its anatomy and tumour position and differs in what that knob controls. :mod:`splitunet.data.hospitals` uses them
+to make one data set per hospital.
+
 Example::
 
     from splitunet.data.phantom import generate_phantom
@@ -29,8 +36,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Sequence
-from numbers import Integral
+from numbers import Integral, Real
 from os import PathLike
 from pathlib import Path
 from typing import NamedTuple
@@ -110,6 +118,13 @@ def generate_phantom(
     shape: Sequence[int] = (64, 64, 64),
     seed: int = 0,
     progress: bool = True,
+    *,
+    first_index: int = 1,
+    tumour_size_scale: float = 1.0,
+    intensity_scale: float = 1.0,
+    contrast_scale: float = 1.0,
+    bias_field_strength: float = 1.0,
+    noise_scale: float = 1.0,
 ) -> Path:
     """Write a synthetic brain-tumour data set in the MSD Task01_BrainTumour layout.
 
@@ -119,10 +134,10 @@ def generate_phantom(
         out_dir/imagesTr/BRATS_001.nii.gz    float32 (D, H, W, 4): FLAIR, T1w, T1gd, T2w
         out_dir/labelsTr/BRATS_001.nii.gz    uint8 (D, H, W): 0 background, 1 oedema, 2 non-enhancing, 3 enhancing
 
-    Case ``i`` (1-based) depends only on ``(seed, i, shape)``: the same arguments give byte-identical arrays and
-    adding cases never changes earlier ones. Every case holds all three tumour labels. Files are written under a
-    temporary name and renamed, so an interrupted run never leaves a truncated file under a final name;
-    ``dataset.json`` is written last.
+    Case ``i`` (1-based) depends only on ``(seed, i, shape)`` and the variation knobs: the same arguments give
+    byte-identical arrays and adding cases never changes earlier ones. Every case holds all three tumour labels.
+    Files are written under a temporary name and renamed, so an interrupted run never leaves a truncated file under
+    a final name; ``dataset.json`` is written last.
 
     Args:
         out_dir: output folder, created if missing; existing files of the same names are replaced.
@@ -131,16 +146,29 @@ def generate_phantom(
             divided by it, so voxels are anisotropic unless ``shape`` follows that aspect ratio.
         seed: non-negative base seed.
         progress: show a tqdm progress bar over cases.
+        first_index: number of the first case (``BRATS_{first_index:03d}``), >= 0; data sets that must not share
+            case IDs (one per hospital) start at different numbers.
+        tumour_size_scale, intensity_scale, contrast_scale, bias_field_strength, noise_scale: how the cases'
+            source differs from the default one; see :func:`synthesize_case`. Non-default values are recorded
+            in ``dataset.json`` under ``phantom.variation``.
 
     Returns:
         ``out_dir`` as a :class:`pathlib.Path`.
 
     Raises:
-        ValueError: if ``num_cases``, ``shape`` or ``seed`` is invalid.
+        ValueError: if an argument is invalid.
     """
     num_cases = _check_int("num_cases", num_cases, minimum=1)
     shape = _check_shape(shape)
     seed = _check_int("seed", seed, minimum=0)
+    first_index = _check_int("first_index", first_index, minimum=0)
+    variation = _check_variation(
+        tumour_size_scale=tumour_size_scale,
+        intensity_scale=intensity_scale,
+        contrast_scale=contrast_scale,
+        bias_field_strength=bias_field_strength,
+        noise_scale=noise_scale,
+    )
     if not isinstance(out_dir, (str, PathLike)):
         raise ValueError(f"out_dir must be a path, got {type(out_dir).__name__}")
 
@@ -149,24 +177,48 @@ def generate_phantom(
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
 
     training = []
-    for index in tqdm(range(1, num_cases + 1), desc="phantom", unit="case", disable=not progress):
+    indices = range(first_index, first_index + num_cases)
+    for index in tqdm(indices, desc="phantom", unit="case", disable=not progress):
         name = f"BRATS_{index:03d}"
-        image, label, affine = synthesize_case(index, shape=shape, seed=seed)
+        image, label, affine = synthesize_case(index, shape=shape, seed=seed, **variation._asdict())
         _save_nifti(image, affine, root / "imagesTr" / f"{name}.nii.gz")
         _save_nifti(label, affine, root / "labelsTr" / f"{name}.nii.gz")
         training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
 
-    write_text_atomic(json.dumps(_dataset_index(training, shape, seed), indent=4) + "\n", root / "dataset.json")
+    index_json = _dataset_index(training, shape, seed, variation)
+    write_text_atomic(json.dumps(index_json, indent=4) + "\n", root / "dataset.json")
     return root
 
 
-def synthesize_case(index: int, shape: Sequence[int] = (64, 64, 64), seed: int = 0) -> tuple[np.ndarray, ...]:
+def synthesize_case(
+    index: int,
+    shape: Sequence[int] = (64, 64, 64),
+    seed: int = 0,
+    *,
+    tumour_size_scale: float = 1.0,
+    intensity_scale: float = 1.0,
+    contrast_scale: float = 1.0,
+    bias_field_strength: float = 1.0,
+    noise_scale: float = 1.0,
+) -> tuple[np.ndarray, ...]:
     """Make one phantom case in memory (what :func:`generate_phantom` writes as ``BRATS_{index:03d}``).
+
+    The knobs model what differs between hospitals; each multiplies a random draw, so 1.0 leaves it as it is.
 
     Args:
         index: case number (1-based in :func:`generate_phantom`); any non-negative int.
         shape: output grid ``(D, H, W)``, three ints >= 16.
         seed: non-negative base seed.
+        tumour_size_scale: > 0, multiplies the tumour's core radius, rim thickness and oedema extent (a referral
+            centre sees larger tumours than a screening programme). The voxel floors that keep every label
+            resolvable still apply, so on coarse grids small scales shrink mainly the oedema.
+        intensity_scale: > 0, multiplies the scanner gain (arbitrary units per vendor and protocol). Per-case
+            intensity normalisation removes it; it matters to anything that reads raw intensities.
+        contrast_scale: > 0, exponent on the tissue intensities relative to their geometric mean per modality
+            (sequence timing): above 1 tissues lie further apart, below 1 closer; orderings are kept.
+        bias_field_strength: >= 0, multiplies the log bias field (0: none; 1: about +-15 %; stronger at high
+            field strength, where RF inhomogeneity grows).
+        noise_scale: >= 0, multiplies the Rician noise level (lower at higher field strength).
 
     Returns:
         ``(image, label, affine)``: float32 ``(D, H, W, 4)`` in MSD channel order (FLAIR, T1w, T1gd, T2w),
@@ -179,17 +231,24 @@ def synthesize_case(index: int, shape: Sequence[int] = (64, 64, 64), seed: int =
     index = _check_int("index", index, minimum=0)
     shape = _check_shape(shape)
     seed = _check_int("seed", seed, minimum=0)
+    variation = _check_variation(
+        tumour_size_scale=tumour_size_scale,
+        intensity_scale=intensity_scale,
+        contrast_scale=contrast_scale,
+        bias_field_strength=bias_field_strength,
+        noise_scale=noise_scale,
+    )
 
     anatomy = _anatomy(shape)
     # One generator per case, so case i does not depend on how many cases are made or in which order.
     rng = np.random.default_rng([seed, index])
     for _ in range(_MAX_ATTEMPTS):
-        fractions = _tumorous_anatomy(rng, anatomy)
+        fractions = _tumorous_anatomy(rng, anatomy, variation.tumour_size_scale)
         if fractions is None:
             continue
         label = _LABEL_OF_CLASS[np.argmax(fractions, axis=0)]
         if np.all(np.isin((1, 2, 3), label)):
-            image = _acquire(rng, _contrasts(rng, fractions, anatomy), anatomy)
+            image = _acquire(rng, _contrasts(rng, fractions, anatomy, variation.contrast_scale), anatomy, variation)
             return image, label, anatomy.affine.copy()
     raise RuntimeError(f"could not place a tumour with all three labels for case {index} at shape {shape}")
 
@@ -205,6 +264,32 @@ def _check_int(name: str, value, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+class _Variation(NamedTuple):
+    """The knobs of :func:`synthesize_case`, checked; field names are its keyword arguments."""
+
+    tumour_size_scale: float = 1.0
+    intensity_scale: float = 1.0
+    contrast_scale: float = 1.0
+    bias_field_strength: float = 1.0
+    noise_scale: float = 1.0
+
+
+_DEFAULT_VARIATION = _Variation()
+# Knobs that scale a size or a gain must be > 0; those that scale a perturbation may switch it off with 0.
+_ZERO_ALLOWED = ("bias_field_strength", "noise_scale")
+
+
+def _check_variation(**knobs) -> _Variation:
+    checked = {}
+    for name, value in knobs.items():
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if value < 0 or (value == 0 and name not in _ZERO_ALLOWED):
+            raise ValueError(f"{name} must be {'>=' if name in _ZERO_ALLOWED else '>'} 0, got {value}")
+        checked[name] = float(value)
+    return _Variation(**checked)
 
 
 def _check_shape(shape) -> tuple[int, int, int]:
@@ -418,7 +503,7 @@ def _tumour(rng, grid, centre, sizes, tissue_wm_fraction, spacing) -> _Tumour:
     return _Tumour(core=core, enhancing=np.clip(tumour_core - core, 0.0, 1.0), oedema=oedema)
 
 
-def _tumorous_anatomy(rng: np.random.Generator, anatomy: _Anatomy) -> np.ndarray | None:
+def _tumorous_anatomy(rng: np.random.Generator, anatomy: _Anatomy, size_scale: float = 1.0) -> np.ndarray | None:
     """Deform the anatomy, add a tumour with mass effect, return class fractions ``(7, D, H, W)``.
 
     Classes are ``[background, *_TISSUES]``; fractions sum to one in every voxel. ``None`` if no white matter
@@ -431,11 +516,12 @@ def _tumorous_anatomy(rng: np.random.Generator, anatomy: _Anatomy) -> np.ndarray
     if centre is None:
         return None
 
-    # Sizes in mm, with floors in voxels so that small grids still resolve every compartment.
+    # Sizes in mm, with floors in voxels so that small grids still resolve every compartment. The scale multiplies
+    # the draws (not the bounds given to the generator), so the random stream is the same at every scale.
     vmax = float(anatomy.spacing.max())
-    core_radius = max(rng.uniform(7.0, 14.0), 1.6 * vmax)
-    rim = max(rng.uniform(3.0, 5.5), 1.2 * vmax)
-    oedema_extent = rng.uniform(6.0, 16.0)
+    core_radius = max(rng.uniform(7.0, 14.0) * size_scale, 1.6 * vmax)
+    rim = max(rng.uniform(3.0, 5.5) * size_scale, 1.2 * vmax)
+    oedema_extent = rng.uniform(6.0, 16.0) * size_scale
     strength = rng.uniform(0.3, 0.6)
 
     # Mass effect first: the tumour occupies space the displaced tissue used to fill.
@@ -471,11 +557,17 @@ def _tumorous_anatomy(rng: np.random.Generator, anatomy: _Anatomy) -> np.ndarray
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _contrasts(rng: np.random.Generator, fractions: np.ndarray, anatomy: _Anatomy) -> np.ndarray:
+def _contrasts(
+    rng: np.random.Generator, fractions: np.ndarray, anatomy: _Anatomy, contrast_scale: float = 1.0
+) -> np.ndarray:
     """Noise-free images ``(4, D, H, W)``: partial-volume mix of per-tissue intensities with texture."""
     shape = fractions.shape[1:]
     # Scanners and subjects differ a little in tissue contrast; +-4 % keeps every intended ordering.
     means = _CONTRAST * rng.uniform(0.96, 1.04, size=_CONTRAST.shape).astype(np.float32)
+    if contrast_scale != 1.0:  # skipped at 1.0: the power and the exp/log round trip would not be bit-exact
+        # A power about the geometric mean per modality keeps every intensity positive and every ordering.
+        centre = np.exp(np.log(means).mean(axis=0, keepdims=True))
+        means = (centre * (means / centre) ** contrast_scale).astype(np.float32)
     # Tumours are heterogeneous (necrosis, cysts, cellularity) at a few mm; normal tissue only slightly.
     texture = _smooth_noise(rng, shape, corr_mm=6.0, count=2)
     tumour_texture = 1.0 + 0.10 * np.clip(texture[0], -2.5, 2.5)
@@ -488,27 +580,30 @@ def _contrasts(rng: np.random.Generator, fractions: np.ndarray, anatomy: _Anatom
     return images
 
 
-def _bias_field(rng: np.random.Generator, grid: np.ndarray) -> np.ndarray:
-    """Smooth multiplicative field (RF inhomogeneity): exp of a random quadratic polynomial, about +-15 %."""
+def _bias_field(rng: np.random.Generator, grid: np.ndarray, strength: float = 1.0) -> np.ndarray:
+    """Smooth multiplicative field (RF inhomogeneity): exp of a random quadratic polynomial, about +-15 % times
+    ``strength``."""
     u = grid / np.float32(_MNI_FOV.max() / 2.0)  # roughly [-1, 1]
     terms = [u[0], u[1], u[2], u[0] * u[1], u[0] * u[2], u[1] * u[2], u[0] ** 2, u[1] ** 2, u[2] ** 2]
-    coeffs = rng.normal(0.0, 0.12, size=len(terms)).astype(np.float32)
+    coeffs = (rng.normal(0.0, 0.12, size=len(terms)) * strength).astype(np.float32)
     log_field = sum(c * t for c, t in zip(coeffs, terms))
     return np.exp(log_field - log_field.mean()).astype(np.float32)
 
 
-def _acquire(rng: np.random.Generator, images: np.ndarray, anatomy: _Anatomy) -> np.ndarray:
+def _acquire(
+    rng: np.random.Generator, images: np.ndarray, anatomy: _Anatomy, variation: _Variation = _DEFAULT_VARIATION
+) -> np.ndarray:
     """Bias field, Rician noise and scanner gain per modality; returns float32 ``(D, H, W, 4)`` (MSD layout)."""
     grid = _grid_mm(images.shape[1:])
     out = np.empty((*images.shape[1:], images.shape[0]), dtype=np.float32)
     for m in range(images.shape[0]):
-        signal = images[m] * _bias_field(rng, grid)
+        signal = images[m] * _bias_field(rng, grid, variation.bias_field_strength)
         # Magnitude images: |signal + complex Gaussian noise| is Rician; the background becomes Rayleigh, not 0.
-        sigma = np.float32(rng.uniform(0.015, 0.035))
+        sigma = np.float32(rng.uniform(0.015, 0.035) * variation.noise_scale)
         real = signal + sigma * rng.standard_normal(signal.shape, dtype=np.float32)
         imag = sigma * rng.standard_normal(signal.shape, dtype=np.float32)
         # Arbitrary scanner units, different per modality and case, as in MSD (models must normalise).
-        gain = np.float32(rng.uniform(600.0, 1400.0))
+        gain = np.float32(rng.uniform(600.0, 1400.0) * variation.intensity_scale)
         out[..., m] = gain * np.sqrt(real * real + imag * imag)
     return out
 
@@ -518,7 +613,12 @@ def _acquire(rng: np.random.Generator, images: np.ndarray, anatomy: _Anatomy) ->
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _dataset_index(training: list[dict], shape: tuple[int, int, int], seed: int) -> dict:
+def _dataset_index(
+    training: list[dict], shape: tuple[int, int, int], seed: int, variation: _Variation = _DEFAULT_VARIATION
+) -> dict:
+    phantom = {"shape": list(shape), "seed": seed}
+    if variation != _DEFAULT_VARIATION:  # only when used, so that a default data set's index stays as it was
+        phantom["variation"] = variation._asdict()
     return {
         "name": "SplitUNetPhantom",
         "description": "Synthetic multi-modal brain-tumour MRI (MNI ICBM152 2009a anatomy, simulated glioma) "
@@ -532,7 +632,7 @@ def _dataset_index(training: list[dict], shape: tuple[int, int, int], seed: int)
         "numTest": 0,
         "training": training,
         "test": [],
-        "phantom": {"shape": list(shape), "seed": seed},
+        "phantom": phantom,
     }
 
 

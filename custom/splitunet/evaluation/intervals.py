@@ -6,7 +6,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-__all__ = ["t_interval"]
+__all__ = ["t_interval", "proportion_interval"]
 
 # Two-sided 95 % Student's t quantiles by degrees of freedom (scipy is not a dependency of the evaluation); beyond 30
 # degrees of freedom the normal quantile is within 2 %.
@@ -33,3 +33,17 @@ def t_interval(values: Sequence[float]) -> dict:
     quantile = _T95[degrees - 1] if degrees <= len(_T95) else 1.96
     half = quantile * statistics.stdev(values) / math.sqrt(len(values))
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
+
+
+def proportion_interval(successes: int, trials: int) -> dict:
+    """A rate and its 95 % Wilson score interval (sound at 0 or all successes, where the normal one collapses).
+
+    Returns:
+        ``{"rate", "low", "high", "n"}``; NaN without trials.
+    """
+    if trials <= 0:
+        return {"rate": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    z, rate = 1.959964, successes / trials
+    centre = (rate + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return {"rate": rate, "low": max(0.0, centre - half), "high": min(1.0, centre + half), "n": trials}

@@ -94,6 +94,7 @@ def run_honest(
     seed: int = 0,
     gate: GradientGate | None = None,
     site: int = 0,
+    gates: Mapping[int, GradientGate] | None = None,
 ) -> dict:
     """Honest split training in one process; ``gate`` sees the gradients one site receives at every iteration.
 
@@ -109,6 +110,7 @@ def run_honest(
         seed: seed of the job (initialisations) and of the batch order.
         gate: check of ``site``'s gradients.
         site: which site's gradients ``gate`` sees.
+        gates: site index -> its own check (each site runs its own detector); replaces ``gate`` and ``site``.
 
     Returns:
         ``{"losses": [...], "refused": [iterations], "seconds"}``.
@@ -117,6 +119,7 @@ def run_honest(
 
     start = time.perf_counter()
     config = config or SplitModelConfig(seed=seed)
+    gates = dict(gates) if gates is not None else ({site: gate} if gate is not None else {})
     num_sites = images.shape[1]
     sites = [SimulatedSite(config, MODALITIES[index]) for index in range(num_sites)]
     with torch.random.fork_rng(devices=[]):
@@ -138,7 +141,7 @@ def run_honest(
         losses.append(float(loss.detach()))
         for c, (party, leaf_map) in enumerate(zip(sites, leaves)):
             grads = {level: leaf.grad.detach() for level, leaf in leaf_map.items()}
-            if c == site and gate is not None and gate(iteration, grads) is not None:
+            if c in gates and gates[c](iteration, grads) is not None:
                 refused.append(iteration)
                 party.discard()
                 continue

@@ -182,6 +182,22 @@ def _sweep(args) -> int:
     return 0
 
 
+def _detector(args) -> int:
+    from splitunet.evaluation.detector_false_alarms import measure_false_alarms
+    from splitunet.tools.demo import ensure_partitioned_phantom
+
+    out = Path(args.out)
+    if args.quick:
+        parties = ensure_partitioned_phantom(out / "data", 4, (40, 40, 40), seed=0)
+        measure_false_alarms(parties, out, seeds=(0,), iterations=3, crop_size=(32, 32, 32), crops=4)
+    else:
+        # The demo's phantom cases (24 of 64^3, seed 0), the data the main job trains on.
+        parties = ensure_partitioned_phantom(out / "data", 24, (64, 64, 64), seed=0)
+        measure_false_alarms(parties, out, seeds=tuple(range(args.seeds)), iterations=args.iterations)
+    print((out / "detector.md").read_text())
+    return 0
+
+
 def _poc(args) -> int:
     from splitunet.tools.demo import ensure_partitioned_phantom
     from splitunet.tools.deployment import (
@@ -511,6 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--utility", type=Path, help="a `splitunet utility` report (utility.json) for the Dice column")
     sweep.add_argument("--quick", action="store_true", help="the same as --preset quick (checks the pipeline)")
     sweep.set_defaults(run=_sweep)
+    detector = commands.add_parser(
+        "detector", help="false alarms of the site-side gradient detector over whole honest training runs"
+    )
+    detector.add_argument("--out", required=True, type=Path)
+    detector.add_argument("--iterations", type=int, default=300, help="training iterations per run (default: 300)")
+    detector.add_argument("--seeds", type=int, default=3, help="honest runs with seeds 0..N-1 (default: 3)")
+    detector.add_argument("--quick", action="store_true", help="one tiny run of 3 iterations (checks the pipeline)")
+    detector.set_defaults(run=_detector)
     bench = commands.add_parser(
         "bench", help="step time, bytes on the wire and Dice: centralized vs split in process, simulator, POC"
     )

@@ -1,0 +1,36 @@
+"""splitunet detector: every site's detector judges every iteration of honest runs; rates with Wilson intervals."""
+
+import json
+
+import pytest
+
+from splitunet.evaluation.detector_false_alarms import measure_false_alarms
+from splitunet.evaluation.intervals import proportion_interval
+from splitunet.filters import GradientDetector
+from splitunet.wire.model_config import SplitModelConfig
+
+SMALL = SplitModelConfig(features=(4, 8, 8, 16, 16, 4))
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    none = proportion_interval(0, 3)
+    assert (none["rate"], none["low"]) == (0.0, 0.0) and none["high"] == pytest.approx(0.5615, abs=1e-4)
+    half = proportion_interval(5, 10)
+    assert (half["low"], half["high"]) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert proportion_interval(0, 0)["n"] == 0
+
+
+def test_every_site_is_judged_at_every_iteration_and_refusals_are_counted(tiny_parties, tmp_path):
+    # x0's gradient is always larger per element than the bottleneck's: a lower bound of 10 decades refuses them all
+    # (the shipped bounds' false alarms are what the command measures, over whole runs).
+    report = measure_false_alarms(
+        tiny_parties, tmp_path, seeds=(0,), iterations=2, crop_size=(32, 32, 32), crops=2, config=SMALL,
+        make_detector=lambda: GradientDetector(level_ratio_bounds={"x0": [10.0, 11.0]}),
+    )  # fmt: skip
+    assert [(run["site"], run["tested"], run["flagged"]) for run in report["runs"]] == [
+        (f"site-{i}", 2, 2) for i in range(1, 5)
+    ]
+    assert "level_ratio x0" in report["runs"][0]["first_reason"]
+    assert report["pooled"]["n"] == 8 and report["pooled"]["rate"] == 1.0
+    assert json.loads((tmp_path / "detector.json").read_text())["iterations"] == 2
+    assert "| all | 8 | 8 | 100.00 %" in (tmp_path / "detector.md").read_text()
