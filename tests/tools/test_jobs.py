@@ -55,7 +55,10 @@ FORCED_WORKFLOW_ARGS = {
 SETTING_VARIANTS = {
     "split_unet_missing_modality": {"fusion": "mean", "modality_dropout": 0.25, "on_site_failure": "continue"},
 }
-TRAINING_JOBS = sorted(name for name in resolve_jobs() if name != INFER)
+# The other topologies: horizontal FedAvg (FLARE's own workflow, no feature filters) and the three-part U-shape.
+TOPOLOGY_JOBS = ("fedavg_unet", "u_shape_unet")
+# The split-learning training jobs.
+TRAINING_JOBS = sorted(name for name in resolve_jobs() if name not in (INFER, *TOPOLOGY_JOBS))
 
 
 def _meta(job: str) -> dict:
@@ -175,7 +178,7 @@ def test_cli_check_lists_every_file_that_differs(tmp_path, capsys):
 
 
 def test_every_job_is_a_defense_row_a_setting_variant_or_the_inference_job():
-    assert set(resolve_jobs()) == {*DEFENSE_JOBS, *SETTING_VARIANTS, INFER}
+    assert set(resolve_jobs()) == {*DEFENSE_JOBS, *SETTING_VARIANTS, INFER, *TOPOLOGY_JOBS}
     assert set(DEFENSE_JOBS) == {MAIN, *DEFENSE_VARIANTS}
     assert DEFENSE_JOBS[0] == FP32  # the baseline row
 
@@ -235,6 +238,19 @@ def test_every_filter_builds_and_the_guard_checks_last(job):
     assert isinstance(built, FeatureGuard)
 
 
+def test_the_u_shape_filters_its_feature_tasks_with_the_main_jobs_wire_and_fedavg_has_no_feature_filters():
+    for side in ("client", "server"):
+        entries = list(_filters(_config("u_shape_unet", side)))
+        assert entries, side
+        for _, tasks, entry in entries:
+            module, class_name = entry["path"].rsplit(".", 1)
+            getattr(importlib.import_module(module), class_name)(**entry.get("args", {}))
+            assert {"u_forward", "u_tail"} <= set(tasks)
+        assert [e["path"].rsplit(".", 1)[1] for _, _, e in entries][-1] == "FeatureGuard"
+        # What crosses carries activations and gradients, never weights: nothing for the feature filters.
+        assert not list(_filters(_config("fedavg_unet", side)))
+
+
 def test_a_level_blocking_job_filters_the_setup_task_and_skips_the_level():
     chain = _config("split_unet_no_x0", "client")["task_result_filters"][0]
     assert "split_setup" in chain["tasks"]
@@ -248,8 +264,10 @@ def test_every_concat_training_job_waits_for_every_modality_and_mean_fusion_stat
     from splitunet.wire.protocol import MODALITIES
 
     for job in sorted(path.parent.name for path in JOBS_DIR.glob("*/meta.json")):
-        if job == "split_unet_infer":
-            continue  # inference checks the modalities present against the trained decoder at setup
+        if job == "split_unet_infer" or job in TOPOLOGY_JOBS:
+            # Inference checks the modalities present against the trained decoder at setup; in the other
+            # topologies every hospital holds every modality.
+            continue
         fusion = _config(job, "server")["workflows"][0]["args"]["fusion"]
         expected = len(MODALITIES) if fusion == "concat" else 2
         assert _meta(job)["min_clients"] == expected, job

@@ -21,6 +21,7 @@ from splitunet.atomic_files import write_json_atomic
 from splitunet.data.case_keys import read_or_create_secret
 from splitunet.data.party_settings import SERVER_PARTY, SETTINGS_FILE_NAME, write_settings
 from splitunet.errors import SplitUNetConfigError
+from splitunet.horizontal import HOSPITAL_CLASSES
 from splitunet.wire.protocol import LABELS_PARTY, MODALITIES, TaskName
 
 __all__ = [
@@ -57,6 +58,11 @@ ALLOWED_CLASSES = (
     "splitunet.filters.QuantizeFeatures",
     "splitunet.filters.TopKSparsify",
     "splitunet.filters.WireAudit",
+    # The other topologies: the horizontal FedAvg baseline (its hospitals' executor, the model its server's
+    # persistor builds, and FLARE's PyTorch persistor, which FLARE's default allow-list lacks) and the U-shape.
+    *HOSPITAL_CLASSES,
+    "splitunet.u_shape.UShapeController",
+    "splitunet.u_shape.UShapeHospitalExecutor",
 )
 # Recording what crosses the server is for leakage evaluation only: allowed in an evaluation workspace alone.
 EVALUATION_CLASSES = ("splitunet.filters.CaptureFeatures",)

@@ -1,7 +1,8 @@
 """The bundle's FLARE job folders, described once and generated: ``splitunet jobs`` writes ``jobs/<name>/``.
 
-Every shipped job is an entry of :data:`JOBS`. Two are written out in full (:class:`Job`): the main training job
-``split_unet`` (int8 codes on the wire both ways, then the guard) and the inference job ``split_unet_infer``. Every
+Every shipped job is an entry of :data:`JOBS`. Three are written out in full (:class:`Job`): the main training job
+``split_unet`` (int8 codes on the wire both ways, then the guard), the inference job ``split_unet_infer`` and the
+horizontal FedAvg baseline ``fedavg_unet`` (FLARE's own workflows, no filters). Every
 other one is a :class:`Variant`: the job it starts from and what it changes. The float32 reference
 ``split_unet_fp32`` is the main job without quantizers, each defense job is that reference plus one defense (and the
 workflow settings the defense forces), and ``split_unet_missing_modality`` changes workflow settings only. Adding a
@@ -98,6 +99,11 @@ class Job:
         components: the server's extra components, ``(id, path, args)`` each.
         min_clients: ``meta.json``'s ``min_clients``.
         defense: whether the job is a row of the defense table (``splitunet defenses``).
+        executor_path: the sites' executor class, fully qualified (default: the split-learning site executor).
+        executor_id: its component id.
+        extra_workflows: the server's workflows that run after ``workflow``, in order.
+
+    A job without ``filtered_tasks`` has no filter chains (the guard checks split-learning payloads only).
     """
 
     name: str
@@ -110,6 +116,9 @@ class Job:
     components: tuple[tuple[str, str, Mapping[str, Any]], ...] = ()
     min_clients: int = 2
     defense: bool = False
+    executor_path: str = "splitunet.flare.SplitSiteExecutor"
+    executor_id: str = "split_site"
+    extra_workflows: tuple[Workflow, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,7 +150,6 @@ Entry = Job | Variant
 GUARD = Filter("FeatureGuard", {"log_every": 50})
 INT8 = Filter("QuantizeFeatures", {"precision": "int8"})
 
-SPLIT_SITE_EXECUTOR = "splitunet.flare.SplitSiteExecutor"
 TRAINING_TASKS = ("split_setup", "split_step", "split_encode", "split_save")
 # Filters see the per-iteration payloads (activations out, gradients back); setup and save carry no features.
 TRAINING_FILTERED_TASKS = ("split_step", "split_encode")
@@ -210,6 +218,74 @@ INFERENCE_JOB = Job(
     server_filters=MAIN_JOB.server_filters,
     # One site suffices to start; the controller checks that the model can take the modalities present.
     min_clients=1,
+)
+
+# The horizontal baseline (splitunet.horizontal): hospitals that each hold every modality and the labels of their own
+# patients train the main job's U-Net with FLARE's FedAvg and PyTorch persistor; FLARE's GlobalModelEval then scores
+# the final global model at every hospital. What decides what is learned is taken from the main job.
+_SPLIT_ARGS = MAIN_JOB.workflow.args
+FEDAVG_LOCAL_ITERATIONS = 10
+FEDAVG_JOB = Job(
+    name="fedavg_unet",
+    workflow=Workflow(
+        "fedavg",
+        "nvflare.app_common.workflows.fedavg.FedAvg",
+        {
+            # Every hospital's model takes the main job's number of Adam steps.
+            "num_rounds": _SPLIT_ARGS["num_iterations"] // FEDAVG_LOCAL_ITERATIONS,
+            # Every connected hospital in every round (a number would sample that many at random).
+            "num_clients": None,
+            "persistor_id": "persistor",
+            # FedProx when > 0: FedAvg hands the coefficient to the hospitals with the model.
+            "fedprox_mu": 0.0,
+            "task_check_period": 0.1,
+        },
+    ),
+    extra_workflows=(
+        Workflow(
+            "global_model_eval",
+            "nvflare.app_common.workflows.global_model_eval.GlobalModelEval",
+            {"model_locator_id": "model_locator", "validation_timeout": 6000},
+        ),
+    ),
+    executor_tasks=("train", "validate"),
+    executor_args={
+        "local_iterations": FEDAVG_LOCAL_ITERATIONS,
+        # The global model is scored where the main job validates (and the final one by GlobalModelEval).
+        "val_every": _SPLIT_ARGS["val_every"] // FEDAVG_LOCAL_ITERATIONS,
+        **{
+            name: _SPLIT_ARGS[name]
+            for name in (
+                "batch_size",
+                "crop_size",
+                "features",
+                "skip_levels",
+                "fusion",
+                "loss",
+                "learning_rate",
+                "num_val_cases",
+                "sw_batch_size",
+                "seed",
+                "device",
+            )
+        },
+    },
+    filtered_tasks=(),
+    site_filters=(),
+    server_filters=(),
+    components=(
+        ("persistor", "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor", {"model": "model"}),
+        (
+            "model",
+            "splitunet.horizontal.FedAvgUNet",
+            {k: _SPLIT_ARGS[k] for k in ("features", "skip_levels", "fusion", "seed")},
+        ),
+        ("model_locator", "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator", {"pt_persistor_id": "persistor"}),
+        ("json_generator", "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator", {}),
+    ),
+    min_clients=2,
+    executor_path="splitunet.horizontal.FedAvgHospitalExecutor",
+    executor_id="hospital",
 )
 
 FP32 = "split_unet_fp32"
@@ -284,6 +360,51 @@ JOBS: tuple[Entry, ...] = (
         min_clients=2,
     ),
     INFERENCE_JOB,
+    FEDAVG_JOB,
+    # The U-shaped three-part split (splitunet.u_shape; Yang et al., RoS-FL): hospitals that each hold every modality
+    # and their patients' labels keep the first encoder block, the last decoder block, the head and the loss; the
+    # server runs one shared middle. Heads and tails are averaged by case count after every round (DWCS when
+    # drift_correction names its arguments). The main job's model, optimiser and wire (int8 both ways), and as many
+    # iterations, validated as often; x0, u2 and both gradients travel in the filters' feature DXOs.
+    Job(
+        name="u_shape_unet",
+        workflow=Workflow(
+            "u_shape",
+            "splitunet.u_shape.UShapeController",
+            {
+                "num_rounds": MAIN_JOB.workflow.args["num_iterations"] // 20,
+                "iterations_per_round": 20,
+                "val_every": MAIN_JOB.workflow.args["val_every"] // 20,
+                "num_val_cases": 1,
+                "drift_correction": None,
+                **{
+                    name: MAIN_JOB.workflow.args[name]
+                    for name in (
+                        "batch_size",
+                        "crop_size",
+                        "features",
+                        "loss",
+                        "learning_rate",
+                        "sw_batch_size",
+                        "seed",
+                        "device",
+                        "task_timeout",
+                        "task_long_poll_s",
+                    )
+                },
+            },
+        ),
+        executor_tasks=("u_setup", "u_forward", "u_tail", "u_collect", "u_validate"),
+        executor_args={"device": "auto"},
+        # Every task after setup carries tensors or weights: x0 and dL/du2 up, u2 and dL/dx0 down, heads and tails
+        # up for averaging and the average down (the feature filters pass FLARE's WEIGHTS DXOs on unchanged).
+        filtered_tasks=("u_forward", "u_tail", "u_collect", "u_validate"),
+        site_filters=(INT8,),
+        server_filters=(INT8,),
+        min_clients=2,
+        executor_path="splitunet.u_shape.UShapeHospitalExecutor",
+        executor_id="u_shape_hospital",
+    ),
 )
 
 
@@ -352,27 +473,28 @@ def job_files(job: Job) -> dict[str, dict]:
             {
                 "tasks": list(job.executor_tasks),
                 "executor": {
-                    "id": "split_site",
-                    "path": SPLIT_SITE_EXECUTOR,
+                    "id": job.executor_id,
+                    "path": job.executor_path,
                     "args": copy.deepcopy(dict(job.executor_args)),
                 },
             }
         ],
-        "task_result_filters": [_chain(site_sent_tasks, job.site_filters)],
-        "task_data_filters": [_chain(job.filtered_tasks, ())],
+        "task_result_filters": [_chain(site_sent_tasks, job.site_filters)] if job.filtered_tasks else [],
+        "task_data_filters": [_chain(job.filtered_tasks, ())] if job.filtered_tasks else [],
         "components": [],
     }
     server = {
         "format_version": 2,
         "server": {"task_request_interval": 0.01},
-        "task_data_filters": [_chain(job.filtered_tasks, job.server_filters)],
-        "task_result_filters": [_chain(job.filtered_tasks, ())],
+        "task_data_filters": [_chain(job.filtered_tasks, job.server_filters)] if job.filtered_tasks else [],
+        "task_result_filters": [_chain(job.filtered_tasks, ())] if job.filtered_tasks else [],
         "components": [
             {"id": component_id, "path": path, "args": copy.deepcopy(dict(args))}
             for component_id, path, args in job.components
         ],
         "workflows": [
-            {"id": job.workflow.id, "path": job.workflow.path, "args": copy.deepcopy(dict(job.workflow.args))}
+            {"id": workflow.id, "path": workflow.path, "args": copy.deepcopy(dict(workflow.args))}
+            for workflow in (job.workflow, *job.extra_workflows)
         ],
     }
     return dict(zip(CONFIG_FILES, (meta, client, server)))

@@ -1,0 +1,204 @@
+"""FLARE executor of a hospital in the horizontal FedAvg baseline: adapts :class:`LocalTrainer` to FLARE's tasks.
+
+It answers the tasks of FLARE's own workflows: ``train`` from :class:`nvflare.app_common.workflows.fedavg.FedAvg`
+(an ``FLModel`` with the global weights, the round and, when the job sets ``fedprox_mu``, FedProx's coefficient in
+its metadata) and ``validate`` from :class:`nvflare.app_common.workflows.global_model_eval.GlobalModelEval` (the
+persisted final global model, as a weights DXO). Weights travel as float32 NumPy arrays, the form FLARE's PT
+persistor hands out and takes back.
+
+Each hospital keeps what it learned about its own run in ``results.json`` in its run folder (rounds, loss per
+round, Dice of the global model on its held-out cases); the server's ``cross_site_val/cross_val_results.json``
+collects every hospital's Dice of the final global model.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+from splitunet.atomic_files import write_json_atomic
+from splitunet.compute.devices import configure_threads
+from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.flare.workspace_paths import run_dir, site_config_dir
+from splitunet.horizontal.hospital_data import HospitalData
+from splitunet.horizontal.local_trainer import LocalSettings, LocalTrainer
+from splitunet.horizontal.settings import load_hospital_settings
+
+__all__ = ["FedAvgHospitalExecutor", "RESULTS_FILE", "TRAIN_TASK", "VALIDATE_TASK"]
+
+TRAIN_TASK = AppConstants.TASK_TRAIN
+VALIDATE_TASK = AppConstants.TASK_VALIDATION
+RESULTS_FILE = "results.json"
+
+
+class FedAvgHospitalExecutor(Executor):
+    """Runs one hospital of the FedAvg baseline.
+
+    The hospital reads its dataset folder from its own settings (``hospital_dir`` in ``local/splitunet_site.json``
+    or ``$SPLITUNET_SITE_CONFIG``, see :mod:`splitunet.horizontal.settings`). Images and labels never leave it:
+    replies carry weights and metrics only, and a failure reply carries no message (the details stay in the
+    hospital's log).
+
+    Args:
+        local_iterations: Adam steps per round.
+        val_every: also score the received global model on the held-out cases every this many rounds (0: only
+            the final model, by the ``validate`` task).
+        device: ``"auto"`` (CUDA if this hospital has a GPU, else CPU) or a torch device name.
+        num_threads: torch CPU threads; 0 keeps torch's default (or ``$SPLITUNET_TORCH_THREADS``).
+        max_cached_cases: how many read cases to keep in memory (``None``: all).
+        **settings: :class:`~splitunet.horizontal.local_trainer.LocalSettings` (model, crops, loss, optimiser,
+            validation, seed).
+
+    Raises:
+        SplitUNetConfigError: a malformed argument, when FLARE builds the executor (the message names it).
+    """
+
+    def __init__(
+        self,
+        local_iterations: int = 10,
+        val_every: int = 0,
+        device: str = "auto",
+        num_threads: int = 0,
+        max_cached_cases: int | None = None,
+        **settings,
+    ):
+        super().__init__()
+        for name, value in (("local_iterations", local_iterations), ("val_every", val_every)):
+            minimum = 1 if name == "local_iterations" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise SplitUNetConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+        for name, value in (("num_threads", num_threads), ("max_cached_cases", max_cached_cases)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise SplitUNetConfigError(f"{name} must be an int >= 0, got {value!r}")
+        try:
+            self.settings = LocalSettings(**settings)
+        except TypeError as error:
+            raise SplitUNetConfigError(f"unknown hospital executor argument: {error}") from None
+        self.local_iterations = local_iterations
+        self.val_every = val_every
+        self.device_name = device
+        self.num_threads = num_threads
+        self.max_cached_cases = max_cached_cases
+        self.trainer: LocalTrainer | None = None
+        self.results: dict = {}
+        self.results_path: Path | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            configure_threads(self.num_threads)
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        party = fl_ctx.get_identity_name()
+        handlers = {TRAIN_TASK: self._train, VALIDATE_TASK: self._validate}
+        handler = handlers.get(task_name)
+        if handler is None:
+            self.log_error(fl_ctx, f"unknown task {task_name!r}")
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        try:
+            if self.trainer is None:
+                self._setup(party, fl_ctx)
+            return handler(shareable, party, fl_ctx, abort_signal)
+        except Exception as error:  # noqa: BLE001 - the hospital's log must say why; the server only that it failed
+            full = f"{type(error).__name__}: {error}"
+            if not isinstance(error, (SplitUNetDataError, SplitUNetConfigError, ValueError, RuntimeError)):
+                full += "\n" + traceback.format_exc()
+            # The full message names cases and files: a warning without a log event, because provisioned FLARE
+            # sites stream their error log to the server (as the split site executor does).
+            self.log_warning(fl_ctx, f"task {task_name} failed: {party}: {full}", fire_event=False)
+            self.log_error(fl_ctx, f"task {task_name} failed: {party}: {type(error).__name__}; details in its log")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _setup(self, party: str, fl_ctx: FLContext) -> None:
+        settings = load_hospital_settings(party, site_config_dir(fl_ctx))
+        data = HospitalData(settings.data_dir, settings.layout, party=party, max_cached=self.max_cached_cases)
+        self.trainer = LocalTrainer(data, self.settings, self.device_name)
+        self.results_path = run_dir(fl_ctx) / RESULTS_FILE
+        self.results = {
+            "party": party,
+            "rounds": 0,
+            "iterations": 0,
+            "local_iterations": self.local_iterations,
+            "train_cases": len(self.trainer.train_cases),
+            "val_cases": len(self.trainer.val_cases),
+            "fedprox_mu": 0.0,
+            "loss_curve": [],
+            "history": [],
+            "dice": None,
+        }
+        self.log_info(
+            fl_ctx,
+            f"{party}: {len(data.case_ids)} cases from {settings.data_dir} (layout {settings.layout}, settings "
+            f"{settings.source}): {self.results['train_cases']} to train on, {self.results['val_cases']} held out; "
+            f"device {self.trainer.device}",
+        )
+
+    def _write_results(self) -> None:
+        write_json_atomic(self.results, self.results_path)
+
+    def _train(self, shareable: Shareable, party: str, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        model = FLModelUtils.from_shareable(shareable)
+        if model.params_type != ParamsType.FULL or not model.params:
+            raise ValueError(f"{party}: the train task carries no full global model (params type {model.params_type})")
+        round_number = int(model.current_round or 0)
+        mu = float((model.meta or {}).get(AlgorithmConstants.FEDPROX_MU) or 0.0)
+        if self.val_every and round_number and round_number % self.val_every == 0:
+            # The model received at round r is the average after r rounds.
+            dice = self.trainer.validate(model.params)
+            self.results["history"].append(
+                {"round": round_number, "iterations": round_number * self.local_iterations, "dice": dice}
+            )
+            self.log_info(fl_ctx, f"{party}: global model after {round_number} rounds: {_dice_line(dice)}")
+        local = self.trainer.train_round(model.params, self.local_iterations, mu)
+        self.results.update(
+            rounds=round_number + 1, iterations=(round_number + 1) * self.local_iterations, fedprox_mu=mu
+        )
+        self.results["loss_curve"].append(local.metrics["loss"])
+        self._write_results()
+        self.log_info(
+            fl_ctx,
+            f"{party}: round {round_number + 1}/{model.total_rounds}: {self.local_iterations} iterations, "
+            f"loss {local.metrics['first_loss']:.4f} -> {local.metrics['last_loss']:.4f}"
+            + (f", FedProx mu {mu}" if mu else ""),
+        )
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        reply = FLModel(
+            params_type=ParamsType.FULL,
+            params=local.weights,
+            metrics=local.metrics,
+            current_round=round_number,
+            # FedAvg weighs each result by this entry: the hospital's training cases, FedAvg's n_k.
+            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: local.num_cases},
+        )
+        return FLModelUtils.to_shareable(reply)
+
+    def _validate(self, shareable: Shareable, party: str, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        dxo = from_shareable(shareable)
+        if dxo.data_kind != DataKind.WEIGHTS or not dxo.data:
+            raise ValueError(f"{party}: the validate task carries no model weights (data kind {dxo.data_kind})")
+        model_name = shareable.get_header(AppConstants.MODEL_OWNER, "the global model")
+        dice = self.trainer.validate(dxo.data)
+        self.results["dice"] = dice
+        self.results["validated_model"] = model_name
+        self._write_results()
+        self.log_info(
+            fl_ctx, f"{party}: {model_name} on {len(self.trainer.val_cases)} held-out cases: {_dice_line(dice)}"
+        )
+        return DXO(DataKind.METRICS, data={**dice, "val_cases": len(self.trainer.val_cases)}).to_shareable()
+
+
+def _dice_line(dice: dict) -> str:
+    return f"Dice TC {dice['TC']:.3f} WT {dice['WT']:.3f} ET {dice['ET']:.3f} (mean {dice['mean']:.3f})"

@@ -1,0 +1,180 @@
+"""FLARE executor of a hospital in the U-shaped job: adapts :class:`~splitunet.u_shape.hospital_trainer.HospitalTrainer`
+to the tasks of :mod:`splitunet.u_shape.protocol`.
+
+Images, labels, predictions and the skip ``x0``'s local gradient never leave the hospital: replies carry ``x0``,
+``dL/du2``, the loss value, head and tail weights at the end of a round, and the validation Dice, each through the
+hospital's task-result filters.
+"""
+
+from __future__ import annotations
+
+import secrets
+import traceback
+from pathlib import Path
+
+from nvflare.apis.dxo import DataKind as FlareDataKind
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+
+from splitunet.checkpoint import save_checkpoint
+from splitunet.compute.devices import configure_threads, select_device
+from splitunet.data.case_keys import PrivateNames
+from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.flare.executor import site_error_message
+from splitunet.flare.replies import error_reply, reply_error_message
+from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
+from splitunet.u_shape.config import UShapeConfig
+from splitunet.u_shape.hospital_data import HospitalFolder
+from splitunet.u_shape.hospital_settings import load_hospital_settings
+from splitunet.u_shape.hospital_trainer import HospitalTrainer
+from splitunet.u_shape.protocol import U2_LEVEL, X0_LEVEL, UMetaKey, UTaskName
+from splitunet.u_shape.weights_transport import dxo_to_parts, parts_to_dxo
+from splitunet.wire.protocol import DataKind, MetaKey
+from splitunet.wire.transport import control_dxo, dxo_to_features, features_to_dxo, register_tensor_support
+
+__all__ = ["UShapeHospitalExecutor", "CHECKPOINT_FILE"]
+
+# The hospital's head and tail as the run left them (the federation's last average), in its checkpoint folder.
+CHECKPOINT_FILE = "u_shape_hospital_last.pt"
+
+
+class UShapeHospitalExecutor(Executor):
+    """Runs one hospital of the U-shaped split (head and tail, loss and labels; Yang et al., RoS-FL).
+
+    The hospital reads its data folder from its own settings (:mod:`splitunet.u_shape.hospital_settings`), so one
+    client app serves every hospital.
+
+    Args:
+        device: ``"auto"`` (CUDA if this hospital has a GPU, else CPU) or a torch device name.
+        num_threads: torch CPU threads; 0 keeps torch's default (or ``$SPLITUNET_TORCH_THREADS``).
+    """
+
+    def __init__(self, device: str = "auto", num_threads: int = 0):
+        super().__init__()
+        if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 0:
+            raise SplitUNetConfigError(f"num_threads must be an int >= 0, got {num_threads!r}")
+        self.device_name = device
+        self.num_threads = num_threads
+        self.trainer: HospitalTrainer | None = None
+        self.checkpoints: Path | None = None
+        self.private = PrivateNames()
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            register_tensor_support()
+            configure_threads(self.num_threads)
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        party = fl_ctx.get_identity_name()
+        handlers = {
+            UTaskName.SETUP: self._setup,
+            UTaskName.FORWARD: self._forward,
+            UTaskName.TAIL: self._tail,
+            UTaskName.COLLECT: self._collect,
+            UTaskName.VALIDATE: self._validate,
+        }
+        handler = handlers.get(task_name)
+        if handler is None:
+            self.log_error(fl_ctx, f"unknown task {task_name!r}")
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        rejected = reply_error_message(shareable)
+        if rejected:
+            self.log_error(fl_ctx, f"task {task_name} arrived rejected: {rejected}")
+            return error_reply(f"{party}: task data rejected before execution: {self.private.scrub(rejected)}")
+        try:
+            return handler(from_shareable(shareable), party, fl_ctx)
+        except Exception as error:  # noqa: BLE001 - the server must learn why, not just that, a hospital failed
+            full = f"{type(error).__name__}: {error}"
+            if not isinstance(error, (SplitUNetDataError, SplitUNetConfigError, ValueError, RuntimeError)):
+                full += "\n" + traceback.format_exc()
+            # As the split job's sites: the full text names cases and files, so it stays in this log as a warning.
+            self.log_warning(fl_ctx, f"task {task_name} failed: {party}: {full}", fire_event=False)
+            message = site_error_message(error, party, self.private)
+            self.log_error(fl_ctx, f"task {task_name} failed: {message}")
+            return error_reply(message)
+
+    # ------------------------------------------------------------------------------------------------ tasks
+    def _setup(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
+        config = UShapeConfig.from_dict(dxo.get_meta_prop(MetaKey.CONFIG))
+        settings = load_hospital_settings(party, site_config_dir(fl_ctx))
+        self.private = PrivateNames()
+        # A secret of this run only: errors name cases by a key nobody else can check against a guess.
+        self.private.use_secret(secrets.token_hex(16))
+        self.private.add_dir("data_dir", settings.data_dir)
+        folder = HospitalFolder(settings.data_dir, settings.layout, party=party)
+        self.private.add_cases(folder.case_ids)
+        self.trainer = HospitalTrainer(folder, select_device(self.device_name))
+        self.trainer.build(config)
+        self.checkpoints = checkpoint_folder(fl_ctx, settings.checkpoint_dir, dxo.get_meta_prop(MetaKey.EXPERIMENT))
+        self.log_info(
+            fl_ctx,
+            f"{party}: {len(self.trainer.train_cases)} training and {len(self.trainer.val_cases)} held-out cases "
+            f"from {settings.data_dir} (layout {settings.layout}, settings {settings.source}), device "
+            f"{self.trainer.device}, checkpoints in {self.checkpoints}",
+        )
+        return control_dxo({UMetaKey.NUM_CASES: self.trainer.num_train_cases}).to_shareable()
+
+    def _require_trainer(self) -> HospitalTrainer:
+        if self.trainer is None:
+            raise RuntimeError("the setup task has not run at this hospital")
+        return self.trainer
+
+    def _forward(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
+        trainer = self._require_trainer()
+        seconds = 0.0
+        if dxo.data_kind == DataKind.GRADIENTS:
+            dx0 = dxo_to_features(dxo, DataKind.GRADIENTS, party="server", expected_levels=(X0_LEVEL,))[X0_LEVEL]
+            _, seconds = trainer.timed(trainer.finish_step, dx0)
+        elif dxo.data_kind == FlareDataKind.WEIGHTS:
+            trainer.load_parts(dxo_to_parts(dxo, party="server"))
+        elif dxo.data_kind != DataKind.CONTROL:
+            raise ValueError(f"{UTaskName.FORWARD} carries data kind {dxo.data_kind!r}")
+        x0, forward_s = trainer.timed(trainer.forward)
+        meta = {MetaKey.ITERATION: dxo.get_meta_prop(MetaKey.ITERATION), MetaKey.SITE_COMPUTE_S: seconds + forward_s}
+        return features_to_dxo({X0_LEVEL: x0}, DataKind.ACTIVATIONS, meta).to_shareable()
+
+    def _tail(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
+        trainer = self._require_trainer()
+        u2 = dxo_to_features(dxo, DataKind.ACTIVATIONS, party="server", expected_levels=(U2_LEVEL,))[U2_LEVEL]
+        (du2, loss), seconds = trainer.timed(trainer.tail_step, u2)
+        meta = {
+            MetaKey.ITERATION: dxo.get_meta_prop(MetaKey.ITERATION),
+            UMetaKey.LOSS: loss,
+            MetaKey.SITE_COMPUTE_S: seconds,
+        }
+        return features_to_dxo({U2_LEVEL: du2}, DataKind.GRADIENTS, meta).to_shareable()
+
+    def _collect(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
+        trainer = self._require_trainer()
+        dx0 = dxo_to_features(dxo, DataKind.GRADIENTS, party="server", expected_levels=(X0_LEVEL,))[X0_LEVEL]
+        trainer.finish_step(dx0)
+        meta = {UMetaKey.NUM_CASES: trainer.num_train_cases, UMetaKey.ROUND: dxo.get_meta_prop(UMetaKey.ROUND)}
+        return parts_to_dxo(trainer.parts_state(), meta).to_shareable()
+
+    def _validate(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
+        trainer = self._require_trainer()
+        if dxo.data_kind == FlareDataKind.WEIGHTS:
+            trainer.load_parts(dxo_to_parts(dxo, party="server"))
+            if dxo.get_meta_prop(UMetaKey.FINAL):
+                path = save_checkpoint(trainer.state_dict(), self.checkpoints / CHECKPOINT_FILE)
+                self.log_info(fl_ctx, f"{party}: saved the federation's head and tail to {path}")
+            trainer.start_validation()
+        elif dxo.data_kind == DataKind.ACTIVATIONS:
+            u2 = dxo_to_features(dxo, DataKind.ACTIVATIONS, party="server", expected_levels=(U2_LEVEL,))[U2_LEVEL]
+            trainer.take_windows(u2)
+        else:
+            raise ValueError(f"{UTaskName.VALIDATE} carries data kind {dxo.data_kind!r}")
+        x0, seconds = trainer.timed(trainer.next_windows)
+        meta = {UMetaKey.ROUND: dxo.get_meta_prop(UMetaKey.ROUND), MetaKey.SITE_COMPUTE_S: seconds}
+        if x0 is None:
+            dice = trainer.validation_dice()
+            self.log_info(fl_ctx, f"{party}: validation Dice {dice}")
+            return control_dxo({**meta, UMetaKey.DICE: dice}).to_shareable()
+        return features_to_dxo({X0_LEVEL: x0}, DataKind.ACTIVATIONS, meta).to_shareable()
