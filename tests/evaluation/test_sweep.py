@@ -147,3 +147,15 @@ def test_markdown_tables():
     # iteration 40: unsplit, mean 0.5, t(1) = 12.706 x 0.1414 / 1.414 = 1.27
     assert "| none | unsplit x0 | 0.50 [-0.77, 1.77] | +0.20 [-1.07, +1.47] | - |" in text
     assert "Whole sweep: 2 min for 1 runs (1 min training, 1 min attacks" in text
+
+
+def test_utility_rows_join_by_job_and_arguments_only(tmp_path):
+    from splitunet.evaluation.sweep import SweepSetting, _utility_rows
+
+    row = {"label": "float32 (reference)", "job": "split_unet_fp32", "filter_args": {}, "server_args": {}}
+    path = tmp_path / "utility.json"
+    path.write_text(json.dumps({"rows": [row]}))
+    joined = _utility_rows(path)
+    assert joined[SweepSetting("no defense", "split_unet_fp32").key()] is not None  # labels may differ
+    assert SweepSetting("x", "split_unet_fp32", {"QuantizeFeatures": {}}).key() not in joined
+    assert _utility_rows(None) == {}

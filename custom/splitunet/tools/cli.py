@@ -182,6 +182,20 @@ def _sweep(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from splitunet.evaluation.compare import CompareSettings, run_compare
+
+    chosen = {"seeds": tuple(range(args.seeds))}
+    if args.topologies:
+        chosen["topologies"] = tuple(args.topologies)
+    if args.steps:
+        chosen["steps"] = args.steps
+    settings = CompareSettings.quick(**chosen) if args.quick else CompareSettings(**chosen)
+    run_compare(args.out, settings)
+    print((Path(args.out) / "compare.md").read_text())
+    return 0
+
+
 def _detector(args) -> int:
     from splitunet.evaluation.detector_false_alarms import measure_false_alarms
     from splitunet.tools.demo import ensure_partitioned_phantom
@@ -527,6 +541,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--utility", type=Path, help="a `splitunet utility` report (utility.json) for the Dice column")
     sweep.add_argument("--quick", action="store_true", help="the same as --preset quick (checks the pipeline)")
     sweep.set_defaults(run=_sweep)
+    compare = commands.add_parser(
+        "compare",
+        help="train every topology (vertical split, FedAvg, FedProx, U-shape, U-shape with DWCS) on the same phantom "
+        "patients and budget; one table with paired-seed intervals",
+    )
+    compare.add_argument("--out", required=True, type=Path)
+    compare.add_argument("--seeds", type=int, default=3, help="paired seeds 0..N-1 (default: 3)")
+    compare.add_argument("--steps", type=int, default=0, help="Adam steps of every model (default: 200)")
+    compare.add_argument("--topologies", nargs="+", help="rows to run, the first the reference (default: all)")
+    compare.add_argument("--quick", action="store_true", help="tiny sizes, 4 steps (checks the pipeline)")
+    compare.set_defaults(run=_compare)
     detector = commands.add_parser(
         "detector", help="false alarms of the site-side gradient detector over whole honest training runs"
     )

@@ -195,7 +195,7 @@ def run_leakage(
     data_dir: str | Path | None = None,
     aux_dir: str | Path | None = None,
     assume_known_init: bool = False,
-    figures: bool = True,
+    figure_sites: Sequence[str] | None = None,
 ) -> dict:
     """Attack a run's captures and write ``report.json``, ``report.md`` and one PNG grid per site and attack.
 
@@ -211,7 +211,8 @@ def run_leakage(
         assume_known_init: the worst case for the white-box attack: the attacker knows each site's initial
             encoder (its private ``encoder_seed``). Off by default, as sites keep that seed (see
             :func:`attacker_encoder_seed`).
-        figures: write the PNG grids (a sweep that attacks many runs keeps one set).
+        figure_sites: the sites whose PNG grids are drawn (default: every attacked site; a sweep that attacks
+            many runs keeps one site's).
 
     Returns:
         the report written to ``report.json``.
@@ -245,7 +246,16 @@ def run_leakage(
     for site in chosen:
         print(f"attacking {site} ({run.sites.get(site)}) at iteration {iteration}", flush=True)
         report["sites"][site] = _attack_site(
-            run, site, iteration, truth, aux_parties, attacks, budget, out_dir, assume_known_init, figures
+            run,
+            site,
+            iteration,
+            truth,
+            aux_parties,
+            attacks,
+            budget,
+            out_dir,
+            assume_known_init,
+            figures=figure_sites is None or site in figure_sites,
         )
     if "label_inference" in attacks:
         # Cheap (no optimisation): every site that received gradients, each against its own image.

@@ -1,0 +1,684 @@
+"""``splitunet compare``: every topology trained on the same phantom patients for the same budget, scored on the same
+held-out cases, under paired seeds.
+
+The topologies (:data:`TOPOLOGIES`, one row each; the first is the reference of the paired differences):
+
+* vertical Split-U-Net (one modality per site, the server holds decoder and labels): ``split_unet_fp32`` and the
+  main int8 job ``split_unet`` (:func:`splitunet.tools.demo.run_demo`);
+* horizontal FedAvg and FedAvg with FedProx's proximal term (``fedavg_unet``,
+  :func:`splitunet.horizontal.demo.run_fedavg_demo`);
+* the U-shape, plain FedAvg of heads and tails and with DWCS (``u_shape_unet``,
+  :func:`splitunet.u_shape.demo.run_u_shape_demo`).
+
+Same patients. Seed ``s`` writes non-IID hospitals with :func:`splitunet.data.hospitals.generate_hospitals`
+(:data:`~splitunet.data.hospitals.NON_IID_PROFILES`, renamed ``hospital-1``, ... as the horizontal and U-shape
+runners name their clients; case IDs run on across hospitals, so none is shared) into ``<out>/data_seed<s>/``. The
+vertical job's MSD source, ``data_seed<s>/phantom_msd/``, is the union of those hospitals' cases: its
+``dataset.json`` lists every hospital's image and label files by relative path (no copy), and the vertical
+runner partitions it into one folder per modality and the labels. Every topology of seed ``s`` thus trains and
+validates on the very same volumes.
+
+Same held-out cases. The hospitals (FedAvg and U-shape alike) each hold out ``val_cases_per_hospital`` cases by the
+same seeded permutation of their sorted case IDs (``split_cases`` and ``split_hospital_cases`` draw the same one).
+The vertical controller holds out ``hospitals * val_cases_per_hospital`` cases by a seeded permutation of the sorted
+case *keys* (HMAC of the case ID under the data holders' secret). The secret of a simulation is ours to choose, so
+:func:`choose_secret` tries deterministic candidates until the vertical split holds out exactly the union of the
+hospitals' held-out cases, and writes it where the vertical runner reads it. After each run the held-out cases are
+checked: the vertical server's recorded keys must be the keys of those cases (a mismatch stops the study), and each
+hospital's count must be its share. Each row's Dice is the mean over those cases: the vertical server's
+``DiceMetric`` averages over its held-out cases; the hospitals' Dice are pooled weighted by their held-out counts.
+
+Same budget. Every model takes ``steps`` Adam steps on crops of ``batch_size``: the vertical decoder and encoders
+``steps`` iterations; each FedAvg hospital ``rounds`` rounds of ``steps / rounds`` local steps; each U-shape head,
+tail and the middle ``rounds`` rounds of ``steps / rounds`` iterations. Every topology gets the same crop size,
+U-Net features, learning rate and training seed ``s`` (crop sampling and initialisation).
+
+Reported per row: Dice TC, WT, ET (mean over seeds) and the paired difference to the first row with its 95 %
+Student's t interval (:func:`splitunet.evaluation.utility.paired_interval`); upload bytes per iteration (tensor bytes
+all data holders together send the server per training iteration, as received: the vertical sites' activations,
+the U-shape's ``x0`` and ``dL/du2`` plus the round's weights, FedAvg's weights of every hospital once a round);
+wall seconds per iteration (the whole run, simulator start-up and validation included, over the iterations);
+rounds. HD95 is not reported: the runners score Dice only.
+
+Each run keeps its folder, ``seed<s>/<topology>/``, with the runner's ``results.json`` and ``compare_run.json`` (the
+row's figures and the settings they were measured under); a rerun with the same out folder and settings reuses
+finished runs, so a long study can be stopped and continued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from splitunet.atomic_files import write_json_atomic, write_text_atomic
+from splitunet.data.case_keys import case_key
+from splitunet.data.hospitals import NON_IID_PROFILES, generate_hospitals
+from splitunet.data.nifti_io import nifti_case_id
+from splitunet.errors import SplitUNetConfigError
+from splitunet.evaluation.utility import _interval_cell, paired_interval
+from splitunet.server.cases import split_cases
+from splitunet.u_shape.hospital_trainer import split_hospital_cases
+
+__all__ = [
+    "REGIONS",
+    "TOPOLOGIES",
+    "Topology",
+    "CompareSettings",
+    "CompareData",
+    "prepare_compare_data",
+    "choose_secret",
+    "run_compare",
+    "summarise_compare",
+    "compare_markdown",
+]
+
+REGIONS = ("TC", "WT", "ET")
+# Names the vertical runner reads in its data folder (splitunet.tools.demo).
+_MSD_SOURCE = "phantom_msd"
+_PARTITION = "parties"
+_SECRET_FILE = "case_key_secret.txt"
+_HOSPITALS_INDEX = "hospitals.json"
+_RUN_FILE = "compare_run.json"
+# Candidate secrets tried before giving up (a split of N cases holding out k is hit once in C(N, k) on average).
+_MAX_SECRET_TRIES = 2_000_000
+
+
+@dataclass(frozen=True)
+class Topology:
+    """One row of the comparison.
+
+    Args:
+        key: folder name and stable identifier (``split_unet_fp32``, ``fedavg``, ...).
+        label: row name.
+        kind: ``"vertical"``, ``"fedavg"`` or ``"u_shape"``.
+        job: the job under ``jobs/``.
+        options: kind-specific switches: ``fedprox`` (use the settings' ``fedprox_mu``), ``dwcs`` (DWCS on).
+    """
+
+    key: str
+    label: str
+    kind: str
+    job: str
+    options: Mapping = field(default_factory=dict)
+
+
+TOPOLOGIES: tuple[Topology, ...] = (
+    Topology("split_unet_fp32", "vertical Split-U-Net, float32 (reference)", "vertical", "split_unet_fp32"),
+    Topology("split_unet", "vertical Split-U-Net, int8 (the main job)", "vertical", "split_unet"),
+    Topology("fedavg", "horizontal FedAvg", "fedavg", "fedavg_unet"),
+    Topology("fedprox", "horizontal FedAvg + FedProx", "fedavg", "fedavg_unet", {"fedprox": True}),
+    Topology("u_shape", "U-shape", "u_shape", "u_shape_unet"),
+    Topology("u_shape_dwcs", "U-shape + DWCS", "u_shape", "u_shape_unet", {"dwcs": True}),
+)
+_BY_KEY = {topology.key: topology for topology in TOPOLOGIES}
+
+
+@dataclass
+class CompareSettings:
+    """What the comparison trains and on which data.
+
+    Args:
+        hospitals: phantom hospitals (profiles of ``NON_IID_PROFILES`` in turn).
+        cases_per_hospital: phantom cases of each hospital.
+        val_cases_per_hospital: each hospital's held-out cases (the vertical job holds out their union).
+        shape: phantom grid.
+        steps: Adam steps of every model.
+        rounds: federated rounds of FedAvg and the U-shape (must divide ``steps``); the vertical job has none.
+        batch_size: crops per step (per hospital for FedAvg and the U-shape).
+        crop_size: training crop, also the sliding window at validation.
+        features: U-Net feature sizes of every topology.
+        learning_rate: Adam's, everywhere.
+        fedprox_mu: FedProx's proximal weight of the ``fedprox`` row.
+        seeds: paired seeds: phantom data, held-out split and training seed of every run of that seed.
+        topologies: keys of :data:`TOPOLOGIES` to run, in row order (the first is the reference).
+        threads_per_party: torch threads of each data holder.
+        timeout_s: each simulator run's limit.
+    """
+
+    hospitals: int = 3
+    cases_per_hospital: int = 8
+    val_cases_per_hospital: int = 2
+    shape: Sequence[int] = (64, 64, 64)
+    steps: int = 200
+    rounds: int = 10
+    batch_size: int = 2
+    crop_size: Sequence[int] = (48, 48, 48)
+    features: Sequence[int] = (8, 16, 32, 64, 128, 8)
+    learning_rate: float = 2e-3
+    fedprox_mu: float = 0.01
+    seeds: Sequence[int] = (0, 1, 2)
+    topologies: Sequence[str] = tuple(topology.key for topology in TOPOLOGIES)
+    threads_per_party: int = 1
+    timeout_s: float = 3600.0
+
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.shape)
+        self.crop_size = tuple(int(s) for s in self.crop_size)
+        self.features = tuple(int(f) for f in self.features)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        self.topologies = tuple(self.topologies)
+        unknown = [key for key in self.topologies if key not in _BY_KEY]
+        if unknown or not self.topologies:
+            raise SplitUNetConfigError(f"unknown topologies {unknown}; known: {list(_BY_KEY)}")
+        for name in ("hospitals", "cases_per_hospital", "val_cases_per_hospital", "steps", "rounds", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SplitUNetConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if self.val_cases_per_hospital >= self.cases_per_hospital:
+            raise SplitUNetConfigError("every hospital must keep at least one case to train on")
+        if self.steps % self.rounds:
+            raise SplitUNetConfigError(f"rounds ({self.rounds}) must divide steps ({self.steps})")
+        if not self.seeds:
+            raise SplitUNetConfigError("at least one seed")
+
+    @classmethod
+    def quick(cls, **overrides) -> CompareSettings:
+        """The tiny configuration (tests, seconds a run): its figures mean nothing."""
+        values = {
+            "hospitals": 2,
+            "cases_per_hospital": 3,
+            "val_cases_per_hospital": 1,
+            "shape": (32, 32, 32),
+            "steps": 4,
+            "rounds": 2,
+            "batch_size": 1,
+            "crop_size": (32, 32, 32),
+            "features": (4, 8, 8, 16, 16, 4),
+            "seeds": (0,),
+            "timeout_s": 600.0,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def local_steps(self) -> int:
+        """Adam steps per round of FedAvg and the U-shape."""
+        return self.steps // self.rounds
+
+    @property
+    def hospital_names(self) -> list[str]:
+        """The hospitals' client and folder names, as the horizontal and U-shape runners name them."""
+        return [f"hospital-{index + 1}" for index in range(self.hospitals)]
+
+    def fingerprint(self) -> dict:
+        """What a finished run was measured under (seeds and row choice aside): a rerun reuses it only if equal."""
+        values = dataclasses.asdict(self)
+        for name in ("seeds", "topologies", "threads_per_party", "timeout_s"):
+            values.pop(name)
+        return json.loads(json.dumps(values))
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class CompareData:
+    """One seed's data: the hospitals, the vertical job's union source, the shared held-out cases.
+
+    Attributes:
+        data_dir: ``<out>/data_seed<s>``; the vertical runner's ``data_dir`` and the hospitals' parent.
+        hospitals: hospital name -> its MSD folder.
+        cases: hospital name -> its case IDs, sorted.
+        held_out: hospital name -> its held-out case IDs, sorted.
+        secret: the case-key secret the vertical parties share (chosen so that they hold out the same cases).
+    """
+
+    data_dir: Path
+    hospitals: dict[str, Path]
+    cases: dict[str, list[str]]
+    held_out: dict[str, list[str]]
+    secret: str
+
+    @property
+    def all_held_out(self) -> list[str]:
+        """Every held-out case ID, sorted."""
+        return sorted(case for cases in self.held_out.values() for case in cases)
+
+    def held_out_keys(self) -> list[str]:
+        """The held-out cases' keys, as the vertical server records them (sorted)."""
+        return sorted(case_key(case, self.secret) for case in self.all_held_out)
+
+
+def _case_ids(folder: Path) -> list[str]:
+    index = json.loads((folder / "dataset.json").read_text())
+    return sorted(nifti_case_id(folder / entry["image"]) for entry in index["training"])
+
+
+def _hospitals_match(data_dir: Path, settings: CompareSettings, seed: int) -> bool:
+    index = data_dir / _HOSPITALS_INDEX
+    if not index.is_file():
+        return False
+    content = json.loads(index.read_text())
+    hospitals = content.get("hospitals", [])
+    return (
+        content.get("seed") == seed
+        and content.get("shape") == list(settings.shape)
+        and [entry.get("name") for entry in hospitals] == settings.hospital_names
+        and all(entry.get("num_cases") == settings.cases_per_hospital for entry in hospitals)
+        and all((data_dir / name / "dataset.json").is_file() for name in settings.hospital_names)
+    )
+
+
+def _write_union_source(data_dir: Path, hospitals: Mapping[str, Path]) -> Path:
+    """``data_dir/phantom_msd``: an MSD index over every hospital's files (by relative path, no copy)."""
+    source = data_dir / _MSD_SOURCE
+    source.mkdir(parents=True, exist_ok=True)
+    first = json.loads((next(iter(hospitals.values())) / "dataset.json").read_text())
+    training = []
+    for name, folder in hospitals.items():
+        for entry in json.loads((folder / "dataset.json").read_text())["training"]:
+            training.append(
+                {
+                    "image": (Path("..") / name / entry["image"]).as_posix(),
+                    "label": (Path("..") / name / entry["label"]).as_posix(),
+                }
+            )
+    index = {
+        **{key: value for key, value in first.items() if key not in ("training", "numTraining", "phantom")},
+        "description": "the union of the comparison's phantom hospitals (" + ", ".join(hospitals) + ")",
+        "numTraining": len(training),
+        "training": training,
+    }
+    write_json_atomic(index, source / "dataset.json")
+    return source
+
+
+def _vertical_held_out(case_ids: Sequence[str], secret: str, num_val: int, seed: int) -> set[str]:
+    """The case IDs the vertical controller holds out (its rule: ``split_cases`` over the sorted keys)."""
+    key_to_case = {case_key(case, secret): case for case in case_ids}
+    _, val_keys = split_cases(sorted(key_to_case), num_val, seed)
+    return {key_to_case[key] for key in val_keys}
+
+
+def choose_secret(
+    case_ids: Sequence[str], held_out: Sequence[str], seed: int, max_tries: int = _MAX_SECRET_TRIES
+) -> str:
+    """A case-key secret under which the vertical controller (split seed ``seed``) holds out exactly ``held_out``.
+
+    Candidates are ``sha256("splitunet-compare/<seed>/<i>")`` for ``i = 0, 1, ...``, so the choice is reproducible.
+
+    Raises:
+        SplitUNetConfigError: none of ``max_tries`` candidates fits (hold out fewer cases).
+    """
+    case_ids, target = sorted(case_ids), set(held_out)
+    if not target or not target <= set(case_ids) or len(target) >= len(case_ids):
+        raise SplitUNetConfigError("the held-out cases must be a non-empty proper subset of the cases")
+    # split_cases' own rule, unrolled: the held-out keys are those at these positions of the sorted keys.
+    positions = np.random.default_rng(seed).permutation(len(case_ids))[: len(target)]
+    names = [case.encode("utf-8") for case in case_ids]
+    for attempt in range(max_tries):
+        secret = hashlib.sha256(f"splitunet-compare/{seed}/{attempt}".encode()).hexdigest()[:32]
+        # case_key's order (its hex prefix sorts as these bytes), by the one-shot C HMAC: ~10x faster.
+        key = secret.encode("utf-8")
+        ranked = sorted((hmac.digest(key, name, "sha256")[:16], case) for name, case in zip(names, case_ids))
+        if {ranked[p][1] for p in positions} == target and _vertical_held_out(
+            case_ids, secret, len(target), seed
+        ) == target:
+            return secret
+    raise SplitUNetConfigError(
+        f"no secret in {max_tries} tries holds out {len(target)} of {len(case_ids)} cases as the hospitals do; "
+        "hold out fewer cases per hospital"
+    )
+
+
+def prepare_compare_data(data_dir: str | Path, settings: CompareSettings, seed: int) -> CompareData:
+    """Generate (or reuse, if made with the same settings) one seed's hospitals, the vertical job's union source,
+    the shared held-out split and the secret that makes the vertical job hold out the same cases."""
+    data_dir = Path(data_dir).resolve()
+    if not _hospitals_match(data_dir, settings, seed):
+        # Stale data of other settings would silently change what is measured: start over, partition included.
+        if data_dir.exists():
+            shutil.rmtree(data_dir)
+        profiles = [
+            dataclasses.replace(NON_IID_PROFILES[index % len(NON_IID_PROFILES)], name=name)
+            for index, name in enumerate(settings.hospital_names)
+        ]
+        generate_hospitals(data_dir, profiles, settings.cases_per_hospital, settings.shape, seed, progress=False)
+    hospitals = {name: data_dir / name for name in settings.hospital_names}
+    cases = {name: _case_ids(folder) for name, folder in hospitals.items()}
+    held_out = {}
+    for name, ids in cases.items():
+        # FedAvg's rule and the U-shape's: the same permutation of the sorted IDs (checked, not assumed).
+        _, fedavg_val = split_cases(ids, settings.val_cases_per_hospital, seed)
+        _, u_shape_val = split_hospital_cases(ids, settings.val_cases_per_hospital, seed, party=name)
+        if fedavg_val != u_shape_val:
+            raise SplitUNetConfigError(f"{name}: FedAvg and the U-shape would hold out different cases")
+        held_out[name] = fedavg_val
+    every_case = sorted(case for ids in cases.values() for case in ids)
+    target = sorted(case for ids in held_out.values() for case in ids)
+    secret_file = data_dir / _SECRET_FILE
+    secret = secret_file.read_text().strip() if secret_file.is_file() else ""
+    if not secret or _vertical_held_out(every_case, secret, len(target), seed) != set(target):
+        secret = choose_secret(every_case, target, seed)
+        write_text_atomic(secret, secret_file, mode=0o600)
+    if not (data_dir / _MSD_SOURCE / "dataset.json").is_file():
+        _write_union_source(data_dir, hospitals)
+    return CompareData(data_dir, hospitals, cases, held_out, secret)
+
+
+# ---------------------------------------------------------------------------------------------------------- runs
+
+
+def _fedavg_upload_bytes(settings: CompareSettings) -> float:
+    """FedAvg's upload per iteration: every hospital sends its float32 state once a round (FLARE's DXO of NumPy
+    arrays, serialisation headers aside), over the round's local steps."""
+    from splitunet.horizontal.model import FedAvgUNet, state_to_numpy
+
+    model = FedAvgUNet(features=settings.features, seed=0)
+    state_bytes = sum(int(array.nbytes) for array in state_to_numpy(model).values())
+    return settings.hospitals * state_bytes / settings.local_steps
+
+
+def _run_vertical(topology: Topology, run_dir: Path, data: CompareData, settings: CompareSettings, seed: int) -> dict:
+    from splitunet.tools.demo import DemoSettings, run_demo
+    from splitunet.tools.deployment import find_job
+
+    server_args = {
+        "num_iterations": settings.steps,
+        "val_every": settings.steps,
+        "batch_size": settings.batch_size,
+        "crop_size": list(settings.crop_size),
+        "features": list(settings.features),
+        "learning_rate": settings.learning_rate,
+        "num_val_cases": len(data.all_held_out),
+        "seed": seed,
+    }
+    summary = run_demo(
+        run_dir,
+        DemoSettings(
+            cases=sum(len(ids) for ids in data.cases.values()),
+            shape=settings.shape,
+            seed=seed,
+            server_args=server_args,
+            threads_per_party=settings.threads_per_party,
+            timeout_s=settings.timeout_s,
+        ),
+        job_dir=find_job(topology.job),
+        data_dir=data.data_dir,
+    )
+    recorded = json.loads(Path(summary["server_results"]).read_text()).get("val_cases")
+    if sorted(recorded or []) != data.held_out_keys():
+        raise SplitUNetConfigError(
+            f"{topology.key}: the vertical server held out other cases than the hospitals; see {run_dir}"
+        )
+    return {
+        "dice": summary["dice"],
+        "iterations": summary["iterations"],
+        "rounds": None,
+        "upload_bytes_per_iteration": summary.get("activation_bytes_per_iteration"),
+        "elapsed_s": summary.get("elapsed_s"),
+        "held_out": data.all_held_out,
+    }
+
+
+def _check_hospital_counts(topology: Topology, hospitals: Mapping[str, Mapping], data: CompareData) -> None:
+    for name, cases in data.held_out.items():
+        if hospitals.get(name, {}).get("val_cases") != len(cases):
+            raise SplitUNetConfigError(
+                f"{topology.key}: {name} held out other cases than the split chosen for the study"
+            )
+
+
+def _run_fedavg(topology: Topology, run_dir: Path, data: CompareData, settings: CompareSettings, seed: int) -> dict:
+    from splitunet.horizontal.demo import FedAvgDemoSettings, run_fedavg_demo
+    from splitunet.tools.deployment import find_job
+
+    features = list(settings.features)
+    summary = run_fedavg_demo(
+        run_dir,
+        FedAvgDemoSettings(
+            hospitals=settings.hospitals,
+            cases=settings.cases_per_hospital,
+            shape=settings.shape,
+            seed=seed,
+            server_args={
+                "num_rounds": settings.rounds,
+                "fedprox_mu": settings.fedprox_mu if topology.options.get("fedprox") else 0.0,
+            },
+            client_args={
+                "local_iterations": settings.local_steps,
+                "val_every": 0,
+                "batch_size": settings.batch_size,
+                "crop_size": list(settings.crop_size),
+                "features": features,
+                "learning_rate": settings.learning_rate,
+                "num_val_cases": settings.val_cases_per_hospital,
+                "seed": seed,
+            },
+            model_args={"features": features, "seed": seed},
+            threads_per_hospital=settings.threads_per_party,
+            timeout_s=settings.timeout_s,
+        ),
+        job_dir=find_job(topology.job),
+        data_dir=data.data_dir,
+    )
+    _check_hospital_counts(topology, summary["hospitals"], data)
+    return {
+        "dice": summary["dice"],
+        "iterations": summary["iterations"],
+        "rounds": summary["rounds"],
+        "upload_bytes_per_iteration": _fedavg_upload_bytes(settings),
+        "elapsed_s": summary.get("elapsed_s"),
+        "held_out": data.all_held_out,
+    }
+
+
+def _run_u_shape(topology: Topology, run_dir: Path, data: CompareData, settings: CompareSettings, seed: int) -> dict:
+    from splitunet.tools.deployment import find_job
+    from splitunet.u_shape.demo import UShapeDemoSettings, run_u_shape_demo
+
+    summary = run_u_shape_demo(
+        run_dir,
+        UShapeDemoSettings(
+            hospitals=settings.hospitals,
+            cases=settings.cases_per_hospital,
+            shape=settings.shape,
+            seed=seed,
+            server_args={
+                "num_rounds": settings.rounds,
+                "iterations_per_round": settings.local_steps,
+                "val_every": settings.rounds,
+                "batch_size": settings.batch_size,
+                "crop_size": list(settings.crop_size),
+                "features": list(settings.features),
+                "learning_rate": settings.learning_rate,
+                "num_val_cases": settings.val_cases_per_hospital,
+                "drift_correction": {} if topology.options.get("dwcs") else None,
+                "seed": seed,
+            },
+            threads_per_hospital=settings.threads_per_party,
+            timeout_s=settings.timeout_s,
+        ),
+        data_dir=data.data_dir,
+        job_dir=find_job(topology.job),
+    )
+    _check_hospital_counts(topology, summary["hospitals"], data)
+    wire = summary.get("wire_bytes_per_iteration") or {}
+    return {
+        "dice": summary["dice"],
+        "iterations": summary["iterations"],
+        "rounds": summary["rounds"],
+        "upload_bytes_per_iteration": wire.get("up"),
+        "elapsed_s": summary.get("elapsed_s"),
+        "held_out": data.all_held_out,
+    }
+
+
+_RUNNERS = {"vertical": _run_vertical, "fedavg": _run_fedavg, "u_shape": _run_u_shape}
+
+
+def _finished(run_dir: Path, settings: CompareSettings) -> dict | None:
+    path = run_dir / _RUN_FILE
+    if not path.is_file():
+        return None
+    run = json.loads(path.read_text())
+    return run if run.get("settings") == settings.fingerprint() else None
+
+
+def run_compare(out_dir: str | Path, settings: CompareSettings | None = None) -> dict:
+    """Train every topology of ``settings`` under every seed; write ``compare.json`` and ``compare.md``.
+
+    Args:
+        out_dir: the study's folder (one data folder per seed, one workspace per run, the tables).
+        settings: sizes, budget, seeds and rows (default :class:`CompareSettings`; ``CompareSettings.quick()``
+            for a test).
+
+    Returns:
+        the summary written to ``compare.json`` (see :func:`summarise_compare`).
+    """
+    settings = settings or CompareSettings()
+    started = time.perf_counter()
+    out_dir = Path(out_dir).resolve()
+    topologies = [_BY_KEY[key] for key in settings.topologies]
+    runs: dict[str, dict[int, dict]] = {topology.key: {} for topology in topologies}
+    held_out: dict[int, dict[str, list[str]]] = {}
+    for seed in settings.seeds:
+        data = prepare_compare_data(out_dir / f"data_seed{seed}", settings, seed)
+        held_out[seed] = data.held_out
+        for topology in topologies:
+            run_dir = out_dir / f"seed{seed}" / topology.key
+            run = _finished(run_dir, settings)
+            if run is None:
+                print(f"\n=== seed {seed}: {topology.label} ({topology.job}), {settings.steps} steps ===", flush=True)
+                figures = _RUNNERS[topology.kind](topology, run_dir, data, settings, seed)
+                run = {"settings": settings.fingerprint(), "seed": seed, "topology": topology.key, **figures}
+                write_json_atomic(run, run_dir / _RUN_FILE)
+            runs[topology.key][seed] = run
+            write_json_atomic(summarise_compare(settings, runs, held_out), out_dir / "compare.json")
+    report = summarise_compare(settings, runs, held_out)
+    report["elapsed_s"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(report, out_dir / "compare.json")
+    write_text_atomic(compare_markdown(report), out_dir / "compare.md")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------- tables
+
+
+def _mean_dice(dice: Mapping[str, float]) -> float:
+    return statistics.fmean(float(dice[region]) for region in REGIONS)
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return statistics.fmean(values) if values else None
+
+
+def summarise_compare(
+    settings: CompareSettings, runs: Mapping[str, Mapping[int, Mapping]], held_out: Mapping[int, Mapping] | None = None
+) -> dict:
+    """Per topology: Dice per seed and their mean, the paired difference to the first topology with its 95 %
+    interval, upload bytes and wall seconds per iteration, rounds.
+
+    Args:
+        settings: the study's settings (rows in ``settings.topologies`` order; the first is the reference).
+        runs: topology key -> seed -> a run's figures (``dice``, ``iterations``, ``rounds``,
+            ``upload_bytes_per_iteration``, ``elapsed_s``, ``held_out``); missing runs are left out.
+        held_out: seed -> hospital -> held-out case IDs.
+    """
+    keys = list(settings.topologies)
+    reference = keys[0]
+    reference_runs = runs.get(reference, {})
+    rows = []
+    for key in keys:
+        topology = _BY_KEY[key]
+        mine = runs.get(key, {})
+        seeds = sorted(mine)
+        paired = [seed for seed in seeds if seed in reference_runs]
+        difference = {
+            region: paired_interval(
+                [float(mine[s]["dice"][region]) - float(reference_runs[s]["dice"][region]) for s in paired]
+            )
+            for region in REGIONS
+        }
+        difference["mean"] = paired_interval(
+            [_mean_dice(mine[s]["dice"]) - _mean_dice(reference_runs[s]["dice"]) for s in paired]
+        )
+        seconds = [
+            mine[s]["elapsed_s"] / mine[s]["iterations"]
+            for s in seeds
+            if mine[s].get("elapsed_s") and mine[s].get("iterations")
+        ]
+        rows.append(
+            {
+                "key": key,
+                "label": topology.label,
+                "kind": topology.kind,
+                "job": topology.job,
+                "seeds": seeds,
+                "dice_by_seed": {str(s): mine[s]["dice"] for s in seeds},
+                "dice_mean": {
+                    region: statistics.fmean(float(mine[s]["dice"][region]) for s in seeds) if seeds else math.nan
+                    for region in REGIONS
+                },
+                "difference_to_reference": difference,
+                "iterations": sorted({mine[s]["iterations"] for s in seeds}),
+                "rounds": next((mine[s]["rounds"] for s in seeds if mine[s].get("rounds")), None),
+                "upload_bytes_per_iteration": _mean(mine[s].get("upload_bytes_per_iteration") for s in seeds),
+                "seconds_per_iteration": _mean(seconds),
+                "seconds_per_run": [mine[s].get("elapsed_s") for s in seeds],
+            }
+        )
+    return {
+        "steps": settings.steps,
+        "rounds": settings.rounds,
+        "seeds": list(settings.seeds),
+        "reference": _BY_KEY[reference].label,
+        "settings": settings.fingerprint(),
+        "held_out": {str(seed): dict(cases) for seed, cases in (held_out or {}).items()},
+        "rows": rows,
+    }
+
+
+def compare_markdown(report: Mapping) -> str:
+    """The table: Dice per region (mean over seeds), the paired difference to the reference in Dice points with its
+    95 % interval, upload bytes and wall seconds per iteration, rounds (utility.md's style)."""
+    settings = report.get("settings", {})
+    held_out = report.get("held_out") or {}
+    per_seed = sorted({sum(len(cases) for cases in hospitals.values()) for hospitals in held_out.values()})
+    lines = [
+        f"{report['steps']} Adam steps per model, paired seeds {report['seeds']}; every topology of a seed trains on "
+        f"the same {settings.get('hospitals', '?')} phantom hospitals' patients and is scored on the same "
+        f"{'/'.join(str(n) for n in per_seed) or '?'} held-out cases. Differences are in Dice points against "
+        f"'{report['reference']}', mean over seeds [95 % t interval].",
+        "",
+        "| topology | rounds | Dice TC | Dice WT | Dice ET | Δ mean Dice (points) | Δ TC | Δ WT | Δ ET "
+        "| upload / iteration | s / iteration |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        dice, difference = row["dice_mean"], row["difference_to_reference"]
+        size = row.get("upload_bytes_per_iteration")
+        seconds = row.get("seconds_per_iteration")
+        cells = [
+            row["label"],
+            str(row["rounds"]) if row.get("rounds") else "-",
+            *(f"{dice[region]:.3f}" if math.isfinite(dice[region]) else "-" for region in REGIONS),
+            _interval_cell(difference["mean"]),
+            *(_interval_cell(difference[region]) for region in REGIONS),
+            f"{size / 1e6:.3f} MB" if size else "-",
+            f"{seconds:.2f}" if seconds else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Upload: tensor bytes all data holders together send the server per training iteration, as received "
+        "(vertical: the sites' activations; U-shape: x0, dL/du2 and each round's heads and tails; FedAvg: every "
+        "hospital's float32 weights once a round). s / iteration: the whole run's wall time, simulator start-up "
+        "and validation included, over its iterations.",
+    ]
+    run_seconds = [t for row in report["rows"] for t in row.get("seconds_per_run", []) if t]
+    if run_seconds:
+        lines += ["", f"{len(run_seconds)} runs, {sum(run_seconds) / 60:.1f} min of training and validation in all."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,61 @@
+"""End to end: ``run_compare`` in its quick configuration, one seed, the cheap topologies (vertical float32, FedAvg,
+U-shape), each a FLARE simulator run on the same two phantom hospitals' patients; a second call reuses them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from splitunet.evaluation.compare import CompareSettings, run_compare
+
+pytestmark = pytest.mark.e2e
+
+TOPOLOGIES = ("split_unet_fp32", "fedavg", "u_shape")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    settings = CompareSettings.quick(seeds=(0,), topologies=TOPOLOGIES)
+    return out, settings, run_compare(out, settings)
+
+
+def test_every_topology_is_scored_on_the_same_held_out_patients(study):
+    out, settings, report = study
+    assert [row["key"] for row in report["rows"]] == list(TOPOLOGIES)
+    held_out = report["held_out"]["0"]
+    assert set(held_out) == {"hospital-1", "hospital-2"} and all(len(cases) == 1 for cases in held_out.values())
+    expected = sorted(case for cases in held_out.values() for case in cases)
+    for key in TOPOLOGIES:
+        run = json.loads((out / "seed0" / key / "compare_run.json").read_text())
+        assert run["held_out"] == expected
+        assert run["iterations"] == settings.steps
+    # The vertical job's source is the union of the hospitals' cases, nothing else.
+    source = json.loads((out / "data_seed0" / "phantom_msd" / "dataset.json").read_text())
+    assert source["numTraining"] == 2 * settings.cases_per_hospital
+    vertical = json.loads((out / "seed0" / "split_unet_fp32" / "results.json").read_text())
+    assert json.loads(open(vertical["server_results"]).read())["num_val_cases"] == 2
+
+
+def test_the_table_reports_dice_bytes_seconds_and_rounds(study):
+    out, settings, report = study
+    rows = {row["key"]: row for row in report["rows"]}
+    for row in rows.values():
+        assert all(0.0 <= row["dice_mean"][region] <= 1.0 for region in ("TC", "WT", "ET"))
+        assert row["upload_bytes_per_iteration"] > 0 and row["seconds_per_iteration"] > 0
+    assert rows["split_unet_fp32"]["rounds"] is None
+    assert rows["fedavg"]["rounds"] == rows["u_shape"]["rounds"] == settings.rounds
+    # The reference's difference to itself is zero; one seed gives no interval.
+    assert rows["split_unet_fp32"]["difference_to_reference"]["mean"]["mean"] == 0.0
+    markdown = (out / "compare.md").read_text()
+    assert markdown.count("\n| ") == 1 + len(TOPOLOGIES)
+    assert "horizontal FedAvg" in markdown and "U-shape" in markdown
+
+
+def test_a_second_call_reuses_the_finished_runs(study):
+    out, settings, report = study
+    before = {key: (out / "seed0" / key / "results.json").stat().st_mtime_ns for key in TOPOLOGIES}
+    again = run_compare(out, settings)
+    assert again["rows"] == report["rows"]
+    assert {key: (out / "seed0" / key / "results.json").stat().st_mtime_ns for key in TOPOLOGIES} == before
