@@ -1,7 +1,8 @@
 """The U-shaped job (``u_shape_unet``) in the FLARE simulator: two hospitals, one shared middle, a wire audit.
 
 The run is :func:`splitunet.u_shape.demo.run_u_shape_demo`'s, with its wire audit on. Each hospital holds four
-phantom cases (24^3, all four modalities and the labels). Two rounds of two iterations, with DWCS on, then validation. ``WireAudit`` sits in all four chains of every task, so each party keeps a digest of
+phantom cases (24^3, all four modalities and the labels). Two rounds of two iterations, with DWCS on, then
+validation. ``WireAudit`` sits in all four chains of every task, so each party keeps a digest of
 everything it sent and received. The server must never receive an image, a label or a prediction: at the crop's
 full resolution it may receive ``x0`` only (``features[0]`` = 2 channels; an image has 4, a label or an output 3, a
 single modality 1), and every hospital's Dice must reach ``results.json``.

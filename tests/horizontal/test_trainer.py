@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from splitunet.data.hospital_folder import HospitalFolder
 from splitunet.data.sampling import extract_crop
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.federated.drift_correction import proximal_term
-from splitunet.horizontal import FedAvgUNet, HospitalData, LocalSettings, LocalTrainer
+from splitunet.horizontal import FedAvgUNet, LocalSettings, LocalTrainer
 from splitunet.networks import MonolithicSplitUNet
 from splitunet.server.trainer import initial_decoder
 from splitunet.site.trainer import initial_encoder
@@ -34,12 +35,12 @@ def _settings(**changes) -> LocalSettings:
 
 
 @pytest.fixture(scope="module")
-def hospital(tiny_parties) -> HospitalData:
+def hospital(tiny_parties) -> HospitalFolder:
     # The session's phantom in MSD layout (3 cases, 34x36x33), as one hospital holds it: every modality, labels.
-    return HospitalData(tiny_parties.parent / "msd", party="hospital-a")
+    return HospitalFolder(tiny_parties.parent / "msd", party="hospital-a")
 
 
-def _fixed_batch(hospital: HospitalData, cases) -> tuple[torch.Tensor, torch.Tensor]:
+def _fixed_batch(hospital: HospitalFolder, cases) -> tuple[torch.Tensor, torch.Tensor]:
     images, targets = [], []
     for case in cases:
         image, regions = hospital.read(case)
@@ -156,7 +157,7 @@ def test_the_model_starts_from_the_split_jobs_initial_weights():
 
 
 def test_a_hospital_needs_two_cases(hospital):
-    alone = HospitalData(hospital.folder, party="hospital-a")
+    alone = HospitalFolder(hospital.folder, party="hospital-a")
     alone.cases = dict(list(alone.cases.items())[:1])
     with pytest.raises(SplitUNetDataError, match="hospital-a.*need at least 2"):
         LocalTrainer(alone, _settings())

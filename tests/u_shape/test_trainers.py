@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from splitunet.data.party_data import ModalityFolder
+from splitunet.data.hospital_folder import HospitalFolder
 from splitunet.federated.averaging import weighted_average
 from splitunet.u_shape import in_process
 from splitunet.u_shape.config import UShapeConfig
-from splitunet.u_shape.hospital_data import HospitalFolder
 from splitunet.u_shape.hospital_trainer import HospitalTrainer
 from splitunet.u_shape.networks import seeded_part
 from splitunet.u_shape.server_trainer import MiddleTrainer
@@ -158,17 +157,6 @@ def test_steps_out_of_order_are_refused(hospital_dirs):
     u2 = server.forward({"a": x0})
     with pytest.raises(ValueError, match="gradients from"):
         server.backward({"z": u2["a"]})
-
-
-def test_the_hospital_reads_all_modalities_normalised_as_the_split_sites_do(hospital_dirs, tiny_parties):
-    folder = HospitalFolder(hospital_dirs["a"], party="a")
-    case = folder.case_ids[0]
-    image, regions = folder.read(case)
-    assert image.shape == (4, 34, 36, 33) and image.dtype == np.float32
-    assert regions.shape == (3, 34, 36, 33) and regions.dtype == np.uint8 and regions[1].any()
-    for channel, modality in enumerate(("flair", "t1", "t1gd", "t2")):
-        site_volume, _ = ModalityFolder(tiny_parties, modality, party="site").read(case)
-        np.testing.assert_allclose(image[channel], site_volume, rtol=1e-5, atol=1e-5)
 
 
 def test_batching_the_hospitals_changes_no_hospitals_u2_or_gradient():

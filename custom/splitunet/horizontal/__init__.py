@@ -22,12 +22,9 @@ HOSPITAL_CLASSES = (
 
 _EXPORTS = {
     "FedAvgUNet": "model",
-    "HospitalData": "hospital_data",
     "LocalSettings": "local_trainer",
     "LocalRound": "local_trainer",
     "LocalTrainer": "local_trainer",
-    "HospitalSettings": "settings",
-    "load_hospital_settings": "settings",
     "FedAvgHospitalExecutor": "executor",
 }
 __all__ = sorted([*_EXPORTS, "HOSPITAL_CLASSES"])

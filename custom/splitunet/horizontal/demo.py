@@ -1,9 +1,10 @@
 """The FedAvg baseline in the FLARE simulator on phantom hospitals: data, workspace, run, ``results.json``.
 
 Each simulated hospital gets its own phantom patients (a dataset folder in MSD Task01 layout with every modality and
-the labels), its entry in the workspace's site settings, and the allow-list entries the job's classes need. The
-summary it writes, ``<workspace>/results.json``, has the keys of ``splitunet demo``'s where they mean the same
-(``job``, ``dice``, ``iterations``, ``simulator_log``, ...) plus ``rounds`` and one entry per hospital.
+the labels), its entry in the workspace's site settings and the allow-list the job's classes need
+(:func:`splitunet.tools.hospital_workspace.prepare_hospital_workspace`). The summary it writes,
+``<workspace>/results.json``, has the keys of ``splitunet demo``'s where they mean the same (``job``, ``dice``,
+``iterations``, ``simulator_log``, ...) plus ``rounds`` and one entry per hospital.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ import numpy as np
 
 from splitunet.atomic_files import write_json_atomic
 from splitunet.compute.devices import THREADS_ENV_VAR
-from splitunet.data.party_settings import SETTINGS_FILE_NAME
 from splitunet.data.phantom import generate_phantom
 from splitunet.errors import SplitUNetConfigError
-from splitunet.horizontal import HOSPITAL_CLASSES
 from splitunet.horizontal.executor import RESULTS_FILE
-from splitunet.horizontal.settings import HOSPITAL_DIR_KEY
-from splitunet.tools.deployment import allow_splitunet_classes, find_job
+from splitunet.tools.deployment import find_job
+from splitunet.tools.hospital_workspace import prepare_hospital_workspace
 from splitunet.tools.simulator import find_run_file, run_simulator
 from splitunet.wire.protocol import REGIONS
 
@@ -32,7 +31,6 @@ __all__ = [
     "FEDAVG_JOB_NAME",
     "FedAvgDemoSettings",
     "ensure_hospital_phantoms",
-    "prepare_fedavg_workspace",
     "copy_fedavg_job",
     "run_fedavg_demo",
 ]
@@ -97,27 +95,6 @@ def ensure_hospital_phantoms(data_dir: str | Path, settings: FedAvgDemoSettings)
             generate_phantom(folder, settings.cases, shape=settings.shape, seed=settings.seed + index, progress=False)
         folders[name] = folder.resolve()
     return folders
-
-
-def prepare_fedavg_workspace(
-    workspace: str | Path, hospital_dirs: Mapping[str, str | Path], layout: str = "msd"
-) -> Path:
-    """Write ``<workspace>/local`` for ``nvflare simulator``: each hospital's ``hospital_dir`` and the allow-list.
-
-    The simulator copies ``local/`` into every party, so one settings file names every hospital's folder.
-    """
-    local_dir = Path(workspace).resolve() / "local"
-    local_dir.mkdir(parents=True, exist_ok=True)
-    parties = {
-        name: {HOSPITAL_DIR_KEY: str(Path(folder).resolve()), "layout": layout}
-        for name, folder in hospital_dirs.items()
-    }
-    write_json_atomic({"parties": parties}, local_dir / SETTINGS_FILE_NAME)
-    resources_file = allow_splitunet_classes(local_dir)
-    resources = json.loads(resources_file.read_text())
-    resources["class_allow_list"] += [path for path in HOSPITAL_CLASSES if path not in resources["class_allow_list"]]
-    write_json_atomic(resources, resources_file)
-    return Path(workspace).resolve()
 
 
 def copy_fedavg_job(
@@ -195,7 +172,7 @@ def run_fedavg_demo(
     sim_workspace = workspace / "simulator"
     if sim_workspace.exists():
         shutil.rmtree(sim_workspace)  # a fresh run: stale results must not pass for new ones
-    prepare_fedavg_workspace(sim_workspace, hospital_dirs)
+    prepare_hospital_workspace(sim_workspace, hospital_dirs)
     job_dir = Path(job_dir) if job_dir else find_job(FEDAVG_JOB_NAME)
     job = copy_fedavg_job(
         job_dir, workspace / "job" / job_dir.name, settings.server_args, settings.client_args, settings.model_args

@@ -29,11 +29,11 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from splitunet.atomic_files import write_json_atomic
 from splitunet.compute.devices import configure_threads
+from splitunet.data.hospital_folder import HospitalFolder
+from splitunet.data.hospital_settings import load_hospital_settings
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.flare.workspace_paths import run_dir, site_config_dir
-from splitunet.horizontal.hospital_data import HospitalData
 from splitunet.horizontal.local_trainer import LocalSettings, LocalTrainer
-from splitunet.horizontal.settings import load_hospital_settings
 
 __all__ = ["FedAvgHospitalExecutor", "RESULTS_FILE", "TRAIN_TASK", "VALIDATE_TASK"]
 
@@ -46,7 +46,7 @@ class FedAvgHospitalExecutor(Executor):
     """Runs one hospital of the FedAvg baseline.
 
     The hospital reads its dataset folder from its own settings (``hospital_dir`` in ``local/splitunet_site.json``
-    or ``$SPLITUNET_SITE_CONFIG``, see :mod:`splitunet.horizontal.settings`). Images and labels never leave it:
+    or ``$SPLITUNET_SITE_CONFIG``, see :mod:`splitunet.data.hospital_settings`). Images and labels never leave it:
     replies carry weights and metrics only, and a failure reply carries no message (the details stay in the
     hospital's log).
 
@@ -123,7 +123,7 @@ class FedAvgHospitalExecutor(Executor):
 
     def _setup(self, party: str, fl_ctx: FLContext) -> None:
         settings = load_hospital_settings(party, site_config_dir(fl_ctx))
-        data = HospitalData(settings.data_dir, settings.layout, party=party, max_cached=self.max_cached_cases)
+        data = HospitalFolder(settings.data_dir, settings.layout, party=party, max_cached=self.max_cached_cases)
         self.trainer = LocalTrainer(data, self.settings, self.device_name)
         self.results_path = run_dir(fl_ctx) / RESULTS_FILE
         self.results = {

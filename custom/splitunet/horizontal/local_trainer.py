@@ -25,10 +25,10 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
 
 from splitunet.compute.devices import select_device
+from splitunet.data.hospital_folder import HospitalFolder
 from splitunet.data.sampling import RandomCropPlanner, extract_crop
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.federated.drift_correction import proximal_term
-from splitunet.horizontal.hospital_data import HospitalData
 from splitunet.horizontal.model import FedAvgUNet, load_numpy_state, state_to_numpy
 from splitunet.server.cases import split_cases
 from splitunet.server.trainer import LOSSES, make_loss
@@ -126,7 +126,7 @@ class LocalTrainer:
         SplitUNetDataError: fewer than two cases (one to train on, one to validate).
     """
 
-    def __init__(self, data: HospitalData, settings: LocalSettings, device: torch.device | str = "cpu"):
+    def __init__(self, data: HospitalFolder, settings: LocalSettings, device: torch.device | str = "cpu"):
         self.data = data
         self.party = data.party
         self.settings = settings

@@ -2,7 +2,8 @@
 
 The data and the workspace are those of the FedAvg baseline (:mod:`splitunet.horizontal.demo`): one phantom data
 set per hospital (``<data_dir>/hospital-1``, ...; MSD Task01 layout, every modality and the labels), one entry per
-hospital in the workspace's site settings, the bundle's allow-list. Runs of both on the same ``data_dir`` train
+hospital in the workspace's site settings and the bundle's allow-list (both written by
+:func:`splitunet.tools.hospital_workspace.prepare_hospital_workspace`). Runs of both on the same ``data_dir`` train
 and validate on the same patients: both hold out, per hospital, the cases of the same seeded split
 (:func:`splitunet.server.cases.split_cases` and :func:`splitunet.u_shape.hospital_trainer.split_hospital_cases`
 draw the same permutation of the sorted case IDs) when given the same ``seed`` and ``num_val_cases``.
@@ -24,16 +25,15 @@ from pathlib import Path
 from splitunet.atomic_files import write_json_atomic
 from splitunet.compute.devices import THREADS_ENV_VAR
 from splitunet.errors import SplitUNetConfigError
-from splitunet.data.party_settings import SETTINGS_FILE_NAME
 from splitunet.horizontal.demo import _pooled_dice, ensure_hospital_phantoms
-from splitunet.tools.deployment import add_wire_audit, allow_splitunet_classes, copy_job_with_overrides, find_job
+from splitunet.tools.deployment import add_wire_audit, copy_job_with_overrides, find_job
+from splitunet.tools.hospital_workspace import prepare_hospital_workspace
 from splitunet.tools.simulator import completed_server_results, run_simulator
 from splitunet.u_shape.protocol import UTaskName
 
 __all__ = [
     "U_SHAPE_JOB_NAME",
     "UShapeDemoSettings",
-    "prepare_u_shape_workspace",
     "add_setup_audit",
     "wire_bytes_per_iteration",
     "run_u_shape_demo",
@@ -93,22 +93,6 @@ class UShapeDemoSettings:
     def names(self) -> list[str]:
         """The hospitals' client names (as ``FedAvgDemoSettings.names``: the data folders are shared)."""
         return [f"hospital-{index + 1}" for index in range(self.hospitals)]
-
-
-def prepare_u_shape_workspace(
-    workspace: str | Path, hospital_dirs: Mapping[str, str | Path], layout: str = "msd"
-) -> Path:
-    """Write ``<workspace>/local`` for ``nvflare simulator``: each hospital's ``data_dir`` and the allow-list.
-
-    The simulator copies ``local/`` into every party, so one settings file names every hospital's folder (see
-    :mod:`splitunet.u_shape.hospital_settings`). The bundle's allow-list holds the U-shape's classes.
-    """
-    local_dir = Path(workspace).resolve() / "local"
-    local_dir.mkdir(parents=True, exist_ok=True)
-    parties = {name: {"data_dir": str(Path(folder).resolve()), "layout": layout} for name, folder in hospital_dirs.items()}
-    write_json_atomic({"parties": parties}, local_dir / SETTINGS_FILE_NAME)
-    allow_splitunet_classes(local_dir)
-    return Path(workspace).resolve()
 
 
 def add_setup_audit(job_dir: str | Path, folder: str = "audit") -> None:
@@ -171,7 +155,7 @@ def run_u_shape_demo(
     sim_workspace = workspace / "simulator"
     if sim_workspace.exists():
         shutil.rmtree(sim_workspace)  # a fresh run: stale results must not pass for new ones
-    prepare_u_shape_workspace(sim_workspace, hospital_dirs)
+    prepare_hospital_workspace(sim_workspace, hospital_dirs)
     job_dir = Path(job_dir) if job_dir else find_job(U_SHAPE_JOB_NAME)
     job = copy_job_with_overrides(
         job_dir, workspace / "job" / job_dir.name, settings.server_args, settings.client_args or None

@@ -24,13 +24,13 @@ from nvflare.apis.signal import Signal
 from splitunet.checkpoint import save_checkpoint
 from splitunet.compute.devices import configure_threads, select_device
 from splitunet.data.case_keys import PrivateNames
+from splitunet.data.hospital_folder import HospitalFolder
+from splitunet.data.hospital_settings import load_hospital_settings
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.flare.executor import site_error_message
 from splitunet.flare.replies import error_reply, reply_error_message
 from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
 from splitunet.u_shape.config import UShapeConfig
-from splitunet.u_shape.hospital_data import HospitalFolder
-from splitunet.u_shape.hospital_settings import load_hospital_settings
 from splitunet.u_shape.hospital_trainer import HospitalTrainer
 from splitunet.u_shape.protocol import U2_LEVEL, X0_LEVEL, UMetaKey, UTaskName
 from splitunet.u_shape.weights_transport import dxo_to_parts, parts_to_dxo
@@ -46,8 +46,9 @@ CHECKPOINT_FILE = "u_shape_hospital_last.pt"
 class UShapeHospitalExecutor(Executor):
     """Runs one hospital of the U-shaped split (head and tail, loss and labels; Yang et al., RoS-FL).
 
-    The hospital reads its data folder from its own settings (:mod:`splitunet.u_shape.hospital_settings`), so one
-    client app serves every hospital.
+    The hospital reads its data folder from its own settings (``hospital_dir`` in ``local/splitunet_site.json`` or
+    ``$SPLITUNET_SITE_CONFIG``, see :mod:`splitunet.data.hospital_settings`), so one client app serves every
+    hospital.
 
     Args:
         device: ``"auto"`` (CUDA if this hospital has a GPU, else CPU) or a torch device name.

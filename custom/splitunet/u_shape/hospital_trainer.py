@@ -13,12 +13,11 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric
 
-from splitunet.data.nifti_io import load_nifti
+from splitunet.data.hospital_folder import HospitalFolder
 from splitunet.data.sampling import RandomCropPlanner, extract_crop
 from splitunet.errors import SplitUNetDataError
 from splitunet.server.trainer import make_loss
 from splitunet.u_shape.config import UShapeConfig
-from splitunet.u_shape.hospital_data import HospitalFolder
 from splitunet.u_shape.networks import seeded_part
 from splitunet.u_shape.protocol import HOSPITAL_PARTS
 from splitunet.u_shape.windows import SlidingWindows
@@ -86,7 +85,8 @@ class HospitalTrainer:
         self.train_cases, self.val_cases = split_hospital_cases(
             self.folder.case_ids, config.num_val_cases, config.seed, party=self.party
         )
-        shapes = {case: self._shape(case) for case in self.train_cases}
+        # From the label files' headers (HospitalFolder.shape): no voxel is read to plan crops.
+        shapes = {case: self.folder.shape(case) for case in self.train_cases}
         # Case IDs are the planner's keys: they never leave the hospital.
         self.planner = RandomCropPlanner(shapes, config.crop_size, config.batch_size, seed=config.seed)
         self.head = seeded_part("head", config.features, config.seed).to(self.device)
@@ -99,11 +99,6 @@ class HospitalTrainer:
         self.loss_fn = make_loss(config.loss)
         self._clear()
         self.steps_applied = 0
-
-    def _shape(self, case_id: str) -> list[int]:
-        # From the label file's header: no voxel is read to plan crops.
-        label = self.folder.cases[case_id].label
-        return [int(s) for s in load_nifti(label, party=self.party, case=case_id, ndim=(3,)).shape[:3]]
 
     @property
     def num_train_cases(self) -> int:

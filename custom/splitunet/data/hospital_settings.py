@@ -1,19 +1,22 @@
 """Where a hospital's cases live: its entry in the same site-local settings file the split jobs read.
 
-A hospital finds its entry in ``$SPLITUNET_SITE_CONFIG`` or ``<its FLARE workspace>/local/splitunet_site.json``
+A hospital (of the horizontal FedAvg baseline or of the U-shaped split) finds its entry in
+``$SPLITUNET_SITE_CONFIG`` or ``<its FLARE workspace>/local/splitunet_site.json``
 (:func:`splitunet.data.party_settings.find_settings_file`), under its own name, so one job folder serves any
 consortium. The entry names the hospital's dataset folder with ``hospital_dir``, a key of its own, so that one
 institution's entry may also hold a modality site's ``data_dir`` for the split jobs::
 
     {
       "parties": {
-        "hospital-a": {"hospital_dir": "/data/hospital_a/Task01_BrainTumour", "layout": "msd"}
+        "hospital-a": {"hospital_dir": "/data/hospital_a/Task01_BrainTumour", "layout": "msd",
+                       "checkpoint_dir": "/data/splitunet/checkpoints"}
       }
     }
 
-``layout`` is one of ``splitunet.data.layouts.SOURCE_LAYOUTS`` (default ``"msd"``). Relative paths are resolved
-against the folder of the settings file. No case-key secret is needed: a hospital's cases never leave it, not
-even by key.
+``layout`` is one of ``splitunet.data.layouts.SOURCE_LAYOUTS`` (default ``"msd"``). ``checkpoint_dir`` is optional
+(the U-shape's hospitals keep their head and tail there; without it, in the job's run folder). Relative paths are
+resolved against the folder of the settings file. No case-key secret is needed: a hospital's cases never leave it,
+not even by key.
 """
 
 from __future__ import annotations
@@ -38,15 +41,23 @@ class HospitalSettings:
 
     Attributes:
         party: the hospital's name.
-        data_dir: its dataset folder.
+        data_dir: its dataset folder (the entry's ``hospital_dir``).
         layout: the dataset's layout (files and label numbering).
         source: the settings file they were read from.
+        checkpoint_dir: where it keeps checkpoints that outlive the job, if it names a folder.
     """
 
     party: str
     data_dir: Path
     layout: str
     source: Path
+    checkpoint_dir: Path | None = None
+
+
+def _folder(settings_file: Path, value: str) -> Path:
+    """``value`` as a path, relative ones against the settings file's folder (where the operator wrote them)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (settings_file.parent / path).resolve()
 
 
 def load_hospital_settings(party: str, site_config_dir: str | os.PathLike | None) -> HospitalSettings:
@@ -56,9 +67,13 @@ def load_hospital_settings(party: str, site_config_dir: str | os.PathLike | None
         party: the hospital's name (its FLARE client name).
         site_config_dir: its ``local/`` folder (ignored when ``$SPLITUNET_SITE_CONFIG`` is set).
 
+    Returns:
+        the entry, with its folders resolved.
+
     Raises:
-        SplitUNetConfigError: no settings file, no entry for ``party``, no ``hospital_dir``, or an unknown layout;
-            the message names the file and the party.
+        SplitUNetConfigError: no settings file, a file that is not JSON, no entry for ``party``, no
+            ``hospital_dir``, an unknown layout, or a ``checkpoint_dir`` that is not a path; the message names the
+            file and the party.
     """
     path = find_settings_file(site_config_dir)
     try:
@@ -82,7 +97,15 @@ def load_hospital_settings(party: str, site_config_dir: str | os.PathLike | None
         raise SplitUNetConfigError(
             f"{path}: hospital {party!r} has layout {layout!r}; expected one of {SOURCE_LAYOUTS}"
         )
-    data_dir = Path(folder).expanduser()
-    if not data_dir.is_absolute():
-        data_dir = (path.parent / data_dir).resolve()
-    return HospitalSettings(party=party, data_dir=data_dir, layout=layout, source=path)
+    checkpoints = entry.get("checkpoint_dir")
+    if checkpoints is not None and (not isinstance(checkpoints, str) or not checkpoints):
+        raise SplitUNetConfigError(
+            f"{path}: hospital {party!r} has checkpoint_dir {checkpoints!r}; expected a folder path (or no key)"
+        )
+    return HospitalSettings(
+        party=party,
+        data_dir=_folder(path, folder),
+        layout=layout,
+        source=path,
+        checkpoint_dir=None if checkpoints is None else _folder(path, checkpoints),
+    )
