@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
-__all__ = ["THREADS_ENV_VAR", "select_device", "configure_threads"]
+__all__ = ["THREADS_ENV_VAR", "select_device", "configure_threads", "timed_call"]
 
 # Several parties on one host (simulator, POC) would each take every core; the demo sets this to share them.
 THREADS_ENV_VAR = "SPLITUNET_TORCH_THREADS"
@@ -25,3 +26,12 @@ def configure_threads(num_threads: int = 0) -> int:
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     return torch.get_num_threads()
+
+
+def timed_call(device: torch.device, fn, *args):
+    """Run ``fn(*args)`` and return ``(result, seconds)``; synchronises CUDA first, so the time is the work's."""
+    start = time.perf_counter()
+    result = fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start

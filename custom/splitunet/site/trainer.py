@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from splitunet.compute.devices import timed_call
 from splitunet.compute.host_staging import PinnedStaging
 from splitunet.compute.mixed_precision import amp_applies, autocast
 from splitunet.data.case_keys import keys_to_case_ids
@@ -187,8 +187,4 @@ class SiteTrainer:
 
     def timed(self, fn, *args):
         """Run ``fn(*args)`` and return ``(result, seconds)``; synchronises CUDA so the time is real."""
-        start = time.perf_counter()
-        result = fn(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return result, time.perf_counter() - start
+        return timed_call(self.device, fn, *args)

@@ -6,13 +6,13 @@ No FLARE here, so the same trainer runs in one process for tests and attacks
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from monai.metrics import DiceMetric
 
+from splitunet.compute.devices import timed_call
 from splitunet.data.hospital_folder import HospitalFolder
 from splitunet.data.sampling import RandomCropPlanner, extract_crop
 from splitunet.errors import SplitUNetDataError
@@ -227,11 +227,7 @@ class HospitalTrainer:
 
     def timed(self, fn, *args):
         """Run ``fn(*args)``; returns ``(result, seconds)`` (synchronising CUDA, so the time is real)."""
-        start = time.perf_counter()
-        result = fn(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return result, time.perf_counter() - start
+        return timed_call(self.device, fn, *args)
 
 
 def _cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,11 +7,11 @@ so the same trainer runs in one process for tests and attacks.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 
 import torch
 
+from splitunet.compute.devices import timed_call
 from splitunet.u_shape.config import UShapeConfig
 from splitunet.u_shape.networks import seeded_part
 
@@ -120,8 +120,4 @@ class MiddleTrainer:
 
     def timed(self, fn, *args):
         """Run ``fn(*args)``; returns ``(result, seconds)`` (synchronising CUDA, so the time is real)."""
-        start = time.perf_counter()
-        result = fn(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return result, time.perf_counter() - start
+        return timed_call(self.device, fn, *args)
