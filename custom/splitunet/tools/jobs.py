@@ -1,9 +1,9 @@
 """The bundle's FLARE job folders, described once and generated: ``splitunet jobs`` writes ``jobs/<name>/``.
 
-Every shipped job is an entry of :data:`JOBS`. Three are written out in full (:class:`Job`): the main training job
-``split_unet`` (int8 codes on the wire both ways, then the guard), the inference job ``split_unet_infer`` and the
-horizontal FedAvg baseline ``fedavg_unet`` (FLARE's own workflows, no filters). Every
-other one is a :class:`Variant`: the job it starts from and what it changes. The float32 reference
+Every shipped job is an entry of :data:`JOBS`. Four are written out in full (:class:`Job`): the main training job
+``split_unet`` (int8 codes on the wire both ways, then the guard), the inference job ``split_unet_infer``, the
+horizontal FedAvg baseline ``fedavg_unet`` (FLARE's own workflows, no filters) and the three-part U-shape
+``u_shape_unet``. Every other one is a :class:`Variant`: the job it starts from and what it changes. The float32 reference
 ``split_unet_fp32`` is the main job without quantizers, each defense job is that reference plus one defense (and the
 workflow settings the defense forces), and ``split_unet_missing_modality`` changes workflow settings only. Adding a
 job is adding one entry.
