@@ -46,12 +46,14 @@ def test_the_training_defaults_are_the_shipped_ones():
 @pytest.mark.parametrize(
     "config", sorted((bundle_root() / "jobs").glob("*/app/config/config_fed_server.json")), ids=lambda p: p.parts[-4]
 )
-def test_every_shipped_job_builds_its_workflow(config):
-    workflows = {"splitunet.flare.SplitLearningController": SplitLearningController}
-    workflows["splitunet.flare.SplitInferenceController"] = SplitInferenceController
-    [workflow] = json.loads(config.read_text())["workflows"]
-    controller = workflows[workflow["path"]](**workflow["args"])
-    assert all(hasattr(controller.settings, name) for name in workflow["args"])
+def test_every_shipped_job_builds_its_workflows(config):
+    from nvflare.fuel.utils.class_utils import load_class
+
+    for workflow in json.loads(config.read_text())["workflows"]:
+        controller = load_class(workflow["path"])(**workflow["args"])
+        if workflow["path"].startswith("splitunet."):
+            # Ours keep every argument in their checked settings (FLARE's own workflows keep them as they like).
+            assert all(hasattr(controller.settings, name) for name in workflow["args"]), workflow["path"]
 
 
 @pytest.mark.parametrize(
