@@ -95,22 +95,19 @@ def utility_cell(utility_row: Mapping | None) -> str:
     return f"{100 * interval['mean']:+.1f} [{100 * interval['low']:+.1f}, {100 * interval['high']:+.1f}]"
 
 
+def _interval_text(interval: Mapping, sign: str = "") -> str:
+    """``mean [low, high]`` at two decimals (``sign="+"`` writes the sign); the mean alone without bounds."""
+    if not math.isfinite(interval["low"]):
+        return f"{interval['mean']:{sign}.2f}"
+    return f"{interval['mean']:{sign}.2f} [{interval['low']:{sign}.2f}, {interval['high']:{sign}.2f}]"
+
+
 def _ssim_cell(entry: Mapping | None) -> str:
-    if not entry:
-        return "-"
-    ssim = entry["ssim_brain"]
-    if not math.isfinite(ssim["low"]):
-        return f"{ssim['mean']:.2f}"
-    return f"{ssim['mean']:.2f} [{ssim['low']:.2f}, {ssim['high']:.2f}]"
+    return _interval_text(entry["ssim_brain"]) if entry else "-"
 
 
 def _gain_cell(entry: Mapping | None) -> str:
-    if not entry:
-        return "-"
-    gain = entry["gain_brain"]
-    if not math.isfinite(gain["low"]):
-        return f"{gain['mean']:+.2f}"
-    return f"{gain['mean']:+.2f} [{gain['low']:+.2f}, {gain['high']:+.2f}]"
+    return _interval_text(entry["gain_brain"], "+") if entry else "-"
 
 
 def _best_of(pooled: Sequence[Mapping], attack: str) -> Mapping | None:
