@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -107,3 +108,9 @@ def test_label_inference_from_captured_gradients(workspace, scene):
     assert 0.0 <= result["dice"] <= 1.0 and 0.0 < result["fraction_marked"] < 1.0
     # Measured WT Dice 0.6-0.8 on such crops; a random mask of the same size gets well under 0.1.
     assert result["dice"] > 3 * result["dice_random_mask"]
+
+
+def test_budget_read_back_from_a_report_compares_equal():
+    # A stopped sweep reuses a finished report only when its stored budget equals the current one.
+    budget = AttackBudget.sweep()
+    assert json.loads(json.dumps(budget.to_dict())) == budget.to_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -130,7 +131,8 @@ class AttackBudget:
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The budget as plain JSON values, so that a budget read back from a report compares equal."""
+        return json.loads(json.dumps(asdict(self)))
 
 
 # Per-crop scores a row keeps beside the means, so that reports can pool crops across sites and give intervals.
