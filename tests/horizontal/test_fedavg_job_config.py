@@ -116,3 +116,20 @@ def test_every_class_the_job_names_is_on_flares_default_allow_list_or_named_by_t
     assert named - set(DEFAULT_CLASS_ALLOW_LIST) == set(HOSPITAL_CLASSES)
     for path in HOSPITAL_CLASSES:
         load_class(path)
+
+
+def test_the_dp_variant_differs_only_in_the_hospitals_dp_settings_and_builds():
+    from splitunet.dp import DPSettings
+
+    dp_client = GENERATED["fedavg_unet_dp/app/config/config_fed_client.json"]
+    assert GENERATED["fedavg_unet_dp/app/config/config_fed_server.json"] == SERVER
+    assert GENERATED["fedavg_unet_dp/meta.json"] == {**GENERATED[f"{JOB}/meta.json"], "name": "fedavg_unet_dp"}
+    executor = dp_client["executors"][0]["executor"]
+    dp = executor["args"]["dp"]
+    assert {**executor, "args": {k: v for k, v in executor["args"].items() if k != "dp"}} == EXECUTOR["executor"]
+    assert {k: v for k, v in dp_client.items() if k != "executors"} == {
+        k: v for k, v in CLIENT.items() if k != "executors"
+    }
+    # Poisson sampling and a whole-job target: what the accountant assumes, and one epsilon per hospital.
+    assert dp["poisson_sampling"] is True and "target_epsilon" in dp and "noise_multiplier" not in dp
+    assert _build(executor).settings.dp == DPSettings(**dp)

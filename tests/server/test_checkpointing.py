@@ -8,7 +8,15 @@ import torch
 from splitunet.data.party_data import LabelFolder
 from splitunet.data.sampling import RandomCropPlanner
 from splitunet.errors import SplitUNetConfigError
-from splitunet.server.checkpointing import load_decoder, load_resume_state, restore_server_state, save_server_state
+from splitunet.flare.encoder_averaging import EncoderAveraging, make_correction
+from splitunet.server.checkpointing import (
+    decoder_sites,
+    load_decoder,
+    load_resume_state,
+    restore_server_state,
+    save_server_state,
+)
+from splitunet.server.cohorts import CohortPlanner
 from splitunet.server.run_record import TrainingRecord
 from splitunet.server.site_roster import SiteRoster
 from splitunet.server.trainer import ServerTrainer
@@ -88,3 +96,43 @@ def test_the_saved_decoder_loads_for_inference(tmp_path, tiny_parties):
     assert not decoder.training
     for ours, theirs in zip(run[0].decoder.parameters(), decoder.parameters()):
         assert torch.equal(ours, theirs)
+
+
+def test_with_several_sites_per_modality_the_cohort_draws_and_the_averaging_resume(tmp_path, tiny_parties):
+    modality = {"a-flair": "flair", "b-flair": "flair", "a-t1": "t1", "b-t1": "t1"}
+    groups = {"flair": ["a-flair", "b-flair"], "t1": ["a-t1", "b-t1"]}
+    counts = {"a-flair": 2, "b-flair": 1, "a-t1": 2, "b-t1": 1}
+
+    def run():
+        trainer, _, _, record = _run(tiny_parties)
+        planner = CohortPlanner([SHAPES, {"k3": (40, 40, 40)}], (32, 32, 32), 2, seed=0)
+        roster = SiteRoster(["a-flair", "b-flair", "a-t1", "b-t1"], modality)
+        averaging = EncoderAveraging(groups, counts, every=2, correction=make_correction({}))
+        return trainer, planner, roster, record, averaging
+
+    trainer, planner, roster, record, averaging = run()
+    for _ in range(5):
+        planner.next_plan()
+    weights = {n: v.numpy() for n, v in torch.nn.Linear(2, 2).state_dict().items()}
+    averaging.average({site: weights for site in modality}, modality, 2)
+    path = save_server_state(
+        tmp_path,
+        "last",
+        trainer,
+        planner,
+        roster,
+        record,
+        iteration=5,
+        site_modality=modality,
+        site_saved_iteration=dict.fromkeys(modality, 5),
+        crop_size=(32, 32, 32),
+        averaging=averaging,
+    )
+    saved = torch.load(path, weights_only=True)
+    # Inference reads one site per decoder input.
+    assert saved["sites"] == ["a-flair", "a-t1"] and saved["decoder_modalities"] == ["flair", "t1"]
+    assert decoder_sites(["a-flair", "b-flair", "a-t1", "b-t1"], modality) == ["a-flair", "a-t1"]
+    resumed = run()
+    assert restore_server_state(saved, *resumed[:4], site_modality=modality, averaging=resumed[4]) == 5
+    assert resumed[1].steps == planner.steps and resumed[1].next_plan() == planner.next_plan()
+    assert resumed[4].rounds == 1 and resumed[4].correction.parts == ["encoder/flair", "encoder/t1"]

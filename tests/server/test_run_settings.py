@@ -85,6 +85,11 @@ def test_malformed_task_arguments_are_named(kwargs, message):
         ({"resume": "false"}, "resume must be true or false"),
         ({"analytics": 1}, "analytics must be true or false"),
         ({"sites": "site-1"}, "sites must be a list of site names"),
+        ({"encoder_averaging_every": -1}, "encoder_averaging_every must be an int >= 0"),
+        ({"cohort_draw": "uniform"}, "cohort_draw must be one of"),
+        ({"drift_correction": 0.5}, "drift_correction must be null or an object"),
+        ({"drift_correction": {"mu": 0}}, r"drift_correction \{'mu': 0\}: mu must be a finite number > 0"),
+        ({"drift_correction": {"rate": 1}}, "drift_correction .*unexpected keyword argument 'rate'"),
     ],
 )
 def test_malformed_training_arguments_are_named(kwargs, message):

@@ -51,3 +51,14 @@ def test_invalid_rosters():
     roster = SiteRoster(SITES[:2], MODALITY_OF)
     with pytest.raises(ValueError, match="site-9"):
         roster.load_state_dict({"dropped": [{"site": "site-9"}], "bit_generator": {}})
+
+
+def test_a_step_draws_only_among_its_cohorts_active_sites():
+    roster = SiteRoster(SITES, MODALITY_OF)
+    assert roster.step_participants(among=["site-3", "site-1"]) == ["site-1", "site-3"]
+    roster.drop("site-3", 2, "silent")
+    assert roster.step_participants(among=["site-3", "site-1"]) == ["site-1"]
+    assert roster.step_participants(among=["site-3"]) == []
+    dropout = SiteRoster(SITES, MODALITY_OF, modality_dropout=0.5, seed=3)
+    draws = [dropout.step_participants(among=["site-2", "site-4"]) for _ in range(200)]
+    assert all(draws) and set().union(*draws) == {"site-2", "site-4"}

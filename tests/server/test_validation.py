@@ -83,3 +83,21 @@ def test_without_each_needs_mean_fusion_and_two_active_sites(tmp_path):
     roster.drop("site-2", 5, "silent")
     alone = _validation(_Trainer()).run(8, _encode_for, roster, True, tmp_path, print)
     assert alone.dice_without is None and alone.predictions
+
+
+def test_with_several_sites_per_modality_each_modality_is_left_out_once(tmp_path):
+    trainer, lines = _Trainer(), []
+    sites = {"site-1": "flair", "site-2": "t1", "site-5": "flair"}
+    roster = SiteRoster(["site-1", "site-5", "site-2"], sites)
+    asked = []
+
+    def encode_for(without):
+        asked.append(without)
+        return 0.5
+
+    outcome = _validation(trainer).run(8, encode_for, roster, final=True, out_dir=tmp_path, log=lines.append)
+    # One round without each modality, named by every site that holds it.
+    assert asked == [None, "site-1", "site-2"] and set(outcome.dice_without) == {"flair", "t1"}
+    assert lines[1].startswith("validation at iteration 8 without flair (site-1, site-5): ")
+    roster.drop("site-2", 6, "silent")
+    assert _validation(_Trainer()).run(8, encode_for, roster, True, tmp_path, print).dice_without is None

@@ -156,3 +156,39 @@ def test_a_frozen_encoder_keeps_no_graph_and_refuses_gradients(tiny_parties):
     site.forward(_plan(site))  # no gradients pending: the next step may encode at once
     with pytest.raises(ValueError, match="site-3: received gradients, but this job freezes the encoders"):
         site.backward({level: torch.ones_like(t) for level, t in features.items()})
+
+
+def test_sites_sharing_a_modality_send_their_weights_and_take_the_average_keeping_their_optimiser(tiny_parties):
+    def site(party):
+        trainer = SiteTrainer(ModalityFolder(tiny_parties / "t1gd", "t1gd", party=party), "test-secret")
+        trainer.build(CONFIG, init_seed=5)
+        return trainer
+
+    first, second = site("site-3"), site("site-7")
+    features = first.forward(_plan(first))
+    with pytest.raises(RuntimeError, match="site-3: encoder weights asked for while a step's gradients are pending"):
+        first.encoder_weights()
+    first.backward({level: torch.ones_like(t) for level, t in features.items()})
+    moments = {id(p): first.optimizer.state[p]["exp_avg"].clone() for p in first.encoder.parameters()}
+    # A copy, not a view: what leaves does not move with later steps.
+    sent = first.encoder_weights()
+    assert all(not torch.equal(value, second.encoder.state_dict()[name]) for name, value in sent.items())
+    average = {name: (value + second.encoder_weights()[name]) / 2 for name, value in sent.items()}
+    for trainer in (first, second):
+        trainer.load_encoder_weights(average)
+        assert trainer.averages_loaded == 1
+    plan = _plan(first)
+    for level, tensor in first.encode(plan).items():
+        torch.testing.assert_close(second.encode(plan)[level], tensor)
+    # The optimiser still steps the same parameters, with its own moments.
+    assert all(torch.equal(first.optimizer.state[p]["exp_avg"], moments[id(p)]) for p in first.encoder.parameters())
+    assert first.state_dict()["averages_loaded"] == 1
+    with pytest.raises(ValueError, match="site-3: averaged encoder has other weights: missing"):
+        first.load_encoder_weights(dict(list(average.items())[1:]))
+
+
+def test_a_frozen_encoder_is_never_averaged(tiny_parties):
+    site = SiteTrainer(ModalityFolder(tiny_parties / "t1gd", "t1gd", party="site-3"), "test-secret")
+    site.build(SplitModelConfig(features=(4, 4, 8, 8, 16), train_encoders=False))
+    with pytest.raises(ValueError, match="site-3: this job freezes the encoders"):
+        site.encoder_weights()

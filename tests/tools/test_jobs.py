@@ -55,8 +55,12 @@ FORCED_WORKFLOW_ARGS = {
 SETTING_VARIANTS = {
     "split_unet_missing_modality": {"fusion": "mean", "modality_dropout": 0.25, "on_site_failure": "continue"},
 }
-# The other topologies: horizontal FedAvg (FLARE's own workflow, no feature filters) and the three-part U-shape.
-TOPOLOGY_JOBS = ("fedavg_unet", "u_shape_unet")
+# Two sites per modality (SplitFed): the main job with its cohort and averaging settings, waiting for eight sites.
+SPLITFED = "split_unet_splitfed"
+SPLITFED_ARGS = {"cohort_draw": "proportional", "encoder_averaging_every": 10, "drift_correction": None}
+# The other topologies: horizontal FedAvg (FLARE's own workflow, no feature filters), with and without DP-SGD, and the
+# three-part U-shape.
+TOPOLOGY_JOBS = ("fedavg_unet", "fedavg_unet_dp", "u_shape_unet")
 # The split-learning training jobs.
 TRAINING_JOBS = sorted(name for name in resolve_jobs() if name not in (INFER, *TOPOLOGY_JOBS))
 
@@ -178,7 +182,7 @@ def test_cli_check_lists_every_file_that_differs(tmp_path, capsys):
 
 
 def test_every_job_is_a_defense_row_a_setting_variant_or_the_inference_job():
-    assert set(resolve_jobs()) == {*DEFENSE_JOBS, *SETTING_VARIANTS, INFER, *TOPOLOGY_JOBS}
+    assert set(resolve_jobs()) == {*DEFENSE_JOBS, *SETTING_VARIANTS, SPLITFED, INFER, *TOPOLOGY_JOBS}
     assert set(DEFENSE_JOBS) == {MAIN, *DEFENSE_VARIANTS}
     assert DEFENSE_JOBS[0] == FP32  # the baseline row
 
@@ -270,7 +274,8 @@ def test_every_concat_training_job_waits_for_every_modality_and_mean_fusion_stat
             continue
         fusion = _config(job, "server")["workflows"][0]["args"]["fusion"]
         expected = len(MODALITIES) if fusion == "concat" else 2
-        assert _meta(job)["min_clients"] == expected, job
+        # SplitFed waits for both sites of every modality.
+        assert _meta(job)["min_clients"] == expected * (2 if job == SPLITFED else 1), job
 
 
 @pytest.mark.parametrize("variant", sorted(SETTING_VARIANTS))
@@ -283,3 +288,17 @@ def test_a_setting_variant_differs_from_the_main_job_only_in_its_settings(varian
     workflow = server["workflows"][0]
     module, class_name = workflow["path"].rsplit(".", 1)
     getattr(importlib.import_module(module), class_name)(**workflow["args"])
+
+
+def test_the_splitfed_job_is_the_main_job_with_its_cohort_and_averaging_settings():
+    assert _meta(SPLITFED) == {**_meta(MAIN), "name": SPLITFED, "min_clients": 8}
+    assert _config(SPLITFED, "client") == _config(MAIN, "client")
+    server, main_server = _config(SPLITFED, "server"), _config(MAIN, "server")
+    main_server["workflows"][0]["args"].update(SPLITFED_ARGS)
+    assert server == main_server
+    # Every training job's sites take the averaging task, and its gradients and weights pass the filter chains.
+    client = _config(MAIN, "client")
+    assert "split_average" in client["executors"][0]["tasks"]
+    for chain_name in ("task_data_filters", "task_result_filters"):
+        assert "split_average" in client[chain_name][0]["tasks"]
+        assert "split_average" in _config(MAIN, "server")[chain_name][0]["tasks"]

@@ -7,7 +7,7 @@ modules of :mod:`splitunet.server` (settings, case matching, the run record, val
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from nvflare.apis.fl_context import FLContext
@@ -18,18 +18,21 @@ from splitunet.compute.devices import select_device
 from splitunet.data.labels import get_layout
 from splitunet.data.party_data import LabelFolder
 from splitunet.data.party_settings import load_server_settings
-from splitunet.data.sampling import RandomCropPlanner
 from splitunet.errors import SplitUNetConfigError
+from splitunet.flare.encoder_averaging import EncoderAveraging, make_correction
+from splitunet.flare.encoder_weights import dxo_to_encoder, encoder_to_dxo, weights_bytes
 from splitunet.flare.nvflare_compat import send_scalar
 from splitunet.flare.site_tasks import SITE_FAILURE_POLICIES, SiteTaskController, SplitRunError
 from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
 from splitunet.server import cases
 from splitunet.server.checkpointing import load_resume_state, restore_server_state, save_server_state
-from splitunet.server.decoder_inputs import check_sent_levels, training_order
+from splitunet.server.cohorts import Cohort, CohortPlanner, match_cohorts
+from splitunet.server.decoder_inputs import check_sent_levels, modality_groups
 from splitunet.server.private_details import DETAILS_FILE, PrivateDetails
 from splitunet.server.run_record import TrainingRecord
 from splitunet.server.run_settings import EXPERIMENT_NAME, MODEL_DEFAULTS, TrainingSettings
 from splitunet.server.site_roster import SiteRoster
+from splitunet.server.sliding_window import EncodeFn
 from splitunet.server.trainer import ServerTrainer
 from splitunet.server.validation import Validation
 from splitunet.wire.protocol import DataKind, MetaKey, TaskName
@@ -48,6 +51,12 @@ class SplitLearningController(SiteTaskController):
     of the next, so a step costs one round trip. Crops are chosen without looking at labels (keys, origins and
     flips are the same at every site, keeping the modalities voxel-aligned). Task data and results pass through
     FLARE's filters in both directions.
+
+    Several sites may hold one modality, each for other patients (SplitFed; docs/topologies.md, "Several sites per
+    modality"): each step then trains on one cohort, the sites that hold a set of cases together
+    (:mod:`splitunet.server.cohorts`), through the decoder's one input per modality, and every
+    ``encoder_averaging_every`` iterations the encoders of each modality's sites are averaged
+    (:class:`~splitunet.flare.encoder_averaging.EncoderAveraging`).
 
     Its arguments are the fields of :class:`~splitunet.server.run_settings.TrainingSettings`, which documents and
     checks them; the model's defaults are :class:`~splitunet.wire.model_config.SplitModelConfig`'s.
@@ -79,6 +88,9 @@ class SplitLearningController(SiteTaskController):
         setup_timeout: int = 600,
         on_site_failure: str = "stop",
         modality_dropout: float = 0.0,
+        cohort_draw: str = "proportional",
+        encoder_averaging_every: int = 10,
+        drift_correction: Mapping | None = None,
         checkpoint_every: int = 0,
         experiment: str = "split_unet",
         resume: bool = False,
@@ -97,6 +109,11 @@ class SplitLearningController(SiteTaskController):
         self.site_saved_iteration: dict[str, int] = {}
         self.checkpoints: Path | None = None
         self.details: PrivateDetails | None = None
+        # Set at setup: the cohorts (one with one site per modality), which cohort holds each case, the averaging.
+        self.cohorts: list[Cohort] = []
+        self.cohort_of: dict[str, int] = {}
+        self.groups: dict[str, list[str]] = {}
+        self.averaging: EncoderAveraging | None = None
 
     # ----------------------------------------------------------------------------------------- the run
     def _run(self, abort_signal: Signal, fl_ctx: FLContext, out_dir: Path):
@@ -137,11 +154,19 @@ class SplitLearningController(SiteTaskController):
             self.site_saved_iteration = dict(saved["site_saved_iteration"])
 
         train_keys, val_keys, shapes = self._setup(abort_signal, fl_ctx)
-        self.trainer.build(self.model_config, num_sites=len(self.sites))
-        planner = RandomCropPlanner({key: shapes[key] for key in train_keys}, s.crop_size, s.batch_size, seed=s.seed)
+        self.trainer.build(self.model_config, num_sites=len(self.groups))
+        planner = CohortPlanner(
+            [{key: shapes[key] for key in cohort.train_keys} for cohort in self.cohorts],
+            s.crop_size,
+            s.batch_size,
+            seed=s.seed,
+            draw=s.cohort_draw,
+        )
         self.roster = SiteRoster(
             self.sites, self.site_modality, s.modality_dropout, seed=s.seed + _MODALITY_DROPOUT_SEED_OFFSET
         )
+        self.averaging = self._encoder_averaging()
+        shared = any(len(sites) > 1 for sites in self.groups.values())
         record.start(
             sites={site: self.site_modality[site] for site in self.sites},
             num_train_cases=len(train_keys),
@@ -150,57 +175,108 @@ class SplitLearningController(SiteTaskController):
             crop_size=list(s.crop_size),
             batch_size=s.batch_size,
             server_compute={"device": str(self.trainer.device), "amp": self.trainer.amp, "amp_requested": s.amp},
+            # Only where a modality has several sites: a run with one site per modality records what it always did.
+            cohorts=self._describe_cohorts(planner) if shared else None,
+            encoder_averaging=self.averaging.describe() if self.averaging is not None else None,
         )
         first = 1
         if saved is not None:
-            first = restore_server_state(saved, self.trainer, planner, self.roster, record, record.sites) + 1
+            first = (
+                restore_server_state(
+                    saved, self.trainer, planner, self.roster, record, record.sites, averaging=self.averaging
+                )
+                + 1
+            )
             self.log_info(fl_ctx, f"resumed from iteration {first - 1} ({record.resumed_from['checkpoint']})")
         self.log_info(
             fl_ctx,
             f"training iterations {first}..{s.num_iterations} on {len(train_keys)} cases, validating on "
-            f"{len(val_keys)}; sites in decoder order: {[(site, self.site_modality[site]) for site in self.sites]}",
+            f"{len(val_keys)}; sites in decoder order: {[(site, self.site_modality[site]) for site in self.sites]}"
+            + (f"; cohorts: {[list(cohort.sites) for cohort in self.cohorts]}" if shared else ""),
         )
         validation = Validation(self.trainer, val_keys, shapes, layout, s)
-        grads, loss = None, float("nan")
+        # Gradients of the last step, by site: each reaches its site with the next task that site gets.
+        pending: dict[str, dict] = {}
+        cohort_index, loss = 0, float("nan")
         for iteration in range(first, s.num_iterations + 1):
             if abort_signal.triggered:
                 return
-            step = self._train_iteration(planner.next_plan(), grads, iteration, first, fl_ctx, abort_signal)
-            grads = step.grads if step else None
+            cohort_index, plan = planner.next_plan(self._available_cohorts())
+            step, pending = self._train_iteration(plan, cohort_index, pending, iteration, first, fl_ctx, abort_signal)
             loss = step.loss if step else loss
             record.iterations = iteration
+            if record.cohorts is not None:
+                record.cohorts = self._describe_cohorts(planner)
+            if self.averaging is not None and self.averaging.due(iteration):
+                pending = self._average_encoders(pending, iteration, fl_ctx, abort_signal)
             validate = iteration % s.val_every == 0 or iteration == s.num_iterations
             if validate or (s.checkpoint_every and iteration % s.checkpoint_every == 0):
                 if self.model_config.train_encoders:
                     # Deliver the pending gradients first so that every encoder is at step `iteration`.
-                    self._round_trip(
-                        TaskName.STEP, self._step_data(grads, None, (), iteration), iteration, fl_ctx, abort_signal
-                    )
-                grads = None
+                    targets = self._step_targets(self.cohorts[cohort_index], pending)
+                    data = self._step_data(pending, None, (), targets, iteration)
+                    self._round_trip(TaskName.STEP, data, iteration, fl_ctx, abort_signal)
+                pending = {}
                 is_best = validate and self._validate(validation, iteration, loss, fl_ctx, abort_signal, out_dir)
                 self._save("last", iteration, planner, fl_ctx, abort_signal)
                 if is_best:
                     self._save("best", iteration, planner, fl_ctx, abort_signal)
         record.summarise_steps()
 
-    def _train_iteration(self, plan, grads, iteration: int, first: int, fl_ctx: FLContext, abort_signal: Signal):
+    def _encoder_averaging(self) -> EncoderAveraging | None:
+        """The averaging of the encoders sharing a modality, if any modality has two sites and encoders train."""
+        s = self.settings
+        if not self.model_config.train_encoders or not any(len(sites) > 1 for sites in self.groups.values()):
+            return None
+        counts = {
+            site: sum(len(cohort.train_keys) for cohort in self.cohorts if site in cohort.sites) for site in self.sites
+        }
+        averaging = EncoderAveraging(
+            self.groups, counts, s.encoder_averaging_every, make_correction(s.drift_correction)
+        )
+        return averaging if averaging.enabled else None
+
+    def _describe_cohorts(self, planner: CohortPlanner) -> list[dict]:
+        return [cohort.describe(self.site_modality, steps) for cohort, steps in zip(self.cohorts, planner.steps)]
+
+    def _available_cohorts(self) -> list[bool]:
+        """Per cohort, whether any of its sites still takes part."""
+        active = set(self.roster.active)
+        return [any(site in active for site in cohort.sites) for cohort in self.cohorts]
+
+    def _step_targets(self, cohort: Cohort, pending: Mapping[str, dict]) -> list[str]:
+        """The sites a step task goes to: the cohort's active sites and every site with gradients to take.
+
+        With one cohort these are all the active sites, as in a run without cohorts."""
+        return [site for site in self.roster.active if site in cohort.sites or site in pending]
+
+    def _train_iteration(
+        self, plan, cohort_index: int, pending, iteration: int, first: int, fl_ctx: FLContext, abort_signal: Signal
+    ):
         """One round trip (gradients of the last step out, features of this one back) and the server's step.
 
         Returns:
-            the :class:`~splitunet.server.trainer.StepResult`, or ``None`` when every site asked to encode
-            dropped out during the step (the others wait for the next one).
+            ``(step, pending)``: the :class:`~splitunet.server.trainer.StepResult`, or ``None`` when every site
+            asked to encode dropped out during the step (the others wait for the next one); and the step's
+            gradients by site, for the next task each of those sites gets.
         """
-        participants = self.roster.step_participants()
+        cohort = self.cohorts[cohort_index]
+        participants = self.roster.step_participants(among=cohort.sites)
+        targets = self._step_targets(cohort, pending)
         start = time.perf_counter()
         replies = self._round_trip(
-            TaskName.STEP, self._step_data(grads, plan, participants, iteration), iteration, fl_ctx, abort_signal
+            TaskName.STEP,
+            self._step_data(pending, plan, participants, targets, iteration),
+            iteration,
+            fl_ctx,
+            abort_signal,
         )
         round_trip_s = time.perf_counter() - start
         participants = [site for site in participants if site in replies]
         if not participants:
             self.log_warning(fl_ctx, f"iteration {iteration}: every site asked to encode dropped out; step skipped")
-            return None
-        features = self._features(replies, participants)
+            return None, {}
+        features = self._features(replies, participants, order=cohort.sites)
         site_s = max(float(replies[s].get_meta_prop(MetaKey.SITE_COMPUTE_S, 0.0)) for s in replies)
         step = self.trainer.train_step(plan, features)
         # As received, after every site filter: what the defenses leave on the wire, summed over sites.
@@ -220,7 +296,44 @@ class SplitLearningController(SiteTaskController):
                 f"site compute {mean['site_compute']:.3f}s, server compute {mean['server_compute']:.3f}s, "
                 f"waiting/transfer {mean['waiting_transfer']:.3f}s",
             )
-        return step
+        return step, {site: grads for site, grads in zip(cohort.sites, step.grads) if grads is not None}
+
+    def _average_encoders(self, pending, iteration: int, fl_ctx: FLContext, abort_signal: Signal) -> dict:
+        """Average the encoders of each modality's sites: two round trips of ``split_average``.
+
+        Up: each averaged site's pending gradients (so its encoder is at step ``iteration``), back its encoder's
+        weights (a ``WEIGHTS`` DXO through the site's result filters). Down: each modality's average to each of its
+        sites. Returns the gradients still pending (those of sites whose modality is not averaged).
+        """
+        sites = self.averaging.sites_to_average(self.roster.active)
+        if not sites:
+            return pending
+        data = {}
+        for site in sites:
+            meta = {MetaKey.ITERATION: iteration}
+            grads = pending.get(site)
+            dxo = control_dxo(meta) if grads is None else features_to_dxo(grads, DataKind.GRADIENTS, meta)
+            data[site] = dxo.to_shareable()
+        replies = self._round_trip(TaskName.AVERAGE, data, iteration, fl_ctx, abort_signal)
+        uploads = {site: dxo_to_encoder(reply, party=site) for site, reply in replies.items()}
+        for site, reply in replies.items():
+            self.record.note_filters(site, reply.get_meta_prop(MetaKey.FILTER_TRAIL))
+        averaged = self.averaging.average(uploads, self.site_modality, iteration)
+        down = {}
+        for site in uploads:
+            meta = {MetaKey.ITERATION: iteration}
+            down[site] = encoder_to_dxo(averaged[self.site_modality[site]], meta).to_shareable()
+        self._round_trip(TaskName.AVERAGE, down, iteration, fl_ctx, abort_signal)
+        self.record.encoder_averaging = {
+            **self.averaging.describe(),
+            "upload_bytes_per_round": sum(weights_bytes(reply) for reply in replies.values()),
+        }
+        self.log_info(
+            fl_ctx,
+            f"iteration {iteration}: averaged the encoders of {sorted(uploads)} (round {self.averaging.rounds}); "
+            f"distance of each to its average {self.averaging.history[-1]['distance_to_average']}",
+        )
+        return {site: grads for site, grads in pending.items() if site not in sites}
 
     def _validate(self, validation: Validation, iteration: int, loss: float, fl_ctx, abort_signal, out_dir) -> bool:
         """Validate and record it; returns whether this is the best validation so far."""
@@ -256,39 +369,77 @@ class SplitLearningController(SiteTaskController):
             site_cases[site] = replies[site].get_meta_prop(MetaKey.CASES)
             blocked = replies[site].get_meta_prop(MetaKey.BLOCKED_LEVELS)
             check_sent_levels(site, self.site_modality[site], blocked, self.model_config.skip_levels)
-        # A fixed decoder input order, whatever the site names: the order of MODALITIES.
-        self.sites = training_order(self.site_modality)
+        # A fixed decoder input order, whatever the site names: the order of MODALITIES; within a modality, by name.
+        self.groups = modality_groups(self.site_modality)
+        self.sites = [site for sites in self.groups.values() for site in sites]
 
         label_cases = self.trainer.describe_cases()
         server = self.trainer.party
-        matched = cases.match_cases({server: label_cases, **site_cases})
-        for note in cases.training_notes(matched, server, self.site_modality):
+        match = match_cohorts(server, label_cases, site_cases, self.groups)
+        for note in cases.training_notes(match.matched, server, match.party_modality):
             self.log_warning(fl_ctx, note)
-        for note in cases.training_notes(matched, server, self.site_modality, self.trainer.case_name):
+        for note in cases.training_notes(match.matched, server, match.party_modality, self.trainer.case_name):
             self.details.write(note)
-        self.record.left_out_cases = matched.left_out
-        shapes = cases.check_training_cases(
-            matched,
+        self.record.left_out_cases = match.matched.left_out
+        self.cohorts = match.split(
             label_cases,
-            {site: site_cases[site] for site in self.sites},
+            site_cases,
             self.site_modality,
             self.trainer.case_name,
             self.trainer.labels.path,
+            self.settings.num_val_cases,
+            self.settings.seed,
         )
-        train_keys, val_keys = cases.split_cases(matched.common, self.settings.num_val_cases, self.settings.seed)
+        self.cohort_of = {key: index for index, cohort in enumerate(self.cohorts) for key in cohort.keys}
+        idle = [site for site in self.sites if not any(site in cohort.sites for cohort in self.cohorts)]
+        if idle:
+            # Only possible with several sites per modality: one site per modality puts every site in the one cohort.
+            raise SplitUNetConfigError(
+                f"sites {idle} hold no case that a site of every other modality holds too, so they would never train"
+            )
+        train_keys = sorted(key for cohort in self.cohorts for key in cohort.train_keys)
+        val_keys = sorted(key for cohort in self.cohorts for key in cohort.val_keys)
+        shapes = {key: tuple(label_cases[key]["shape"]) for key in self.cohort_of}
         self.record.val_cases = list(val_keys)
         self.details.write(
             "validation cases: " + ", ".join(f"{key} is {self.trainer.case_name(key)}" for key in val_keys)
         )
         return train_keys, val_keys, shapes
 
-    def _step_data(self, grads, plan, participants, iteration: int) -> dict[str, Shareable]:
-        """Per active site: the gradients of its last features (if any) and the plan to encode (if it takes part)."""
-        grads_of = dict(zip(self.sites, grads)) if grads is not None else {}
+    def _encode_fn(
+        self, iteration: int, fl_ctx: FLContext, abort_signal: Signal, without: str | None = None
+    ) -> EncodeFn:
+        """Encodes one plan of windows of one case at the active sites of the case's cohort, but those of
+        ``without``'s modality: features in decoder order."""
+
+        def encode(plan: dict):
+            cohort = self._plan_cohort(plan)
+            left_out = self.site_modality[without] if without is not None else None
+            active = set(self.roster.active)
+            sites = [site for site in cohort.sites if site in active and self.site_modality[site] != left_out]
+            replies = self._round_trip(
+                TaskName.ENCODE, self._control_data({MetaKey.PLAN: plan}, sites), iteration, fl_ctx, abort_signal
+            )
+            encoded = [site for site in sites if site in replies]
+            if not encoded:
+                raise SplitRunError(f"no site is left to encode validation windows at iteration {iteration}")
+            return self._features(replies, encoded, order=cohort.sites)
+
+        return encode
+
+    def _plan_cohort(self, plan: Mapping) -> Cohort:
+        """The one cohort that holds every case of a plan."""
+        found = {self.cohort_of[key] for key in plan["keys"]}
+        if len(found) != 1:
+            raise SplitRunError(f"a plan of {len(plan['keys'])} windows spans cohorts {sorted(found)}; expected one")
+        return self.cohorts[found.pop()]
+
+    def _step_data(self, pending, plan, participants, targets, iteration: int) -> dict[str, Shareable]:
+        """Per target site: the gradients of its last features (if any) and the plan to encode (if it takes part)."""
         data = {}
-        for site in self.roster.active:
+        for site in targets:
             meta = {MetaKey.PLAN: plan if site in participants else None, MetaKey.ITERATION: iteration}
-            site_grads = grads_of.get(site)
+            site_grads = pending.get(site)
             dxo = control_dxo(meta) if site_grads is None else features_to_dxo(site_grads, DataKind.GRADIENTS, meta)
             data[site] = dxo.to_shareable()
         return data
@@ -312,6 +463,7 @@ class SplitLearningController(SiteTaskController):
             site_modality=self.site_modality,
             site_saved_iteration=self.site_saved_iteration,
             crop_size=self.settings.crop_size,
+            averaging=self.averaging,
         )
         self.record.add_checkpoint(tag, str(path))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 
+import torch
+from nvflare.apis.dxo import DataKind as FlareDataKind
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -20,6 +22,7 @@ from splitunet.data.nifti_io import geometry_header
 from splitunet.data.party_data import ModalityFolder
 from splitunet.data.party_settings import load_site_settings
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.flare.encoder_weights import dxo_to_encoder, encoder_to_dxo
 from splitunet.flare.replies import error_reply, reply_error_message
 from splitunet.flare.site_minimum import check_minimum_defense
 from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
@@ -64,8 +67,10 @@ class SplitSiteExecutor(Executor):
     """Runs one modality site of Split-U-Net.
 
     The site reads its modality and data folder from its own settings (``local/splitunet_site.json`` or
-    ``$SPLITUNET_SITE_CONFIG``), so one client app serves every site of a consortium. Images, labels and encoder
-    weights never leave the site: replies carry only features (as filtered by the site's result filters).
+    ``$SPLITUNET_SITE_CONFIG``), so one client app serves every site of a consortium. Images and labels never leave
+    the site: replies carry features (as filtered by the site's result filters), and encoder weights only when
+    other sites hold the same modality and the server averages their encoders (``split_average``, through the same
+    result filters; docs/topologies.md, "Several sites per modality").
 
     Args:
         device: ``"auto"`` (CUDA if this site has a GPU, else CPU) or a torch device name.
@@ -100,6 +105,7 @@ class SplitSiteExecutor(Executor):
             TaskName.STEP: self._step,
             TaskName.ENCODE: self._encode,
             TaskName.SAVE: self._save,
+            TaskName.AVERAGE: self._average,
         }
         handler = handlers.get(task_name)
         if handler is None:
@@ -203,6 +209,32 @@ class SplitSiteExecutor(Executor):
         features, seconds = trainer.timed(trainer.encode, plan)
         meta = {MetaKey.SITE_COMPUTE_S: seconds, MetaKey.PLAN: plan}
         return features_to_dxo(features, DataKind.ACTIVATIONS, meta).to_shareable()
+
+    def _average(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
+        """Averaging with the sites sharing this modality: upload the encoder, or take the average.
+
+        Gradients or a control DXO: apply the gradients (of this site's last step, if any) and reply with the
+        encoder's weights (a ``WEIGHTS`` DXO, through this site's result filters). A ``WEIGHTS`` DXO: the average,
+        which replaces the encoder's weights (the optimiser's moments stay this site's own).
+        """
+        trainer = self._require_trainer()
+        meta = {MetaKey.ITERATION: dxo.get_meta_prop(MetaKey.ITERATION)}
+        if dxo.data_kind == FlareDataKind.WEIGHTS:
+            expected = {name: tuple(value.shape) for name, value in trainer.encoder.state_dict().items()}
+            weights = dxo_to_encoder(dxo, party="server", expected=expected)
+            trainer.load_encoder_weights({name: torch.from_numpy(array.copy()) for name, array in weights.items()})
+            self.log_info(
+                fl_ctx,
+                f"{party}: took the average of the {trainer.modality} encoders at iteration {meta[MetaKey.ITERATION]}",
+            )
+            return control_dxo(meta).to_shareable()
+        compute_s = 0.0
+        if dxo.data_kind == DataKind.GRADIENTS:
+            _, compute_s = trainer.timed(trainer.backward, dxo_to_features(dxo, DataKind.GRADIENTS, party=party))
+        elif dxo.data_kind != DataKind.CONTROL:
+            raise ValueError(f"{TaskName.AVERAGE} carries data kind {dxo.data_kind!r}; expected gradients or control")
+        meta[MetaKey.SITE_COMPUTE_S] = compute_s
+        return encoder_to_dxo(trainer.encoder_weights(), meta).to_shareable()
 
     def _save(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
         trainer = self._require_trainer()

@@ -217,10 +217,19 @@ class SiteTaskController(Controller):
             site: control_dxo(dict(meta)).to_shareable() for site in (self.roster.active if sites is None else sites)
         }
 
-    def _features(self, replies: Mapping[str, DXO], senders: Sequence[str]) -> list:
-        """Features in decoder order (``None`` for a site that sent none), decoded and checked; notes filters."""
+    def _features(
+        self, replies: Mapping[str, DXO], senders: Sequence[str], order: Sequence[str | None] | None = None
+    ) -> list:
+        """Features in decoder order (``None`` for a site that sent none), decoded and checked; notes filters.
+
+        Args:
+            replies: site -> its reply.
+            senders: the sites whose features count.
+            order: the site feeding each decoder input (default :meth:`_decoder_order`; with several sites per
+                modality, the sites of the cohort that encoded).
+        """
         features = []
-        for site in self._decoder_order():
+        for site in self._decoder_order() if order is None else order:
             if site is None or site not in senders:
                 features.append(None)
                 continue

@@ -26,6 +26,7 @@ _EXPORTS = {
     "LocalRound": "local_trainer",
     "LocalTrainer": "local_trainer",
     "FedAvgHospitalExecutor": "executor",
+    "CaseCrops": "case_crops",
 }
 __all__ = sorted([*_EXPORTS, "HOSPITAL_CLASSES"])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

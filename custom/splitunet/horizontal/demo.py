@@ -4,7 +4,8 @@ Each simulated hospital gets its own phantom patients (a dataset folder in MSD T
 the labels), its entry in the workspace's site settings and the allow-list the job's classes need
 (:func:`splitunet.tools.hospital_workspace.prepare_hospital_workspace`). The summary it writes,
 ``<workspace>/results.json``, has the keys of ``splitunet demo``'s where they mean the same (``job``, ``dice``,
-``iterations``, ``simulator_log``, ...) plus ``rounds`` and one entry per hospital.
+``iterations``, ``simulator_log``, ...) plus ``rounds`` and one entry per hospital; for the DP-SGD variant
+(``fedavg_unet_dp``) also ``dp``: each hospital's epsilon spent, at its delta.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from splitunet.wire.protocol import REGIONS
 
 __all__ = [
     "FEDAVG_JOB_NAME",
+    "FEDAVG_DP_JOB_NAME",
     "FedAvgDemoSettings",
     "ensure_hospital_phantoms",
     "copy_fedavg_job",
@@ -36,6 +38,7 @@ __all__ = [
 ]
 
 FEDAVG_JOB_NAME = "fedavg_unet"
+FEDAVG_DP_JOB_NAME = "fedavg_unet_dp"
 # The persistor's file (FLARE's default name) and GlobalModelEval's results (ValidationJsonGenerator's defaults).
 GLOBAL_MODEL_FILE = "FL_global_model.pt"
 CROSS_SITE_RESULTS = "cross_val_results.json"
@@ -157,8 +160,10 @@ def run_fedavg_demo(
     Returns:
         the summary written to ``results.json``: ``dice`` (the final global model over every hospital's held-out
         cases), ``rounds``, ``iterations`` (local Adam steps of each hospital's model), ``hospitals`` (per hospital:
-        ``dice``, ``rounds``, ``iterations``, ``train_cases``, ``val_cases``, ``loss_curve``, ``history`` and the
-        path of its own ``results.json``), ``global_model``, ``cross_site_val``, the simulator's log and exit code.
+        ``dice``, ``rounds``, ``iterations``, ``train_cases``, ``val_cases``, ``loss_curve``, ``history``, ``dp``
+        and the path of its own ``results.json``), ``global_model``, ``cross_site_val``, the simulator's log and exit
+        code; and ``dp``: ``{hospital: {"epsilon", "delta", "projected_epsilon", "steps"}}`` for a DP-SGD job, else
+        ``None``.
 
     Raises:
         SplitUNetConfigError: the run timed out, or a hospital did not report the final global model's Dice (the
@@ -196,6 +201,7 @@ def run_fedavg_demo(
                 f"{name} reported no Dice of the final global model (simulator exit code {return_code}); see {log_file}"
             )
         hospitals[name] = {**{key: value for key, value in entry.items() if key != "party"}, "results": str(path)}
+    private = {name: entry["dp"] for name, entry in hospitals.items() if entry.get("dp")}
     global_model = find_run_file(sim_workspace, "server", GLOBAL_MODEL_FILE)
     cross_site = find_run_file(sim_workspace, "server", CROSS_SITE_RESULTS)
     first = hospitals[settings.names[0]]
@@ -205,6 +211,17 @@ def run_fedavg_demo(
         "iterations": first["iterations"],
         "rounds": first["rounds"],
         "hospitals": hospitals,
+        # Epsilon is per hospital: each protects its own patients, and no average of them means anything.
+        "dp": {
+            name: {
+                "epsilon": record["epsilon"],
+                "delta": record["delta"],
+                "projected_epsilon": record["budget"]["epsilon"],
+                "steps": record["budget"]["steps"],
+            }
+            for name, record in private.items()
+        }
+        or None,
         "global_model": str(global_model) if global_model else None,
         "cross_site_val": str(cross_site) if cross_site else None,
         "simulator_log": str(log_file),

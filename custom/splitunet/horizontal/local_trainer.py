@@ -5,6 +5,11 @@ cases, return the new weights with the number of training cases (FedAvg's weight
 With FedProx's ``mu > 0`` (Li et al., MLSys 2020) the local loss gains
 :func:`~splitunet.federated.drift_correction.proximal_term`, which pulls the weights towards the round's global ones.
 
+With DP-SGD (``settings.dp``, :mod:`splitunet.dp`) a round takes its steps through Opacus instead: Poisson batches of
+whole cases (:class:`~splitunet.horizontal.case_crops.CaseCrops`, one random crop per sampled case), per-case gradient
+clipping and Gaussian noise, within a budget of steps whose epsilon was projected before the first one
+(:meth:`LocalTrainer.plan_privacy`).
+
 Everything that decides what is learned is the split job's: the model
 (:class:`~splitunet.horizontal.model.FedAvgUNet`), the loss (:func:`splitunet.server.trainer.make_loss`),
 label-independent crops (:class:`~splitunet.data.sampling.RandomCropPlanner`,
@@ -18,22 +23,30 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
+from torch.utils.data import DataLoader
 
 from splitunet.compute.devices import select_device
 from splitunet.data.hospital_folder import HospitalFolder
 from splitunet.data.sampling import RandomCropPlanner, extract_crop
+from splitunet.dp.dp_settings import DPSettings
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.federated.drift_correction import proximal_term
+from splitunet.horizontal.case_crops import CaseCrops
 from splitunet.horizontal.model import FedAvgUNet, load_numpy_state, state_to_numpy
 from splitunet.server.cases import split_cases
 from splitunet.server.trainer import LOSSES, make_loss
 from splitunet.wire.model_config import SplitModelConfig, check_crop_size
 from splitunet.wire.protocol import REGIONS
+
+if TYPE_CHECKING:  # Opacus is the dp extra: loaded only when a job trains with DP-SGD
+    from splitunet.dp.epsilon_budget import DPBudget
+    from splitunet.dp.private_training import PrivateTraining
 
 __all__ = ["LocalSettings", "LocalRound", "LocalTrainer"]
 
@@ -58,6 +71,7 @@ class LocalSettings:
         sw_batch_size: windows per forward pass at validation.
         sw_overlap: sliding-window overlap.
         seed: seed of the case split and of the crop sampling.
+        dp: DP-SGD settings (the job's ``"dp"`` entry, :class:`~splitunet.dp.DPSettings`); ``None`` trains without.
 
     Raises:
         SplitUNetConfigError: a malformed setting (the message names it).
@@ -75,6 +89,7 @@ class LocalSettings:
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
     seed: int = SplitModelConfig.seed
+    dp: Mapping | DPSettings | None = None
     model: SplitModelConfig = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -94,6 +109,7 @@ class LocalSettings:
             raise SplitUNetConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not isinstance(self.sw_overlap, (int, float)) or not 0 <= self.sw_overlap < 1:
             raise SplitUNetConfigError(f"sw_overlap must be in [0, 1), got {self.sw_overlap!r}")
+        self.dp = DPSettings.from_config(self.dp)
 
 
 @dataclass
@@ -103,19 +119,33 @@ class LocalRound:
     Attributes:
         weights: the new weights, float32 NumPy arrays by state-dict name.
         num_cases: the hospital's training cases: FedAvg's weight for these weights.
-        metrics: ``loss`` (mean over the round's iterations), ``first_loss``, ``last_loss``, ``iterations``.
+        metrics: ``loss`` (mean over the round's iterations; with DP-SGD over its non-empty batches, NaN if none),
+            ``first_loss``, ``last_loss``, ``iterations``; with DP-SGD also ``dp_epsilon`` (spent so far) and
+            ``dp_delta``.
     """
 
     weights: dict[str, np.ndarray]
     num_cases: int
     metrics: dict[str, float]
 
+    def shared_metrics(self) -> dict[str, float]:
+        """The metrics that may leave the hospital with the weights.
+
+        Without DP-SGD all of them. With it, the losses stay home: they are computed on the training cases without
+        noise, so the epsilon would not cover them; only ``iterations``, ``dp_epsilon`` and ``dp_delta`` go.
+        """
+        if "dp_epsilon" not in self.metrics:
+            return dict(self.metrics)
+        return {name: self.metrics[name] for name in ("iterations", "dp_epsilon", "dp_delta")}
+
 
 class LocalTrainer:
     """Trains and validates the full U-Net on one hospital's cases.
 
     The Adam state and the crop sampler carry over from round to round (as a single training run's do); the
-    weights come from the server at the start of every round.
+    weights come from the server at the start of every round. With DP-SGD the model goes through
+    :func:`~splitunet.dp.prepare_for_dp` (its changes in :attr:`dp_changes`), and :meth:`plan_privacy` must fix the
+    job's budget before the first round.
 
     Args:
         data: the hospital's cases.
@@ -146,6 +176,13 @@ class LocalTrainer:
             settings.seed,
         )
         self.model = FedAvgUNet(settings.features, settings.skip_levels, settings.fusion, settings.seed).to(self.device)
+        self.dp_changes = None
+        self.budget: DPBudget | None = None
+        self.private: PrivateTraining | None = None
+        if settings.dp is not None:
+            prepare_for_dp = _dp_module("dp_model").prepare_for_dp
+            # Before the optimiser is built, so that it holds the parameters of the model Opacus trains.
+            self.model, self.dp_changes = prepare_for_dp(self.model)
         self.loss_fn = make_loss(settings.loss)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
@@ -163,6 +200,49 @@ class LocalTrainer:
     def weights(self) -> dict[str, np.ndarray]:
         """The current weights as float32 NumPy arrays."""
         return state_to_numpy(self.model)
+
+    def plan_privacy(self, total_steps: int) -> DPBudget:
+        """Fix this hospital's DP-SGD budget for a job of ``total_steps`` local steps, and make the training private.
+
+        Sigma comes from the settings or, for a ``target_epsilon``, from Opacus for exactly these steps; delta is the
+        settings' or the default for this hospital's training cases; the epsilon of the whole job is projected by
+        the accountant training will use. No training step may go beyond ``total_steps``.
+
+        Raises:
+            SplitUNetConfigError: the job has no DP settings, the budget cannot be made, or it was already fixed
+                for another number of steps (the message names this hospital).
+        """
+        if self.settings.dp is None:
+            raise SplitUNetConfigError(f"{self.party}: this job trains without DP-SGD; there is no budget to plan")
+        if self.budget is not None:
+            if self.budget.steps != total_steps:
+                raise SplitUNetConfigError(
+                    f"{self.party}: the DP-SGD budget was fixed for {self.budget.steps} steps; the job now asks for "
+                    f"{total_steps}"
+                )
+            return self.budget
+        budget_module, private_module = _dp_module("epsilon_budget"), _dp_module("private_training")
+        try:
+            budget = budget_module.plan_budget(
+                self.settings.dp, self.num_train_cases, self.settings.batch_size, total_steps
+            )
+        except SplitUNetConfigError as error:
+            raise SplitUNetConfigError(f"{self.party}: {error}") from None
+        dataset = CaseCrops(self.data, self.train_cases, self.settings.crop_size, self.settings.seed)
+        # Shuffled batches of B; with Poisson sampling Opacus replaces the sampler, keeping this private generator.
+        loader = DataLoader(
+            dataset,
+            batch_size=self.settings.batch_size,
+            shuffle=True,
+            generator=private_module.private_generator("cpu"),
+        )
+        self.private = private_module.PrivateTraining(self.model, self.optimizer, loader, budget)
+        self.budget = budget
+        return budget
+
+    def epsilon(self) -> float | None:
+        """Epsilon spent so far by this hospital's DP-SGD at the budget's delta (``None`` without DP-SGD)."""
+        return None if self.private is None else self.private.epsilon()
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self.planner.next_plan()
@@ -191,6 +271,8 @@ class LocalTrainer:
         _check_int("iterations", iterations, 1)
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not np.isfinite(mu) or mu < 0:
             raise SplitUNetConfigError(f"{self.party}: FedProx mu must be a finite number >= 0, got {mu!r}")
+        if self.settings.dp is not None:
+            return self._train_round_private(global_weights, iterations, mu)
         if global_weights is not None:
             self.load(global_weights)
         anchor = None
@@ -212,6 +294,36 @@ class LocalTrainer:
             "first_loss": losses[0],
             "last_loss": losses[-1],
             "iterations": float(iterations),
+        }
+        return LocalRound(weights=self.weights(), num_cases=self.num_train_cases, metrics=metrics)
+
+    def _train_round_private(
+        self, global_weights: Mapping[str, np.ndarray | torch.Tensor] | None, iterations: int, mu: float
+    ) -> LocalRound:
+        if self.private is None:
+            raise SplitUNetConfigError(f"{self.party}: DP-SGD needs its budget planned (plan_privacy) before training")
+        if mu > 0:
+            # Opacus replaces the gradient by the clipped, noised per-sample sum: FedProx's term would be dropped.
+            raise SplitUNetConfigError(f"{self.party}: FedProx (mu {mu}) cannot be combined with DP-SGD here")
+        remaining = self.budget.steps - self.private.steps_taken
+        if iterations > remaining:
+            raise _dp_module("private_training").BudgetExhausted(
+                f"{self.party}: the round asks for {iterations} DP-SGD steps but {remaining} of the "
+                f"{self.budget.steps} the epsilon was projected for remain; refused"
+            )
+        if global_weights is not None:
+            self.load(global_weights)
+        self.model.train()
+        losses = [self.private.step(self.loss_fn) for _ in range(iterations)]
+        # Empty Poisson batches take a noise-only step and have no loss.
+        losses = [loss for loss in losses if loss is not None] or [float("nan")]
+        metrics = {
+            "loss": float(np.mean(losses)),
+            "first_loss": losses[0],
+            "last_loss": losses[-1],
+            "iterations": float(iterations),
+            "dp_epsilon": self.private.epsilon(),
+            "dp_delta": self.budget.delta,
         }
         return LocalRound(weights=self.weights(), num_cases=self.num_train_cases, metrics=metrics)
 
@@ -253,3 +365,15 @@ class LocalTrainer:
         dice = {region: float(value) for region, value in zip(REGIONS, per_region)}
         dice["mean"] = float(np.nanmean(per_region))
         return dice
+
+
+def _dp_module(name: str):
+    """``splitunet.dp.<name>``, or an error naming the extra when Opacus is not installed at this hospital."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"splitunet.dp.{name}")
+    except ImportError as error:
+        raise SplitUNetConfigError(
+            f"this job trains with DP-SGD, which needs Opacus ({error}): pip install 'splitunet[dp]' at this hospital"
+        ) from error

@@ -24,6 +24,7 @@ __all__ = [
     "training_notes",
     "inference_notes",
     "check_training_cases",
+    "check_aligned_with_labels",
     "check_inference_cases",
     "split_cases",
 ]
@@ -124,7 +125,28 @@ def check_training_cases(
     """
     if len(matched.common) < 2:
         raise SplitUNetConfigError(f"only {len(matched.common)} cases are present at every party; need at least 2")
-    for key, site in _misaligned(label_cases, site_cases, matched.common):
+    return check_aligned_with_labels(matched.common, label_cases, site_cases, modality_of, case_name, label_file)
+
+
+def check_aligned_with_labels(
+    keys: Sequence[str],
+    label_cases: Mapping[str, Mapping],
+    site_cases: CasesByParty,
+    modality_of: Mapping[str, str],
+    case_name: Callable[[str], str],
+    label_file: Callable[[str], str | Path],
+) -> dict[str, tuple[int, ...]]:
+    """Check that every site's volume of each of ``keys`` is on its label's grid; returns each key's shape.
+
+    Args:
+        keys: case keys every site of ``site_cases`` holds.
+        label_cases, modality_of, case_name, label_file: as :func:`check_training_cases`.
+        site_cases: per site, its cases.
+
+    Raises:
+        SplitUNetDataError: as :func:`check_training_cases`.
+    """
+    for key, site in _misaligned(label_cases, site_cases, keys):
         raise SplitUNetDataError(
             f"{modality_of[site]} volume (shape {site_cases[site][key]['shape']}) is not voxel-aligned with the label "
             f"(shape {label_cases[key]['shape']}): shape or affine differs",
@@ -133,7 +155,7 @@ def check_training_cases(
             case_key=key,
             file=label_file(case_name(key)),
         )
-    return {key: tuple(label_cases[key]["shape"]) for key in matched.common}
+    return {key: tuple(label_cases[key]["shape"]) for key in keys}
 
 
 def check_inference_cases(

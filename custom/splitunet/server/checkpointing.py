@@ -1,19 +1,21 @@
 """The server's checkpoints: what a training run saves to resume from, taking it up again, and loading the decoder.
 
 The server saves after every site has saved (its file is the record that the round of saves completed, see
-:mod:`splitunet.resume`). Its checkpoint holds the decoder and optimiser, the crop sampler, the site roster, which
-site held which modality and the recorded history, so that a resumed run continues exactly where it stopped.
+:mod:`splitunet.resume`). Its checkpoint holds the decoder and optimiser, the crop sampler (with several sites per
+modality: the cohort draws and each cohort's sampler), the site roster, which site held which modality, the
+averaging of encoders that share a modality and the recorded history, so that a resumed run continues exactly where
+it stopped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from splitunet.checkpoint import save_checkpoint
-from splitunet.data.sampling import RandomCropPlanner
 from splitunet.errors import SplitUNetConfigError
 from splitunet.networks import ServerDecoder
 from splitunet.resume import decoder_checkpoint, load_for_resume
@@ -22,7 +24,27 @@ from splitunet.server.site_roster import SiteRoster
 from splitunet.server.trainer import ServerTrainer, build_decoder
 from splitunet.wire.model_config import SplitModelConfig
 
-__all__ = ["load_resume_state", "save_server_state", "restore_server_state", "load_decoder"]
+__all__ = ["load_resume_state", "save_server_state", "restore_server_state", "load_decoder", "decoder_sites"]
+
+
+class _Resumable(Protocol):
+    """What a checkpoint keeps of a part of the run: a crop sampler, the encoder averaging."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: Mapping) -> None: ...
+
+
+def decoder_sites(sites: Sequence[str], site_modality: Mapping[str, str]) -> list[str]:
+    """One site per decoder input: the first of each modality in ``sites`` (decoder order).
+
+    A checkpoint's ``sites``, by which inference learns the modality of each decoder input. With one site per
+    modality they are all the sites.
+    """
+    first: dict[str, str] = {}
+    for site in sites:
+        first.setdefault(site_modality[site], site)
+    return list(first.values())
 
 
 def load_resume_state(folder: str | Path, party: str, config: Mapping) -> tuple[dict, Path]:
@@ -42,7 +64,7 @@ def save_server_state(
     folder: str | Path,
     tag: str,
     trainer: ServerTrainer,
-    planner: RandomCropPlanner,
+    planner: _Resumable,
     roster: SiteRoster,
     record: TrainingRecord,
     *,
@@ -50,17 +72,27 @@ def save_server_state(
     site_modality: Mapping[str, str],
     site_saved_iteration: Mapping[str, int],
     crop_size: Sequence[int],
+    averaging: _Resumable | None = None,
 ) -> Path:
-    """Write the server's ``tag`` checkpoint at ``iteration``; returns its path."""
+    """Write the server's ``tag`` checkpoint at ``iteration``; returns its path.
+
+    Args:
+        planner: the crop sampler (a :class:`~splitunet.data.sampling.RandomCropPlanner` or a
+            :class:`~splitunet.server.cohorts.CohortPlanner`).
+        averaging: the encoder averaging of a run with several sites per modality.
+    """
     state = trainer.state_dict()
+    sites = decoder_sites(roster.sites, site_modality)
     state.update(
         iteration=iteration,
-        sites=roster.sites,
+        sites=sites,
+        decoder_modalities=[site_modality[site] for site in sites],
         site_modality=dict(site_modality),
         site_saved_iteration=dict(site_saved_iteration),
         crop_size=list(crop_size),
         planner=planner.state_dict(),
         roster=roster.state_dict(),
+        averaging=averaging.state_dict() if averaging is not None else None,
         results=record.resumable(),
     )
     return save_checkpoint(state, decoder_checkpoint(folder, tag))
@@ -69,10 +101,11 @@ def save_server_state(
 def restore_server_state(
     saved: Mapping,
     trainer: ServerTrainer,
-    planner: RandomCropPlanner,
+    planner: _Resumable,
     roster: SiteRoster,
     record: TrainingRecord,
     site_modality: Mapping[str, str],
+    averaging: _Resumable | None = None,
 ) -> int:
     """Take up a checkpoint of :func:`save_server_state` in a run built with the same settings.
 
@@ -80,6 +113,7 @@ def restore_server_state(
         saved: the checkpoint.
         trainer, planner, roster, record: this run's, built and set up; they take the saved states.
         site_modality: site -> modality of the sites in this run.
+        averaging: this run's encoder averaging, if it has one; it takes the saved rounds and drift correction.
 
     Returns:
         the iteration the checkpoint was written at.
@@ -95,6 +129,8 @@ def restore_server_state(
     trainer.load_state_dict(saved)
     planner.load_state_dict(saved["planner"])
     roster.load_state_dict(saved["roster"])
+    if averaging is not None and saved.get("averaging") is not None:
+        averaging.load_state_dict(saved["averaging"])
     iteration = int(saved["iteration"])
     record.restore(saved["results"], iteration)
     return iteration

@@ -1,4 +1,8 @@
-"""Which site feeds each decoder input: one input per modality, in the order of ``MODALITIES``, whatever the names."""
+"""Which site feeds each decoder input: one input per modality, in the order of ``MODALITIES``, whatever the names.
+
+Several sites may hold one modality, each for other patients (docs/topologies.md, "Several sites per modality"):
+they then feed the same input, each for the cases it holds (:func:`modality_groups`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from splitunet.errors import SplitUNetConfigError
 from splitunet.wire.protocol import MODALITIES, level_key
 
-__all__ = ["training_order", "check_sent_levels", "decoder_inputs"]
+__all__ = ["training_order", "modality_groups", "check_sent_levels", "decoder_inputs"]
 
 
 def training_order(site_modality: Mapping[str, str]) -> list[str]:
@@ -22,6 +26,24 @@ def training_order(site_modality: Mapping[str, str]) -> list[str]:
             raise SplitUNetConfigError(f"sites {by_modality[modality]} and {site} both hold modality {modality}")
         by_modality[modality] = site
     return sorted(site_modality, key=lambda site: MODALITIES.index(site_modality[site]))
+
+
+def modality_groups(site_modality: Mapping[str, str]) -> dict[str, list[str]]:
+    """The sites of each modality of a training run: modalities in decoder order, sites by name.
+
+    One site per modality gives the order of :func:`training_order`, one site per group.
+
+    Raises:
+        SplitUNetConfigError: a site names a modality outside ``MODALITIES``.
+    """
+    unknown = sorted({modality for modality in site_modality.values() if modality not in MODALITIES})
+    if unknown:
+        raise SplitUNetConfigError(f"modalities {unknown} are not among {list(MODALITIES)}")
+    return {
+        modality: sorted(site for site, held in site_modality.items() if held == modality)
+        for modality in MODALITIES
+        if modality in site_modality.values()
+    }
 
 
 def check_sent_levels(site: str, modality: str, blocked: Iterable[int], skip_levels: Sequence[int]) -> None:

@@ -14,7 +14,7 @@ from typing import ClassVar
 __all__ = ["RunRecord", "StepTiming", "TrainingRecord", "InferenceRecord", "RESUMED_KEYS"]
 
 # The parts of a training record that a checkpoint carries, so that a resumed run reports the whole history.
-RESUMED_KEYS = ("history", "loss_curve", "best", "dice", "dropped_sites")
+RESUMED_KEYS = ("history", "loss_curve", "best", "dice", "dropped_sites", "encoder_averaging")
 
 
 @dataclass
@@ -124,6 +124,11 @@ class TrainingRecord(RunRecord):
         model: the model settings (``SplitModelConfig.to_dict()``).
         crop_size, batch_size: the training crops.
         server_compute: the decoder's device and whether AMP was asked for and applies.
+        cohorts: with several sites per modality, per cohort its sites by modality, its numbers of training and
+            held-out cases and the steps it trained (:meth:`~splitunet.server.cohorts.Cohort.describe`); counts only,
+            never a case key.
+        encoder_averaging: with several sites per modality, the averaging of their encoders: settings, weights,
+            rounds (:meth:`~splitunet.flare.encoder_averaging.EncoderAveraging.describe`).
         history: per validation, ``{"iteration", "loss", "dice"}``.
         loss_curve: the loss of every training step.
         checkpoints: ``{"server": {tag: path}, "sites": {site: {tag: path}}}`` of the last save of each tag.
@@ -149,6 +154,8 @@ class TrainingRecord(RunRecord):
         "crop_size",
         "batch_size",
         "server_compute",
+        "cohorts",
+        "encoder_averaging",
         "history",
         "loss_curve",
         "dropped_sites",
@@ -173,6 +180,8 @@ class TrainingRecord(RunRecord):
     crop_size: list[int] | None = None
     batch_size: int | None = None
     server_compute: dict | None = None
+    cohorts: list[dict] | None = None
+    encoder_averaging: dict | None = None
     history: list[dict] | None = None
     loss_curve: list[float] | None = None
     checkpoints: dict | None = None

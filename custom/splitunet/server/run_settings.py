@@ -8,11 +8,13 @@ defaults as these settings and only build them.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from splitunet.errors import SplitUNetConfigError
+from splitunet.federated.drift_correction import DriftCorrection
 from splitunet.resume import CHECKPOINT_TAGS
+from splitunet.server.cohorts import COHORT_DRAWS
 from splitunet.server.trainer import LOSSES
 from splitunet.wire.model_config import SplitModelConfig, check_crop_size
 
@@ -64,6 +66,18 @@ def _check_sites(sites) -> list[str] | None:
     if isinstance(sites, str) or not all(isinstance(site, str) and site for site in sites):
         raise SplitUNetConfigError(f"sites must be a list of site names, got {sites!r}")
     return list(sites)
+
+
+def _check_drift_correction(settings) -> dict | None:
+    if settings is None:
+        return None
+    if not isinstance(settings, Mapping):
+        raise SplitUNetConfigError(f"drift_correction must be null or an object of arguments, got {settings!r}")
+    try:
+        DriftCorrection(**dict(settings))
+    except (TypeError, ValueError) as error:
+        raise SplitUNetConfigError(f"drift_correction {dict(settings)}: {error}") from error
+    return dict(settings)
 
 
 @dataclass
@@ -142,6 +156,15 @@ class TrainingSettings(TaskSettings):
         seed: seed of the case split, crop sampling and initialisation.
         modality_dropout: probability that a site sits out a training step (at least one site always takes
             part); needs ``fusion="mean"``. Trains the decoder to predict when a modality is absent.
+        cohort_draw: with several sites per modality, how each step picks the one cohort (the sites holding a set
+            of cases together) it trains on: ``"proportional"`` to the cohorts' training cases, or ``"round_robin"``
+            (:class:`~splitunet.server.cohorts.CohortPlanner`). No effect with one site per modality.
+        encoder_averaging_every: with several sites per modality, average the encoders of each modality's sites,
+            weighted by their training cases, after every this many iterations (0: never). No effect with one site
+            per modality or frozen encoders.
+        drift_correction: ``None`` (plain weighted averaging) or the arguments of
+            :class:`~splitunet.federated.drift_correction.DriftCorrection` (``{}``: its defaults), DWCS applied to
+            each modality's averaged encoder.
         checkpoint_every: also save the ``last`` checkpoints every this many iterations (0: only when
             validating).
         experiment: name of the checkpoint folder at parties whose settings name a ``checkpoint_dir``.
@@ -186,6 +209,9 @@ class TrainingSettings(TaskSettings):
     sites: Sequence[str] | None = None
     seed: int = MODEL_DEFAULTS.seed
     modality_dropout: float = 0.0
+    cohort_draw: str = "proportional"
+    encoder_averaging_every: int = 10
+    drift_correction: Mapping | None = None
     checkpoint_every: int = 0
     experiment: str = "split_unet"
     resume: bool = False
@@ -227,6 +253,10 @@ class TrainingSettings(TaskSettings):
                 raise SplitUNetConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _check_int("checkpoint_every", self.checkpoint_every, 0)
         _check_int("num_preview_cases", self.num_preview_cases, 0)
+        _check_int("encoder_averaging_every", self.encoder_averaging_every, 0)
+        if self.cohort_draw not in COHORT_DRAWS:
+            raise SplitUNetConfigError(f"cohort_draw must be one of {COHORT_DRAWS}, got {self.cohort_draw!r}")
+        self.drift_correction = _check_drift_correction(self.drift_correction)
         _check_experiment(self.experiment)
         self.sites = _check_sites(self.sites)
 

@@ -52,9 +52,16 @@ class SiteRoster:
         self.dropped.append(record)
         return record
 
-    def step_participants(self) -> list[str]:
-        """Draw the active sites that take part in the next training step (all of them without dropout)."""
-        active = self.active
+    def step_participants(self, among: Sequence[str] | None = None) -> list[str]:
+        """Draw the active sites that take part in the next training step (all of them without dropout).
+
+        Args:
+            among: the sites that could take part (a step's cohort, see :mod:`splitunet.server.cohorts`); default
+                every site. Only the active ones among them are drawn from.
+        """
+        active = self.active if among is None else [site for site in self.active if site in among]
+        if not active:
+            return []
         if self.modality_dropout == 0.0:
             return active
         # Two draws every step, whatever the outcome, so the sequence does not depend on earlier outcomes.

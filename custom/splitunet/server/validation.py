@@ -2,7 +2,8 @@
 
 The server holds the labels, so it scores whole held-out volumes by sliding-window inference in which the sites
 encode each window (:mod:`splitunet.server.sliding_window`). How windows get encoded is the caller's: an
-``encode_for(without)`` callable returns the encode function for every active site but ``without``.
+``encode_for(without)`` callable returns the encode function for every active site but those of ``without``'s
+modality (with several sites per modality, the sites holding each case encode it).
 """
 
 from __future__ import annotations
@@ -24,12 +25,20 @@ from splitunet.server.trainer import ServerTrainer
 
 __all__ = ["Validation", "ValidationOutcome"]
 
-# The encode function for every active site except the one named (None: every active site).
+# The encode function for every active site except those of the named site's modality (None: every active site).
 EncodeFor = Callable[[str | None], EncodeFn]
 
 
 def _dice_line(dice: Mapping[str, float]) -> str:
     return f"Dice TC {dice['TC']:.3f} WT {dice['WT']:.3f} ET {dice['ET']:.3f} (mean {dice['mean']:.3f})"
+
+
+def _active_modalities(roster: SiteRoster) -> dict[str, list[str]]:
+    """Modality -> its active sites, in the roster's order."""
+    groups: dict[str, list[str]] = {}
+    for site in roster.active:
+        groups.setdefault(roster.modality_of[site], []).append(site)
+    return groups
 
 
 @dataclass
@@ -106,7 +115,7 @@ class Validation:
             f"{time.perf_counter() - start:.1f}s"
         )
         outcome = ValidationOutcome(dice=dice)
-        if final and self.mean_fusion and len(roster.active) > 1:
+        if final and self.mean_fusion and len(_active_modalities(roster)) > 1:
             outcome.dice_without = self._without_each(iteration, encode_for, roster, log)
         if kept:
             outcome.predictions = self.write_previews(kept, out_dir)
@@ -120,13 +129,12 @@ class Validation:
     def _without_each(
         self, iteration: int, encode_for: EncodeFor, roster: SiteRoster, log: Callable[[str], None]
     ) -> dict[str, dict[str, float]]:
-        """Dice with each active modality left out in turn: what the model is worth when that site is absent."""
+        """Dice with each active modality left out in turn: what the model is worth when that modality is absent."""
         dice_without = {}
-        for site in list(roster.active):
-            dice, _ = self._score(encode_for(site))
-            modality = roster.modality_of[site]
+        for modality, sites in _active_modalities(roster).items():
+            dice, _ = self._score(encode_for(sites[0]))
             dice_without[modality] = dice
-            log(f"validation at iteration {iteration} without {modality} ({site}): {_dice_line(dice)}")
+            log(f"validation at iteration {iteration} without {modality} ({', '.join(sites)}): {_dice_line(dice)}")
         return dice_without
 
     def write_previews(self, kept: Mapping[str, torch.Tensor], out_dir: Path) -> dict[str, str]:

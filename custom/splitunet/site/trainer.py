@@ -53,6 +53,8 @@ class SiteTrainer:
 
     Attributes:
         amp: whether training passes really run under autocast here.
+        steps_applied: training steps whose gradients this encoder took.
+        averages_loaded: averages of the encoders sharing this modality that this encoder took.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class SiteTrainer:
         self.encoder: SiteEncoder | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps_applied = 0
+        self.averages_loaded = 0
         self._pending: dict[int, torch.Tensor] | None = None
 
     def describe_cases(self) -> dict[str, dict]:
@@ -164,6 +167,51 @@ class SiteTrainer:
         features = self.encoder(self._batch(plan))
         return self._to_wire(features, "encoded")
 
+    def encoder_weights(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the encoder's weights: what the site sends when the sites sharing its modality average
+        their encoders (docs/topologies.md, "Several sites per modality").
+
+        Raises:
+            ValueError: the job freezes the encoders (their weights are the site's private initialisation and are
+                never averaged).
+            RuntimeError: a step's gradients are still pending (the weights would miss that step).
+        """
+        self._require_averageable()
+        return {name: value.detach().cpu().clone() for name, value in self.encoder.state_dict().items()}
+
+    def load_encoder_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Take the average of the encoders sharing this site's modality; the optimiser's moments stay the site's.
+
+        Raises:
+            ValueError: the job freezes the encoders, or the weights have other names or shapes than the encoder.
+            RuntimeError: a step's gradients are still pending.
+        """
+        self._require_averageable()
+        own = self.encoder.state_dict()
+        if set(weights) != set(own):
+            missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+            raise ValueError(
+                f"{self.party}: averaged encoder has other weights: missing {missing[:5]}, extra {extra[:5]}"
+            )
+        for name, value in weights.items():
+            if tuple(value.shape) != tuple(own[name].shape):
+                raise ValueError(
+                    f"{self.party}: averaged weight {name} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(own[name].shape)}"
+                )
+        # In place, so the optimiser keeps its parameters (and its moments, which stay local to this site).
+        self.encoder.load_state_dict({name: torch.as_tensor(value) for name, value in weights.items()})
+        self.averages_loaded += 1
+
+    def _require_averageable(self) -> None:
+        self._require_built()
+        if not self.config.train_encoders:
+            raise ValueError(
+                f"{self.party}: this job freezes the encoders (train_encoders), so their weights are never averaged"
+            )
+        if self._pending is not None:
+            raise RuntimeError(f"{self.party}: encoder weights asked for while a step's gradients are pending")
+
     def state_dict(self) -> dict:
         """Encoder and optimiser state (stays at the site)."""
         self._require_built()
@@ -174,6 +222,7 @@ class SiteTrainer:
             "encoder": self.encoder.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "steps_applied": self.steps_applied,
+            "averages_loaded": self.averages_loaded,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -184,6 +233,7 @@ class SiteTrainer:
         self.encoder.load_state_dict(state["encoder"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps_applied = int(state.get("steps_applied", 0))
+        self.averages_loaded = int(state.get("averages_loaded", 0))
 
     def timed(self, fn, *args):
         """Run ``fn(*args)`` and return ``(result, seconds)``; synchronises CUDA so the time is real."""

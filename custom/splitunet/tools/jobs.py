@@ -5,8 +5,8 @@ Every shipped job is an entry of :data:`JOBS`. Four are written out in full (:cl
 horizontal FedAvg baseline ``fedavg_unet`` (FLARE's own workflows, no filters) and the three-part U-shape
 ``u_shape_unet``. Every other one is a :class:`Variant`: the job it starts from and what it changes. The float32 reference
 ``split_unet_fp32`` is the main job without quantizers, each defense job is that reference plus one defense (and the
-workflow settings the defense forces), and ``split_unet_missing_modality`` changes workflow settings only. Adding a
-job is adding one entry.
+workflow settings the defense forces), and ``split_unet_missing_modality`` and ``split_unet_splitfed`` (two sites per
+modality) change workflow settings and ``min_clients`` only. Adding a job is adding one entry.
 
 The generated folders are checked in under ``jobs/`` as ordinary FLARE job folders (``meta.json`` and
 ``app/config/config_fed_{client,server}.json``), so ``nvflare simulator jobs/<name>`` and ``nvflare job submit`` read
@@ -150,9 +150,10 @@ Entry = Job | Variant
 GUARD = Filter("FeatureGuard", {"log_every": 50})
 INT8 = Filter("QuantizeFeatures", {"precision": "int8"})
 
-TRAINING_TASKS = ("split_setup", "split_step", "split_encode", "split_save")
-# Filters see the per-iteration payloads (activations out, gradients back); setup and save carry no features.
-TRAINING_FILTERED_TASKS = ("split_step", "split_encode")
+TRAINING_TASKS = ("split_setup", "split_step", "split_encode", "split_save", "split_average")
+# Filters see the per-iteration payloads (activations out, gradients back; the averaging of encoders that share a
+# modality carries gradients down and weights up, which the feature filters pass on); setup and save carry none.
+TRAINING_FILTERED_TASKS = ("split_step", "split_encode", "split_average")
 TB_RECEIVER = ("tb_receiver", "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver", {"tb_folder": "tb_events"})
 
 MAIN_JOB = Job(
@@ -288,6 +289,18 @@ FEDAVG_JOB = Job(
     executor_id="hospital",
 )
 
+# The FedAvg baseline with DP-SGD at every hospital (splitunet.dp, docs/dp.md); only the hospitals' "dp" argument
+# differs. Each hospital's sigma is chosen for the job's steps so that its epsilon ends at or below target_epsilon (at
+# delta min(1e-5, 1/(10 N))); C is about a case's gradient norm at the start of training (0.21-0.25 on the phantom).
+FEDAVG_DP_JOB = replace(
+    FEDAVG_JOB,
+    name="fedavg_unet_dp",
+    executor_args={
+        **FEDAVG_JOB.executor_args,
+        "dp": {"target_epsilon": 8.0, "max_grad_norm": 0.25, "accountant": "rdp", "poisson_sampling": True},
+    },
+)
+
 FP32 = "split_unet_fp32"
 
 # The description. Defense rows come in this order, the float32 reference (the baseline of every comparison) first,
@@ -359,8 +372,18 @@ JOBS: tuple[Entry, ...] = (
         # Mean fusion trains and predicts with a modality absent: two sites suffice to start.
         min_clients=2,
     ),
+    # Several sites per modality, each for other patients (SplitFed; docs/topologies.md): two per modality. Each step
+    # trains on one cohort of sites; every 10 iterations the encoders of each modality's sites are averaged by
+    # training cases (drift_correction names DWCS's arguments to correct the averages).
+    Variant(
+        "split_unet_splitfed",
+        base="split_unet",
+        workflow_args={"cohort_draw": "proportional", "encoder_averaging_every": 10, "drift_correction": None},
+        min_clients=2 * len(MODALITIES),
+    ),
     INFERENCE_JOB,
     FEDAVG_JOB,
+    FEDAVG_DP_JOB,
     # The U-shaped three-part split (splitunet.u_shape; Yang et al., RoS-FL): hospitals that each hold every modality
     # and their patients' labels keep the first encoder block, the last decoder block, the head and the loss; the
     # server runs one shared middle. Heads and tails are averaged by case count after every round (DWCS when

@@ -54,6 +54,8 @@ class TaskName:
     STEP = "split_step"  # apply gradients of step t (if any), then forward the crops of step t+1 (if any)
     ENCODE = "split_encode"  # inference forward of given windows, no gradient kept
     SAVE = "split_save"  # save the site's encoder checkpoint ("best"/"last")
+    # Sites sharing a modality: apply gradients (if any) and send the encoder's weights, or take their average.
+    AVERAGE = "split_average"
 
 
 class DataKind:

@@ -1,0 +1,164 @@
+"""The SplitFed job (several sites per modality) in the FLARE simulator on phantom data: data, workspace, run, summary.
+
+The phantom and its vertical partition are the main demo's (:func:`splitunet.tools.demo.ensure_partitioned_phantom`);
+its patients are then dealt to ``sites_per_modality`` groups (:func:`splitunet.data.site_groups.split_patients`):
+group ``g``'s four sites (``site-1`` .. ``site-4`` for the first, ``site-5`` .. ``site-8`` for the second, ...) hold
+one modality each of that group's patients, and the label holder holds every label. The sites of one modality share
+an ``encoder_seed`` (agreed among them, never sent), so that their encoders start equal and the first average is
+one of copies of one model (docs/topologies.md, "Several sites per modality").
+
+The summary, ``<workspace>/results.json``, has the main demo's keys where they mean the same (``job``, ``dice``,
+``iterations``, ``sites``, ``checkpoints``, ``server_results``, ``simulator_log``, ``elapsed_s``), plus the server's
+``cohorts`` and ``encoder_averaging``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from splitunet.atomic_files import write_json_atomic
+from splitunet.compute.devices import THREADS_ENV_VAR
+from splitunet.data.case_keys import read_or_create_secret
+from splitunet.data.party_settings import SETTINGS_FILE_NAME, write_settings
+from splitunet.data.site_groups import group_sites, split_patients
+from splitunet.tools.demo import ensure_partitioned_phantom
+from splitunet.tools.deployment import copy_job_with_overrides, find_job, prepare_simulator_workspace
+from splitunet.tools.simulator import completed_server_results, run_simulator
+
+__all__ = ["SPLITFED_JOB_NAME", "SplitFedDemoSettings", "run_splitfed_demo"]
+
+SPLITFED_JOB_NAME = "split_unet_splitfed"
+
+
+class SplitFedDemoSettings:
+    """Size of a SplitFed simulator run.
+
+    Args:
+        sites_per_modality: how many sites hold each modality (each for other patients); the job's ``min_clients``
+            is set to match.
+        cases: phantom patients, dealt among the groups.
+        shape: phantom volume shape.
+        seed: phantom seed; also the seed of the deal of patients to groups.
+        server_args: workflow arguments to set (``num_iterations``, ``encoder_averaging_every``, ``features``, ...).
+        client_args: site executor arguments to set.
+        threads_per_party: torch threads of each site (they compute at the same time).
+        server_threads: torch threads of the server (0: every core).
+        timeout_s: the simulator run's time limit.
+    """
+
+    def __init__(
+        self,
+        sites_per_modality: int = 2,
+        cases: int = 24,
+        shape: Sequence[int] = (64, 64, 64),
+        seed: int = 0,
+        server_args: Mapping | None = None,
+        client_args: Mapping | None = None,
+        threads_per_party: int = 1,
+        server_threads: int = 0,
+        timeout_s: float = 1800.0,
+    ):
+        self.sites = group_sites(sites_per_modality)  # checks the count
+        self.sites_per_modality = sites_per_modality
+        self.cases = cases
+        self.shape = tuple(shape)
+        self.seed = seed
+        self.server_args = dict(server_args or {})
+        self.client_args = dict(client_args or {})
+        self.threads_per_party = threads_per_party
+        self.server_threads = server_threads or os.cpu_count() or 1
+        self.timeout_s = timeout_s
+
+
+def _point_sites_at_their_groups(settings_file: Path, data_dirs: Mapping[str, Path], seeds: Mapping[str, int]) -> None:
+    """Give each site of the written workspace settings its group's folder and its modality's shared seed."""
+    content = json.loads(settings_file.read_text())
+    parties = content["parties"]
+    for site, folder in data_dirs.items():
+        parties[site]["data_dir"] = str(folder)
+        parties[site]["encoder_seed"] = seeds[parties[site]["modality"]]
+    write_settings(settings_file, parties, content["case_key_secret"])
+
+
+def run_splitfed_demo(
+    workspace: str | Path,
+    settings: SplitFedDemoSettings | None = None,
+    job_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+) -> dict:
+    """Run the SplitFed job on phantom data in the FLARE simulator; write ``<workspace>/results.json``.
+
+    Args:
+        workspace: folder of this run (data, simulator workspace, each party's checkpoints in
+            ``checkpoints/<party>/<experiment>/``, job copy, log, results).
+        settings: size of the run.
+        job_dir: the job folder (default the bundle's ``jobs/split_unet_splitfed``).
+        data_dir: where the phantom, its partition, the groups and the case-key secret live (default
+            ``<workspace>/data``).
+
+    Returns:
+        the summary written to ``results.json``.
+
+    Raises:
+        SplitUNetConfigError: the run did not complete (the message names the log).
+    """
+    settings = settings or SplitFedDemoSettings()
+    workspace = Path(workspace).resolve()
+    data_dir = Path(data_dir).resolve() if data_dir else workspace / "data"
+    started = time.perf_counter()
+    parties = ensure_partitioned_phantom(data_dir, settings.cases, settings.shape, settings.seed)
+    groups = split_patients(parties, data_dir / "groups", settings.sites_per_modality, seed=settings.seed)
+    sim_workspace, checkpoints = workspace / "simulator", workspace / "checkpoints"
+    for folder in (sim_workspace, checkpoints):
+        if folder.exists():
+            shutil.rmtree(folder)  # a fresh run each time: stale checkpoints must not pass for new ones
+    secret = read_or_create_secret(data_dir / "case_key_secret.txt")
+    site_modalities = {site: modality for site, (modality, _) in settings.sites.items()}
+    prepare_simulator_workspace(sim_workspace, parties, site_modalities, secret, checkpoint_root=checkpoints)
+    # One private seed per modality, shared by its sites only.
+    seeds = {modality: secrets.randbits(63) for modality in set(site_modalities.values())}
+    data_dirs = {site: groups[group] / modality for site, (modality, group) in settings.sites.items()}
+    _point_sites_at_their_groups(sim_workspace / "local" / SETTINGS_FILE_NAME, data_dirs, seeds)
+    job_dir = Path(job_dir) if job_dir else find_job(SPLITFED_JOB_NAME)
+    server_args = {"num_threads": settings.server_threads, **settings.server_args}
+    job = copy_job_with_overrides(job_dir, workspace / "job" / job_dir.name, server_args, settings.client_args)
+    meta_file = job / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    write_json_atomic({**meta, "min_clients": len(settings.sites)}, meta_file)
+    log_file = workspace / "simulator.log"
+    return_code = run_simulator(
+        job,
+        sim_workspace,
+        list(settings.sites),
+        log_file,
+        timeout_s=settings.timeout_s,
+        env={THREADS_ENV_VAR: str(settings.threads_per_party)},
+    )
+    results_path, results = completed_server_results(sim_workspace, return_code, log_file)
+    summary = {
+        "job": job_dir.name,
+        "dice": {region: results["dice"][region] for region in ("TC", "WT", "ET")},
+        "iterations": results["iterations"],
+        "sites": results.get("sites"),
+        "cohorts": results.get("cohorts"),
+        "encoder_averaging": results.get("encoder_averaging"),
+        "checkpoints": results.get("checkpoints"),
+        "server_results": str(results_path),
+        "simulator_log": str(log_file),
+        "simulator_exit_code": return_code,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    write_json_atomic(summary, workspace / "results.json")
+    return summary
+
+
+if __name__ == "__main__":  # pragma: no cover - a run at the defaults: python3 -m splitunet.tools.splitfed_demo [WS]
+    import sys
+
+    print(json.dumps(run_splitfed_demo(sys.argv[1] if len(sys.argv) > 1 else "splitfed_demo"), indent=2))
