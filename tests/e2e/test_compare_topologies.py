@@ -1,5 +1,6 @@
 """End to end: ``run_compare`` in its quick configuration, one seed, the cheap topologies (vertical float32, FedAvg,
-U-shape), each a FLARE simulator run on the same two phantom hospitals' patients; a second call reuses them."""
+U-shape, each a FLARE simulator run; the centralized baseline in process) on the same two phantom hospitals'
+patients; a second call reuses them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from splitunet.evaluation.compare import CompareSettings, run_compare
 
 pytestmark = pytest.mark.e2e
 
-TOPOLOGIES = ("split_unet_fp32", "fedavg", "u_shape")
+TOPOLOGIES = ("split_unet_fp32", "fedavg", "u_shape", "centralized")
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +42,15 @@ def test_every_topology_is_scored_on_the_same_held_out_patients(study):
 def test_the_table_reports_dice_bytes_seconds_and_rounds(study):
     out, settings, report = study
     rows = {row["key"]: row for row in report["rows"]}
-    for row in rows.values():
+    for key, row in rows.items():
         assert all(0.0 <= row["dice_mean"][region] <= 1.0 for region in ("TC", "WT", "ET"))
-        assert row["upload_bytes_per_iteration"] > 0 and row["seconds_per_iteration"] > 0
-    assert rows["split_unet_fp32"]["rounds"] is None
+        # HD95 in voxels: at most the 32^3 phantom's diagonal, the score of a region missed entirely.
+        assert all(0.0 <= row["hd95_mean"][region] <= 32 * 3**0.5 + 1e-6 for region in ("TC", "WT", "ET")), key
+        assert row["seconds_per_iteration"] > 0
+        # Nothing leaves the centralized baseline's one process.
+        assert (row["upload_bytes_per_iteration"] is None) == (key == "centralized")
+        assert key == "centralized" or row["upload_bytes_per_iteration"] > 0
+    assert rows["split_unet_fp32"]["rounds"] is None and rows["centralized"]["rounds"] is None
     assert rows["fedavg"]["rounds"] == rows["u_shape"]["rounds"] == settings.rounds
     # The reference's difference to itself is zero; one seed gives no interval.
     assert rows["split_unet_fp32"]["difference_to_reference"]["mean"]["mean"] == 0.0

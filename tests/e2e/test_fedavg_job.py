@@ -61,10 +61,14 @@ def test_the_job_finishes_with_every_hospitals_dice_of_the_final_global_model(fe
         # val_every=1: the global model after round 1 was scored when round 2 began.
         assert [point["round"] for point in entry["history"]] == [1]
         own = json.loads(Path(entry["results"]).read_text())
-        assert own["party"] == name and own["dice"] == entry["dice"]
+        assert own["party"] == name and own["dice"] == entry["dice"] and own["hd95"] == entry["hd95"]
+        assert set(entry["hd95"]) == {*REGIONS, "mean"} and all(value >= 0.0 for value in entry["hd95"].values())
         assert Path(entry["results"]).is_relative_to(workspace / "simulator" / name)
         scored = cross_site[name]["SRV_FL_global_model.pt"]
         assert {region: scored[region] for region in REGIONS} == {region: entry["dice"][region] for region in REGIONS}
+        assert {region: scored[f"hd95_{region}"] for region in REGIONS} == {
+            region: entry["hd95"][region] for region in REGIONS
+        }
     # One held-out case each: the pooled Dice is the hospitals' mean.
     for region in REGIONS:
         expected = np.mean([on_disk["hospitals"][name]["dice"][region] for name in HOSPITALS])

@@ -28,6 +28,9 @@ def test_results_hold_dice_and_iterations(demo_run):
     assert on_disk["iterations"] == TINY_SERVER_ARGS["num_iterations"]
     assert set(on_disk["dice"]) == {"TC", "WT", "ET"}
     assert all(0.0 <= value <= 1.0 for value in on_disk["dice"].values())
+    # HD95 in voxels, at most the 40^3 phantom's diagonal (the score of a region missed entirely).
+    assert set(on_disk["hd95"]) == {"TC", "WT", "ET"}
+    assert all(0.0 <= value <= 40 * 3**0.5 + 1e-6 for value in on_disk["hd95"].values())
     assert sorted(on_disk["sites"].values()) == ["flair", "t1", "t1gd", "t2"]
     assert Path(on_disk["preview_png"]).is_file()
 

@@ -89,6 +89,8 @@ def test_every_hospitals_dice_and_the_round_trips_are_recorded(run):
     for hospital in HOSPITALS:
         assert set(results["dice"][hospital]) == {"TC", "WT", "ET", "mean"}
         assert all(0.0 <= value <= 1.0 for value in results["dice"][hospital].values())
+        assert set(results["hd95"][hospital]) == {"TC", "WT", "ET", "mean"}
+        assert all(value >= 0.0 for value in results["hd95"][hospital].values())
     assert [entry["round"] for entry in results["history"]] == [2]
     assert len(results["loss_curve"]) == 4
     wire = results["wire"]
@@ -107,8 +109,12 @@ def test_every_hospitals_dice_and_the_round_trips_are_recorded(run):
         expected = sum(results["dice"][hospital][region] for hospital in HOSPITALS) / len(HOSPITALS)
         assert summary["dice"][region] == pytest.approx(expected)
     assert summary["hospitals"] == {
-        hospital: {"dice": results["dice"][hospital], "train_cases": 3, "val_cases": 1} for hospital in HOSPITALS
+        hospital: {"dice": results["dice"][hospital], "hd95": results["hd95"][hospital], "train_cases": 3, "val_cases": 1}
+        for hospital in HOSPITALS
     }
+    for region in ("TC", "WT", "ET"):
+        expected = sum(results["hd95"][hospital][region] for hospital in HOSPITALS) / len(HOSPITALS)
+        assert summary["hd95"][region] == pytest.approx(expected)
     forward_tail_up = wire[UTaskName.FORWARD]["up_bytes"] + wire[UTaskName.TAIL]["up_bytes"]
     assert summary["activation_bytes_per_iteration"] == pytest.approx(forward_tail_up / 4)
     assert summary["wire_bytes_per_iteration"]["up"] > summary["activation_bytes_per_iteration"] > 0

@@ -22,9 +22,10 @@ from splitunet.evaluation.intervals import t_interval
 KEYS = ("split_unet_fp32", "fedavg", "u_shape_dwcs")
 
 
-def _run(tc, wt, et, iterations=4, rounds=None, upload=1e6, elapsed=8.0):
+def _run(tc, wt, et, iterations=4, rounds=None, upload=1e6, elapsed=8.0, hd95=None):
     return {
         "dice": {"TC": tc, "WT": wt, "ET": et},
+        "hd95": hd95,
         "iterations": iterations,
         "rounds": rounds,
         "upload_bytes_per_iteration": upload,
@@ -58,7 +59,7 @@ def test_quick_settings_are_the_tiny_configuration():
     assert quick.features == (4, 8, 8, 16, 16, 4)
     assert quick.hospitals == 2 and quick.steps == 4 and quick.local_steps == 2
     assert quick.hospital_names == ["hospital-1", "hospital-2"]
-    assert quick.topologies[0] == "split_unet_fp32" and len(quick.topologies) == 6
+    assert quick.topologies[0] == "split_unet_fp32" and len(quick.topologies) == 7
 
 
 @pytest.mark.parametrize(
@@ -120,7 +121,8 @@ def test_the_markdown_has_one_row_per_topology_with_intervals(settings, runs):
     assert cells[1] == "2" and cells[2:5] == ["0.600", "0.733", "0.400"]
     interval = t_interval([10.0, 20.0, 0.0])
     assert cells[6] == f"{interval['mean']:+.1f} [{interval['low']:+.1f}, {interval['high']:+.1f}]"
-    assert cells[9] == "4.000 MB" and cells[10] == "1.50"
+    assert cells[9:12] == ["-", "-", "-"]  # no HD95 given in these runs
+    assert cells[12] == "4.000 MB" and cells[13] == "1.50"
     reference = next(line for line in table if line.startswith("| vertical"))
     assert "| - |" in reference  # no rounds
     assert "same 2 held-out cases" in text and "9 runs" not in text and "8 runs" in text
@@ -170,3 +172,17 @@ def test_no_secret_within_the_tries_is_an_error():
         choose_secret(cases, cases[:12], 0, max_tries=3)
     with pytest.raises(SplitUNetConfigError):
         choose_secret(cases, ["BRATS_999"], 0)
+
+
+def test_hd95_is_the_mean_over_seeds_and_runs_without_it_are_left_out(settings):
+    runs = {
+        "split_unet_fp32": {
+            0: _run(0.5, 0.5, 0.5, hd95={"TC": 10.0, "WT": 4.0, "ET": 30.0, "mean": 14.7}),
+            1: _run(0.5, 0.5, 0.5, hd95={"TC": 20.0, "WT": 6.0, "ET": 50.0, "mean": 25.3}),
+            2: _run(0.5, 0.5, 0.5),
+        }
+    }
+    row = summarise_compare(settings, runs)["rows"][0]
+    assert row["hd95_mean"] == {"TC": 15.0, "WT": 5.0, "ET": 40.0}
+    line = next(l for l in compare_markdown(summarise_compare(settings, runs)).splitlines() if l.startswith("| vert"))
+    assert "| 15.0 | 5.0 | 40.0 |" in line

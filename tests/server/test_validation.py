@@ -29,12 +29,13 @@ class _Trainer:
     def case_name(self, key):
         return f"BRATS_{key}"
 
-    def validate(self, keys, shapes, encode, roi_size, sw_batch_size, overlap, keep=()):
+    def score(self, keys, shapes, encode, roi_size, sw_batch_size, overlap, keep=()):
         self.calls.append((tuple(keys), encode, tuple(roi_size), sw_batch_size, overlap, tuple(keep)))
         dice = {"TC": 0.1, "WT": 0.2, "ET": 0.3, "mean": encode}
+        hd95 = {"TC": 4.0, "WT": 3.0, "ET": 2.0, "mean": 3.0}
         probabilities = torch.zeros(3, *SHAPE)
         probabilities[1, 0, 0, 0] = 0.9  # one whole-tumour voxel
-        return dice, {key: probabilities for key in keep}
+        return dice, hd95, {key: probabilities for key in keep}
 
 
 def _validation(trainer, mean_fusion=True):
@@ -57,6 +58,7 @@ def test_an_intermediate_round_scores_every_site_together(tmp_path):
     roster = SiteRoster(["site-1", "site-2"], {"site-1": "flair", "site-2": "t1"})
     outcome = _validation(trainer).run(4, _encode_for, roster, final=False, out_dir=tmp_path, log=lines.append)
     assert outcome.dice["mean"] == 0.9 and outcome.dice_without is None and outcome.predictions is None
+    assert outcome.hd95["TC"] == 4.0 and "HD95 TC 4.0 WT 3.0 ET 2.0 voxels" in lines[0]
     assert trainer.calls == [(("k1", "k2"), 0.9, (32, 32, 32), 2, 0.5, ())]
     assert lines[0].startswith("validation at iteration 4: Dice TC 0.100 WT 0.200 ET 0.300 (mean 0.900) on 2 held")
 

@@ -38,7 +38,7 @@ Student's t interval (:func:`splitunet.evaluation.utility.paired_interval`); upl
 all data holders together send the server per training iteration, as received: the vertical sites' activations,
 the U-shape's ``x0`` and ``dL/du2`` plus the round's weights, FedAvg's weights of every hospital once a round);
 wall seconds per iteration (the whole run, simulator start-up and validation included, over the iterations);
-rounds. HD95 is not reported: the runners score Dice only.
+rounds, and HD95 per region (:mod:`splitunet.region_scores`, mean over seeds).
 
 Each run keeps its folder, ``seed<s>/<topology>/``, with the runner's ``results.json`` and ``compare_run.json`` (the
 row's figures and the settings they were measured under); a rerun with the same out folder and settings reuses
@@ -101,15 +101,15 @@ class Topology:
     Args:
         key: folder name and stable identifier (``split_unet_fp32``, ``fedavg``, ...).
         label: row name.
-        kind: ``"vertical"``, ``"fedavg"`` or ``"u_shape"``.
-        job: the job under ``jobs/``.
+        kind: ``"vertical"``, ``"fedavg"``, ``"u_shape"`` or ``"centralized"``.
+        job: the job under ``jobs/`` (``None`` for the centralized baseline, which runs in this process).
         options: kind-specific switches: ``fedprox`` (use the settings' ``fedprox_mu``), ``dwcs`` (DWCS on).
     """
 
     key: str
     label: str
     kind: str
-    job: str
+    job: str | None
     options: Mapping = field(default_factory=dict)
 
 
@@ -120,6 +120,7 @@ TOPOLOGIES: tuple[Topology, ...] = (
     Topology("fedprox", "horizontal FedAvg + FedProx", "fedavg", "fedavg_unet", {"fedprox": True}),
     Topology("u_shape", "U-shape", "u_shape", "u_shape_unet"),
     Topology("u_shape_dwcs", "U-shape + DWCS", "u_shape", "u_shape_unet", {"dwcs": True}),
+    Topology("centralized", "centralized (all patients pooled, no federation)", "centralized", None),
 )
 _BY_KEY = {topology.key: topology for topology in TOPOLOGIES}
 
@@ -414,6 +415,7 @@ def _run_vertical(topology: Topology, run_dir: Path, data: CompareData, settings
         )
     return {
         "dice": summary["dice"],
+        "hd95": summary.get("hd95"),
         "iterations": summary["iterations"],
         "rounds": None,
         "upload_bytes_per_iteration": summary.get("activation_bytes_per_iteration"),
@@ -466,6 +468,7 @@ def _run_fedavg(topology: Topology, run_dir: Path, data: CompareData, settings: 
     _check_hospital_counts(topology, summary["hospitals"], data)
     return {
         "dice": summary["dice"],
+        "hd95": summary.get("hd95"),
         "iterations": summary["iterations"],
         "rounds": summary["rounds"],
         "upload_bytes_per_iteration": _fedavg_upload_bytes(settings),
@@ -507,6 +510,7 @@ def _run_u_shape(topology: Topology, run_dir: Path, data: CompareData, settings:
     wire = summary.get("wire_bytes_per_iteration") or {}
     return {
         "dice": summary["dice"],
+        "hd95": summary.get("hd95"),
         "iterations": summary["iterations"],
         "rounds": summary["rounds"],
         "upload_bytes_per_iteration": wire.get("up"),
@@ -515,7 +519,44 @@ def _run_u_shape(topology: Topology, run_dir: Path, data: CompareData, settings:
     }
 
 
-_RUNNERS = {"vertical": _run_vertical, "fedavg": _run_fedavg, "u_shape": _run_u_shape}
+def _run_centralized(
+    topology: Topology, run_dir: Path, data: CompareData, settings: CompareSettings, seed: int
+) -> dict:
+    """The upper reference: the same full U-Net as FedAvg's, trained in this process on every hospital's training
+    cases pooled (the union source), ``steps`` Adam steps, and scored on the same held-out cases."""
+    from splitunet.compute.devices import configure_threads
+    from splitunet.data.hospital_folder import HospitalFolder
+    from splitunet.horizontal.local_trainer import LocalSettings, LocalTrainer
+
+    configure_threads(settings.threads_per_party)
+    started = time.perf_counter()
+    folder = HospitalFolder(data.data_dir / _MSD_SOURCE, "msd", party="centralized")
+    local = LocalSettings(
+        features=list(settings.features),
+        batch_size=settings.batch_size,
+        crop_size=list(settings.crop_size),
+        learning_rate=settings.learning_rate,
+        num_val_cases=len(data.all_held_out),
+        seed=seed,
+    )
+    trainer = LocalTrainer(folder, local, held_out=data.all_held_out)
+    trainer.train_round(None, settings.steps)
+    dice, hd95 = trainer.score()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"dice": dice, "hd95": hd95, "train_cases": len(trainer.train_cases), "val_cases": trainer.val_cases}
+    write_json_atomic(summary, run_dir / "results.json")
+    return {
+        "dice": dice,
+        "hd95": hd95,
+        "iterations": settings.steps,
+        "rounds": None,
+        "upload_bytes_per_iteration": None,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+        "held_out": data.all_held_out,
+    }
+
+
+_RUNNERS = {"vertical": _run_vertical, "fedavg": _run_fedavg, "u_shape": _run_u_shape, "centralized": _run_centralized}
 
 
 def _finished(run_dir: Path, settings: CompareSettings) -> dict | None:
@@ -550,7 +591,8 @@ def run_compare(out_dir: str | Path, settings: CompareSettings | None = None) ->
             run_dir = out_dir / f"seed{seed}" / topology.key
             run = _finished(run_dir, settings)
             if run is None:
-                print(f"\n=== seed {seed}: {topology.label} ({topology.job}), {settings.steps} steps ===", flush=True)
+                where = topology.job or "in this process"
+                print(f"\n=== seed {seed}: {topology.label} ({where}), {settings.steps} steps ===", flush=True)
                 figures = _RUNNERS[topology.kind](topology, run_dir, data, settings, seed)
                 run = {"settings": settings.fingerprint(), "seed": seed, "topology": topology.key, **figures}
                 write_json_atomic(run, run_dir / _RUN_FILE)
@@ -622,6 +664,9 @@ def summarise_compare(
                     region: statistics.fmean(float(mine[s]["dice"][region]) for s in seeds) if seeds else math.nan
                     for region in REGIONS
                 },
+                "hd95_mean": {
+                    region: _mean((mine[s].get("hd95") or {}).get(region) for s in seeds) for region in REGIONS
+                },
                 "difference_to_reference": difference,
                 "iterations": sorted({mine[s]["iterations"] for s in seeds}),
                 "rounds": next((mine[s]["rounds"] for s in seeds if mine[s].get("rounds")), None),
@@ -654,11 +699,11 @@ def compare_markdown(report: Mapping) -> str:
         f"'{report['reference']}', mean over seeds [95 % t interval].",
         "",
         "| topology | rounds | Dice TC | Dice WT | Dice ET | Δ mean Dice (points) | Δ TC | Δ WT | Δ ET "
-        "| upload / iteration | s / iteration |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| HD95 TC | HD95 WT | HD95 ET | upload / iteration | s / iteration |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
-        dice, difference = row["dice_mean"], row["difference_to_reference"]
+        dice, difference, hd95 = row["dice_mean"], row["difference_to_reference"], row.get("hd95_mean") or {}
         size = row.get("upload_bytes_per_iteration")
         seconds = row.get("seconds_per_iteration")
         cells = [
@@ -667,6 +712,7 @@ def compare_markdown(report: Mapping) -> str:
             *(f"{dice[region]:.3f}" if math.isfinite(dice[region]) else "-" for region in REGIONS),
             _interval_cell(difference["mean"]),
             *(_interval_cell(difference[region]) for region in REGIONS),
+            *(f"{hd95[region]:.1f}" if hd95.get(region) is not None else "-" for region in REGIONS),
             f"{size / 1e6:.3f} MB" if size else "-",
             f"{seconds:.2f}" if seconds else "-",
         ]
@@ -676,7 +722,9 @@ def compare_markdown(report: Mapping) -> str:
         "Upload: tensor bytes all data holders together send the server per training iteration, as received "
         "(vertical: the sites' activations; U-shape: x0, dL/du2 and each round's heads and tails; FedAvg: every "
         "hospital's float32 weights once a round). s / iteration: the whole run's wall time, simulator start-up "
-        "and validation included, over its iterations.",
+        "and validation included, over its iterations. HD95: 95th-percentile Hausdorff distance in voxels (MONAI), "
+        "mean over held-out cases and seeds; a region missed entirely (or predicted where there is none) scores the "
+        "volume's diagonal, the BraTS convention.",
     ]
     run_seconds = [t for row in report["rows"] for t in row.get("seconds_per_run", []) if t]
     if run_seconds:

@@ -346,13 +346,14 @@ class SplitLearningController(SiteTaskController):
             log=lambda message: self.log_info(fl_ctx, message),
         )
         self._track(fl_ctx, iteration, **{f"val_dice_{region}": value for region, value in outcome.dice.items()})
+        self._track(fl_ctx, iteration, **{f"val_hd95_{region}": value for region, value in outcome.hd95.items()})
         if outcome.dice_without is not None:
             self.record.dice_without = outcome.dice_without
         if outcome.predictions is not None:
             self.record.predictions = outcome.predictions
             for key in outcome.predictions:
                 self.details.write(f"preview predictions/{key}.nii.gz is case {self.trainer.case_name(key)}")
-        return self.record.add_validation(iteration, loss, outcome.dice)
+        return self.record.add_validation(iteration, loss, outcome.dice, outcome.hd95)
 
     def _setup(self, abort_signal: Signal, fl_ctx: FLContext):
         """Sites report modality and keyed cases; the server matches them with its labels."""

@@ -35,6 +35,7 @@ __all__ = [
     "ensure_hospital_phantoms",
     "copy_fedavg_job",
     "run_fedavg_demo",
+    "pooled_scores",
 ]
 
 FEDAVG_JOB_NAME = "fedavg_unet"
@@ -129,14 +130,16 @@ def copy_fedavg_job(
     return out_dir
 
 
-def _pooled_dice(hospitals: Mapping[str, Mapping]) -> dict[str, float] | None:
-    # DiceMetric's mean_batch is a mean over cases, so the mean weighted by held-out cases is the mean over all of them.
-    scored = {name: entry for name, entry in hospitals.items() if entry.get("dice")}
+def pooled_scores(hospitals: Mapping[str, Mapping], score: str = "dice") -> dict[str, float] | None:
+    """One score over every hospital's held-out cases, from each hospital's ``score`` and ``val_cases``."""
+    # Each hospital's score is a mean over its cases, so the mean weighted by held-out cases is the mean over all of
+    # them (``score``: "dice" or "hd95").
+    scored = {name: entry for name, entry in hospitals.items() if entry.get(score)}
     if not scored:
         return None
     weights = np.array([entry["val_cases"] for entry in scored.values()], dtype=np.float64)
     pooled = {
-        region: float(np.average([entry["dice"][region] for entry in scored.values()], weights=weights))
+        region: float(np.average([entry[score][region] for entry in scored.values()], weights=weights))
         for region in REGIONS
     }
     pooled["mean"] = float(np.nanmean([pooled[region] for region in REGIONS]))
@@ -207,7 +210,8 @@ def run_fedavg_demo(
     first = hospitals[settings.names[0]]
     summary = {
         "job": job_dir.name,
-        "dice": _pooled_dice(hospitals),
+        "dice": pooled_scores(hospitals),
+        "hd95": pooled_scores(hospitals, "hd95"),
         "iterations": first["iterations"],
         "rounds": first["rounds"],
         "hospitals": hospitals,

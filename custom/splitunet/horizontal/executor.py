@@ -160,6 +160,7 @@ class FedAvgHospitalExecutor(Executor):
             "loss_curve": [],
             "history": [],
             "dice": None,
+            "hd95": None,
             "dp": None,
         }
         self.log_info(
@@ -220,9 +221,9 @@ class FedAvgHospitalExecutor(Executor):
         self._admit(party, model.total_rounds, fl_ctx)
         if self.val_every and round_number and round_number % self.val_every == 0:
             # The model received at round r is the average after r rounds.
-            dice = self.trainer.validate(model.params)
+            dice, hd95 = self.trainer.score(model.params)
             self.results["history"].append(
-                {"round": round_number, "iterations": round_number * self.local_iterations, "dice": dice}
+                {"round": round_number, "iterations": round_number * self.local_iterations, "dice": dice, "hd95": hd95}
             )
             self.log_info(fl_ctx, f"{party}: global model after {round_number} rounds: {_dice_line(dice)}")
         local = self.trainer.train_round(model.params, self.local_iterations, mu)
@@ -261,14 +262,17 @@ class FedAvgHospitalExecutor(Executor):
         if dxo.data_kind != DataKind.WEIGHTS or not dxo.data:
             raise ValueError(f"{party}: the validate task carries no model weights (data kind {dxo.data_kind})")
         model_name = shareable.get_header(AppConstants.MODEL_OWNER, "the global model")
-        dice = self.trainer.validate(dxo.data)
-        self.results["dice"] = dice
+        dice, hd95 = self.trainer.score(dxo.data)
+        self.results["dice"], self.results["hd95"] = dice, hd95
         self.results["validated_model"] = model_name
         self._write_results()
         self.log_info(
-            fl_ctx, f"{party}: {model_name} on {len(self.trainer.val_cases)} held-out cases: {_dice_line(dice)}"
+            fl_ctx,
+            f"{party}: {model_name} on {len(self.trainer.val_cases)} held-out cases: {_dice_line(dice)}, HD95 TC "
+            f"{hd95['TC']:.1f} WT {hd95['WT']:.1f} ET {hd95['ET']:.1f} voxels",
         )
-        return DXO(DataKind.METRICS, data={**dice, "val_cases": len(self.trainer.val_cases)}).to_shareable()
+        metrics = {**dice, **{f"hd95_{region}": value for region, value in hd95.items()}}
+        return DXO(DataKind.METRICS, data={**metrics, "val_cases": len(self.trainer.val_cases)}).to_shareable()
 
 
 def _installed(package: str) -> bool:

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from monai.metrics import DiceMetric
 from torch.utils.data import DataLoader
 
 from splitunet.compute.devices import select_device
@@ -39,6 +38,7 @@ from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.federated.drift_correction import proximal_term
 from splitunet.horizontal.case_crops import CaseCrops
 from splitunet.horizontal.model import FedAvgUNet, load_numpy_state, state_to_numpy
+from splitunet.region_scores import RegionScores
 from splitunet.server.cases import split_cases
 from splitunet.server.trainer import LOSSES, make_loss
 from splitunet.wire.model_config import SplitModelConfig, check_crop_size
@@ -151,12 +151,22 @@ class LocalTrainer:
         data: the hospital's cases.
         settings: local training settings.
         device: where the model runs (``"auto"``: CUDA if present).
+        held_out: the cases to validate on, when a study fixes them (e.g. the centralized baseline of
+            ``splitunet compare`` holds out exactly the hospitals' held-out cases); ``None``: ``num_val_cases`` chosen
+            by seed.
 
     Raises:
-        SplitUNetDataError: fewer than two cases (one to train on, one to validate).
+        SplitUNetDataError: fewer than two cases (one to train on, one to validate), or ``held_out`` names a case
+            the hospital lacks or leaves none to train on.
     """
 
-    def __init__(self, data: HospitalFolder, settings: LocalSettings, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        data: HospitalFolder,
+        settings: LocalSettings,
+        device: torch.device | str = "cpu",
+        held_out: Sequence[str] | None = None,
+    ):
         self.data = data
         self.party = data.party
         self.settings = settings
@@ -168,7 +178,15 @@ class LocalTrainer:
                 party=self.party,
                 file=data.folder,
             )
-        self.train_cases, self.val_cases = split_cases(cases, settings.num_val_cases, settings.seed)
+        if held_out is None:
+            self.train_cases, self.val_cases = split_cases(cases, settings.num_val_cases, settings.seed)
+        else:
+            unknown = sorted(set(held_out) - set(cases))
+            if unknown or len(set(held_out)) >= len(cases):
+                problem = f"held-out cases {unknown} are not in the folder" if unknown else "no case is left to train on"
+                raise SplitUNetDataError(problem, party=self.party, file=data.folder)
+            self.val_cases = sorted(set(held_out))
+            self.train_cases = sorted(set(cases) - set(held_out))
         self.planner = RandomCropPlanner(
             {case: data.shape(case) for case in self.train_cases},
             settings.crop_size,
@@ -349,22 +367,29 @@ class LocalTrainer:
         return torch.sigmoid(logits[0]).cpu()
 
     def validate(self, weights: Mapping[str, np.ndarray | torch.Tensor] | None = None) -> dict[str, float]:
-        """Dice per region (MONAI ``DiceMetric``, mean over the held-out cases) of ``weights`` (default: current).
+        """Dice per region (mean over the held-out cases) of ``weights`` (default: current); see :meth:`score`.
 
         Returns:
             ``{"TC": ..., "WT": ..., "ET": ..., "mean": ...}``.
         """
+        return self.score(weights)[0]
+
+    def score(
+        self, weights: Mapping[str, np.ndarray | torch.Tensor] | None = None
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Dice and HD95 per region over the held-out cases (:class:`~splitunet.region_scores.RegionScores`).
+
+        Returns:
+            ``(dice, hd95)``, each ``{"TC": ..., "WT": ..., "ET": ..., "mean": ...}``.
+        """
         if weights is not None:
             self.load(weights)
-        metric = DiceMetric(include_background=True, reduction="mean_batch")
+        scores = RegionScores()
         for case in self.val_cases:
             probabilities = self.predict(case)
             _, regions = self.data.read(case)
-            metric((probabilities[None] > 0.5).float(), torch.from_numpy(regions[None].astype(np.float32)))
-        per_region = metric.aggregate().tolist()
-        dice = {region: float(value) for region, value in zip(REGIONS, per_region)}
-        dice["mean"] = float(np.nanmean(per_region))
-        return dice
+            scores.add(probabilities > 0.5, regions)
+        return scores.aggregate()
 
 
 def _dp_module(name: str):

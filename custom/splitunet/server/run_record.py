@@ -14,7 +14,7 @@ from typing import ClassVar
 __all__ = ["RunRecord", "StepTiming", "TrainingRecord", "InferenceRecord", "RESUMED_KEYS"]
 
 # The parts of a training record that a checkpoint carries, so that a resumed run reports the whole history.
-RESUMED_KEYS = ("history", "loss_curve", "best", "dice", "dropped_sites", "encoder_averaging")
+RESUMED_KEYS = ("history", "loss_curve", "best", "dice", "hd95", "dropped_sites", "encoder_averaging")
 
 
 @dataclass
@@ -129,10 +129,11 @@ class TrainingRecord(RunRecord):
             never a case key.
         encoder_averaging: with several sites per modality, the averaging of their encoders: settings, weights,
             rounds (:meth:`~splitunet.flare.encoder_averaging.EncoderAveraging.describe`).
-        history: per validation, ``{"iteration", "loss", "dice"}``.
+        history: per validation, ``{"iteration", "loss", "dice", "hd95"}``.
         loss_curve: the loss of every training step.
         checkpoints: ``{"server": {tag: path}, "sites": {site: {tag: path}}}`` of the last save of each tag.
         dice: the last validation's Dice per region and mean.
+        hd95: the last validation's HD95 per region and mean, in voxels (:mod:`splitunet.region_scores`).
         best: ``{"iteration", "dice"}`` of the best validation so far.
         dice_without: at the end of a mean-fusion run, the Dice with each modality left out in turn.
         predictions: case key -> NIfTI file of the final segmentations of the first held-out cases.
@@ -162,6 +163,7 @@ class TrainingRecord(RunRecord):
         "checkpoints",
         "filters",
         "dice",
+        "hd95",
         "best",
         "dice_without",
         "predictions",
@@ -186,6 +188,7 @@ class TrainingRecord(RunRecord):
     loss_curve: list[float] | None = None
     checkpoints: dict | None = None
     dice: dict[str, float] | None = None
+    hd95: dict[str, float] | None = None
     best: dict | None = None
     dice_without: dict[str, dict] | None = None
     predictions: dict[str, str] | None = None
@@ -208,10 +211,15 @@ class TrainingRecord(RunRecord):
         self.loss_curve.append(loss)
         return self.timing.add(site_s, server_s, round_trip_s, activation_bytes, dispatched)
 
-    def add_validation(self, iteration: int, loss: float, dice: dict[str, float]) -> bool:
+    def add_validation(
+        self, iteration: int, loss: float, dice: dict[str, float], hd95: dict[str, float] | None = None
+    ) -> bool:
         """Record a validation; returns whether it is the best so far (by mean Dice)."""
-        self.history.append({"iteration": iteration, "loss": loss, "dice": dice})
-        self.dice = dice
+        entry = {"iteration": iteration, "loss": loss, "dice": dice}
+        if hd95 is not None:
+            entry["hd95"] = hd95
+        self.history.append(entry)
+        self.dice, self.hd95 = dice, hd95
         is_best = dice["mean"] > (self.best or {}).get("dice", {}).get("mean", -1.0)
         if is_best:
             self.best = {"iteration": iteration, "dice": dice}

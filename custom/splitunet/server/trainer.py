@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
-from monai.metrics import DiceMetric
 
 from splitunet.compute.host_staging import PinnedStaging
 from splitunet.compute.mixed_precision import amp_applies, autocast
@@ -17,6 +16,7 @@ from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.party_data import LabelFolder
 from splitunet.data.sampling import extract_crop
 from splitunet.networks import ServerDecoder
+from splitunet.region_scores import RegionScores
 from splitunet.server.sliding_window import EncodeFn, split_sliding_window
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import REGIONS
@@ -220,23 +220,40 @@ class ServerTrainer:
         overlap: float = 0.25,
         keep: Sequence[str] = (),
     ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """Dice per region (MONAI ``DiceMetric``) over whole held-out volumes.
+        """Dice per region over whole held-out volumes (see :meth:`score`, which also gives HD95).
 
         Returns:
             ``({"TC":..., "WT":..., "ET":..., "mean":...}, {key: probabilities})`` for keys listed in ``keep``.
         """
-        metric = DiceMetric(include_background=True, reduction="mean_batch")
+        dice, _, kept = self.score(keys, shapes, encode, roi_size, sw_batch_size, overlap, keep)
+        return dice, kept
+
+    def score(
+        self,
+        keys: Sequence[str],
+        shapes: Mapping[str, Sequence[int]],
+        encode: EncodeFn,
+        roi_size: Sequence[int],
+        sw_batch_size: int = 4,
+        overlap: float = 0.25,
+        keep: Sequence[str] = (),
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor]]:
+        """Dice and HD95 per region over whole held-out volumes (:class:`~splitunet.region_scores.RegionScores`).
+
+        Returns:
+            ``(dice, hd95, {key: probabilities})``: dice and hd95 per region and ``"mean"``; probabilities for the keys
+            listed in ``keep``.
+        """
+        scores = RegionScores()
         kept = {}
         for key in keys:
             probabilities = self.infer_volume(key, shapes[key], encode, roi_size, sw_batch_size, overlap)
             regions, _ = self.labels.read(self.key_to_case[key])
-            metric((probabilities[None] > 0.5).float(), torch.from_numpy(regions[None].astype(np.float32)))
+            scores.add(probabilities > 0.5, regions)
             if key in keep:
                 kept[key] = probabilities
-        per_region = metric.aggregate().tolist()
-        dice = {region: float(value) for region, value in zip(REGIONS, per_region)}
-        dice["mean"] = float(np.nanmean(per_region))
-        return dice, kept
+        dice, hd95 = scores.aggregate()
+        return dice, hd95, kept
 
     def state_dict(self) -> dict:
         """Decoder and optimiser state (stays at the server)."""

@@ -33,6 +33,10 @@ def _dice_line(dice: Mapping[str, float]) -> str:
     return f"Dice TC {dice['TC']:.3f} WT {dice['WT']:.3f} ET {dice['ET']:.3f} (mean {dice['mean']:.3f})"
 
 
+def _hd95_line(hd95: Mapping[str, float]) -> str:
+    return f"HD95 TC {hd95['TC']:.1f} WT {hd95['WT']:.1f} ET {hd95['ET']:.1f} voxels"
+
+
 def _active_modalities(roster: SiteRoster) -> dict[str, list[str]]:
     """Modality -> its active sites, in the roster's order."""
     groups: dict[str, list[str]] = {}
@@ -47,11 +51,13 @@ class ValidationOutcome:
 
     Attributes:
         dice: Dice per region and mean, every active site encoding.
+        hd95: HD95 per region and mean in voxels, same predictions (:mod:`splitunet.region_scores`).
         dice_without: modality -> Dice with that modality's site left out (final round of mean fusion only).
         predictions: case key -> written NIfTI segmentation (final round only).
     """
 
     dice: dict[str, float]
+    hd95: dict[str, float] | None = None
     dice_without: dict[str, dict[str, float]] | None = None
     predictions: dict[str, str] | None = None
 
@@ -109,20 +115,22 @@ class Validation:
         """
         start = time.perf_counter()
         keep = self.keys[: self.num_preview_cases] if final else ()
-        dice, kept = self._score(encode_for(None), keep)
+        dice, hd95, kept = self._score(encode_for(None), keep)
         log(
             f"validation at iteration {iteration}: {_dice_line(dice)} on {len(self.keys)} held-out cases in "
-            f"{time.perf_counter() - start:.1f}s"
+            f"{time.perf_counter() - start:.1f}s; {_hd95_line(hd95)}"
         )
-        outcome = ValidationOutcome(dice=dice)
+        outcome = ValidationOutcome(dice=dice, hd95=hd95)
         if final and self.mean_fusion and len(_active_modalities(roster)) > 1:
             outcome.dice_without = self._without_each(iteration, encode_for, roster, log)
         if kept:
             outcome.predictions = self.write_previews(kept, out_dir)
         return outcome
 
-    def _score(self, encode: EncodeFn, keep: Sequence[str] = ()) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        return self.trainer.validate(
+    def _score(
+        self, encode: EncodeFn, keep: Sequence[str] = ()
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor]]:
+        return self.trainer.score(
             self.keys, self.shapes, encode, self.roi_size, self.sw_batch_size, self.sw_overlap, keep=keep
         )
 
@@ -132,7 +140,7 @@ class Validation:
         """Dice with each active modality left out in turn: what the model is worth when that modality is absent."""
         dice_without = {}
         for modality, sites in _active_modalities(roster).items():
-            dice, _ = self._score(encode_for(sites[0]))
+            dice, _, _ = self._score(encode_for(sites[0]))
             dice_without[modality] = dice
             log(f"validation at iteration {iteration} without {modality} ({', '.join(sites)}): {_dice_line(dice)}")
         return dice_without

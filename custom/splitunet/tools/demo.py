@@ -177,6 +177,7 @@ def run_demo(
     summary = {
         "job": job_dir.name,
         "dice": {region: results["dice"][region] for region in ("TC", "WT", "ET")},
+        "hd95": {region: results["hd95"][region] for region in ("TC", "WT", "ET")} if results.get("hd95") else None,
         "iterations": results["iterations"],
         "best": results.get("best"),
         "history": results.get("history"),

@@ -192,16 +192,18 @@ class UShapeController(SiteTaskController):
         """``u_validate`` until every hospital reports its Dice; the middle answers each window batch."""
         replies = self._exchange(UTaskName.VALIDATE, down, iteration, fl_ctx, abort_signal)
         dice: dict[str, dict] = {}
+        hd95: dict[str, dict] = {}
         while True:
             waiting = {site: dxo for site, dxo in replies.items() if dxo.data_kind != DataKind.CONTROL}
             for site, dxo in replies.items():
                 if site not in waiting:
                     dice[site] = dict(dxo.get_meta_prop(UMetaKey.DICE))
+                    hd95[site] = dict(dxo.get_meta_prop(UMetaKey.HD95) or {})
             if not waiting:
                 break
             u2 = self.trainer.infer(self._x0(waiting))
             meta = {UMetaKey.ROUND: round_number}
             batch = {site: features_to_dxo({U2_LEVEL: u2[site]}, DataKind.ACTIVATIONS, meta) for site in waiting}
             replies = self._exchange(UTaskName.VALIDATE, batch, iteration, fl_ctx, abort_signal)
-        self.record.add_validation(round_number, iteration, dice)
+        self.record.add_validation(round_number, iteration, dice, hd95)
         self.log_info(fl_ctx, f"validation after round {round_number}: Dice per hospital {dice}")

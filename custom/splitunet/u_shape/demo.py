@@ -25,7 +25,7 @@ from pathlib import Path
 from splitunet.atomic_files import write_json_atomic
 from splitunet.compute.devices import THREADS_ENV_VAR
 from splitunet.errors import SplitUNetConfigError
-from splitunet.horizontal.demo import _pooled_dice, ensure_hospital_phantoms
+from splitunet.horizontal.demo import ensure_hospital_phantoms, pooled_scores
 from splitunet.tools.deployment import add_wire_audit, copy_job_with_overrides, find_job
 from splitunet.tools.hospital_workspace import prepare_hospital_workspace
 from splitunet.tools.simulator import completed_server_results, run_simulator
@@ -180,15 +180,17 @@ def run_u_shape_demo(
         raise SplitUNetConfigError(f"no Dice from {missing} (simulator exit code {return_code}); see {log_file}")
     num_val = int(settings.server_args.get("num_val_cases", _DEFAULT_NUM_VAL_CASES))
     train_counts = results.get("hospitals") or {}
+    hd95 = results.get("hd95") or {}
     hospitals = {
-        name: {"dice": dice[name], "train_cases": train_counts.get(name), "val_cases": num_val}
+        name: {"dice": dice[name], "hd95": hd95.get(name), "train_cases": train_counts.get(name), "val_cases": num_val}
         for name in settings.names
     }
     iterations = results.get("iterations")
     per_iteration = wire_bytes_per_iteration(results.get("wire"), iterations)
     summary = {
         "job": job_dir.name,
-        "dice": _pooled_dice(hospitals),
+        "dice": pooled_scores(hospitals),
+        "hd95": pooled_scores(hospitals, "hd95"),
         "iterations": iterations,
         "rounds": results.get("rounds"),
         "hospitals": hospitals,

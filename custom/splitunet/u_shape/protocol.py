@@ -56,4 +56,5 @@ class UMetaKey:
     NUM_CASES = "u_num_cases"  # a hospital's training cases: its weight in the average
     LOSS = "u_loss"  # the hospital's loss of the step (a scalar; the server never sees logits or labels)
     DICE = "u_dice"  # {"TC", "WT", "ET", "mean"} over the hospital's held-out cases
+    HD95 = "u_hd95"  # the same for HD95 in voxels (splitunet.region_scores)
     FINAL = "u_final"  # the weights are the run's last: the hospital saves them

@@ -21,8 +21,9 @@ class UShapeRecord(RunRecord):
         model: the settings sent to the hospitals.
         drift_correction: the DWCS settings (``None``: plain FedAvg).
         loss_curve: per iteration, each hospital's loss (as it reported it).
-        history: per validation, the round, the iteration and each hospital's Dice (TC, WT, ET, mean).
+        history: per validation, the round, the iteration and each hospital's Dice and HD95 (TC, WT, ET, mean).
         dice: each hospital's Dice at the last validation.
+        hd95: each hospital's HD95 (voxels) at the last validation.
         wire: per task, round trips and tensor bytes down (as handed to FLARE, before the server's filters) and up
             (as received, after every filter).
     """
@@ -35,6 +36,7 @@ class UShapeRecord(RunRecord):
         "model",
         "drift_correction",
         "dice",
+        "hd95",
         "history",
         "loss_curve",
         "wire",
@@ -49,6 +51,7 @@ class UShapeRecord(RunRecord):
     loss_curve: list[dict[str, float]] | None = None
     history: list[dict] | None = None
     dice: dict[str, dict[str, float]] | None = None
+    hd95: dict[str, dict[str, float]] | None = None
     wire: dict[str, dict[str, int]] | None = None
 
     def add_exchange(self, task: str, down_bytes: int, up_bytes: int) -> None:
@@ -67,9 +70,19 @@ class UShapeRecord(RunRecord):
         self.loss_curve.append({party: float(loss) for party, loss in sorted(losses.items())})
         self.iterations = len(self.loss_curve)
 
-    def add_validation(self, round_number: int, iteration: int, dice: Mapping[str, Mapping[str, float]]) -> None:
-        """One validation's Dice, by hospital; it becomes :attr:`dice`."""
+    def add_validation(
+        self,
+        round_number: int,
+        iteration: int,
+        dice: Mapping[str, Mapping[str, float]],
+        hd95: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> None:
+        """One validation's Dice (and HD95), by hospital; they become :attr:`dice` and :attr:`hd95`."""
         if self.history is None:
             self.history = []
         self.dice = {party: dict(values) for party, values in sorted(dice.items())}
-        self.history.append({"round": round_number, "iteration": iteration, "dice": self.dice})
+        self.hd95 = {party: dict(values) for party, values in sorted((hd95 or {}).items())} or None
+        entry = {"round": round_number, "iteration": iteration, "dice": self.dice}
+        if self.hd95:
+            entry["hd95"] = self.hd95
+        self.history.append(entry)
