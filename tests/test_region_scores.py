@@ -30,7 +30,9 @@ def _independent_hd95(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 def test_hd95_matches_an_independent_computation_and_dice_is_monai():
     shape = (3, 24, 24, 24)
-    truth = torch.stack([_cube(shape[1:], (4, 4, 4), 8), _cube(shape[1:], (3, 3, 3), 12), _cube(shape[1:], (6, 6, 6), 3)])
+    truth = torch.stack(
+        [_cube(shape[1:], (4, 4, 4), 8), _cube(shape[1:], (3, 3, 3), 12), _cube(shape[1:], (6, 6, 6), 3)]
+    )
     prediction = torch.stack(
         [_cube(shape[1:], (7, 4, 4), 8), _cube(shape[1:], (3, 3, 5), 12), _cube(shape[1:], (6, 6, 6), 3)]
     )

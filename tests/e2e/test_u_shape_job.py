@@ -109,7 +109,12 @@ def test_every_hospitals_dice_and_the_round_trips_are_recorded(run):
         expected = sum(results["dice"][hospital][region] for hospital in HOSPITALS) / len(HOSPITALS)
         assert summary["dice"][region] == pytest.approx(expected)
     assert summary["hospitals"] == {
-        hospital: {"dice": results["dice"][hospital], "hd95": results["hd95"][hospital], "train_cases": 3, "val_cases": 1}
+        hospital: {
+            "dice": results["dice"][hospital],
+            "hd95": results["hd95"][hospital],
+            "train_cases": 3,
+            "val_cases": 1,
+        }
         for hospital in HOSPITALS
     }
     for region in ("TC", "WT", "ET"):

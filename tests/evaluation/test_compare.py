@@ -184,5 +184,6 @@ def test_hd95_is_the_mean_over_seeds_and_runs_without_it_are_left_out(settings):
     }
     row = summarise_compare(settings, runs)["rows"][0]
     assert row["hd95_mean"] == {"TC": 15.0, "WT": 5.0, "ET": 40.0}
-    line = next(l for l in compare_markdown(summarise_compare(settings, runs)).splitlines() if l.startswith("| vert"))
+    table = compare_markdown(summarise_compare(settings, runs)).splitlines()
+    line = next(row for row in table if row.startswith("| vert"))
     assert "| 15.0 | 5.0 | 40.0 |" in line

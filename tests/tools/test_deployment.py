@@ -194,7 +194,7 @@ def test_wire_audit_goes_last_out_and_first_in_for_every_task(tmp_path):
             covered.update(chain["tasks"])
         for chain in config[incoming]:
             assert chain["filters"][0]["path"] == audit
-        assert covered == {"split_setup", "split_step", "split_encode", "split_save"}
+        assert covered == {"split_setup", "split_step", "split_encode", "split_save", "split_average"}
     client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
     noise = [f["path"] for chain in client["task_result_filters"] for f in chain["filters"]]
     assert noise.index("splitunet.filters.ClippedGaussianNoise") < noise.index(audit)  # audited after the defense

@@ -18,6 +18,8 @@ HOSPITAL_CLASSES = (
     "splitunet.horizontal.FedAvgHospitalExecutor",
     "splitunet.horizontal.FedAvgUNet",
     "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+    # The server's workflow of fedavg_unet_dwcs: FLARE's FedAvg with DWCS on each round's global model.
+    "splitunet.horizontal.DriftCorrectedFedAvg",
 )
 
 _EXPORTS = {
@@ -27,6 +29,7 @@ _EXPORTS = {
     "LocalTrainer": "local_trainer",
     "FedAvgHospitalExecutor": "executor",
     "CaseCrops": "case_crops",
+    "DriftCorrectedFedAvg": "drift_corrected_fedavg",
 }
 __all__ = sorted([*_EXPORTS, "HOSPITAL_CLASSES"])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

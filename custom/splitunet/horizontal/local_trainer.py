@@ -42,7 +42,6 @@ from splitunet.region_scores import RegionScores
 from splitunet.server.cases import split_cases
 from splitunet.server.trainer import LOSSES, make_loss
 from splitunet.wire.model_config import SplitModelConfig, check_crop_size
-from splitunet.wire.protocol import REGIONS
 
 if TYPE_CHECKING:  # Opacus is the dp extra: loaded only when a job trains with DP-SGD
     from splitunet.dp.epsilon_budget import DPBudget
@@ -183,7 +182,7 @@ class LocalTrainer:
         else:
             unknown = sorted(set(held_out) - set(cases))
             if unknown or len(set(held_out)) >= len(cases):
-                problem = f"held-out cases {unknown} are not in the folder" if unknown else "no case is left to train on"
+                problem = f"held-out cases {unknown} are not in the folder" if unknown else "no case is left to train"
                 raise SplitUNetDataError(problem, party=self.party, file=data.folder)
             self.val_cases = sorted(set(held_out))
             self.train_cases = sorted(set(cases) - set(held_out))
