@@ -1,4 +1,5 @@
-"""data.site_groups: a partition's patients dealt to groups of sites, every patient in exactly one group."""
+"""data.site_groups: a partition's patients dealt to groups of sites (or put in the groups given), every patient in at
+most one group."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from splitunet.data.nifti_io import nifti_case_id
 from splitunet.data.party_data import ModalityFolder
-from splitunet.data.site_groups import group_sites, split_patients
+from splitunet.data.site_groups import group_sites, split_patients, write_groups
 from splitunet.wire.protocol import MODALITIES
 
 
@@ -40,3 +41,40 @@ def test_sites_are_named_group_by_group_and_too_many_groups_are_refused(tiny_par
         split_patients(tiny_parties, tmp_path / "groups", num_groups=4)
     with pytest.raises(ValueError, match="num_groups must be an int >= 1"):
         group_sites(0)
+
+
+def test_given_groups_are_written_as_given_and_a_patient_left_out_is_in_no_folder(tiny_parties, tmp_path):
+    first, second, third = _cases(tiny_parties / "labels")
+    folders = write_groups(tiny_parties, tmp_path / "groups", [[third, first], [second]])
+    assert [folder.name for folder in folders] == ["group-1", "group-2"]
+    for modality in MODALITIES:
+        assert _cases(folders[0] / modality) == [first, third]
+        assert _cases(folders[1] / modality) == [second]
+    # Rewritten, not added to: the second assignment leaves the first's patients out.
+    folders = write_groups(tiny_parties, tmp_path / "groups", [[first], [third]])
+    assert [_cases(folder / "t1gd") for folder in folders] == [[first], [third]]
+
+
+@pytest.mark.parametrize(
+    "groups, message",
+    [
+        ([["A"], []], "group-2 has no patient"),
+        ([["A", "B"], ["B"]], "is in group-1 and group-2"),
+        ([["A"], ["BRATS_999"]], "BRATS_999 of group-2 is not in"),
+        ([], "num_groups must be an int >= 1"),
+    ],
+)
+def test_malformed_groups_are_refused(tiny_parties, tmp_path, groups, message):
+    first, second, _ = _cases(tiny_parties / "labels")
+    groups = [[{"A": first, "B": second}.get(case, case) for case in members] for members in groups]
+    with pytest.raises(ValueError, match=message):
+        write_groups(tiny_parties, tmp_path / "groups", groups)
+
+
+def test_a_splitfed_run_takes_one_group_per_site_of_a_modality():
+    from splitunet.tools.splitfed_demo import SplitFedDemoSettings
+
+    assert SplitFedDemoSettings(sites_per_modality=2, groups=[["A"], ["B"]]).groups == [["A"], ["B"]]
+    assert SplitFedDemoSettings().groups is None  # the default deals the patients
+    with pytest.raises(ValueError, match="3 groups of patients for 2 sites per modality"):
+        SplitFedDemoSettings(sites_per_modality=2, groups=[["A"], ["B"], ["C"]])

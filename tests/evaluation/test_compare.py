@@ -1,5 +1,6 @@
 """``splitunet.evaluation.compare`` without training: settings, the table and its intervals on hand-made run results,
-the shared held-out split and the secret that makes the vertical job hold out the same cases."""
+the shared held-out split, the secrets that make the vertical and SplitFed jobs hold out the same cases, and what the
+SplitFed and FedAvg + DWCS rows hand their runners (the runners stubbed)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,29 @@ import math
 
 import pytest
 
+from splitunet.data.case_keys import case_key
+from splitunet.data.site_groups import group_sites
 from splitunet.errors import SplitUNetConfigError
 from splitunet.evaluation.compare import (
+    _BY_KEY,
+    TOPOLOGIES,
+    CompareData,
     CompareSettings,
+    _cohort_held_out,
     _finished,
+    _run_fedavg,
+    _run_splitfed,
     _vertical_held_out,
+    choose_cohort_secret,
     choose_secret,
     compare_markdown,
+    prepare_compare_data,
     summarise_compare,
 )
 from splitunet.evaluation.intervals import t_interval
+from splitunet.server.cohorts import match_cohorts
+from splitunet.server.decoder_inputs import modality_groups
+from splitunet.tools.jobs import resolve_jobs
 
 KEYS = ("split_unet_fp32", "fedavg", "u_shape_dwcs")
 
@@ -59,7 +73,7 @@ def test_quick_settings_are_the_tiny_configuration():
     assert quick.features == (4, 8, 8, 16, 16, 4)
     assert quick.hospitals == 2 and quick.steps == 4 and quick.local_steps == 2
     assert quick.hospital_names == ["hospital-1", "hospital-2"]
-    assert quick.topologies[0] == "split_unet_fp32" and len(quick.topologies) == 7
+    assert quick.topologies == tuple(topology.key for topology in TOPOLOGIES)
 
 
 @pytest.mark.parametrize(
@@ -71,6 +85,7 @@ def test_quick_settings_are_the_tiny_configuration():
         {"val_cases_per_hospital": 3, "cases_per_hospital": 3},
         {"seeds": ()},
         {"hospitals": 0},
+        {"hospitals": 1, "topologies": ("split_unet", "splitfed")},  # one hospital: one site per modality
     ],
 )
 def test_malformed_settings_are_refused(overrides):
@@ -126,6 +141,14 @@ def test_the_markdown_has_one_row_per_topology_with_intervals(settings, runs):
     reference = next(line for line in table if line.startswith("| vertical"))
     assert "| - |" in reference  # no rounds
     assert "same 2 held-out cases" in text and "9 runs" not in text and "8 runs" in text
+
+
+def test_the_notes_say_what_a_splitfed_encoder_trains_only_when_there_is_a_splitfed_row():
+    runs = {"split_unet": {0: _run(0.5, 0.5, 0.5)}, "splitfed": {0: _run(0.4, 0.5, 0.5, rounds=2)}}
+    with_splitfed = CompareSettings.quick(topologies=("split_unet", "splitfed"))
+    assert "1/hospitals of the steps" in compare_markdown(summarise_compare(with_splitfed, runs))
+    without = CompareSettings.quick(topologies=("split_unet",))
+    assert "1/hospitals" not in compare_markdown(summarise_compare(without, runs))
 
 
 def test_a_single_seed_gives_a_mean_without_an_interval():
@@ -187,3 +210,180 @@ def test_hd95_is_the_mean_over_seeds_and_runs_without_it_are_left_out(settings):
     table = compare_markdown(summarise_compare(settings, runs)).splitlines()
     line = next(row for row in table if row.startswith("| vert"))
     assert "| 15.0 | 5.0 | 40.0 |" in line
+
+
+# --- the rows: each drift treatment beside its topology's plain row
+
+
+def test_each_drift_treatment_sits_beside_its_topologys_plain_row():
+    keys = [topology.key for topology in TOPOLOGIES]
+    assert keys[0] == "split_unet_fp32" and keys[-1] == "centralized"
+    for plain, treated in (
+        ("splitfed", ["splitfed_dwcs"]),
+        ("fedavg", ["fedprox", "fedavg_dwcs"]),
+        ("u_shape", ["u_shape_dwcs"]),
+    ):
+        start = keys.index(plain) + 1
+        assert keys[start : start + len(treated)] == treated
+        assert {_BY_KEY[key].kind for key in treated} == {_BY_KEY[plain].kind}
+    jobs = resolve_jobs()
+    assert all(topology.job in jobs for topology in TOPOLOGIES if topology.job)
+    dwcs = jobs["fedavg_unet_dwcs"].workflow
+    assert dwcs.path == "splitunet.horizontal.DriftCorrectedFedAvg" and dwcs.args["drift_correction"] == {}
+    assert _BY_KEY["splitfed"].job == _BY_KEY["splitfed_dwcs"].job == "split_unet_splitfed"
+
+
+# --- SplitFed's held-out cases: one secret for every cohort
+
+COHORT_CASES = {
+    "hospital-1": [f"BRATS_{i:03d}" for i in range(1, 6)],
+    "hospital-2": [f"BRATS_{i:03d}" for i in range(6, 11)],
+    "hospital-3": [f"BRATS_{i:03d}" for i in range(11, 16)],
+}
+COHORT_HELD_OUT = {
+    "hospital-1": ["BRATS_002", "BRATS_005"],
+    "hospital-2": ["BRATS_006", "BRATS_009"],
+    "hospital-3": ["BRATS_013", "BRATS_014"],
+}
+
+
+def _server_held_out(cases, secret, num_val, seed):
+    """What the SplitFed controller holds out: its own cohort matching and split, on the keys the sites send."""
+    names, sites = list(cases), group_sites(len(cases))
+    site_cases = {
+        site: {case_key(case, secret): {"shape": [8, 8, 8], "affine_digest": "grid"} for case in cases[names[group]]}
+        for site, (_, group) in sites.items()
+    }
+    labels = {key: entry for held in site_cases.values() for key, entry in held.items()}
+    modality_of = {site: modality for site, (modality, _) in sites.items()}
+    match = match_cohorts("server", labels, site_cases, modality_groups(modality_of))
+    to_case = {case_key(case, secret): case for ids in cases.values() for case in ids}
+    return {
+        frozenset(cohort.sites): {to_case[key] for key in cohort.val_keys}
+        for cohort in match.split(labels, site_cases, modality_of, str, str, num_val, seed)
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_cohort_secret_makes_each_hospitals_cohort_hold_out_its_cases(seed):
+    secret = choose_cohort_secret(COHORT_CASES, COHORT_HELD_OUT, seed)
+    names, sites = list(COHORT_CASES), group_sites(len(COHORT_CASES))
+    expected = {
+        frozenset(site for site, (_, group) in sites.items() if group == index): set(COHORT_HELD_OUT[name])
+        for index, name in enumerate(names)
+    }
+    assert _server_held_out(COHORT_CASES, secret, 2, seed) == expected
+    assert _cohort_held_out(COHORT_CASES, secret, 2, seed) == {n: set(v) for n, v in COHORT_HELD_OUT.items()}
+    assert choose_cohort_secret(COHORT_CASES, COHORT_HELD_OUT, seed) == secret  # reproducible
+    # One secret for all the cases together is another constraint: the vertical search does not give it.
+    assert choose_secret(sorted(sum(COHORT_CASES.values(), [])), sum(COHORT_HELD_OUT.values(), []), seed) != secret
+
+
+def test_a_cohort_secret_that_cannot_be_found_or_asked_for_is_an_error():
+    with pytest.raises(SplitUNetConfigError, match="hold out fewer"):
+        choose_cohort_secret(COHORT_CASES, COHORT_HELD_OUT, 0, max_tries=3)
+    with pytest.raises(SplitUNetConfigError, match="cohorts"):
+        choose_cohort_secret(COHORT_CASES, {"hospital-1": ["BRATS_002"]}, 0)
+    with pytest.raises(SplitUNetConfigError, match="proper subset"):
+        choose_cohort_secret(COHORT_CASES, {**COHORT_HELD_OUT, "hospital-3": COHORT_CASES["hospital-3"]}, 0)
+
+
+def test_a_splitfed_row_gets_a_secret_of_its_own_and_leaves_the_vertical_one(tmp_path):
+    data = prepare_compare_data(tmp_path, CompareSettings.quick(topologies=("split_unet_fp32", "splitfed")), 0)
+    assert data.cohort_secret and data.cohort_secret != data.secret
+    assert (tmp_path / "case_key_secret_splitfed.txt").read_text() == data.cohort_secret
+    assert _cohort_held_out(data.cases, data.cohort_secret, 1, 0) == {n: set(v) for n, v in data.held_out.items()}
+    plain = prepare_compare_data(tmp_path, CompareSettings.quick(topologies=("split_unet_fp32",)), 0)
+    assert plain.secret == data.secret and plain.cohort_secret is None
+    assert (tmp_path / "case_key_secret.txt").read_text() == data.secret
+
+
+# --- what the new rows hand their runners (stubbed) and what they check afterwards
+
+
+def _compare_data(tmp_path):
+    cases = {
+        "hospital-1": ["BRATS_001", "BRATS_002", "BRATS_003"],
+        "hospital-2": ["BRATS_004", "BRATS_005", "BRATS_006"],
+    }
+    held_out = {"hospital-1": ["BRATS_002"], "hospital-2": ["BRATS_006"]}
+    return CompareData(tmp_path, {name: tmp_path / name for name in cases}, cases, held_out, "vertical", "cohorts")
+
+
+def _splitfed_stub(tmp_path, calls, recorded_secret="cohorts", val_cases=1):
+    def run_splitfed_demo(workspace, settings, job_dir, data_dir, secret_file):
+        calls.update(settings=settings, job_dir=job_dir, data_dir=data_dir, secret_file=secret_file)
+        held_out = ["BRATS_002", "BRATS_006"]
+        record = tmp_path / "server_results.json"
+        record.write_text(json.dumps({"val_cases": sorted(case_key(case, recorded_secret) for case in held_out)}))
+        sites = group_sites(2)
+        return {
+            "dice": {"TC": 0.1, "WT": 0.2, "ET": 0.3},
+            "hd95": None,
+            "iterations": 4,
+            "activation_bytes_per_iteration": 500.0,
+            "cohorts": [
+                {"sites": {s: m for s, (m, g) in sites.items() if g == group}, "train_cases": 2, "val_cases": val_cases}
+                for group in (1, 0)
+            ],
+            "encoder_averaging": {"rounds": 2, "upload_bytes_per_round": 1000},
+            "server_results": str(record),
+            "elapsed_s": 3.0,
+        }
+
+    return run_splitfed_demo
+
+
+@pytest.mark.parametrize("key", ["splitfed", "splitfed_dwcs"])
+def test_a_splitfed_row_runs_a_cohort_per_hospital_averaging_once_a_round(tmp_path, monkeypatch, key):
+    calls = {}
+    monkeypatch.setattr("splitunet.tools.splitfed_demo.run_splitfed_demo", _splitfed_stub(tmp_path, calls))
+    settings = CompareSettings.quick(topologies=(key,))
+    data = _compare_data(tmp_path)
+    figures = _run_splitfed(_BY_KEY[key], tmp_path / key, data, settings, 0)
+    demo = calls["settings"]
+    assert demo.sites_per_modality == 2 and demo.groups == [data.cases["hospital-1"], data.cases["hospital-2"]]
+    args = demo.server_args
+    assert args["num_iterations"] == settings.steps and args["num_val_cases"] == settings.val_cases_per_hospital
+    assert args["encoder_averaging_every"] == settings.steps // settings.rounds
+    assert args["drift_correction"] == ({} if key == "splitfed_dwcs" else None)
+    assert calls["job_dir"].name == "split_unet_splitfed" and calls["data_dir"] == tmp_path
+    assert calls["secret_file"].name == "case_key_secret_splitfed.txt"
+    # One cohort's activations every iteration, every site's encoder once a round.
+    assert figures["upload_bytes_per_iteration"] == 500.0 + 1000 * 2 / 4
+    assert figures["rounds"] == 2 and figures["held_out"] == ["BRATS_002", "BRATS_006"]
+
+
+@pytest.mark.parametrize("stub", [{"recorded_secret": "vertical"}, {"val_cases": 2}])
+def test_a_splitfed_run_that_held_out_other_cases_stops_the_study(tmp_path, monkeypatch, stub):
+    monkeypatch.setattr("splitunet.tools.splitfed_demo.run_splitfed_demo", _splitfed_stub(tmp_path, {}, **stub))
+    with pytest.raises(SplitUNetConfigError, match="splitfed: "):
+        _run_splitfed(_BY_KEY["splitfed"], tmp_path / "run", _compare_data(tmp_path), CompareSettings.quick(), 0)
+
+
+def _fedavg_stub(seen, rounds):
+    def run_fedavg_demo(workspace, settings, job_dir, data_dir):
+        seen["server"] = json.loads((job_dir / "app" / "config" / "config_fed_server.json").read_text())
+        hospitals = {name: {"val_cases": 1} for name in ("hospital-1", "hospital-2")}
+        dice = {"TC": 0.1, "WT": 0.2, "ET": 0.3}
+        return {"dice": dice, "iterations": 2 * rounds, "rounds": rounds, "hospitals": hospitals}
+
+    return run_fedavg_demo
+
+
+def test_the_fedavg_dwcs_row_runs_its_drift_corrected_job_sized_to_the_budget(tmp_path, monkeypatch):
+    seen = {}
+    settings = CompareSettings.quick(topologies=("fedavg_dwcs",))
+    monkeypatch.setattr("splitunet.horizontal.demo.run_fedavg_demo", _fedavg_stub(seen, settings.rounds))
+    figures = _run_fedavg(_BY_KEY["fedavg_dwcs"], tmp_path / "run", _compare_data(tmp_path), settings, 0)
+    assert figures["rounds"] == settings.rounds
+    training, evaluation = seen["server"]["workflows"]
+    assert training["path"] == "splitunet.horizontal.DriftCorrectedFedAvg"
+    assert training["args"]["num_rounds"] == settings.rounds and training["args"]["drift_correction"] == {}
+    assert training["args"]["fedprox_mu"] == 0.0 and "num_rounds" not in evaluation["args"]
+
+
+def test_a_fedavg_run_left_at_the_jobs_own_rounds_stops_the_study(tmp_path, monkeypatch):
+    monkeypatch.setattr("splitunet.horizontal.demo.run_fedavg_demo", _fedavg_stub({}, rounds=20))
+    with pytest.raises(SplitUNetConfigError, match="fedavg_dwcs: ran 20 rounds, 40 steps instead of 2, 4"):
+        _run_fedavg(_BY_KEY["fedavg_dwcs"], tmp_path / "run", _compare_data(tmp_path), CompareSettings.quick(), 0)

@@ -58,9 +58,11 @@ SETTING_VARIANTS = {
 # Two sites per modality (SplitFed): the main job with its cohort and averaging settings, waiting for eight sites.
 SPLITFED = "split_unet_splitfed"
 SPLITFED_ARGS = {"cohort_draw": "proportional", "encoder_averaging_every": 10, "drift_correction": None}
-# The other topologies: horizontal FedAvg (FLARE's own workflow, no feature filters), with and without DP-SGD, and the
-# three-part U-shape.
-TOPOLOGY_JOBS = ("fedavg_unet", "fedavg_unet_dp", "u_shape_unet")
+# The other topologies: horizontal FedAvg (FLARE's own workflow, no feature filters) and the three-part U-shape, each
+# with and without DP-SGD.
+TOPOLOGY_JOBS = ("fedavg_unet", "fedavg_unet_dp", "fedavg_unet_dwcs", "u_shape_unet", "u_shape_unet_dp")
+# DP-SGD at the split parties: each is its base with the parties' dp settings and step budget.
+SPLIT_DP_JOBS = {"split_unet_dp": MAIN, "u_shape_unet_dp": "u_shape_unet"}
 # The split-learning training jobs.
 TRAINING_JOBS = sorted(name for name in resolve_jobs() if name not in (INFER, *TOPOLOGY_JOBS))
 
@@ -182,7 +184,7 @@ def test_cli_check_lists_every_file_that_differs(tmp_path, capsys):
 
 
 def test_every_job_is_a_defense_row_a_setting_variant_or_the_inference_job():
-    assert set(resolve_jobs()) == {*DEFENSE_JOBS, *SETTING_VARIANTS, SPLITFED, INFER, *TOPOLOGY_JOBS}
+    assert set(resolve_jobs()) == {*DEFENSE_JOBS, *SETTING_VARIANTS, SPLITFED, INFER, *TOPOLOGY_JOBS, *SPLIT_DP_JOBS}
     assert set(DEFENSE_JOBS) == {MAIN, *DEFENSE_VARIANTS}
     assert DEFENSE_JOBS[0] == FP32  # the baseline row
 
@@ -302,3 +304,39 @@ def test_the_splitfed_job_is_the_main_job_with_its_cohort_and_averaging_settings
     for chain_name in ("task_data_filters", "task_result_filters"):
         assert "split_average" in client[chain_name][0]["tasks"]
         assert "split_average" in _config(MAIN, "server")[chain_name][0]["tasks"]
+
+
+@pytest.mark.parametrize("job, base", sorted(SPLIT_DP_JOBS.items()))
+def test_a_split_dp_job_is_its_base_with_the_parties_dp_settings_for_every_step(job, base):
+    from splitunet.dp import DPSettings
+
+    assert _meta(job) == {**_meta(base), "name": job}
+    assert _config(job, "server") == _config(base, "server")
+    client, base_client = _config(job, "client"), _config(base, "client")
+    args = client["executors"][0]["executor"].pop("args")
+    assert args == {
+        **base_client["executors"][0]["executor"].pop("args"),
+        "dp": args["dp"],
+        "dp_steps": args["dp_steps"],
+    }
+    assert client == base_client
+    # No sampling to amplify by (the server chooses the batches), and a budget for every step the workflow takes.
+    assert DPSettings(**args["dp"]).poisson_sampling is False
+    workflow = _config(job, "server")["workflows"][0]["args"]
+    steps = workflow.get("num_iterations") or workflow["num_rounds"] * workflow["iterations_per_round"]
+    assert args["dp_steps"] == steps
+
+
+def test_the_fedavg_dwcs_job_is_fedavg_with_the_drift_corrected_workflow():
+    from splitunet.horizontal import DriftCorrectedFedAvg
+
+    job = "fedavg_unet_dwcs"
+    assert _meta(job) == {**_meta("fedavg_unet"), "name": job}
+    assert _config(job, "client") == _config("fedavg_unet", "client")
+    server, base = _config(job, "server"), _config("fedavg_unet", "server")
+    workflow = server["workflows"][0]
+    assert workflow["path"] == "splitunet.horizontal.DriftCorrectedFedAvg"
+    assert workflow["args"] == {**base["workflows"][0]["args"], "drift_correction": {}}
+    base["workflows"][0] = workflow
+    assert server == base
+    assert DriftCorrectedFedAvg(**workflow["args"]).correction is not None

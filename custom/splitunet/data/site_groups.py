@@ -9,7 +9,8 @@ writes, per group, one folder per modality holding that group's patients only::
 
 The label holder keeps the partition's ``labels/`` folder with every patient. With the sites named by
 :func:`group_sites`, group ``g``'s sites hold the same patients and form one cohort
-(:mod:`splitunet.server.cohorts`).
+(:mod:`splitunet.server.cohorts`). :func:`write_groups` writes groups chosen by the caller instead of dealt ones
+(each of ``splitunet compare``'s hospitals becomes one group).
 
 Example::
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from splitunet.data.nifti_io import nifti_case_id
 from splitunet.data.partition import PARTY_FILE
 from splitunet.wire.protocol import LABELS_PARTY, MODALITIES
 
-__all__ = ["split_patients", "group_sites"]
+__all__ = ["split_patients", "write_groups", "group_sites"]
 
 
 def group_sites(num_groups: int, modalities: tuple[str, ...] = MODALITIES) -> dict[str, tuple[str, int]]:
@@ -83,15 +85,48 @@ def split_patients(
     Raises:
         ValueError: fewer patients than groups, or a modality folder lacks a patient of the labels.
     """
-    partition_dir, out_dir = Path(partition_dir), Path(out_dir)
+    partition_dir = Path(partition_dir)
     group_sites(num_groups)  # checks num_groups
-    cases = sorted(filter(None, (nifti_case_id(path) for path in (partition_dir / LABELS_PARTY).iterdir())))
+    cases = _label_cases(partition_dir)
     if len(cases) < num_groups:
         raise ValueError(f"{len(cases)} patients cannot fill {num_groups} groups")
     order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
-    dealt = [sorted(order[group::num_groups]) for group in range(num_groups)]
+    return write_groups(partition_dir, out_dir, [order[group::num_groups] for group in range(num_groups)])
+
+
+def write_groups(partition_dir: str | PathLike, out_dir: str | PathLike, groups: Sequence[Sequence[str]]) -> list[Path]:
+    """Write the given groups of patients as group folders, one folder per modality each (``group-1`` first).
+
+    A patient of the labels folder in no group is held by no site, so the server leaves it out of the run. A group
+    folder that exists is rewritten.
+
+    Args:
+        partition_dir: a ``splitunet partition`` output.
+        out_dir: where the group folders go.
+        groups: per group, its patients' case IDs (group ``g`` is held by the sites :func:`group_sites` gives it).
+
+    Returns:
+        the group folders, in the order of ``groups``.
+
+    Raises:
+        ValueError: no group, an empty group, a patient in two groups or not in the labels folder, or a modality
+            folder lacks a patient of a group.
+    """
+    partition_dir, out_dir = Path(partition_dir), Path(out_dir)
+    groups = [sorted(members) for members in groups]
+    group_sites(len(groups))  # at least one group
+    labelled, seen = set(_label_cases(partition_dir)), {}
+    for group, members in enumerate(groups, start=1):
+        if not members:
+            raise ValueError(f"group-{group} has no patient")
+        for case in members:
+            if case in seen:
+                raise ValueError(f"patient {case} is in group-{seen[case]} and group-{group}")
+            if case not in labelled:
+                raise ValueError(f"patient {case} of group-{group} is not in {partition_dir / LABELS_PARTY}")
+            seen[case] = group
     folders = []
-    for group, members in enumerate(dealt):
+    for group, members in enumerate(groups):
         folder = out_dir / f"group-{group + 1}"
         for modality in MODALITIES:
             source, target = partition_dir / modality, folder / modality
@@ -109,3 +144,8 @@ def split_patients(
                 write_json_atomic({**description, "cases": members}, target / PARTY_FILE)
         folders.append(folder)
     return folders
+
+
+def _label_cases(partition_dir: Path) -> list[str]:
+    """The partition's patients: those of its labels folder, sorted."""
+    return sorted(filter(None, (nifti_case_id(path) for path in (partition_dir / LABELS_PARTY).iterdir())))

@@ -1,4 +1,4 @@
-"""Differentially private training (DP-SGD, Abadi et al. 2016) of what a hospital trains, with Opacus.
+"""Differentially private training (DP-SGD, Abadi et al. 2016) of what a hospital or a split site trains, with Opacus.
 
 One concept per module:
 
@@ -6,7 +6,12 @@ One concept per module:
 - :mod:`~splitunet.dp.epsilon_budget`: the whole job's epsilon projected before training by Opacus' accountant;
 - :mod:`~splitunet.dp.dp_model`: the layer changes DP-SGD needs, found by Opacus' ``ModuleValidator`` and recorded;
 - :mod:`~splitunet.dp.private_training`: Opacus' ``PrivacyEngine`` around model, optimiser and loader;
+- :mod:`~splitunet.dp.private_split`: Opacus' hooks, ``DPOptimizer`` and accountant for a split part trained through
+  the gradients the server returns, one clipped gradient per case and step;
 - :mod:`~splitunet.dp.site_cap`: a site's ``max_epsilon``, checked against the projection at setup;
+- :mod:`~splitunet.dp.party_record`: a split party's admission under its cap, and what its ``results.json`` and log
+  say about its DP-SGD;
+- :mod:`~splitunet.dp.opacus_extra`: whether Opacus is installed, and loading a module that needs it;
 - :mod:`~splitunet.dp.step_time`: seconds per step with and without DP-SGD.
 
 Opacus is the ``dp`` extra; each name loads its module on first use (see :mod:`splitunet.lazy_exports`), so reading
@@ -23,16 +28,24 @@ _EXPORTS = {
     "opacus_sample_rate": "epsilon_budget",
     "project_epsilon": "epsilon_budget",
     "plan_budget": "epsilon_budget",
+    "plan_split_budget": "epsilon_budget",
     "DPModelChanges": "dp_model",
     "prepare_for_dp": "dp_model",
     "BudgetExhausted": "private_training",
     "PrivateTraining": "private_training",
     "private_generator": "private_training",
+    "PrivateSplitTraining": "private_split",
+    "first_row_of_each_case": "private_split",
     "EPSILON_CAP_KEY": "site_cap",
     "EpsilonCap": "site_cap",
     "EpsilonCapExceeded": "site_cap",
     "read_epsilon_cap": "site_cap",
     "check_epsilon_cap": "site_cap",
+    "PrivacyRecord": "party_record",
+    "opacus_installed": "opacus_extra",
+    "dp_module": "opacus_extra",
+    "describe_budget": "party_record",
+    "admit_job": "party_record",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

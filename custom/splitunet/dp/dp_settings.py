@@ -56,7 +56,8 @@ class DPSettings:
         accountant: ``"rdp"`` or ``"prv"`` (see :data:`ACCOUNTANTS`).
         poisson_sampling: draw each batch by including every training case independently with probability q
             (what the accountant assumes); ``False`` draws shuffled batches of fixed size, for which the reported
-            epsilon is an approximation, not a guarantee.
+            epsilon is an approximation, not a guarantee. The split topologies, whose batches the server chooses or
+            knows, need ``False``: every case of a batch contributes once and q is 1, no amplification (docs/dp.md).
 
     Raises:
         SplitUNetConfigError: a missing, extra or malformed setting (the message names it).

@@ -13,13 +13,14 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 
+import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from splitunet.dp.dp_settings import ACCOUNTANTS, DPSettings
 from splitunet.errors import SplitUNetConfigError
 
-__all__ = ["DPBudget", "opacus_sample_rate", "project_epsilon", "plan_budget"]
+__all__ = ["DPBudget", "opacus_sample_rate", "project_epsilon", "plan_budget", "plan_split_budget"]
 
 
 def opacus_sample_rate(num_cases: int, batch_size: int) -> float:
@@ -59,26 +60,29 @@ def project_epsilon(noise_multiplier: float, sample_rate: float, steps: int, del
     ledger = _accountant(accountant)
     # Opacus' own record of T identical steps, exactly what its optimiser hook appends during training.
     ledger.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    with warnings.catch_warnings():
-        # The RDP accountant warns when its best order is at the edge of those it tries (huge epsilons).
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+        # The RDP accountant warns when its best order is at the edge of those it tries (huge epsilons); the PRV
+        # accountant takes log(1 - q) = -inf at sample rate 1 (a split party's), which it handles.
         warnings.simplefilter("ignore", UserWarning)
         return float(ledger.get_epsilon(delta=delta))
 
 
 @dataclass(frozen=True)
 class DPBudget:
-    """What one hospital's DP-SGD will spend over a whole job, fixed before it trains.
+    """What one party's DP-SGD (a hospital's, a split site's) will spend over a whole job, fixed before it trains.
 
     Attributes:
         noise_multiplier: sigma (given, or found for ``target_epsilon``).
         max_grad_norm: C.
         sample_rate: q.
-        steps: T, the job's optimiser steps at this hospital (rounds times local iterations).
+        steps: T, the job's optimiser steps at this party (FedAvg: rounds times local iterations; split: the most
+            steps the job may take).
         delta: the delta epsilon is reported at.
         epsilon: the projected epsilon after ``steps`` steps.
         accountant: the Opacus accountant.
-        poisson_sampling: whether batches are Poisson-sampled (the accountant's assumption).
-        num_cases: N, the hospital's training cases (the dataset epsilon protects).
+        poisson_sampling: whether batches are Poisson-sampled (the accountant's assumption; never in a split job,
+            whose sample rate is 1).
+        num_cases: N, the party's training cases (the dataset epsilon protects).
     """
 
     noise_multiplier: float
@@ -114,14 +118,54 @@ def plan_budget(settings: DPSettings, num_cases: int, batch_size: int, steps: in
     Raises:
         SplitUNetConfigError: bad sizes, a delta not below 1/N, or a target epsilon that Opacus cannot reach.
     """
+    _check_steps(steps)
+    return _budget(settings, num_cases, opacus_sample_rate(num_cases, batch_size), steps)
+
+
+def plan_split_budget(settings: DPSettings, num_cases: int, steps: int) -> DPBudget:
+    """The budget of a split-learning party (a vertical site, a U-shape hospital), whose batches it does not draw
+    privately: the server chooses them, or knows the seed they are drawn from.
+
+    Sampling by the one who chooses the batches amplifies nothing against that party, so the sample rate is 1: each
+    step is a Gaussian mechanism on every case, even one the server puts in every batch, as
+    :class:`~splitunet.dp.private_split.PrivateSplitTraining` runs it (one clipped gradient per case and step). A coin
+    of the party's own, keeping each case with probability q, would let the accountant use q, but the noise q calls
+    for is then at least as large, relative to the signal q leaves, as at rate 1 at every setting tabulated in
+    docs/dp.md ("Sampling"): the server fixes the batch, so subsampling only discards cases.
+
+    Args:
+        settings: the job's DP settings (``poisson_sampling`` must be false: there is no sampling to amplify by).
+        num_cases: N, the party's cases that may be trained on (for the default delta).
+        steps: the most optimiser steps the job may take at this party.
+
+    Raises:
+        SplitUNetConfigError: Poisson sampling asked for, bad sizes, a delta not below 1/N, or a target epsilon that
+            Opacus cannot reach.
+    """
+    _check_steps(steps)
+    if settings.poisson_sampling:
+        raise SplitUNetConfigError(
+            "dp: a split party does not draw its own batches (the server chooses them, or knows their seed), so there "
+            "is no sampling to amplify by: set poisson_sampling false (every case of a batch contributes once, sample "
+            "rate 1)"
+        )
+    if isinstance(num_cases, bool) or not isinstance(num_cases, int) or num_cases < 1:
+        raise SplitUNetConfigError(f"num_cases must be an int >= 1, got {num_cases!r}")
+    return _budget(settings, num_cases, 1.0, steps)
+
+
+def _check_steps(steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise SplitUNetConfigError(f"the job's DP-SGD steps must be an int >= 1, got {steps!r}")
-    sample_rate = opacus_sample_rate(num_cases, batch_size)
+
+
+def _budget(settings: DPSettings, num_cases: int, sample_rate: float, steps: int) -> DPBudget:
+    """Sigma (given, or found by Opacus for ``target_epsilon``), delta and the projected epsilon at rate ``q``."""
     delta = settings.resolve_delta(num_cases)
     sigma = settings.noise_multiplier
     if sigma is None:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), np.errstate(divide="ignore"):  # as in project_epsilon
                 warnings.simplefilter("ignore", UserWarning)
                 sigma = float(
                     get_noise_multiplier(

@@ -5,10 +5,19 @@ The topologies (:data:`TOPOLOGIES`, one row each; the first is the reference of 
 
 * vertical Split-U-Net (one modality per site, the server holds decoder and labels): ``split_unet_fp32`` and the
   main int8 job ``split_unet`` (:func:`splitunet.tools.demo.run_demo`);
-* horizontal FedAvg and FedAvg with FedProx's proximal term (``fedavg_unet``,
-  :func:`splitunet.horizontal.demo.run_fedavg_demo`);
+* SplitFed, the vertical job with a site per modality *and hospital* (``split_unet_splitfed``, int8 like the main
+  job, :func:`splitunet.tools.splitfed_demo.run_splitfed_demo`): each hospital's patients are one cohort of four
+  sites, and the encoders of each modality's sites are averaged every ``steps / rounds`` iterations, plainly
+  weighted (``splitfed``) and with DWCS (``splitfed_dwcs``);
+* horizontal FedAvg, FedAvg with FedProx's proximal term (``fedavg_unet``,
+  :func:`splitunet.horizontal.demo.run_fedavg_demo`) and FedAvg with DWCS on each round's global model
+  (``fedavg_unet_dwcs``, :class:`splitunet.horizontal.DriftCorrectedFedAvg`);
 * the U-shape, plain FedAvg of heads and tails and with DWCS (``u_shape_unet``,
-  :func:`splitunet.u_shape.demo.run_u_shape_demo`).
+  :func:`splitunet.u_shape.demo.run_u_shape_demo`);
+* the centralized baseline (every hospital's training cases pooled, in this process).
+
+So each topology that averages has its drift treatments side by side: FedAvg, FedProx and DWCS; the U-shape without
+and with DWCS; SplitFed without and with DWCS.
 
 Same patients. Seed ``s`` writes non-IID hospitals with :func:`splitunet.data.hospitals.generate_hospitals`
 (:data:`~splitunet.data.hospitals.NON_IID_PROFILES`, renamed ``hospital-1``, ... as the horizontal and U-shape
@@ -23,20 +32,28 @@ same seeded permutation of their sorted case IDs (``split_cases`` and ``split_ho
 The vertical controller holds out ``hospitals * val_cases_per_hospital`` cases by a seeded permutation of the sorted
 case *keys* (HMAC of the case ID under the data holders' secret). The secret of a simulation is ours to choose, so
 :func:`choose_secret` tries deterministic candidates until the vertical split holds out exactly the union of the
-hospitals' held-out cases, and writes it where the vertical runner reads it. After each run the held-out cases are
-checked: the vertical server's recorded keys must be the keys of those cases (a mismatch stops the study), and each
-hospital's count must be its share. Each row's Dice is the mean over those cases: the vertical server's
+hospitals' held-out cases, and writes it where the vertical runner reads it. The SplitFed server holds out
+``val_cases_per_hospital`` cases per cohort, each by the same seeded permutation of its own sorted keys
+(:mod:`splitunet.server.cohorts`); :func:`choose_cohort_secret` finds a second secret under which every hospital's
+cohort holds out exactly that hospital's cases, kept in a file of its own (``case_key_secret_splitfed.txt``) so that
+the vertical rows' secret stays what it is. After each run the held-out cases are checked: a split server's
+recorded keys must be the keys of those cases (a mismatch stops the study), and each hospital's (or cohort's) count
+must be its share. Each row's Dice is the mean over those cases: the vertical server's
 ``DiceMetric`` averages over its held-out cases; the hospitals' Dice are pooled weighted by their held-out counts.
 
 Same budget. Every model takes ``steps`` Adam steps on crops of ``batch_size``: the vertical decoder and encoders
 ``steps`` iterations; each FedAvg hospital ``rounds`` rounds of ``steps / rounds`` local steps; each U-shape head,
-tail and the middle ``rounds`` rounds of ``steps / rounds`` iterations. Every topology gets the same crop size,
-U-Net features, learning rate and training seed ``s`` (crop sampling and initialisation).
+tail and the middle ``rounds`` rounds of ``steps / rounds`` iterations; the SplitFed decoder ``steps`` iterations,
+each on one cohort's batch (drawn in proportion to the cohorts' training cases), with ``rounds`` encoder averages,
+so a SplitFed encoder takes about ``steps / hospitals`` steps. Every topology gets the same crop size,
+U-Net features, learning rate and training seed ``s`` (crop sampling and initialisation), except the vertical and
+SplitFed sites' encoders: each site draws a private encoder seed, as it does in deployment.
 
 Reported per row: Dice TC, WT, ET (mean over seeds) and the paired difference to the first row with its 95 %
 Student's t interval (:func:`splitunet.evaluation.utility.paired_interval`); upload bytes per iteration (tensor bytes
 all data holders together send the server per training iteration, as received: the vertical sites' activations,
-the U-shape's ``x0`` and ``dL/du2`` plus the round's weights, FedAvg's weights of every hospital once a round);
+SplitFed's activations plus every site's encoder weights once a round, the U-shape's ``x0`` and ``dL/du2`` plus the
+round's weights, FedAvg's weights of every hospital once a round);
 wall seconds per iteration (the whole run, simulator start-up and validation included, over the iterations);
 rounds, and HD95 per region (:mod:`splitunet.region_scores`, mean over seeds).
 
@@ -78,6 +95,7 @@ __all__ = [
     "CompareData",
     "prepare_compare_data",
     "choose_secret",
+    "choose_cohort_secret",
     "run_compare",
     "summarise_compare",
     "compare_markdown",
@@ -88,6 +106,8 @@ REGIONS = ("TC", "WT", "ET")
 _MSD_SOURCE = "phantom_msd"
 _PARTITION = "parties"
 _SECRET_FILE = "case_key_secret.txt"
+# The SplitFed rows' secret (each hospital's cohort holds out that hospital's cases), beside the vertical one.
+_COHORT_SECRET_FILE = "case_key_secret_splitfed.txt"
 _HOSPITALS_INDEX = "hospitals.json"
 _RUN_FILE = "compare_run.json"
 # Candidate secrets tried before giving up (a split of N cases holding out k is hit once in C(N, k) on average).
@@ -101,9 +121,10 @@ class Topology:
     Args:
         key: folder name and stable identifier (``split_unet_fp32``, ``fedavg``, ...).
         label: row name.
-        kind: ``"vertical"``, ``"fedavg"``, ``"u_shape"`` or ``"centralized"``.
+        kind: ``"vertical"``, ``"splitfed"``, ``"fedavg"``, ``"u_shape"`` or ``"centralized"``.
         job: the job under ``jobs/`` (``None`` for the centralized baseline, which runs in this process).
-        options: kind-specific switches: ``fedprox`` (use the settings' ``fedprox_mu``), ``dwcs`` (DWCS on).
+        options: kind-specific switches: ``fedprox`` (use the settings' ``fedprox_mu``), ``dwcs`` (DWCS on, for the
+            workflows that take ``drift_correction``; ``fedavg_unet_dwcs`` has it in the job itself).
     """
 
     key: str
@@ -116,8 +137,11 @@ class Topology:
 TOPOLOGIES: tuple[Topology, ...] = (
     Topology("split_unet_fp32", "vertical Split-U-Net, float32 (reference)", "vertical", "split_unet_fp32"),
     Topology("split_unet", "vertical Split-U-Net, int8 (the main job)", "vertical", "split_unet"),
+    Topology("splitfed", "SplitFed, int8 (a site per modality and hospital)", "splitfed", "split_unet_splitfed"),
+    Topology("splitfed_dwcs", "SplitFed, int8 + DWCS", "splitfed", "split_unet_splitfed", {"dwcs": True}),
     Topology("fedavg", "horizontal FedAvg", "fedavg", "fedavg_unet"),
     Topology("fedprox", "horizontal FedAvg + FedProx", "fedavg", "fedavg_unet", {"fedprox": True}),
+    Topology("fedavg_dwcs", "horizontal FedAvg + DWCS", "fedavg", "fedavg_unet_dwcs"),
     Topology("u_shape", "U-shape", "u_shape", "u_shape_unet"),
     Topology("u_shape_dwcs", "U-shape + DWCS", "u_shape", "u_shape_unet", {"dwcs": True}),
     Topology("centralized", "centralized (all patients pooled, no federation)", "centralized", None),
@@ -135,7 +159,8 @@ class CompareSettings:
         val_cases_per_hospital: each hospital's held-out cases (the vertical job holds out their union).
         shape: phantom grid.
         steps: Adam steps of every model.
-        rounds: federated rounds of FedAvg and the U-shape (must divide ``steps``); the vertical job has none.
+        rounds: federated rounds of FedAvg and the U-shape, and SplitFed's encoder averages (must divide
+            ``steps``); the vertical job has none.
         batch_size: crops per step (per hospital for FedAvg and the U-shape).
         crop_size: training crop, also the sliding window at validation.
         features: U-Net feature sizes of every topology.
@@ -182,6 +207,8 @@ class CompareSettings:
             raise SplitUNetConfigError(f"rounds ({self.rounds}) must divide steps ({self.steps})")
         if not self.seeds:
             raise SplitUNetConfigError("at least one seed")
+        if self.hospitals < 2 and any(_BY_KEY[key].kind == "splitfed" for key in self.topologies):
+            raise SplitUNetConfigError("SplitFed needs at least two hospitals: one has one site per modality")
 
     @classmethod
     def quick(cls, **overrides) -> CompareSettings:
@@ -233,6 +260,8 @@ class CompareData:
         cases: hospital name -> its case IDs, sorted.
         held_out: hospital name -> its held-out case IDs, sorted.
         secret: the case-key secret the vertical parties share (chosen so that they hold out the same cases).
+        cohort_secret: the SplitFed parties' secret (chosen so that each hospital's cohort holds out that hospital's
+            cases); ``None`` when no SplitFed row is run.
     """
 
     data_dir: Path
@@ -240,15 +269,16 @@ class CompareData:
     cases: dict[str, list[str]]
     held_out: dict[str, list[str]]
     secret: str
+    cohort_secret: str | None = None
 
     @property
     def all_held_out(self) -> list[str]:
         """Every held-out case ID, sorted."""
         return sorted(case for cases in self.held_out.values() for case in cases)
 
-    def held_out_keys(self) -> list[str]:
-        """The held-out cases' keys, as the vertical server records them (sorted)."""
-        return sorted(case_key(case, self.secret) for case in self.all_held_out)
+    def held_out_keys(self, secret: str | None = None) -> list[str]:
+        """The held-out cases' keys under ``secret`` (default the vertical one), as a split server records them."""
+        return sorted(case_key(case, secret or self.secret) for case in self.all_held_out)
 
 
 def _case_ids(folder: Path) -> list[str]:
@@ -296,10 +326,46 @@ def _write_union_source(data_dir: Path, hospitals: Mapping[str, Path]) -> Path:
 
 
 def _vertical_held_out(case_ids: Sequence[str], secret: str, num_val: int, seed: int) -> set[str]:
-    """The case IDs the vertical controller holds out (its rule: ``split_cases`` over the sorted keys)."""
+    """The case IDs a split server holds out of ``case_ids`` (its rule: ``split_cases`` over the sorted keys).
+
+    The vertical controller applies it to every case; the SplitFed controller to each cohort's cases.
+    """
     key_to_case = {case_key(case, secret): case for case in case_ids}
     _, val_keys = split_cases(sorted(key_to_case), num_val, seed)
     return {key_to_case[key] for key in val_keys}
+
+
+def _search_secret(
+    constraints: Sequence[tuple[Sequence[str], Sequence[str]]], seed: int, salt: str, max_tries: int
+) -> str | None:
+    """The first candidate secret under which each ``(case IDs, held out)`` pair's split holds out exactly those.
+
+    Candidates are ``sha256("<salt>/<seed>/<i>")`` for ``i = 0, 1, ...``, so the choice is reproducible. Each pair
+    is checked by ``split_cases``' own rule, unrolled: the held-out keys are those at the seeded permutation's first
+    positions of the sorted keys; a pair that fails ends the candidate.
+    """
+    prepared = []
+    for case_ids, held_out in constraints:
+        case_ids, target = sorted(case_ids), set(held_out)
+        if not target or not target <= set(case_ids) or len(target) >= len(case_ids):
+            raise SplitUNetConfigError("the held-out cases must be a non-empty proper subset of the cases")
+        positions = np.random.default_rng(seed).permutation(len(case_ids))[: len(target)]
+        prepared.append((case_ids, [case.encode("utf-8") for case in case_ids], positions, target))
+    for attempt in range(max_tries):
+        secret = hashlib.sha256(f"{salt}/{seed}/{attempt}".encode()).hexdigest()[:32]
+        key = secret.encode("utf-8")
+        for case_ids, names, positions, target in prepared:
+            # case_key's order (its hex prefix sorts as these bytes), by the one-shot C HMAC: ~10x faster.
+            ranked = sorted((hmac.digest(key, name, "sha256")[:16], case) for name, case in zip(names, case_ids))
+            if {ranked[p][1] for p in positions} != target:
+                break
+        else:
+            # Confirmed by the rule itself, keys and all.
+            if all(
+                _vertical_held_out(case_ids, secret, len(target), seed) == target for case_ids, _, _, target in prepared
+            ):
+                return secret
+    return None
 
 
 def choose_secret(
@@ -312,30 +378,58 @@ def choose_secret(
     Raises:
         SplitUNetConfigError: none of ``max_tries`` candidates fits (hold out fewer cases).
     """
-    case_ids, target = sorted(case_ids), set(held_out)
-    if not target or not target <= set(case_ids) or len(target) >= len(case_ids):
-        raise SplitUNetConfigError("the held-out cases must be a non-empty proper subset of the cases")
-    # split_cases' own rule, unrolled: the held-out keys are those at these positions of the sorted keys.
-    positions = np.random.default_rng(seed).permutation(len(case_ids))[: len(target)]
-    names = [case.encode("utf-8") for case in case_ids]
-    for attempt in range(max_tries):
-        secret = hashlib.sha256(f"splitunet-compare/{seed}/{attempt}".encode()).hexdigest()[:32]
-        # case_key's order (its hex prefix sorts as these bytes), by the one-shot C HMAC: ~10x faster.
-        key = secret.encode("utf-8")
-        ranked = sorted((hmac.digest(key, name, "sha256")[:16], case) for name, case in zip(names, case_ids))
-        if {ranked[p][1] for p in positions} == target and _vertical_held_out(
-            case_ids, secret, len(target), seed
-        ) == target:
-            return secret
-    raise SplitUNetConfigError(
-        f"no secret in {max_tries} tries holds out {len(target)} of {len(case_ids)} cases as the hospitals do; "
-        "hold out fewer cases per hospital"
-    )
+    secret = _search_secret([(case_ids, held_out)], seed, "splitunet-compare", max_tries)
+    if secret is None:
+        raise SplitUNetConfigError(
+            f"no secret in {max_tries} tries holds out {len(set(held_out))} of {len(case_ids)} cases as the "
+            "hospitals do; hold out fewer cases per hospital"
+        )
+    return secret
+
+
+def choose_cohort_secret(
+    cases: Mapping[str, Sequence[str]],
+    held_out: Mapping[str, Sequence[str]],
+    seed: int,
+    max_tries: int = _MAX_SECRET_TRIES,
+) -> str:
+    """A case-key secret under which every cohort of the SplitFed controller holds out exactly its given cases.
+
+    The controller splits each cohort's own sorted keys with the run's seed (``CohortMatch.split``), so one secret
+    must satisfy every cohort at once: about one candidate in the product of ``C(n_c, k_c)`` does. Candidates are
+    ``sha256("splitunet-compare/cohorts/<seed>/<i>")``, so the choice is reproducible.
+
+    Args:
+        cases: cohort (hospital) -> its case IDs.
+        held_out: cohort -> the case IDs it must hold out (a non-empty proper subset of its cases).
+        seed: the run's split seed.
+        max_tries: candidates tried before giving up.
+
+    Raises:
+        SplitUNetConfigError: the cohorts of ``cases`` and ``held_out`` differ, a held-out set is not a non-empty
+            proper subset of its cohort's cases, or none of ``max_tries`` candidates fits (hold out fewer cases).
+    """
+    if set(cases) != set(held_out) or not cases:
+        raise SplitUNetConfigError(f"held-out cases for cohorts {sorted(held_out)}, cases of cohorts {sorted(cases)}")
+    constraints = [(cases[name], held_out[name]) for name in sorted(cases)]
+    secret = _search_secret(constraints, seed, "splitunet-compare/cohorts", max_tries)
+    if secret is None:
+        raise SplitUNetConfigError(
+            f"no secret in {max_tries} tries makes {len(cases)} cohorts hold out their hospitals' cases; hold out "
+            "fewer cases per hospital"
+        )
+    return secret
+
+
+def _cohort_held_out(cases: Mapping[str, Sequence[str]], secret: str, num_val: int, seed: int) -> dict[str, set[str]]:
+    """The case IDs each cohort of the SplitFed controller holds out under ``secret``."""
+    return {name: _vertical_held_out(ids, secret, num_val, seed) for name, ids in cases.items()}
 
 
 def prepare_compare_data(data_dir: str | Path, settings: CompareSettings, seed: int) -> CompareData:
     """Generate (or reuse, if made with the same settings) one seed's hospitals, the vertical job's union source,
-    the shared held-out split and the secret that makes the vertical job hold out the same cases."""
+    the shared held-out split, the secret that makes the vertical job hold out the same cases and, with a SplitFed
+    row, the one that makes each hospital's cohort hold out that hospital's cases."""
     data_dir = Path(data_dir).resolve()
     if not _hospitals_match(data_dir, settings, seed):
         # Stale data of other settings would silently change what is measured: start over, partition included.
@@ -363,9 +457,17 @@ def prepare_compare_data(data_dir: str | Path, settings: CompareSettings, seed: 
     if not secret or _vertical_held_out(every_case, secret, len(target), seed) != set(target):
         secret = choose_secret(every_case, target, seed)
         write_text_atomic(secret, secret_file, mode=0o600)
+    cohort_secret = None
+    if any(_BY_KEY[key].kind == "splitfed" for key in settings.topologies):
+        cohort_file = data_dir / _COHORT_SECRET_FILE
+        cohort_secret = cohort_file.read_text().strip() if cohort_file.is_file() else ""
+        wanted = {name: set(ids) for name, ids in held_out.items()}
+        if not cohort_secret or _cohort_held_out(cases, cohort_secret, settings.val_cases_per_hospital, seed) != wanted:
+            cohort_secret = choose_cohort_secret(cases, held_out, seed)
+            write_text_atomic(cohort_secret, cohort_file, mode=0o600)
     if not (data_dir / _MSD_SOURCE / "dataset.json").is_file():
         _write_union_source(data_dir, hospitals)
-    return CompareData(data_dir, hospitals, cases, held_out, secret)
+    return CompareData(data_dir, hospitals, cases, held_out, secret, cohort_secret)
 
 
 # ---------------------------------------------------------------------------------------------------------- runs
@@ -424,6 +526,76 @@ def _run_vertical(topology: Topology, run_dir: Path, data: CompareData, settings
     }
 
 
+def _check_cohorts(topology: Topology, summary: Mapping, data: CompareData, run_dir: Path) -> None:
+    """The SplitFed server held out each hospital's cases, and no others, in that hospital's cohort."""
+    from splitunet.data.site_groups import group_sites
+
+    recorded = json.loads(Path(summary["server_results"]).read_text()).get("val_cases")
+    if sorted(recorded or []) != data.held_out_keys(data.cohort_secret):
+        raise SplitUNetConfigError(
+            f"{topology.key}: the SplitFed server held out other cases than the hospitals; see {run_dir}"
+        )
+    names = list(data.cases)
+    sites_of = {name: set() for name in names}
+    for site, (_, group) in group_sites(len(names)).items():
+        sites_of[names[group]].add(site)
+    counts = {frozenset(cohort["sites"]): cohort for cohort in summary.get("cohorts") or []}
+    for name in names:
+        cohort = counts.get(frozenset(sites_of[name]), {})
+        val = len(data.held_out[name])
+        if (cohort.get("train_cases"), cohort.get("val_cases")) != (len(data.cases[name]) - val, val):
+            raise SplitUNetConfigError(f"{topology.key}: {name}'s cohort is not that hospital's cases; see {run_dir}")
+
+
+def _run_splitfed(topology: Topology, run_dir: Path, data: CompareData, settings: CompareSettings, seed: int) -> dict:
+    """SplitFed: each hospital's patients are one cohort of four sites (``site-1``.. for ``hospital-1``, ...)."""
+    from splitunet.tools.deployment import find_job
+    from splitunet.tools.splitfed_demo import SplitFedDemoSettings, run_splitfed_demo
+
+    server_args = {
+        "num_iterations": settings.steps,
+        "val_every": settings.steps,
+        "batch_size": settings.batch_size,
+        "crop_size": list(settings.crop_size),
+        "features": list(settings.features),
+        "learning_rate": settings.learning_rate,
+        "num_val_cases": settings.val_cases_per_hospital,
+        "encoder_averaging_every": settings.local_steps,
+        "drift_correction": {} if topology.options.get("dwcs") else None,
+        "seed": seed,
+    }
+    summary = run_splitfed_demo(
+        run_dir,
+        SplitFedDemoSettings(
+            sites_per_modality=settings.hospitals,
+            cases=sum(len(ids) for ids in data.cases.values()),
+            shape=settings.shape,
+            seed=seed,
+            # Group g (sites site-4g+1 .. site-4g+4) is the g-th hospital: _check_cohorts relies on that order.
+            groups=list(data.cases.values()),
+            server_args=server_args,
+            threads_per_party=settings.threads_per_party,
+            timeout_s=settings.timeout_s,
+        ),
+        job_dir=find_job(topology.job),
+        data_dir=data.data_dir,
+        secret_file=data.data_dir / _COHORT_SECRET_FILE,
+    )
+    _check_cohorts(topology, summary, data, run_dir)
+    averaging = summary.get("encoder_averaging") or {}
+    activations = summary.get("activation_bytes_per_iteration")
+    weights = averaging.get("upload_bytes_per_round", 0) * averaging.get("rounds", 0)
+    return {
+        "dice": summary["dice"],
+        "hd95": summary.get("hd95"),
+        "iterations": summary["iterations"],
+        "rounds": averaging.get("rounds"),
+        "upload_bytes_per_iteration": activations + weights / summary["iterations"] if activations else None,
+        "elapsed_s": summary.get("elapsed_s"),
+        "held_out": data.all_held_out,
+    }
+
+
 def _check_hospital_counts(topology: Topology, hospitals: Mapping[str, Mapping], data: CompareData) -> None:
     for name, cases in data.held_out.items():
         if hospitals.get(name, {}).get("val_cases") != len(cases):
@@ -432,11 +604,34 @@ def _check_hospital_counts(topology: Topology, hospitals: Mapping[str, Mapping],
             )
 
 
-def _run_fedavg(topology: Topology, run_dir: Path, data: CompareData, settings: CompareSettings, seed: int) -> dict:
-    from splitunet.horizontal.demo import FedAvgDemoSettings, run_fedavg_demo
+def _sized_fedavg_job(job: str, out_dir: Path, server_args: Mapping) -> Path:
+    """A copy of a FedAvg job with ``server_args`` set on its training workflow (the first).
+
+    ``run_fedavg_demo`` sets its server arguments on workflows whose class path ends in ``.FedAvg``, which leaves
+    out FLARE's FedAvg under another name (``splitunet.horizontal.DriftCorrectedFedAvg``); sizing the copy here works
+    for either, and the run's rounds are checked afterwards.
+    """
     from splitunet.tools.deployment import find_job
 
+    source = find_job(job)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(source, out_dir)
+    path = out_dir / "app" / "config" / "config_fed_server.json"
+    config = json.loads(path.read_text())
+    config["workflows"][0].setdefault("args", {}).update(server_args)
+    write_json_atomic(config, path)
+    return out_dir
+
+
+def _run_fedavg(topology: Topology, run_dir: Path, data: CompareData, settings: CompareSettings, seed: int) -> dict:
+    from splitunet.horizontal.demo import FedAvgDemoSettings, run_fedavg_demo
+
     features = list(settings.features)
+    server_args = {
+        "num_rounds": settings.rounds,
+        "fedprox_mu": settings.fedprox_mu if topology.options.get("fedprox") else 0.0,
+    }
     summary = run_fedavg_demo(
         run_dir,
         FedAvgDemoSettings(
@@ -444,10 +639,7 @@ def _run_fedavg(topology: Topology, run_dir: Path, data: CompareData, settings: 
             cases=settings.cases_per_hospital,
             shape=settings.shape,
             seed=seed,
-            server_args={
-                "num_rounds": settings.rounds,
-                "fedprox_mu": settings.fedprox_mu if topology.options.get("fedprox") else 0.0,
-            },
+            server_args=server_args,
             client_args={
                 "local_iterations": settings.local_steps,
                 "val_every": 0,
@@ -462,10 +654,15 @@ def _run_fedavg(topology: Topology, run_dir: Path, data: CompareData, settings: 
             threads_per_hospital=settings.threads_per_party,
             timeout_s=settings.timeout_s,
         ),
-        job_dir=find_job(topology.job),
+        job_dir=_sized_fedavg_job(topology.job, run_dir / "job_source" / topology.job, server_args),
         data_dir=data.data_dir,
     )
     _check_hospital_counts(topology, summary["hospitals"], data)
+    if (summary["rounds"], summary["iterations"]) != (settings.rounds, settings.steps):
+        raise SplitUNetConfigError(
+            f"{topology.key}: ran {summary['rounds']} rounds, {summary['iterations']} steps instead of "
+            f"{settings.rounds}, {settings.steps}; see {run_dir}"
+        )
     return {
         "dice": summary["dice"],
         "hd95": summary.get("hd95"),
@@ -556,7 +753,13 @@ def _run_centralized(
     }
 
 
-_RUNNERS = {"vertical": _run_vertical, "fedavg": _run_fedavg, "u_shape": _run_u_shape, "centralized": _run_centralized}
+_RUNNERS = {
+    "vertical": _run_vertical,
+    "splitfed": _run_splitfed,
+    "fedavg": _run_fedavg,
+    "u_shape": _run_u_shape,
+    "centralized": _run_centralized,
+}
 
 
 def _finished(run_dir: Path, settings: CompareSettings) -> dict | None:
@@ -720,12 +923,18 @@ def compare_markdown(report: Mapping) -> str:
     lines += [
         "",
         "Upload: tensor bytes all data holders together send the server per training iteration, as received "
-        "(vertical: the sites' activations; U-shape: x0, dL/du2 and each round's heads and tails; FedAvg: every "
-        "hospital's float32 weights once a round). s / iteration: the whole run's wall time, simulator start-up "
-        "and validation included, over its iterations. HD95: 95th-percentile Hausdorff distance in voxels (MONAI), "
+        "(vertical: the sites' activations; SplitFed: one cohort's activations and each round's encoders; U-shape: "
+        "x0, dL/du2 and each round's heads and tails; FedAvg: every hospital's float32 weights once a round). "
+        "s / iteration: the whole run's wall time, simulator start-up and validation included, over its iterations. "
+        "HD95: 95th-percentile Hausdorff distance in voxels (MONAI), "
         "mean over held-out cases and seeds; a region missed entirely (or predicted where there is none) scores the "
         "volume's diagonal, the BraTS convention.",
     ]
+    if any(row.get("kind") == "splitfed" for row in report["rows"]):
+        lines[-1] += (
+            " A SplitFed step trains one hospital's cohort, so each of its encoders takes about 1/hospitals of the "
+            "steps (its decoder all of them)."
+        )
     run_seconds = [t for row in report["rows"] for t in row.get("seconds_per_run", []) if t]
     if run_seconds:
         lines += ["", f"{len(run_seconds)} runs, {sum(run_seconds) / 60:.1f} min of training and validation in all."]

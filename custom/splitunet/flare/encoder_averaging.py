@@ -12,6 +12,12 @@ sends the same average back to every site of the modality::
 
 A modality held by one site is never averaged; a run with one site per modality never averages at all. The server
 sees every copy it averages: see the docs for what that reveals.
+
+With DP-SGD at the sites (``split_unet_dp``, docs/dp.md) the averaging spends no epsilon: each copy is its site's
+DP-SGD output at the epsilon the site recorded when it sent it, and the average, its correction and the distances
+recorded are computed from the copies and the weights ``n_s`` alone, so they are post-processing, covered as far as
+the copies are (docs/dp.md says how far). ``n_s`` is a count of cases, which DP-SGD does not cover (as in FedAvg).
+Nothing here may read a site's data or its gradients: the averaging would then need an epsilon of its own.
 """
 
 from __future__ import annotations

@@ -1,4 +1,11 @@
-"""FLARE executor of a modality site: adapts :class:`~splitunet.site.trainer.SiteTrainer` to FLARE tasks."""
+"""FLARE executor of a modality site: adapts :class:`~splitunet.site.trainer.SiteTrainer` to FLARE tasks.
+
+With DP-SGD (the executor's ``dp`` and ``dp_steps``, :mod:`splitunet.dp`) the site fixes its budget at the training
+setup task, from the job's DP settings, the most steps the job may take (``dp_steps``) and its number of cases, checks
+it against its own ``max_epsilon`` (``local/privacy.json``, :mod:`splitunet.dp.site_cap`; a site with a cap refuses any
+training job without DP-SGD too), all before its reply (its case list) leaves; then it records the epsilon spent at
+every save and every encoder averaging in its log and in ``results.json`` in its run folder (``dp``).
+"""
 
 from __future__ import annotations
 
@@ -15,24 +22,32 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
+from splitunet.atomic_files import write_json_atomic
 from splitunet.checkpoint import save_checkpoint
 from splitunet.compute.devices import configure_threads, select_device
 from splitunet.data.case_keys import PrivateNames
 from splitunet.data.nifti_io import geometry_header
 from splitunet.data.party_data import ModalityFolder
 from splitunet.data.party_settings import load_site_settings
+from splitunet.dp.dp_settings import DPSettings
+from splitunet.dp.opacus_extra import opacus_installed
+from splitunet.dp.party_record import PrivacyRecord, admit_job
+from splitunet.dp.site_cap import EpsilonCapExceeded
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.flare.encoder_weights import dxo_to_encoder, encoder_to_dxo
 from splitunet.flare.replies import error_reply, reply_error_message
-from splitunet.flare.site_minimum import check_minimum_defense
-from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
+from splitunet.flare.site_minimum import PRIVACY_FILE, check_minimum_defense
+from splitunet.flare.workspace_paths import checkpoint_folder, run_dir, site_config_dir
 from splitunet.resume import CHECKPOINT_TAGS, encoder_checkpoint, load_for_resume
 from splitunet.site.trainer import SiteTrainer
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import DataKind, MetaKey, TaskName
 from splitunet.wire.transport import control_dxo, dxo_to_features, features_to_dxo, register_tensor_support
 
-__all__ = ["SplitSiteExecutor", "site_error_message"]
+__all__ = ["SplitSiteExecutor", "site_error_message", "RESULTS_FILE", "check_dp_arguments"]
+
+# The site's own record of its run (with DP-SGD), in its run folder.
+RESULTS_FILE = "results.json"
 
 
 def _amp_note(requested: bool, applied: bool) -> str:
@@ -63,6 +78,42 @@ def site_error_message(error: BaseException, party: str, private: PrivateNames) 
     return f"{party}: {scrubbed}" if scrubbed == text else f"{party}: {scrubbed} ({details})"
 
 
+def check_dp_arguments(dp, dp_steps) -> DPSettings | None:
+    """The DP-SGD arguments of a split party's executor, checked when FLARE builds it.
+
+    Args:
+        dp: the job's ``"dp"`` entry (:class:`~splitunet.dp.DPSettings`), or ``None``.
+        dp_steps: with ``dp``, the most training steps the job may take at the party (its epsilon is projected for
+            them, and a step beyond them is refused).
+
+    Returns:
+        the settings, or ``None`` without DP-SGD.
+
+    Raises:
+        SplitUNetConfigError: a malformed entry, Poisson sampling, ``dp_steps`` missing or without ``dp``, or Opacus not
+            installed.
+    """
+    settings = DPSettings.from_config(dp)
+    if settings is None:
+        if dp_steps is not None:
+            raise SplitUNetConfigError(f"dp_steps {dp_steps!r} is set, but the job has no dp settings")
+        return None
+    if isinstance(dp_steps, bool) or not isinstance(dp_steps, int) or dp_steps < 1:
+        raise SplitUNetConfigError(
+            f"dp_steps must be an int >= 1 with dp (the most steps the job may take here), got {dp_steps!r}"
+        )
+    if settings.poisson_sampling:
+        # The server chooses the batches (or knows their seed): docs/dp.md, "Sampling".
+        raise SplitUNetConfigError(
+            "dp: a split party does not draw its own batches, so there is no sampling to amplify by: set "
+            "poisson_sampling false (every case of a batch contributes once, sample rate 1)"
+        )
+    if not opacus_installed():
+        # Said when FLARE builds the job, not at the first step.
+        raise SplitUNetConfigError("this job trains with DP-SGD, which needs Opacus: pip install 'splitunet[dp]'")
+    return settings
+
+
 class SplitSiteExecutor(Executor):
     """Runs one modality site of Split-U-Net.
 
@@ -76,15 +127,28 @@ class SplitSiteExecutor(Executor):
         device: ``"auto"`` (CUDA if this site has a GPU, else CPU) or a torch device name.
         num_threads: torch CPU threads; 0 keeps torch's default (or ``$SPLITUNET_TORCH_THREADS``).
         amp: train the encoder under bfloat16 autocast (for GPUs; see :mod:`splitunet.compute.mixed_precision`). A
-            site's own choice: features still leave in the job's wire precision.
+            site's own choice: features still leave in the job's wire precision. Not with ``dp``.
+        dp: DP-SGD settings of the encoder's training (:class:`~splitunet.dp.DPSettings`, with ``poisson_sampling``
+            false: docs/dp.md); ``None`` trains without.
+        dp_steps: with ``dp``: the most training steps the job may take at this site (the workflow's
+            ``num_iterations``); the epsilon is projected for them and a step beyond them is refused.
+
+    Raises:
+        SplitUNetConfigError: a malformed argument, when FLARE builds the executor (the message names it).
     """
 
-    def __init__(self, device: str = "auto", num_threads: int = 0, amp: bool = False):
+    def __init__(
+        self, device: str = "auto", num_threads: int = 0, amp: bool = False, dp=None, dp_steps: int | None = None
+    ):
         super().__init__()
         if not isinstance(num_threads, int) or num_threads < 0:
             raise SplitUNetConfigError(f"num_threads must be an int >= 0, got {num_threads!r}")
         if not isinstance(amp, bool):
             raise SplitUNetConfigError(f"amp must be true or false, got {amp!r}")
+        self.dp = check_dp_arguments(dp, dp_steps)
+        if self.dp is not None and amp:
+            raise SplitUNetConfigError("amp and dp cannot be combined: DP-SGD trains the encoder in float32 here")
+        self.dp_steps = dp_steps
         self.device_name = device
         self.amp = amp
         self.num_threads = num_threads
@@ -92,6 +156,11 @@ class SplitSiteExecutor(Executor):
         self.checkpoints: Path | None = None
         # Filled in at setup: what no message leaving this site may name.
         self.private = PrivateNames()
+        # With DP-SGD: the site's record (results.json in its run folder), once it admitted the job.
+        self.privacy: PrivacyRecord | None = None
+        self.results_path: Path | None = None
+        # Why this site refused the job (its epsilon cap): every later task is refused the same way.
+        self.refusal: EpsilonCapExceeded | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
@@ -119,8 +188,13 @@ class SplitSiteExecutor(Executor):
             self.log_error(fl_ctx, f"task {task_name} arrived rejected: {rejected}")
             return error_reply(f"{party}: task data rejected before execution: {self.private.scrub(rejected)}")
         try:
+            if self.refusal is not None:
+                raise self.refusal
             return handler(from_shareable(shareable), party, fl_ctx)
         except Exception as error:  # noqa: BLE001 - the server must learn why, not just that, a site failed
+            if isinstance(error, EpsilonCapExceeded):
+                # It names the cap and the projected epsilon only: the server learns why, and so does every later task.
+                self.refusal = error
             full = f"{type(error).__name__}: {error}"
             if not isinstance(error, (SplitUNetDataError, SplitUNetConfigError, ValueError, RuntimeError)):
                 full += "\n" + traceback.format_exc()
@@ -158,12 +232,16 @@ class SplitSiteExecutor(Executor):
             f"{party}: modality {settings.modality}, {len(self.trainer.key_to_case)} cases from {data_dir} "
             f"(settings {settings.source}), {compute}, checkpoints in {self.checkpoints}",
         )
+        if not inference:
+            # Before the reply (the case list) leaves, and before a resumed encoder is loaded.
+            self._admit(party, fl_ctx)
         resume = dxo.get_meta_prop(MetaKey.RESUME)
         if resume:
             path = encoder_checkpoint(self.checkpoints, settings.modality, "last")
             state = load_for_resume(path, party, resume["iteration"], self.trainer.config.to_dict())
             self.trainer.load_state_dict(state)
             self.log_info(fl_ctx, f"{party}: resumed from {path} (iteration {resume['iteration']})")
+            self._record_privacy(party, resume["iteration"], fl_ctx)
         meta = {MetaKey.MODALITY: settings.modality, MetaKey.CASES: self.trainer.describe_cases()}
         if inference:
             path = encoder_checkpoint(self.checkpoints, settings.modality, inference["tag"])
@@ -177,6 +255,41 @@ class SplitSiteExecutor(Executor):
                     key: geometry_header(folder.header(case_id)) for key, case_id in self.trainer.key_to_case.items()
                 }
         return control_dxo(meta).to_shareable()
+
+    def _admit(self, party: str, fl_ctx: FLContext) -> None:
+        """Fix the DP-SGD budget of a training job and check it against the site's epsilon cap.
+
+        Raises:
+            EpsilonCapExceeded: the projected epsilon exceeds the cap, or the job trains without DP-SGD and the site
+                states a cap (the message names the cap and the projection only).
+        """
+        self.privacy, lines = admit_job(
+            party, self.dp, self.dp_steps, self.trainer, site_config_dir(fl_ctx) / PRIVACY_FILE
+        )
+        for line in lines:
+            self.log_info(fl_ctx, f"{party}: {line}")
+        if self.privacy is not None:
+            self.results_path = run_dir(fl_ctx) / RESULTS_FILE
+            self._write_results()
+
+    def _record_privacy(self, party: str, iteration, fl_ctx: FLContext) -> None:
+        """With DP-SGD: log the epsilon spent so far and keep it in ``results.json``."""
+        if self.privacy is None:
+            return
+        self.privacy.spent(self.trainer.epsilon(), self.trainer.private.steps_taken, iteration=iteration)
+        self.log_info(fl_ctx, f"{party}: iteration {iteration}: {self.privacy.line()}")
+        self._write_results()
+
+    def _write_results(self) -> None:
+        trainer = self.trainer
+        content = {
+            "party": trainer.party,
+            "modality": trainer.modality,
+            "steps_applied": trainer.steps_applied,
+            "averages_loaded": trainer.averages_loaded,
+            "dp": self.privacy.to_json(),
+        }
+        write_json_atomic(content, self.results_path)
 
     def _require_trainer(self) -> SiteTrainer:
         if self.trainer is None:
@@ -234,6 +347,8 @@ class SplitSiteExecutor(Executor):
         elif dxo.data_kind != DataKind.CONTROL:
             raise ValueError(f"{TaskName.AVERAGE} carries data kind {dxo.data_kind!r}; expected gradients or control")
         meta[MetaKey.SITE_COMPUTE_S] = compute_s
+        # The weights leave now: what they spent so far is on record (the average is post-processing).
+        self._record_privacy(party, meta[MetaKey.ITERATION], fl_ctx)
         return encoder_to_dxo(trainer.encoder_weights(), meta).to_shareable()
 
     def _save(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
@@ -245,4 +360,6 @@ class SplitSiteExecutor(Executor):
         state[MetaKey.ITERATION] = dxo.get_meta_prop(MetaKey.ITERATION)
         path = save_checkpoint(state, encoder_checkpoint(self.checkpoints, trainer.modality, tag))
         self.log_info(fl_ctx, f"{party}: saved {tag} encoder checkpoint to {path}")
+        if tag == "last":
+            self._record_privacy(party, state[MetaKey.ITERATION], fl_ctx)
         return control_dxo({MetaKey.SAVED_PATH: str(path)}).to_shareable()

@@ -119,7 +119,8 @@ def copy_fedavg_job(
     for path in sorted(out_dir.glob("*/config/config_fed_*.json")):
         config = json.loads(path.read_text())
         for workflow in config.get("workflows", []):
-            if workflow["path"].endswith(".FedAvg"):
+            # FLARE's FedAvg or a subclass of it (the DWCS variant's DriftCorrectedFedAvg), by the job's workflow id.
+            if workflow.get("id") == "fedavg" or workflow["path"].endswith("FedAvg"):
                 workflow.setdefault("args", {}).update(server_args or {})
         for executor in config.get("executors", []):
             executor["executor"].setdefault("args", {}).update(client_args or {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,10 +14,16 @@ from splitunet.compute.mixed_precision import amp_applies, autocast
 from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.party_data import ModalityFolder
 from splitunet.data.sampling import extract_crop
-from splitunet.errors import SplitUNetDataError
+from splitunet.dp.opacus_extra import dp_module
+from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.networks import SiteEncoder, seeded_encoder
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import MODALITIES
+
+if TYPE_CHECKING:  # Opacus is the dp extra: loaded only when a job trains with DP-SGD
+    from splitunet.dp.dp_settings import DPSettings
+    from splitunet.dp.epsilon_budget import DPBudget
+    from splitunet.dp.private_split import PrivateSplitTraining
 
 __all__ = ["SiteTrainer", "initial_encoder"]
 
@@ -43,6 +50,10 @@ class SiteTrainer:
     Features leave and gradients arrive as host tensors (what FLARE serializes); on a GPU they cross through
     reused pinned buffers (:class:`~splitunet.compute.host_staging.PinnedStaging`), so the copies are asynchronous DMAs.
 
+    With DP-SGD (:meth:`plan_privacy`) each backward pass computes one gradient per crop through the server's
+    gradient; each case of the batch contributes one gradient, clipped, and the sum is noised
+    (:class:`~splitunet.dp.private_split.PrivateSplitTraining`; what it covers: ``docs/dp.md``).
+
     Args:
         folder: this site's modality folder.
         case_key_secret: secret shared by the data holders for keyed case hashes.
@@ -55,6 +66,8 @@ class SiteTrainer:
         amp: whether training passes really run under autocast here.
         steps_applied: training steps whose gradients this encoder took.
         averages_loaded: averages of the encoders sharing this modality that this encoder took.
+        private: the encoder's DP-SGD, once :meth:`plan_privacy` made it (``None``: plain training).
+        dp_changes: what :func:`~splitunet.dp.prepare_for_dp` changed in the encoder (with DP-SGD).
     """
 
     def __init__(
@@ -72,7 +85,10 @@ class SiteTrainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps_applied = 0
         self.averages_loaded = 0
+        self.private: PrivateSplitTraining | None = None
+        self.dp_changes = None
         self._pending: dict[int, torch.Tensor] | None = None
+        self._pending_keys: list[str] = []
 
     def describe_cases(self) -> dict[str, dict]:
         """Keyed case list with shape and affine digest: all the server learns about this site's data."""
@@ -92,7 +108,48 @@ class SiteTrainer:
         self.optimizer = torch.optim.Adam(
             self.encoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
+        self.private = None
         self._pending = None
+
+    def plan_privacy(self, settings: DPSettings, steps: int) -> DPBudget:
+        """Train the encoder by DP-SGD from now on, within a budget of ``steps`` steps fixed here.
+
+        The budget protects this site's cases (N is their number: the server may put any of them in a training
+        batch) at sample rate 1 (:func:`~splitunet.dp.plan_split_budget`: the server chooses the batches); the encoder
+        keeps its parameter names and function (:func:`~splitunet.dp.prepare_for_dp` only makes activations
+        out-of-place).
+
+        Args:
+            settings: the job's DP-SGD settings.
+            steps: the most training steps the job may take at this site; a step beyond them is refused.
+
+        Raises:
+            SplitUNetConfigError: the job freezes the encoders, AMP is on, the encoder has trained already, the
+                model needs layer replacements, or the budget cannot be made (the message names why).
+        """
+        self._require_built()
+        if not self.config.train_encoders:
+            raise SplitUNetConfigError(f"{self.party}: this job freezes the encoders, so DP-SGD has nothing to train")
+        if self.amp:
+            raise SplitUNetConfigError(f"{self.party}: DP-SGD trains the encoder in float32 here; turn amp off")
+        if self.steps_applied or self._pending is not None or self.private is not None:
+            raise SplitUNetConfigError(f"{self.party}: DP-SGD must be planned before the encoder's first step")
+        budget_module, model_module, split_module = (
+            dp_module(name, self.party) for name in ("epsilon_budget", "dp_model", "private_split")
+        )
+        encoder, self.dp_changes = model_module.prepare_for_dp(self.encoder)
+        if encoder is not self.encoder:
+            # A replaced layer would change the weights the server averages and the checkpoints hold.
+            raise SplitUNetConfigError(
+                f"{self.party}: the encoder needs layer replacements for DP-SGD ({self.dp_changes.summary()})"
+            )
+        budget = budget_module.plan_split_budget(settings, len(self.key_to_case), steps)
+        self.private = split_module.PrivateSplitTraining([self.encoder], self.optimizer, budget)
+        return budget
+
+    def epsilon(self) -> float | None:
+        """Epsilon spent so far by the encoder's DP-SGD at its budget's delta (``None`` without DP-SGD)."""
+        return None if self.private is None else self.private.epsilon()
 
     def _batch(self, plan: Mapping) -> torch.Tensor:
         crops = []
@@ -119,6 +176,9 @@ class SiteTrainer:
         self._require_built()
         if self._pending is not None:
             raise RuntimeError(f"{self.party}: forward called while the previous step's gradients are pending")
+        if self.private is not None:
+            # A step beyond the budget is refused before its crops are read.
+            self.private.require_step()
         self.encoder.train()
         batch = self._batch(plan)
         if not self.config.train_encoders:
@@ -128,10 +188,17 @@ class SiteTrainer:
         with autocast(self.device, self.amp):
             features = self.encoder(batch)
         self._pending = {level: features[level] for level in self.config.sent_levels}
+        # The case of each crop: with DP-SGD a case contributes one crop's gradient, however many it has in the batch.
+        self._pending_keys = list(plan["keys"])
         return self._to_wire(features, "features")
 
     def backward(self, grads: Mapping[int, torch.Tensor]) -> None:
-        """Back-propagate the server's gradients through the pending features and step the optimiser."""
+        """Back-propagate the server's gradients through the pending features and step the optimiser (with DP-SGD:
+        one gradient per case, clipped, and noise; docs/dp.md).
+
+        Raises:
+            BudgetExhausted: with DP-SGD, every step of the budget is taken.
+        """
         self._require_built()
         if not self.config.train_encoders:
             # The job said the encoder stays frozen: a server that sends gradients anyway is not followed.
@@ -153,9 +220,15 @@ class SiteTrainer:
                 )
             outputs.append(output)
             grad_tensors.append(grad)
-        self.optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(outputs, grad_tensors)
-        self.optimizer.step()
+        if self.private is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(outputs, grad_tensors)
+            self.optimizer.step()
+        else:
+            self.private.require_step()
+            self.private.zero_grad()
+            self.private.backward(outputs, grad_tensors)
+            self.private.step(self._pending_keys)
         self._pending = None
         self.steps_applied += 1
 
@@ -223,13 +296,28 @@ class SiteTrainer:
             "optimizer": self.optimizer.state_dict(),
             "steps_applied": self.steps_applied,
             "averages_loaded": self.averages_loaded,
+            "dp": None if self.private is None else self.private.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore :meth:`state_dict` output (the encoder must be built with the same config)."""
+        """Restore :meth:`state_dict` output (the encoder must be built with the same config; with DP-SGD, planned
+        first: the checkpoint's DP-SGD steps count against this job's budget).
+
+        Raises:
+            ValueError: the checkpoint is of another modality.
+            SplitUNetConfigError: with DP-SGD, a checkpoint of an encoder trained without it, or of another schedule.
+        """
         self._require_built()
         if state["modality"] != self.modality:
             raise ValueError(f"{self.party}: checkpoint is for modality {state['modality']}, not {self.modality}")
+        if self.private is not None:
+            if state.get("dp") is None and int(state.get("steps_applied", 0)):
+                raise SplitUNetConfigError(
+                    f"{self.party}: the checkpoint's encoder was trained without DP-SGD; this job's epsilon would not "
+                    "cover it"
+                )
+            if state.get("dp") is not None:
+                self.private.load_state_dict(state["dp"])
         self.encoder.load_state_dict(state["encoder"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps_applied = int(state.get("steps_applied", 0))

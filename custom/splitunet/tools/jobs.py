@@ -301,6 +301,91 @@ FEDAVG_DP_JOB = replace(
     },
 )
 
+# The FedAvg baseline with DWCS on every round's global model (splitunet.horizontal.DriftCorrectedFedAvg, FLARE's
+# FedAvg otherwise; docs/topologies.md): only the workflow's class and its drift_correction ({}: DWCS's defaults).
+FEDAVG_DWCS_JOB = replace(
+    FEDAVG_JOB,
+    name="fedavg_unet_dwcs",
+    workflow=replace(
+        FEDAVG_JOB.workflow,
+        path="splitunet.horizontal.DriftCorrectedFedAvg",
+        args={**FEDAVG_JOB.workflow.args, "drift_correction": {}},
+    ),
+)
+
+# The U-shaped three-part split (splitunet.u_shape; Yang et al., RoS-FL): hospitals that each hold every modality
+# and their patients' labels keep the first encoder block, the last decoder block, the head and the loss; the
+# server runs one shared middle. Heads and tails are averaged by case count after every round (DWCS when
+# drift_correction names its arguments). The main job's model, optimiser and wire (int8 both ways), and as many
+# iterations, validated as often; x0, u2 and both gradients travel in the filters' feature DXOs.
+U_SHAPE_JOB = Job(
+    name="u_shape_unet",
+    workflow=Workflow(
+        "u_shape",
+        "splitunet.u_shape.UShapeController",
+        {
+            "num_rounds": MAIN_JOB.workflow.args["num_iterations"] // 20,
+            "iterations_per_round": 20,
+            "val_every": MAIN_JOB.workflow.args["val_every"] // 20,
+            "num_val_cases": 1,
+            "drift_correction": None,
+            **{
+                name: MAIN_JOB.workflow.args[name]
+                for name in (
+                    "batch_size",
+                    "crop_size",
+                    "features",
+                    "loss",
+                    "learning_rate",
+                    "sw_batch_size",
+                    "seed",
+                    "device",
+                    "task_timeout",
+                    "task_long_poll_s",
+                )
+            },
+        },
+    ),
+    executor_tasks=("u_setup", "u_forward", "u_tail", "u_collect", "u_validate"),
+    executor_args={"device": "auto"},
+    # Every task after setup carries tensors or weights: x0 and dL/du2 up, u2 and dL/dx0 down, heads and tails
+    # up for averaging and the average down (the feature filters pass FLARE's WEIGHTS DXOs on unchanged).
+    filtered_tasks=("u_forward", "u_tail", "u_collect", "u_validate"),
+    site_filters=(INT8,),
+    server_filters=(INT8,),
+    min_clients=2,
+    executor_path="splitunet.u_shape.UShapeHospitalExecutor",
+    executor_id="u_shape_hospital",
+)
+
+# DP-SGD at the split parties (splitunet.dp, docs/dp.md): each site's encoder (the main job) and each hospital's head
+# and tail (the U-shape) train with Opacus through the gradients the server returns; only the parties' "dp" and
+# "dp_steps" arguments differ. The server chooses the batches, so there is no sampling to amplify by
+# (poisson_sampling false, sample rate 1); sigma is chosen for the job's steps so that each party's epsilon ends at or
+# below target_epsilon (at delta min(1e-5, 1/(10 N))). C is about a case's gradient norm at the start of training on
+# the phantom at the jobs' sizes: 0.05-0.32 for an encoder (by modality), 0.20-0.41 for a head and tail.
+SPLIT_DP = {"target_epsilon": 8.0, "accountant": "rdp", "poisson_sampling": False}
+SPLIT_DP_JOB = replace(
+    MAIN_JOB,
+    name="split_unet_dp",
+    executor_args={
+        **MAIN_JOB.executor_args,
+        "dp": {**SPLIT_DP, "max_grad_norm": 0.1},
+        # A site takes at most one step per iteration.
+        "dp_steps": MAIN_JOB.workflow.args["num_iterations"],
+    },
+    defense=False,
+)
+U_SHAPE_DP_JOB = replace(
+    U_SHAPE_JOB,
+    name="u_shape_unet_dp",
+    executor_args={
+        **U_SHAPE_JOB.executor_args,
+        "dp": {**SPLIT_DP, "max_grad_norm": 0.25},
+        "dp_steps": U_SHAPE_JOB.workflow.args["num_rounds"] * U_SHAPE_JOB.workflow.args["iterations_per_round"],
+    },
+)
+
 FP32 = "split_unet_fp32"
 
 # The description. Defense rows come in this order, the float32 reference (the baseline of every comparison) first,
@@ -381,53 +466,13 @@ JOBS: tuple[Entry, ...] = (
         workflow_args={"cohort_draw": "proportional", "encoder_averaging_every": 10, "drift_correction": None},
         min_clients=2 * len(MODALITIES),
     ),
+    SPLIT_DP_JOB,
     INFERENCE_JOB,
     FEDAVG_JOB,
     FEDAVG_DP_JOB,
-    # The U-shaped three-part split (splitunet.u_shape; Yang et al., RoS-FL): hospitals that each hold every modality
-    # and their patients' labels keep the first encoder block, the last decoder block, the head and the loss; the
-    # server runs one shared middle. Heads and tails are averaged by case count after every round (DWCS when
-    # drift_correction names its arguments). The main job's model, optimiser and wire (int8 both ways), and as many
-    # iterations, validated as often; x0, u2 and both gradients travel in the filters' feature DXOs.
-    Job(
-        name="u_shape_unet",
-        workflow=Workflow(
-            "u_shape",
-            "splitunet.u_shape.UShapeController",
-            {
-                "num_rounds": MAIN_JOB.workflow.args["num_iterations"] // 20,
-                "iterations_per_round": 20,
-                "val_every": MAIN_JOB.workflow.args["val_every"] // 20,
-                "num_val_cases": 1,
-                "drift_correction": None,
-                **{
-                    name: MAIN_JOB.workflow.args[name]
-                    for name in (
-                        "batch_size",
-                        "crop_size",
-                        "features",
-                        "loss",
-                        "learning_rate",
-                        "sw_batch_size",
-                        "seed",
-                        "device",
-                        "task_timeout",
-                        "task_long_poll_s",
-                    )
-                },
-            },
-        ),
-        executor_tasks=("u_setup", "u_forward", "u_tail", "u_collect", "u_validate"),
-        executor_args={"device": "auto"},
-        # Every task after setup carries tensors or weights: x0 and dL/du2 up, u2 and dL/dx0 down, heads and tails
-        # up for averaging and the average down (the feature filters pass FLARE's WEIGHTS DXOs on unchanged).
-        filtered_tasks=("u_forward", "u_tail", "u_collect", "u_validate"),
-        site_filters=(INT8,),
-        server_filters=(INT8,),
-        min_clients=2,
-        executor_path="splitunet.u_shape.UShapeHospitalExecutor",
-        executor_id="u_shape_hospital",
-    ),
+    FEDAVG_DWCS_JOB,
+    U_SHAPE_JOB,
+    U_SHAPE_DP_JOB,
 )
 
 

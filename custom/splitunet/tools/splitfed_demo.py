@@ -1,15 +1,16 @@
 """The SplitFed job (several sites per modality) in the FLARE simulator on phantom data: data, workspace, run, summary.
 
 The phantom and its vertical partition are the main demo's (:func:`splitunet.tools.demo.ensure_partitioned_phantom`);
-its patients are then dealt to ``sites_per_modality`` groups (:func:`splitunet.data.site_groups.split_patients`):
-group ``g``'s four sites (``site-1`` .. ``site-4`` for the first, ``site-5`` .. ``site-8`` for the second, ...) hold
+its patients are then dealt to ``sites_per_modality`` groups (:func:`splitunet.data.site_groups.split_patients`), or
+put in the groups the settings name (``groups``, :func:`splitunet.data.site_groups.write_groups`): group ``g``'s four
+sites (``site-1`` .. ``site-4`` for the first, ``site-5`` .. ``site-8`` for the second, ...) hold
 one modality each of that group's patients, and the label holder holds every label. The sites of one modality share
 an ``encoder_seed`` (agreed among them, never sent), so that their encoders start equal and the first average is
 one of copies of one model (docs/topologies.md, "Several sites per modality").
 
 The summary, ``<workspace>/results.json``, has the main demo's keys where they mean the same (``job``, ``dice``,
-``iterations``, ``sites``, ``checkpoints``, ``server_results``, ``simulator_log``, ``elapsed_s``), plus the server's
-``cohorts`` and ``encoder_averaging``.
+``hd95``, ``iterations``, ``sites``, ``activation_bytes_per_iteration``, ``checkpoints``, ``server_results``,
+``simulator_log``, ``elapsed_s``), plus the server's ``cohorts`` and ``encoder_averaging``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from splitunet.atomic_files import write_json_atomic
 from splitunet.compute.devices import THREADS_ENV_VAR
 from splitunet.data.case_keys import read_or_create_secret
 from splitunet.data.party_settings import SETTINGS_FILE_NAME, write_settings
-from splitunet.data.site_groups import group_sites, split_patients
+from splitunet.data.site_groups import group_sites, split_patients, write_groups
 from splitunet.tools.demo import ensure_partitioned_phantom
 from splitunet.tools.deployment import copy_job_with_overrides, find_job, prepare_simulator_workspace
 from splitunet.tools.simulator import completed_server_results, run_simulator
@@ -45,6 +46,8 @@ class SplitFedDemoSettings:
         cases: phantom patients, dealt among the groups.
         shape: phantom volume shape.
         seed: phantom seed; also the seed of the deal of patients to groups.
+        groups: per group, its patients' case IDs, instead of a deal (one group per site of a modality, so
+            ``sites_per_modality`` of them); ``None`` (default): deal the patients.
         server_args: workflow arguments to set (``num_iterations``, ``encoder_averaging_every``, ``features``, ...).
         client_args: site executor arguments to set.
         threads_per_party: torch threads of each site (they compute at the same time).
@@ -58,6 +61,7 @@ class SplitFedDemoSettings:
         cases: int = 24,
         shape: Sequence[int] = (64, 64, 64),
         seed: int = 0,
+        groups: Sequence[Sequence[str]] | None = None,
         server_args: Mapping | None = None,
         client_args: Mapping | None = None,
         threads_per_party: int = 1,
@@ -65,6 +69,9 @@ class SplitFedDemoSettings:
         timeout_s: float = 1800.0,
     ):
         self.sites = group_sites(sites_per_modality)  # checks the count
+        if groups is not None and len(groups) != sites_per_modality:
+            raise ValueError(f"{len(groups)} groups of patients for {sites_per_modality} sites per modality")
+        self.groups = None if groups is None else [list(members) for members in groups]
         self.sites_per_modality = sites_per_modality
         self.cases = cases
         self.shape = tuple(shape)
@@ -91,6 +98,7 @@ def run_splitfed_demo(
     settings: SplitFedDemoSettings | None = None,
     job_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
+    secret_file: str | Path | None = None,
 ) -> dict:
     """Run the SplitFed job on phantom data in the FLARE simulator; write ``<workspace>/results.json``.
 
@@ -101,6 +109,8 @@ def run_splitfed_demo(
         job_dir: the job folder (default the bundle's ``jobs/split_unet_splitfed``).
         data_dir: where the phantom, its partition, the groups and the case-key secret live (default
             ``<workspace>/data``).
+        secret_file: the data holders' case-key secret (default ``<data_dir>/case_key_secret.txt``; made when
+            missing).
 
     Returns:
         the summary written to ``results.json``.
@@ -113,12 +123,15 @@ def run_splitfed_demo(
     data_dir = Path(data_dir).resolve() if data_dir else workspace / "data"
     started = time.perf_counter()
     parties = ensure_partitioned_phantom(data_dir, settings.cases, settings.shape, settings.seed)
-    groups = split_patients(parties, data_dir / "groups", settings.sites_per_modality, seed=settings.seed)
+    if settings.groups is None:
+        groups = split_patients(parties, data_dir / "groups", settings.sites_per_modality, seed=settings.seed)
+    else:
+        groups = write_groups(parties, data_dir / "groups", settings.groups)
     sim_workspace, checkpoints = workspace / "simulator", workspace / "checkpoints"
     for folder in (sim_workspace, checkpoints):
         if folder.exists():
             shutil.rmtree(folder)  # a fresh run each time: stale checkpoints must not pass for new ones
-    secret = read_or_create_secret(data_dir / "case_key_secret.txt")
+    secret = read_or_create_secret(Path(secret_file) if secret_file else data_dir / "case_key_secret.txt")
     site_modalities = {site: modality for site, (modality, _) in settings.sites.items()}
     prepare_simulator_workspace(sim_workspace, parties, site_modalities, secret, checkpoint_root=checkpoints)
     # One private seed per modality, shared by its sites only.
@@ -144,8 +157,10 @@ def run_splitfed_demo(
     summary = {
         "job": job_dir.name,
         "dice": {region: results["dice"][region] for region in ("TC", "WT", "ET")},
+        "hd95": {region: results["hd95"][region] for region in ("TC", "WT", "ET")} if results.get("hd95") else None,
         "iterations": results["iterations"],
         "sites": results.get("sites"),
+        "activation_bytes_per_iteration": results.get("activation_bytes_per_iteration"),
         "cohorts": results.get("cohorts"),
         "encoder_averaging": results.get("encoder_averaging"),
         "checkpoints": results.get("checkpoints"),

@@ -4,6 +4,11 @@ to the tasks of :mod:`splitunet.u_shape.protocol`.
 Images, labels, predictions and the skip ``x0``'s local gradient never leave the hospital: replies carry ``x0``,
 ``dL/du2``, the loss value, head and tail weights at the end of a round, and the validation Dice, each through the
 hospital's task-result filters.
+
+With DP-SGD (the executor's ``dp`` and ``dp_steps``, :mod:`splitunet.dp`) the hospital fixes its budget at the setup
+task and checks it against its own ``max_epsilon`` (``local/privacy.json``; a hospital with a cap refuses a job without
+DP-SGD too) before its reply leaves, as the split sites do (:mod:`splitunet.flare.executor`); it records the epsilon
+spent after every round in its log and in ``results.json`` in its run folder (``dp``).
 """
 
 from __future__ import annotations
@@ -21,15 +26,19 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
+from splitunet.atomic_files import write_json_atomic
 from splitunet.checkpoint import save_checkpoint
 from splitunet.compute.devices import configure_threads, select_device
 from splitunet.data.case_keys import PrivateNames
 from splitunet.data.hospital_folder import HospitalFolder
 from splitunet.data.hospital_settings import load_hospital_settings
+from splitunet.dp.party_record import PrivacyRecord, admit_job
+from splitunet.dp.site_cap import EpsilonCapExceeded
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
-from splitunet.flare.executor import site_error_message
+from splitunet.flare.executor import RESULTS_FILE, check_dp_arguments, site_error_message
 from splitunet.flare.replies import error_reply, reply_error_message
-from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
+from splitunet.flare.site_minimum import PRIVACY_FILE
+from splitunet.flare.workspace_paths import checkpoint_folder, run_dir, site_config_dir
 from splitunet.u_shape.config import UShapeConfig
 from splitunet.u_shape.hospital_trainer import HospitalTrainer
 from splitunet.u_shape.protocol import U2_LEVEL, X0_LEVEL, UMetaKey, UTaskName
@@ -53,17 +62,31 @@ class UShapeHospitalExecutor(Executor):
     Args:
         device: ``"auto"`` (CUDA if this hospital has a GPU, else CPU) or a torch device name.
         num_threads: torch CPU threads; 0 keeps torch's default (or ``$SPLITUNET_TORCH_THREADS``).
+        dp: DP-SGD settings of head and tail (:class:`~splitunet.dp.DPSettings`, with ``poisson_sampling`` false:
+            docs/dp.md); ``None`` trains without.
+        dp_steps: with ``dp``: the most training steps the job may take at this hospital (the workflow's rounds
+            times iterations per round); the epsilon is projected for them and a step beyond them is refused.
+
+    Raises:
+        SplitUNetConfigError: a malformed argument, when FLARE builds the executor (the message names it).
     """
 
-    def __init__(self, device: str = "auto", num_threads: int = 0):
+    def __init__(self, device: str = "auto", num_threads: int = 0, dp=None, dp_steps: int | None = None):
         super().__init__()
         if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 0:
             raise SplitUNetConfigError(f"num_threads must be an int >= 0, got {num_threads!r}")
+        self.dp = check_dp_arguments(dp, dp_steps)
+        self.dp_steps = dp_steps
         self.device_name = device
         self.num_threads = num_threads
         self.trainer: HospitalTrainer | None = None
         self.checkpoints: Path | None = None
         self.private = PrivateNames()
+        # With DP-SGD: the hospital's record (results.json in its run folder), once it admitted the job.
+        self.privacy: PrivacyRecord | None = None
+        self.results_path: Path | None = None
+        # Why this hospital refused the job (its epsilon cap): every later task is refused the same way.
+        self.refusal: EpsilonCapExceeded | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
@@ -90,8 +113,13 @@ class UShapeHospitalExecutor(Executor):
             self.log_error(fl_ctx, f"task {task_name} arrived rejected: {rejected}")
             return error_reply(f"{party}: task data rejected before execution: {self.private.scrub(rejected)}")
         try:
+            if self.refusal is not None:
+                raise self.refusal
             return handler(from_shareable(shareable), party, fl_ctx)
         except Exception as error:  # noqa: BLE001 - the server must learn why, not just that, a hospital failed
+            if isinstance(error, EpsilonCapExceeded):
+                # It names the cap and the projected epsilon only: the server learns why, and so does every later task.
+                self.refusal = error
             full = f"{type(error).__name__}: {error}"
             if not isinstance(error, (SplitUNetDataError, SplitUNetConfigError, ValueError, RuntimeError)):
                 full += "\n" + traceback.format_exc()
@@ -120,7 +148,34 @@ class UShapeHospitalExecutor(Executor):
             f"from {settings.data_dir} (layout {settings.layout}, settings {settings.source}), device "
             f"{self.trainer.device}, checkpoints in {self.checkpoints}",
         )
+        self._admit(party, fl_ctx)
         return control_dxo({UMetaKey.NUM_CASES: self.trainer.num_train_cases}).to_shareable()
+
+    def _admit(self, party: str, fl_ctx: FLContext) -> None:
+        """Fix the DP-SGD budget and check it against the hospital's epsilon cap, before the setup reply leaves.
+
+        Raises:
+            EpsilonCapExceeded: the projected epsilon exceeds the cap, or the job trains without DP-SGD and the
+                hospital states a cap (the message names the cap and the projection only).
+        """
+        self.privacy, lines = admit_job(
+            party, self.dp, self.dp_steps, self.trainer, site_config_dir(fl_ctx) / PRIVACY_FILE
+        )
+        for line in lines:
+            self.log_info(fl_ctx, f"{party}: {line}")
+        if self.privacy is not None:
+            self.results_path = run_dir(fl_ctx) / RESULTS_FILE
+            self._write_results()
+
+    def _write_results(self) -> None:
+        trainer = self.trainer
+        content = {
+            "party": trainer.party,
+            "train_cases": trainer.num_train_cases,
+            "steps_applied": trainer.steps_applied,
+            "dp": self.privacy.to_json(),
+        }
+        write_json_atomic(content, self.results_path)
 
     def _require_trainer(self) -> HospitalTrainer:
         if self.trainer is None:
@@ -157,6 +212,11 @@ class UShapeHospitalExecutor(Executor):
         dx0 = dxo_to_features(dxo, DataKind.GRADIENTS, party="server", expected_levels=(X0_LEVEL,))[X0_LEVEL]
         trainer.finish_step(dx0)
         meta = {UMetaKey.NUM_CASES: trainer.num_train_cases, UMetaKey.ROUND: dxo.get_meta_prop(UMetaKey.ROUND)}
+        if self.privacy is not None:
+            # The round's weights leave now: what they spent is on record (the average is post-processing).
+            self.privacy.spent(trainer.epsilon(), trainer.private.steps_taken, round=meta[UMetaKey.ROUND])
+            self.log_info(fl_ctx, f"{party}: round {meta[UMetaKey.ROUND]}: {self.privacy.line()}")
+            self._write_results()
         return parts_to_dxo(trainer.parts_state(), meta).to_shareable()
 
     def _validate(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
@@ -175,7 +235,7 @@ class UShapeHospitalExecutor(Executor):
         x0, seconds = trainer.timed(trainer.next_windows)
         meta = {UMetaKey.ROUND: dxo.get_meta_prop(UMetaKey.ROUND), MetaKey.SITE_COMPUTE_S: seconds}
         if x0 is None:
-            dice = trainer.validation_dice()
-            self.log_info(fl_ctx, f"{party}: validation Dice {dice}")
-            return control_dxo({**meta, UMetaKey.DICE: dice}).to_shareable()
+            dice, hd95 = trainer.validation_scores()
+            self.log_info(fl_ctx, f"{party}: validation Dice {dice}, HD95 {hd95}")
+            return control_dxo({**meta, UMetaKey.DICE: dice, UMetaKey.HD95: hd95}).to_shareable()
         return features_to_dxo({X0_LEVEL: x0}, DataKind.ACTIVATIONS, meta).to_shareable()

@@ -7,21 +7,27 @@ No FLARE here, so the same trainer runs in one process for tests and attacks
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric
 
 from splitunet.compute.devices import timed_call
 from splitunet.data.hospital_folder import HospitalFolder
 from splitunet.data.sampling import RandomCropPlanner, extract_crop
-from splitunet.errors import SplitUNetDataError
+from splitunet.dp.opacus_extra import dp_module
+from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.region_scores import RegionScores
 from splitunet.server.trainer import make_loss
 from splitunet.u_shape.config import UShapeConfig
 from splitunet.u_shape.networks import seeded_part
 from splitunet.u_shape.protocol import HOSPITAL_PARTS
 from splitunet.u_shape.windows import SlidingWindows
-from splitunet.wire.protocol import REGIONS
+
+if TYPE_CHECKING:  # Opacus is the dp extra: loaded only when a job trains with DP-SGD
+    from splitunet.dp.dp_settings import DPSettings
+    from splitunet.dp.epsilon_budget import DPBudget
+    from splitunet.dp.private_split import PrivateSplitTraining
 
 __all__ = ["HospitalTrainer", "split_hospital_cases"]
 
@@ -55,6 +61,11 @@ class HospitalTrainer:
     3. :meth:`finish_step`: the middle's share of ``dL/dx0`` from the server is added to the skip's share, the head
        back-propagates it, and head and tail take one optimiser step together.
 
+    With DP-SGD (:meth:`plan_privacy`) both backward passes compute one gradient per crop (the tail's from the local
+    loss, the head's through the server's ``dL/dx0``), and the step clips each case's gradient over head and tail
+    together (one crop per case), sums and adds noise
+    (:class:`~splitunet.dp.private_split.PrivateSplitTraining`; what it covers: ``docs/dp.md``).
+
     Args:
         folder: the hospital's dataset.
         device: where head and tail run.
@@ -76,7 +87,10 @@ class HospitalTrainer:
         self._x0: torch.Tensor | None = None  # head output of the pending step, graph attached
         self._target: torch.Tensor | None = None
         self._skip_grad: torch.Tensor | None = None  # the tail's share of dL/dx0
+        self._keys: list[str] = []  # the case of each crop of the pending step
         self._validation: _Validation | None = None
+        self.private: PrivateSplitTraining | None = None
+        self.dp_changes = None
 
     # ------------------------------------------------------------------------------------------------ setup
     def build(self, config: UShapeConfig) -> None:
@@ -99,6 +113,49 @@ class HospitalTrainer:
         self.loss_fn = make_loss(config.loss)
         self._clear()
         self.steps_applied = 0
+        self.private = None
+
+    def plan_privacy(self, settings: DPSettings, steps: int) -> DPBudget:
+        """Train head and tail by DP-SGD from now on, within a budget of ``steps`` steps fixed here.
+
+        The budget protects the hospital's training cases at sample rate 1 (:func:`~splitunet.dp.plan_split_budget`):
+        its crop planner is seeded with the job's seed, which the server knows, so the planner's sampling amplifies
+        nothing. Head and tail keep their parameter names and function
+        (:func:`~splitunet.dp.prepare_for_dp` only makes activations out-of-place), so they are averaged as before.
+
+        Args:
+            settings: the job's DP-SGD settings.
+            steps: the most training steps the job may take at this hospital; a step beyond them is refused.
+
+        Raises:
+            SplitUNetConfigError: a step was taken already, a part needs layer replacements, or the budget cannot be
+                made (the message names why).
+        """
+        self._require_built()
+        if self.steps_applied or self.step_pending or self.private is not None:
+            raise SplitUNetConfigError(f"{self.party}: DP-SGD must be planned before the first step")
+        budget_module, model_module, split_module = (
+            dp_module(name, self.party) for name in ("epsilon_budget", "dp_model", "private_split")
+        )
+        changes = {}
+        for part in HOSPITAL_PARTS:
+            module, changes[part] = model_module.prepare_for_dp(getattr(self, part))
+            if module is not getattr(self, part):
+                # A replaced layer would change the weights the federation averages.
+                raise SplitUNetConfigError(
+                    f"{self.party}: the {part} needs layer replacements for DP-SGD ({changes[part].summary()})"
+                )
+        self.dp_changes = model_module.DPModelChanges(
+            made_out_of_place=[f"{part}.{name}" for part in HOSPITAL_PARTS for name in changes[part].made_out_of_place],
+            functorch=[f"{part}.{name}" for part in HOSPITAL_PARTS for name in changes[part].functorch],
+        )
+        budget = budget_module.plan_split_budget(settings, self.num_train_cases, steps)
+        self.private = split_module.PrivateSplitTraining([self.head, self.tail], self.optimizer, budget)
+        return budget
+
+    def epsilon(self) -> float | None:
+        """Epsilon spent so far by the DP-SGD of head and tail at its budget's delta (``None`` without DP-SGD)."""
+        return None if self.private is None else self.private.epsilon()
 
     @property
     def num_train_cases(self) -> int:
@@ -118,6 +175,9 @@ class HospitalTrainer:
         self._require_built()
         if self._x0 is not None:
             raise RuntimeError(f"{self.party}: forward called while the previous step is not finished")
+        if self.private is not None:
+            # A step beyond the budget is refused before its crops are read.
+            self.private.require_step()
         plan = self.planner.next_plan()
         images, targets = [], []
         for case_id, origin, flips in zip(plan["keys"], plan["origins"], plan["flips"]):
@@ -127,6 +187,7 @@ class HospitalTrainer:
         self.head.train()
         self._x0 = self.head(torch.from_numpy(np.stack(images)).to(self.device))
         self._target = torch.from_numpy(np.stack(targets).astype(np.float32)).to(self.device)
+        self._keys = list(plan["keys"])
         return self._x0.detach().cpu()
 
     def tail_step(self, u2: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -147,8 +208,13 @@ class HospitalTrainer:
         skip = self._x0.detach().requires_grad_(True)
         self.tail.train()
         loss = self.loss_fn(self.tail(received, skip), self._target)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.private is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            # The loss is the mean of per-case terms: each crop's tail gradient is that of its case's own loss.
+            self.private.zero_grad()
+            self.private.backward([loss])
         self._skip_grad = skip.grad
         return received.grad.detach().cpu(), float(loss.detach())
 
@@ -159,8 +225,13 @@ class HospitalTrainer:
             raise RuntimeError(f"{self.party}: received dL/dx0 but no tail step is waiting for it")
         if tuple(dx0.shape) != tuple(self._x0.shape):
             raise ValueError(f"{self.party}: dL/dx0 has shape {tuple(dx0.shape)}, expected {tuple(self._x0.shape)}")
-        self._x0.backward(self._skip_grad + dx0.to(self.device, self._skip_grad.dtype))
-        self.optimizer.step()
+        total = self._skip_grad + dx0.to(self.device, self._skip_grad.dtype)
+        if self.private is None:
+            self._x0.backward(total)
+            self.optimizer.step()
+        else:
+            self.private.backward([self._x0], [total])
+            self.private.step(self._keys)
         self._clear()
         self.steps_applied += 1
 
@@ -208,9 +279,13 @@ class HospitalTrainer:
 
     def validation_dice(self) -> dict[str, float]:
         """Dice per region over the held-out cases, and their mean (after :meth:`next_windows` returned ``None``)."""
+        return self.validation_scores()[0]
+
+    def validation_scores(self) -> tuple[dict[str, float], dict[str, float]]:
+        """``(dice, hd95)`` per region over the held-out cases (:class:`~splitunet.region_scores.RegionScores`)."""
         if self._validation is None or not self._validation.done:
             raise RuntimeError(f"{self.party}: validation has not finished")
-        return self._validation.dice()
+        return self._validation.scores.aggregate()
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -223,6 +298,7 @@ class HospitalTrainer:
             "optimizer": self.optimizer.state_dict(),
             "planner": self.planner.state_dict(),
             "steps_applied": self.steps_applied,
+            "dp": None if self.private is None else self.private.state_dict(),
         }
 
     def timed(self, fn, *args):
@@ -235,12 +311,12 @@ def _cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class _Validation:
-    """Window batches of the held-out cases, one case at a time, and the Dice of each finished case."""
+    """Window batches of the held-out cases, one case at a time, and the scores of each finished case."""
 
     def __init__(self, trainer: HospitalTrainer, cases: list[str]):
         self.trainer = trainer
         self.cases = cases
-        self.metric = DiceMetric(include_background=True, reduction="mean_batch")
+        self.scores = RegionScores()
         self.windows: SlidingWindows | None = None
         self.regions: np.ndarray | None = None
         self.batch = -1
@@ -273,11 +349,4 @@ class _Validation:
         self.windows.add(self.batch, logits)
         self.x0 = None
         if self.windows.complete:
-            predicted = (self.windows.probabilities()[None] > 0.5).float()
-            self.metric(predicted, torch.from_numpy(self.regions[None].astype(np.float32)))
-
-    def dice(self) -> dict[str, float]:
-        per_region = self.metric.aggregate().tolist()
-        dice = {region: float(value) for region, value in zip(REGIONS, per_region)}
-        dice["mean"] = float(np.nanmean(per_region))
-        return dice
+            self.scores.add(self.windows.probabilities() > 0.5, self.regions)

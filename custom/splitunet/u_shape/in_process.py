@@ -7,29 +7,48 @@ with the hospitals' trainers called directly instead of through tasks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+
+import torch
 
 from splitunet.federated.drift_correction import DriftCorrection
 from splitunet.u_shape.averaging import average_parts
 from splitunet.u_shape.hospital_trainer import HospitalTrainer
 from splitunet.u_shape.server_trainer import MiddleTrainer
 
-__all__ = ["train_iteration", "average_round", "validate", "train"]
+__all__ = ["CROSSINGS", "Crossing", "train_iteration", "average_round", "validate", "train"]
 
 Hospitals = Mapping[str, HospitalTrainer]
+# The tensors that cross between a hospital and the server in one iteration, in order: x0 up, u2 down, dL/du2 up,
+# dL/dx0 down.
+CROSSINGS = ("x0", "u2", "du2", "dx0")
+# ``crossing(name, party, tensor)`` -> the tensor as it arrives (name one of CROSSINGS).
+Crossing = Callable[[str, str, torch.Tensor], torch.Tensor]
 
 
-def train_iteration(hospitals: Hospitals, server: MiddleTrainer) -> dict[str, float]:
+def _unchanged(name: str, party: str, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def train_iteration(hospitals: Hospitals, server: MiddleTrainer, crossing: Crossing | None = None) -> dict[str, float]:
     """One iteration: heads, the middle, tails and losses, the middle's backward, the heads' backward.
+
+    Args:
+        hospitals: the hospitals' trainers, by name.
+        server: the middle's trainer.
+        crossing: called on each tensor as it crosses (:data:`CROSSINGS`); what it returns is what arrives. It
+            stands for the wire (e.g. the job's int8 codes, encoded and decoded) and lets an evaluation record what
+            the server receives. Default: every tensor arrives as sent.
 
     Returns:
         the loss of each hospital.
     """
-    u2 = server.forward({party: hospital.forward() for party, hospital in hospitals.items()})
-    tails = {party: hospital.tail_step(u2[party]) for party, hospital in hospitals.items()}
-    dx0 = server.backward({party: du2 for party, (du2, _) in tails.items()})
+    cross = crossing or _unchanged
+    u2 = server.forward({party: cross("x0", party, hospital.forward()) for party, hospital in hospitals.items()})
+    tails = {party: hospital.tail_step(cross("u2", party, u2[party])) for party, hospital in hospitals.items()}
+    dx0 = server.backward({party: cross("du2", party, du2) for party, (du2, _) in tails.items()})
     for party, hospital in hospitals.items():
-        hospital.finish_step(dx0[party])
+        hospital.finish_step(cross("dx0", party, dx0[party]))
     return {party: loss for party, (_, loss) in tails.items()}
 
 

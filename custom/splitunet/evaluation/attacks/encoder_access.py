@@ -9,30 +9,45 @@ import torch
 from torch import nn
 
 from splitunet.networks import SiteEncoder, seeded_encoder
+from splitunet.networks.initialisation import redraw_convolutions
 from splitunet.wire.protocol import NUM_LEVELS
 
-__all__ = ["build_encoder", "EncoderPrefix"]
+__all__ = ["build_encoder", "input_channels", "EncoderPrefix"]
 
 # SiteEncoder's blocks in order: block l produces level x_l.
 _BLOCKS = ("conv_0", "down_1", "down_2", "down_3", "down_4")
+# The first convolution's weight ``(out, in, k, k, k)``: its second dimension is the encoder's input channels.
+_FIRST_WEIGHT = "conv_0.conv_0.conv.weight"
 
 
 def build_encoder(
-    features: Sequence[int], state_dict: Mapping[str, torch.Tensor] | None = None, seed: int = 0
+    features: Sequence[int],
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    in_channels: int | None = None,
 ) -> SiteEncoder:
-    """A 1-channel :class:`SiteEncoder` with the site's architecture.
+    """A :class:`SiteEncoder` with the site's architecture (one modality, or the U-shape's four-channel head).
 
     Args:
         features: BasicUNet feature sizes of the job (5 or 6 ints), e.g. ``(8, 16, 32, 64, 128)``.
         state_dict: the site encoder's weights (white-box). ``None``: a fresh random initialisation, drawn
             from ``seed`` without touching torch's global random state (black-box surrogate).
         seed: initialisation seed when ``state_dict`` is ``None``.
+        in_channels: input channels; default: those of ``state_dict``'s first convolution, else 1.
 
     Raises:
         ValueError: ``features`` is malformed, or ``state_dict`` does not fit that architecture.
     """
-    # The sites' own initialisation (splitunet.networks.initialisation), so a known seed rebuilds their encoder.
-    encoder = seeded_encoder(features, seed)
+    if in_channels is None:
+        first = (state_dict or {}).get(_FIRST_WEIGHT)
+        in_channels = int(first.shape[1]) if isinstance(first, torch.Tensor) and first.dim() == 5 else 1
+    if in_channels == 1:
+        # The sites' own initialisation (splitunet.networks.initialisation), so a known seed rebuilds their encoder.
+        encoder = seeded_encoder(features, seed)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            encoder = SiteEncoder(in_channels=in_channels, features=tuple(int(f) for f in features))
+        encoder = redraw_convolutions(encoder, seed)
     if state_dict is not None:
         try:
             encoder.load_state_dict(state_dict, strict=True)
@@ -41,6 +56,11 @@ def build_encoder(
                 f"state_dict does not fit SiteEncoder(features={tuple(features)}): {str(error).splitlines()[0]}"
             ) from None
     return encoder
+
+
+def input_channels(encoder: SiteEncoder) -> int:
+    """The channels an encoder's input has (1 for a modality site's, 4 for the U-shape's head)."""
+    return int(encoder.conv_0.conv_0.conv.in_channels)
 
 
 class EncoderPrefix(nn.Module):

@@ -14,7 +14,7 @@ from splitunet.evaluation.attacks.base import (
     check_positive,
     check_positive_int,
 )
-from splitunet.evaluation.attacks.encoder_access import EncoderPrefix, build_encoder
+from splitunet.evaluation.attacks.encoder_access import EncoderPrefix, build_encoder, input_channels
 from splitunet.evaluation.attacks.objectives import feature_matching_loss, total_variation_3d
 from splitunet.evaluation.attacks.observed import check_observed, resolve_crop_size
 from splitunet.networks import SiteEncoder
@@ -47,8 +47,8 @@ def orient_to_reference(reconstruction: torch.Tensor, reference: torch.Tensor) -
     One sign for the whole batch: the batch shares one surrogate encoder, so its sign ambiguity is shared too.
 
     Args:
-        reconstruction: ``(B, 1, D, H, W)``.
-        reference: ``(B, 1, D, H, W)`` or ``(1, 1, D, H, W)`` (e.g. the mean image of auxiliary crops).
+        reconstruction: ``(B, C, D, H, W)``.
+        reference: ``(B, C, D, H, W)`` or ``(1, C, D, H, W)`` (e.g. the mean image of auxiliary crops).
 
     Returns:
         ``(oriented reconstruction, whether it was flipped)``.
@@ -59,7 +59,7 @@ def orient_to_reference(reconstruction: torch.Tensor, reference: torch.Tensor) -
         or reference.shape[0] not in (1, reconstruction.shape[0])
     ):
         raise ValueError(
-            f"reference must be (B or 1, 1, D, H, W) like the reconstruction {tuple(reconstruction.shape)}, "
+            f"reference must be (B or 1, C, D, H, W) like the reconstruction {tuple(reconstruction.shape)}, "
             f"got {tuple(reference.shape)}"
         )
     reference = reference.to(reconstruction).expand_as(reconstruction)
@@ -127,6 +127,11 @@ class UnSplit(Attack):
         device: where to optimise.
         l2_weight: weight of ``mean(x^2)`` on the input (the authors' ``l2loss``; 0: off).
         amsgrad: use AMSGrad in both Adam optimisers (the authors' choice).
+        in_channels: input channels of the encoder (1: a modality site; 4: the U-shape's head); default: those of
+            ``initial_state``, else 1.
+        initial_state: weights every surrogate starts from instead of a random draw (a :class:`SiteEncoder`
+            state dict), e.g. the weights the encoder had when the server last knew them, before the site's
+            local steps moved it; its first convolution then sets the input channels.
     """
 
     name = "unsplit"
@@ -149,9 +154,13 @@ class UnSplit(Attack):
         device: torch.device | str = "cpu",
         l2_weight: float = 0.0,
         amsgrad: bool = False,
+        in_channels: int | None = None,
+        initial_state: Mapping[str, torch.Tensor] | None = None,
     ):
         self.features = tuple(int(f) for f in features)
-        build_encoder(self.features)  # validates the architecture now, not at the first call
+        self.initial_state = None if initial_state is None else dict(initial_state)
+        # Validates the architecture (and the starting weights) now, not at the first call.
+        self.in_channels = input_channels(build_encoder(self.features, self.initial_state, in_channels=in_channels))
         self.levels = check_levels(levels)
         self.outer_iterations = check_positive_int("outer_iterations", outer_iterations)
         self.input_steps = check_positive_int("input_steps", input_steps)
@@ -196,11 +205,13 @@ class UnSplit(Attack):
         self, targets: dict[int, torch.Tensor], size: tuple[int, int, int], seed: int, initial: torch.Tensor | None
     ) -> tuple[torch.Tensor, SiteEncoder, float, float]:
         """One start: returns (input guess, surrogate, first and final feature loss)."""
-        surrogate = build_encoder(self.features, seed=seed + _SURROGATE_SEED_OFFSET).to(self.device)
+        surrogate = build_encoder(
+            self.features, self.initial_state, seed=seed + _SURROGATE_SEED_OFFSET, in_channels=self.in_channels
+        ).to(self.device)
         prefix = EncoderPrefix(surrogate, targets)
         batch = next(iter(targets.values())).shape[0]
         generator = torch.Generator().manual_seed(seed)
-        x = self.init_std * torch.randn((batch, 1, *size), generator=generator)
+        x = self.init_std * torch.randn((batch, self.in_channels, *size), generator=generator)
         if initial is not None:
             x = x + initial.expand_as(x)
         x = x.to(self.device).requires_grad_(True)
@@ -240,11 +251,11 @@ class UnSplit(Attack):
         Args:
             observed: level -> ``(B, features[level], ...)`` as the server received them.
             crop_size: crop size ``(D, H, W)``; inferred from the finest level when omitted.
-            reference: ``(B or 1, 1, D, H, W)`` image (the mean image) that sets the sign (see the class notes) and,
+            reference: ``(B or 1, C, D, H, W)`` image (the mean image) that sets the sign (see the class notes) and,
                 with ``init="reference"``, the start.
 
         Returns:
-            ``(reconstruction (B, 1, D, H, W), stats)``; stats: levels, settings, the final feature loss of every
+            ``(reconstruction (B, C, D, H, W), stats)``; stats: levels, settings, the final feature loss of every
             start, the start kept, whether the sign was flipped, seconds.
         """
         start = time.perf_counter()
@@ -263,9 +274,15 @@ class UnSplit(Attack):
         batch = next(iter(targets.values())).shape[0]
         if reference is not None:
             reference = reference.detach().cpu().float()
-            if reference.dim() != 5 or tuple(reference.shape[1:]) != (1, *size) or reference.shape[0] not in (1, batch):
+            channels = self.in_channels
+            if (
+                reference.dim() != 5
+                or tuple(reference.shape[1:]) != (channels, *size)
+                or reference.shape[0] not in (1, batch)
+            ):
                 raise ValueError(
-                    f"reference must be ({batch} or 1, 1, {', '.join(map(str, size))}), got {tuple(reference.shape)}"
+                    f"reference must be ({batch} or 1, {channels}, {', '.join(map(str, size))}), "
+                    f"got {tuple(reference.shape)}"
                 )
         initial = None
         if self.init == "reference":

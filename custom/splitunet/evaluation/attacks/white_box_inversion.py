@@ -14,7 +14,7 @@ from splitunet.evaluation.attacks.base import (
     check_positive,
     check_positive_int,
 )
-from splitunet.evaluation.attacks.encoder_access import EncoderPrefix, build_encoder
+from splitunet.evaluation.attacks.encoder_access import EncoderPrefix, build_encoder, input_channels
 from splitunet.evaluation.attacks.objectives import feature_matching_loss, total_variation_3d
 from splitunet.evaluation.attacks.observed import check_observed, resolve_crop_size
 
@@ -48,7 +48,8 @@ class WhiteBoxInversion(Attack):
     Args:
         features: the job's BasicUNet feature sizes, e.g. ``(8, 16, 32, 64, 128)``.
         state_dict: the site encoder's state dict (``SiteEncoder.state_dict()``; a site checkpoint holds it
-            under ``"encoder"``).
+            under ``"encoder"``). Its first convolution sets the input channels: 1 for a modality site, 4 for a
+            :class:`SiteEncoder` carrying the U-shape's head (the reconstruction then has 4 channels).
         levels: levels to match. Default: the finest level observed. Adding coarser levels to x0 made the
             reconstruction worse in a 60-iteration trial (x0 alone SSIM 0.91, x0..x4 together 0.22: their loss
             dominates and is far harder to fit).
@@ -114,10 +115,11 @@ class WhiteBoxInversion(Attack):
         Args:
             observed: level -> ``(B, features[level], ...)`` as the server received them.
             crop_size: crop size ``(D, H, W)``; inferred from the finest level when omitted.
-            prior: ``(1 or B, 1, D, H, W)`` image to start from; needed (and only used) with ``init="prior"``.
+            prior: ``(1 or B, C, D, H, W)`` image to start from (``C``: the encoder's input channels); needed (and
+                only used) with ``init="prior"``.
 
         Returns:
-            ``(reconstruction (B, 1, D, H, W), stats)``; stats: levels, iterations, first and last feature loss,
+            ``(reconstruction (B, C, D, H, W), stats)``; stats: levels, iterations, first and last feature loss,
             last TV value, TV weight, start, seconds.
         """
         start = time.perf_counter()
@@ -159,13 +161,16 @@ class WhiteBoxInversion(Attack):
 
     def _start(self, batch: int, size: Sequence[int], prior: torch.Tensor | None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed)
-        x = self.init_std * torch.randn((batch, 1, *size), generator=generator)
+        channels = input_channels(self.encoder)
+        x = self.init_std * torch.randn((batch, channels, *size), generator=generator)
         if self.init == "prior":
             if prior is None:
                 raise ValueError("init='prior' needs the prior image: reconstruct(..., prior=...)")
             prior = prior.detach().float().cpu()
-            if prior.dim() != 5 or prior.shape[1] != 1 or tuple(prior.shape[2:]) != tuple(size):
-                raise ValueError(f"prior must be (1 or B, 1, {', '.join(map(str, size))}), got {tuple(prior.shape)}")
+            if prior.dim() != 5 or prior.shape[1] != channels or tuple(prior.shape[2:]) != tuple(size):
+                raise ValueError(
+                    f"prior must be (1 or B, {channels}, {', '.join(map(str, size))}), got {tuple(prior.shape)}"
+                )
             x = x + prior.expand(batch, -1, -1, -1, -1)
         return x.to(self.device)
 
