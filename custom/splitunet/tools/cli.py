@@ -160,6 +160,14 @@ def _leakage(args) -> int:
     return 0
 
 
+def _leakage_u_shape(args) -> int:
+    from splitunet.evaluation.leakage.u_shape_leakage import UShapeLeakageSettings, run_u_shape_leakage
+
+    run_u_shape_leakage(args.out, UShapeLeakageSettings.quick() if args.quick else UShapeLeakageSettings())
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
 def _utility(args) -> int:
     from splitunet.evaluation.utility import UTILITY_ITERATIONS, UTILITY_SETTINGS, run_utility
 
@@ -302,6 +310,9 @@ def _bench_command(args) -> list[str]:
     flags = {"--quick": args.quick, "--amp": args.amp, "--no-flare": args.no_flare, "--no-poc": args.no_poc}
     command += [flag for flag, given in flags.items() if given]
     options = (
+        ("--preset", args.preset),
+        ("--link-rate", args.link_rate),
+        ("--link-crop", args.link_crop),
         ("--iterations", args.iterations),
         ("--seeds", args.seeds),
         ("--cases", args.cases),
@@ -319,6 +330,9 @@ def _bench(args) -> int:
     settings = BenchSettings.create(
         args.out,
         quick=args.quick,
+        preset=args.preset,
+        link_rates=[rate for rate in (args.link_rate or "").split(",") if rate],
+        link_crop=args.link_crop or None,
         device=args.device,
         amp=args.amp,
         flare=not args.no_flare,
@@ -516,6 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="worst case for the white-box attack: the attacker knows each site's private initial encoder seed",
     )
     leakage.set_defaults(run=_leakage)
+    leakage_u_shape = commands.add_parser(
+        "leakage-u-shape",
+        help="train the U-shape in process, invert its x0 and infer labels from its dL/du2 at the server; write "
+        "report.json and report.md",
+    )
+    leakage_u_shape.add_argument("--out", required=True, type=Path, help="folder for the data and the report")
+    leakage_u_shape.add_argument("--quick", action="store_true", help="tiny sizes and budgets (checks the pipeline)")
+    leakage_u_shape.set_defaults(run=_leakage_u_shape)
 
     utility = commands.add_parser(
         "utility",
@@ -581,7 +603,40 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--timeout", type=float, default=1800.0, help="seconds each FLARE run may take")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    # -- bench at real scale and over rate-limited links (docs/benchmark.md, "128^3 and real links") --
+    bench.add_argument(
+        "--preset", choices=("128",), help="128: 128^3 crops of 144^3 phantoms, step times only (2 warm + 3 timed)"
+    )
+    bench.add_argument(
+        "--link-rate",
+        help="comma-separated rates, e.g. 1gbit,100mbit: one more POC run per rate, every party in a network "
+        "namespace and each site's link shaped to the rate both ways (root; skipped with the reason otherwise)",
+    )
+    bench.add_argument("--link-crop", type=int, default=0, help="crop of the link runs (default: the reference crop)")
     bench.set_defaults(run=_bench)
+
+    # `splitunet gradient-inversion`: a curious FedAvg server inverts one hospital's weight update, without and with
+    # DP-SGD (one self-contained block; torch loads only when the command runs).
+    def _gradient_inversion(args) -> int:
+        from splitunet.evaluation.attacks import gradient_inversion_study as study
+
+        study.run_gradient_inversion(args.out, study.study_from_args(args), command=study.command_line(args))
+        print((Path(args.out) / "report.md").read_text())
+        return 0
+
+    inversion = commands.add_parser(
+        "gradient-inversion",
+        help="invert one FedAvg hospital's weight update (inverting gradients), with and without DP-SGD",
+    )
+    inversion.add_argument("--out", required=True, type=Path, help="folder for report.json, report.md and the figure")
+    inversion.add_argument("--quick", action="store_true", help="tiny sizes, one seed and epsilon (checks pipeline)")
+    inversion.add_argument("--seeds", type=int, nargs="+", help="one attacked crop and model per seed (default 0 1 2)")
+    inversion.add_argument("--epsilons", type=float, nargs="+", help="one DP-SGD step at each (default 1 3 10)")
+    inversion.add_argument("--delta", type=float, help="delta of every epsilon (default 1e-5)")
+    inversion.add_argument("--iterations", type=int, help="attack steps per restart")
+    inversion.add_argument("--restarts", type=int, help="attack restarts, the best by gradient distance kept")
+    inversion.add_argument("--labels", choices=("joint", "known"), help="labels optimised jointly, or known (oracle)")
+    inversion.set_defaults(run=_gradient_inversion)
     return parser
 
 

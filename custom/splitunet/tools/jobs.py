@@ -3,10 +3,10 @@
 Every shipped job is an entry of :data:`JOBS`. Four are written out in full (:class:`Job`): the main training job
 ``split_unet`` (int8 codes on the wire both ways, then the guard), the inference job ``split_unet_infer``, the
 horizontal FedAvg baseline ``fedavg_unet`` (FLARE's own workflows, no filters) and the three-part U-shape
-``u_shape_unet``. Every other one is a :class:`Variant`: the job it starts from and what it changes. The float32 reference
-``split_unet_fp32`` is the main job without quantizers, each defense job is that reference plus one defense (and the
-workflow settings the defense forces), and ``split_unet_missing_modality`` and ``split_unet_splitfed`` (two sites per
-modality) change workflow settings and ``min_clients`` only. Adding a job is adding one entry.
+``u_shape_unet``. Every other one is a :class:`Variant`: the job it starts from and what it changes. The float32
+reference ``split_unet_fp32`` is the main job without quantizers, each defense job is that reference plus one defense
+(and the workflow settings the defense forces), and ``split_unet_missing_modality`` and ``split_unet_splitfed`` (two
+sites per modality) change workflow settings and ``min_clients`` only. Adding a job is adding one entry.
 
 The generated folders are checked in under ``jobs/`` as ordinary FLARE job folders (``meta.json`` and
 ``app/config/config_fed_{client,server}.json``), so ``nvflare simulator jobs/<name>`` and ``nvflare job submit`` read

@@ -5,7 +5,10 @@ Both reuse the bundle's own runners (:func:`splitunet.tools.demo.run_demo`,
 on the benchmark's data, so the job, its filters and its FLARE settings are the shipped ones; only the size
 (iterations, crop, features, batch) is overridden. nvflare is imported here only, when a FLARE path runs.
 The controller reports its mean time per iteration split into site compute (slowest site), server compute
-and the rest of the round trip (waiting and transfer, which includes serialization and FLARE's messaging).
+and the rest of the round trip (waiting and transfer, which includes serialization and FLARE's messaging); with
+``flare_warmup_iterations`` the means are taken over the later iterations only (:mod:`.flare_steps`). A POC run
+can be placed off loopback (:class:`PocPlacement`): the benchmark's rate-limited links put every party in a
+network namespace of its own.
 """
 
 from __future__ import annotations
@@ -15,18 +18,39 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import splitunet
+from splitunet.evaluation.bench.flare_steps import read_step_series, timed_step_means
 from splitunet.evaluation.bench.job_defaults import main_job_dir
+from splitunet.evaluation.bench.loopback import LOOPBACK_HOST
 from splitunet.evaluation.bench.phantom_data import BenchData
 from splitunet.evaluation.bench.settings import BenchSettings, ProblemSize
 from splitunet.wire.protocol import MODALITIES
 
-__all__ = ["run_simulator_path", "run_poc_path", "flare_server_args", "flare_client_args"]
+__all__ = ["run_simulator_path", "run_poc_path", "flare_server_args", "flare_client_args", "PocPlacement"]
 
 # Bound, in seconds, for the POC server and sites to start and connect.
 _POC_START_S = 300.0
+
+
+@dataclass(frozen=True)
+class PocPlacement:
+    """Where a POC run's processes live.
+
+    Attributes:
+        folder: the run's folder under the benchmark's output.
+        host: the server's address (the harness and its admin client run where it is reachable).
+        harness_prefix: command prefix of the harness' interpreter (e.g. ``ip netns exec <server namespace>``).
+        party_prefixes: party -> command prefix of its process (e.g. ``ip netns exec <site namespace>``).
+    """
+
+    folder: str = "poc_run"
+    host: str = LOOPBACK_HOST
+    harness_prefix: Sequence[str] = ()
+    party_prefixes: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 def flare_server_args(problem: ProblemSize, settings: BenchSettings) -> dict:
@@ -51,14 +75,25 @@ def flare_client_args(settings: BenchSettings) -> dict:
     return {"amp": settings.amp}
 
 
-def _figures(results: dict, elapsed_s: float) -> dict:
+def _figures(results: dict, elapsed_s: float, run_dir: Path, warmup: int) -> dict:
     timing = results.get("timing_per_iteration_s") or {}
     if not timing:
         raise RuntimeError(f"the run reported no timing (status {results.get('status')}: {results.get('error')})")
     parts = {name: float(value) for name, value in timing.items()}
     parts["total"] = sum(parts.values())
+    timed = {}
+    if warmup:
+        series = read_step_series(run_dir)
+        means = timed_step_means(series, warmup) if series else None
+        if means is None:
+            timed = {"warmup_note": f"no per-step scalars in {run_dir}/tb_events: means over every iteration"}
+        else:
+            # The controller's means over every iteration stay beside the timed ones.
+            timed = {"warmup_iterations": warmup, "all_iterations_step_time_s": parts, **means}
+            parts = means["step_time_s"]
     return {
         "iterations": int(results["iterations"]),
+        **timed,
         "step_time_s": parts,
         "activation_bytes_per_iteration": float(results["activation_bytes_per_iteration"]),
         # Part of waiting/transfer: from scheduling a step's tasks until the first and the last site took its own.
@@ -82,8 +117,13 @@ def run_simulator_path(out_dir: Path, data: BenchData, problem: ProblemSize, set
     )
     start = time.perf_counter()
     summary = run_demo(Path(out_dir) / "simulator_run", demo, data_dir=data.data_dir)
-    results = json.loads(Path(summary["server_results"]).read_text())
-    return _figures(results, time.perf_counter() - start)
+    results_path = Path(summary["server_results"])
+    return _figures(
+        json.loads(results_path.read_text()),
+        time.perf_counter() - start,
+        results_path.parent,
+        settings.flare_warmup_iterations,
+    )
 
 
 def _poc_child(arguments: str) -> None:
@@ -103,11 +143,21 @@ def _poc_child(arguments: str) -> None:
         job_timeout_s=args["job_timeout_s"],
         # Five processes starting at once on a busy two-core machine were seen to need more than the default.
         timeouts=PocTimeouts(start_s=_POC_START_S, admin_call_s=_POC_START_S / 2),
+        host=args["host"],
+        party_prefixes=args["party_prefixes"],
     )
 
 
-def run_poc_path(out_dir: Path, data: BenchData, problem: ProblemSize, settings: BenchSettings) -> dict:
-    """Run the main job in a fresh POC consortium on loopback (mTLS, one process per party), then stop it.
+def run_poc_path(
+    out_dir: Path,
+    data: BenchData,
+    problem: ProblemSize,
+    settings: BenchSettings,
+    placement: PocPlacement | None = None,
+) -> dict:
+    """Run the main job in a fresh POC consortium (mTLS, one process per party), then stop it.
+
+    By default every party is on loopback; ``placement`` puts them elsewhere (see :class:`PocPlacement`).
 
     The harness (and its admin client) runs in a fresh interpreter: in the bench's own process the in-process arms
     have used FLARE's serialization (FOBS with the tensor decomposer), after which the admin login was seen to go out
@@ -116,7 +166,8 @@ def run_poc_path(out_dir: Path, data: BenchData, problem: ProblemSize, settings:
     """
     from splitunet.tools.deployment import copy_job_with_overrides
 
-    workspace = (Path(out_dir) / "poc_run").resolve()
+    placement = placement or PocPlacement()
+    workspace = (Path(out_dir) / placement.folder).resolve()
     job = copy_job_with_overrides(
         main_job_dir(),
         workspace / "job" / "split_unet",
@@ -131,6 +182,8 @@ def run_poc_path(out_dir: Path, data: BenchData, problem: ProblemSize, settings:
         "parties": str(data.parties),
         "secret": data.secret,
         "job_timeout_s": settings.flare_timeout_s,
+        "host": placement.host,
+        "party_prefixes": {party: list(prefix) for party, prefix in placement.party_prefixes.items()},
     }
     code = f"from {__name__} import _poc_child; import sys; _poc_child(sys.argv[1])"
     env = dict(os.environ)
@@ -138,7 +191,10 @@ def run_poc_path(out_dir: Path, data: BenchData, problem: ProblemSize, settings:
     env["PYTHONPATH"] = os.pathsep.join([str(Path(splitunet.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     start = time.perf_counter()
     child = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(arguments)], env=env, stderr=subprocess.PIPE, text=True
+        [*placement.harness_prefix, sys.executable, "-c", code, json.dumps(arguments)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     elapsed = time.perf_counter() - start
     if child.returncode != 0 or not summary_path.is_file():
@@ -147,6 +203,8 @@ def run_poc_path(out_dir: Path, data: BenchData, problem: ProblemSize, settings:
     summary = json.loads(summary_path.read_text())
     if summary["status"] != "completed":
         raise RuntimeError(f"POC job ended {summary['flare_status']}/{summary['status']}: {summary.get('error')}")
-    figures = _figures(json.loads((Path(summary["server_run"]) / "results.json").read_text()), elapsed)
+    server_run = Path(summary["server_run"])
+    results = json.loads((server_run / "results.json").read_text())
+    figures = _figures(results, elapsed, server_run, settings.flare_warmup_iterations)
     figures["all_processes_stopped"] = summary["all_processes_stopped"]
     return figures

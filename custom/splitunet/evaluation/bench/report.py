@@ -68,11 +68,16 @@ def _step_rows(name: str, label: str, parts: Mapping) -> str:
 
 def _step_tables(report: Mapping) -> list[str]:
     settings = report["settings"]
+    warmup = settings.get("flare_warmup_iterations", 0)
+    flare_means = (
+        f"the FLARE rows are means over the iterations after the first {warmup} (the controller's per-step scalars)"
+        if warmup
+        else "the FLARE rows are the controller's means over all its iterations, the first included"
+    )
     lines = [
         f"Mean seconds per training iteration over {settings['timed_steps']} steps after {settings['warmup_steps']} "
-        "warm-up steps (in process); the FLARE rows are the controller's means over all its iterations, the first "
-        "included. In process the four sites run one after the other (site compute is their sum); under FLARE "
-        "they run in parallel processes and site compute is the slowest site's.",
+        f"warm-up steps (in process); {flare_means}. In process the four sites run one after the other (site "
+        "compute is their sum); under FLARE they run in parallel processes and site compute is the slowest site's.",
         "",
     ]
     header = "| arm | what | total | median | " + " | ".join(p.replace("_", " ") for p in _PARTS) + " |"
@@ -88,12 +93,16 @@ def _step_tables(report: Mapping) -> list[str]:
         for arm, parts in size["step_time_s"].items():
             lines.append(_step_rows(arm, STEP_ARMS.get(arm, arm), parts))
         split = size["step_time_s"]["split_in_process"]
+        notes = []
         largest = max((p for p in _PARTS if p in split and p != "other"), key=split.get)
         if problem["name"] == settings["reference_size"]:
             for path, result in report["flare"].items():
                 if "step_time_s" in result:
                     what = f"the main job in FLARE {path}, {result['iterations']} iterations"
                     lines.append(_step_rows(f"flare_{path}", what, result["step_time_s"]))
+                    if result.get("total_per_step_s"):
+                        each = ", ".join(f"{value:.2f}" for value in result["total_per_step_s"])
+                        notes.append(f"FLARE {path}, seconds of each iteration (warm-up first): {each}.")
                 else:
                     reason = _cell(result.get("skipped") or f"failed: {result.get('error')}")
                     lines.append(f"| flare_{path} | {reason} |" + " |" * (2 + len(_PARTS)))
@@ -102,6 +111,8 @@ def _step_tables(report: Mapping) -> list[str]:
             f"Largest part of the in-process split step: {largest} ({split[largest] / split['total']:.0%}).",
             "",
         ]
+        if notes:
+            lines += [*notes, ""]
     if len(report["sizes"]) > 1:
         first, last = report["sizes"][0], report["sizes"][-1]
         growth = ", ".join(
@@ -163,7 +174,43 @@ def _throughput_table(report: Mapping) -> list[str]:
     return lines + [""]
 
 
+def _links_section(report: Mapping) -> list[str]:
+    """POC runs over rate-limited links: step parts, the bound, the plain TCP copy over the same link."""
+    links = report.get("links") or {}
+    if not links:
+        return []
+    lines = ["## Over rate-limited links (POC, every party in a network namespace)", ""]
+    if "skipped" in links:
+        return lines + [f"Not run: {links['skipped']}.", ""]
+    settings = report["settings"]
+    lines += [
+        f"The main job at {settings.get('link_size')} in a fresh POC consortium per rate: the server and each site "
+        "in a network namespace of their own, each site's veth link shaped by a token bucket on both ends (each "
+        "direction at the rate); latency not simulated. Bound: the run's own compute (slowest site + server) plus "
+        "one site's payload up and down at the rate.",
+        "",
+        "| rate | step | site compute | server compute | waiting/transfer | wire time at rate | bound | step / bound "
+        "| MB per site (up / down) | plain TCP over the link, Mbit/s (up / down) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rate, result in links.items():
+        if "bound" not in result:
+            lines.append(f"| {rate} | {_cell(result.get('error') or result.get('skipped'))} |" + " |" * 8)
+            continue
+        parts, bound, payload = result["step_time_s"], result["bound"], result["site_payload_bytes"]
+        raw = result["raw_tcp"]
+        lines.append(
+            f"| {rate} | **{_s(parts['total'])}** | {_s(parts['site_compute'])} | {_s(parts['server_compute'])} | "
+            f"{_s(parts['waiting_transfer'])} | {_s(bound['wire_s'])} | {_s(bound['bound_s'])} | "
+            f"{bound['ratio']:.2f} | {_mb(payload['up'])} / {_mb(payload['down'])} | "
+            f"{raw['up']['mbit_per_s']:.0f} / {raw['down']['mbit_per_s']:.0f} |"
+        )
+    return lines + [""]
+
+
 def _accuracy_table(accuracy: Mapping) -> list[str]:
+    if "arms" not in accuracy:
+        return [f"Not measured: {accuracy.get('skipped', 'not run')}.", ""]
     size = accuracy["size"]
     lines = [
         f"{accuracy['iterations']} iterations per arm, crop {size['crop_size']}, batch {size['batch_size']}, the same "
@@ -229,6 +276,7 @@ def render_markdown(report: Mapping) -> str:
         "## Achieved throughput",
         "",
         *_throughput_table(report),
+        *_links_section(report),
         "## Accuracy at equal iteration budget",
         "",
         *_accuracy_table(report["accuracy"]),

@@ -9,6 +9,7 @@ from splitunet.atomic_files import write_json_atomic
 from splitunet.compute.devices import configure_threads
 from splitunet.evaluation.bench.accuracy import train_and_validate
 from splitunet.evaluation.bench.flare_runs import run_poc_path, run_simulator_path
+from splitunet.evaluation.bench.links import run_link_paths
 from splitunet.evaluation.bench.loopback import loopback_tcp_copy
 from splitunet.evaluation.bench.machine import describe_machine
 from splitunet.evaluation.bench.phantom_data import prepare_bench_data
@@ -62,8 +63,9 @@ def _throughput(report: dict, reference_table: dict, default_precision: str, rep
 def run_bench(settings: BenchSettings) -> dict:
     """Run every part of the benchmark and write ``bench.json`` and ``bench.md`` into ``settings.out_dir``.
 
-    Order: data, step time and bytes at each size, the FLARE paths at the reference size, the loopback copy,
-    accuracy at the reference size. A FLARE path that fails is reported as such; the others still run.
+    Order: data, step time and bytes at each size, the FLARE paths at the reference size, the POC runs over
+    rate-limited links (if any rates are set), the loopback copy, accuracy at the reference size (unless the preset
+    skips it). A FLARE path that fails is reported as such; the others still run.
 
     Returns:
         the report (also in ``bench.json``).
@@ -115,11 +117,19 @@ def run_bench(settings: BenchSettings) -> dict:
         ),
     }
     phase_done("flare")
+    report["links"] = {}
+    if settings.link_rates:
+        link_table = report["sizes"][settings.link_size_index]["bytes_per_iteration"]
+        report["links"] = run_link_paths(out, data, settings.link_size, settings, link_table)
+        phase_done("links")
     reference_table = report["sizes"][settings.reference_index]["bytes_per_iteration"]
     report["throughput"] = _throughput(report, reference_table, default_precision, settings.loopback_repeats)
     phase_done("loopback")
-    _log(f"accuracy: {settings.accuracy_iterations} iterations per arm at {reference.name}")
-    report["accuracy"] = train_and_validate(data, reference, settings, serializer)
+    if settings.run_accuracy:
+        _log(f"accuracy: {settings.accuracy_iterations} iterations per arm at {reference.name}")
+        report["accuracy"] = train_and_validate(data, reference, settings, serializer)
+    else:
+        report["accuracy"] = {"skipped": f"not run (preset {settings.preset} times steps only; --iterations runs it)"}
     phase_done("accuracy")
     report["targets"] = evaluate_targets(report, default_precision)
     report["elapsed_s"] = time.perf_counter() - started
@@ -130,5 +140,9 @@ def run_bench(settings: BenchSettings) -> dict:
 
 
 def failed_paths(report: dict) -> list[str]:
-    """Names of the FLARE paths that were asked for and failed."""
-    return [path for path, result in report["flare"].items() if "error" in result]
+    """Names of the FLARE paths (and link rates) that were asked for and failed."""
+    failed = [path for path, result in report["flare"].items() if "error" in result]
+    links = report.get("links") or {}
+    return failed + [
+        f"links {rate}" for rate, result in links.items() if isinstance(result, dict) and "error" in result
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -17,11 +18,20 @@ from splitunet.evaluation.bench.job_defaults import job_training_args, job_wire_
 from splitunet.evaluation.bench.serialization import flare_available
 from splitunet.evaluation.bench.wire import WIRE_PRECISIONS
 from splitunet.server.trainer import ServerTrainer
+from splitunet.tools.netns_links import parse_rate
 from splitunet.wire.model_config import MIN_CROP_SIZE, SplitModelConfig
 
-__all__ = ["ProblemSize", "BenchSettings", "DEVICES"]
+__all__ = ["ProblemSize", "BenchSettings", "DEVICES", "PRESETS", "STEP_ARM_NAMES"]
 
 DEVICES = ("auto", "cpu", "cuda")
+# Presets chosen by name (the others follow from --quick and the device).
+PRESETS = ("128",)
+# The in-process arms of the step-time table (splitunet.evaluation.bench.step_timing.STEP_ARMS describes them).
+STEP_ARM_NAMES = ("centralized", "monolithic_split_unet", "split_in_process")
+# The realistic crop of the "128" preset, and the phantom grid it is cut from: the smallest cube that leaves every
+# axis 16 voxels of room, so crops still vary (BraTS volumes are 240x240x155; a 160x160x128 grid would pin one axis).
+_REAL_CROP = 128
+_REAL_VOLUME = (144, 144, 144)
 # Features small enough that the quick run's arms take seconds, with the job's five-level shape.
 _QUICK_FEATURES = (4, 8, 8, 16, 16, 4)
 # Workflow arguments of the job the bench cannot do without.
@@ -35,6 +45,16 @@ def _validate_default(name: str):
         if parameter is not None:
             return parameter.default
     raise KeyError(name)
+
+
+def _add_size(preset: dict, problem: "ProblemSize") -> int:
+    """Put ``problem`` among the preset's sizes (kept by increasing crop) unless there; returns its index."""
+    sizes = list(preset["sizes"])
+    if problem.crop_size not in [s.crop_size for s in sizes]:
+        reference = sizes[preset["reference_index"]]
+        sizes = sorted([*sizes, problem], key=lambda s: math.prod(s.crop_size))
+        preset["sizes"], preset["reference_index"] = tuple(sizes), sizes.index(reference)
+    return [s.crop_size for s in preset["sizes"]].index(problem.crop_size)
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,13 @@ class BenchSettings:
         progress: show progress bars.
         command: the command line, for the report.
         job_args: the job's workflow arguments these settings came from.
+        preset: which preset these settings came from (``quick``, ``cpu``, ``cuda`` or ``128``).
+        step_arms: the in-process arms whose step time is measured at every size (the split step always).
+        run_accuracy: whether the accuracy arms run (the ``128`` preset times steps only, unless given iterations).
+        flare_warmup_iterations: the first FLARE iterations left out of the FLARE paths' step means.
+        link_rates: rates of the site links (``"1gbit"``, ``"100mbit"``) for POC runs with every party in a network
+            namespace of its own (:mod:`splitunet.evaluation.bench.links`); empty: none.
+        link_size_index: the size at which the link runs train (it is also timed in process).
     """
 
     out_dir: Path
@@ -137,11 +164,22 @@ class BenchSettings:
     progress: bool = True
     command: str = ""
     job_args: Mapping = field(default_factory=dict)
+    preset: str = "cpu"
+    step_arms: tuple[str, ...] = STEP_ARM_NAMES
+    run_accuracy: bool = True
+    flare_warmup_iterations: int = 0
+    link_rates: tuple[str, ...] = ()
+    link_size_index: int | None = None
 
     @property
     def reference(self) -> ProblemSize:
         """The size at which accuracy and the FLARE paths are measured."""
         return self.sizes[self.reference_index]
+
+    @property
+    def link_size(self) -> ProblemSize | None:
+        """The size of the link runs, if any run."""
+        return self.sizes[self.link_size_index] if self.link_rates else None
 
     @classmethod
     def create(
@@ -149,6 +187,7 @@ class BenchSettings:
         out_dir: str | Path,
         *,
         quick: bool = False,
+        preset: str | None = None,
         device: str = "auto",
         amp: bool = False,
         flare: bool = True,
@@ -160,16 +199,36 @@ class BenchSettings:
         flare_timeout_s: float = 1800.0,
         progress: bool = True,
         command: Sequence[str] | None = None,
+        link_rates: Sequence[str] = (),
+        link_crop: int | None = None,
     ) -> BenchSettings:
         """Settings from the preset that fits the device (or ``quick``), with the job's training settings.
 
         Presets: ``quick`` (tiny features, crops 32^3 and 48^3, a handful of iterations, no POC); CPU (the job's
         features, crops 32^3 and the job's crop, sized for about 20 minutes on two cores); CUDA (the job's crop
-        and 128^3 crops, the realistic size, with the job's features and iteration count).
+        and 128^3 crops, the realistic size, with the job's features and iteration count); ``"128"`` (128^3 crops
+        of 144^3 phantoms with the job's features, any device: 2 warm-up and 3 timed steps of the in-process split
+        step, the simulator and POC; no accuracy arms unless ``iterations`` is given).
+
+        ``link_rates`` adds one POC run per rate with every party in a network namespace and each site's link
+        shaped to that rate, at ``link_crop`` (default: the reference crop; another crop is also timed in process).
 
         Raises:
-            SplitUNetConfigError: unknown or unavailable device, FLARE paths without nvflare, bad counts.
+            SplitUNetConfigError: unknown or unavailable device or preset, FLARE paths without nvflare, bad counts
+                or rates.
         """
+        if preset is not None and preset not in PRESETS:
+            raise SplitUNetConfigError(f"--preset must be one of {PRESETS}, got {preset!r}")
+        if preset is not None and quick:
+            raise SplitUNetConfigError("--quick is a preset of its own: give either --quick or --preset")
+        link_rates = tuple(link_rates)
+        for rate in link_rates:
+            try:
+                parse_rate(rate)
+            except ValueError as error:
+                raise SplitUNetConfigError(f"--link-rate: {error}") from error
+        if link_rates and not flare_available():
+            raise SplitUNetConfigError("--link-rate runs POC consortia: nvflare is not installed here")
         if device not in DEVICES:
             raise SplitUNetConfigError(f"--device must be one of {DEVICES}, got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
@@ -194,7 +253,25 @@ class BenchSettings:
             crop = (crop,) * 3 if isinstance(crop, int) else tuple(crop)
             return ProblemSize(f"crop{'x'.join(map(str, crop))}", crop, batch, tuple(features), skip_levels)
 
-        if quick:
+        extra = {}
+        if preset == "128":
+            name = preset
+            preset = dict(
+                sizes=(size(_REAL_CROP, job_features),),
+                reference_index=0,
+                cases=4,
+                volume_shape=_REAL_VOLUME,
+                warmup_steps=2,
+                timed_steps=3,
+                accuracy_iterations=0,
+                accuracy_seeds=1,
+                flare_iterations=5,
+            )
+            extra = dict(
+                step_arms=("split_in_process",), run_accuracy=iterations is not None, flare_warmup_iterations=2
+            )
+        elif quick:
+            name = "quick"
             preset = dict(
                 sizes=(size(MIN_CROP_SIZE, _QUICK_FEATURES), size(48, _QUICK_FEATURES)),
                 reference_index=0,
@@ -208,7 +285,8 @@ class BenchSettings:
             )
             poc = False  # POC provisioning and start-up alone outlast the quick budget
         elif resolved.type == "cuda":
-            realistic = 128
+            name = "cuda"
+            realistic = _REAL_CROP
             preset = dict(
                 sizes=(size(job_crop, job_features), size(realistic, job_features)),
                 reference_index=0,
@@ -221,6 +299,7 @@ class BenchSettings:
                 flare_iterations=20,
             )
         else:
+            name = "cpu"
             preset = dict(
                 sizes=(size(MIN_CROP_SIZE, job_features), size(job_crop, job_features)),
                 reference_index=1,
@@ -238,6 +317,10 @@ class BenchSettings:
             preset["accuracy_seeds"] = int(seeds)
         if cases is not None:
             preset["cases"] = int(cases)
+        if link_rates:
+            reference = preset["sizes"][preset["reference_index"]]
+            link = size(int(link_crop), reference.features) if link_crop else reference
+            extra["link_size_index"] = _add_size(preset, link)
         settings = cls(
             out_dir=Path(out_dir),
             device=resolved,
@@ -260,6 +343,9 @@ class BenchSettings:
             progress=progress,
             command=shlex.join(command) if command is not None else shlex.join(sys.argv),
             job_args=job,
+            preset=name,
+            link_rates=link_rates,
+            **extra,
             **preset,
         )
         settings.validate()
@@ -272,15 +358,24 @@ class BenchSettings:
             SplitUNetConfigError: naming the setting and what was expected.
         """
         positive = {
-            "accuracy_iterations": self.accuracy_iterations,
-            "accuracy_seeds": self.accuracy_seeds,
             "timed_steps": self.timed_steps,
             "flare_iterations": self.flare_iterations,
             "loopback_repeats": self.loopback_repeats,
         }
+        if self.run_accuracy:
+            positive.update(accuracy_iterations=self.accuracy_iterations, accuracy_seeds=self.accuracy_seeds)
         for name, value in positive.items():
             if value < 1:
                 raise SplitUNetConfigError(f"{name} must be >= 1, got {value}")
+        if not 0 <= self.flare_warmup_iterations < self.flare_iterations:
+            raise SplitUNetConfigError(
+                f"flare_warmup_iterations must be in [0, {self.flare_iterations}), got {self.flare_warmup_iterations}"
+            )
+        unknown = sorted(set(self.step_arms) - set(STEP_ARM_NAMES))
+        if unknown or "split_in_process" not in self.step_arms:
+            raise SplitUNetConfigError(f"step_arms must include split_in_process, among {STEP_ARM_NAMES}: {unknown}")
+        if self.link_rates and not (self.link_size_index is not None and 0 <= self.link_size_index < len(self.sizes)):
+            raise SplitUNetConfigError(f"link_size_index {self.link_size_index} is not among {len(self.sizes)} sizes")
         if self.wire_precision not in WIRE_PRECISIONS:
             raise SplitUNetConfigError(
                 f"the job sends {self.wire_precision} on the wire; the bench measures {list(WIRE_PRECISIONS)}"
@@ -294,12 +389,17 @@ class BenchSettings:
         for problem in self.sizes:
             if min(problem.crop_size) < MIN_CROP_SIZE:
                 raise SplitUNetConfigError(f"crop size must be >= {MIN_CROP_SIZE} per axis, got {problem.crop_size}")
+            if any(c > v for c, v in zip(problem.crop_size, self.volume_shape)):
+                raise SplitUNetConfigError(
+                    f"crop {problem.crop_size} does not fit the phantom grid {self.volume_shape}"
+                )
 
     def to_dict(self) -> dict:
         """Plain-JSON form for the report."""
         return {
             "device": str(self.device),
             "amp": self.amp,
+            "preset": self.preset,
             "quick": self.quick,
             "sizes": [problem.to_dict() for problem in self.sizes],
             "reference_size": self.reference.name,
@@ -321,4 +421,9 @@ class BenchSettings:
             "wire_precision": self.wire_precision,
             "sw_batch_size": self.sw_batch_size,
             "sw_overlap": self.sw_overlap,
+            "step_arms": list(self.step_arms),
+            "run_accuracy": self.run_accuracy,
+            "flare_warmup_iterations": self.flare_warmup_iterations,
+            "link_rates": list(self.link_rates),
+            "link_size": self.link_size.name if self.link_size else None,
         }

@@ -56,7 +56,8 @@ def _release(device: torch.device) -> None:
 def time_problem_size(
     data: BenchData, problem: ProblemSize, settings: BenchSettings, serializer: FeatureSerializer
 ) -> dict:
-    """Mean step time of every arm at ``problem``, with its parts, and the byte table of one split iteration.
+    """Mean step time of each arm of ``settings.step_arms`` at ``problem``, with its parts, and the byte table of one
+    split iteration.
 
     Returns:
         ``{"size": ..., "step_time_s": {arm: {part: seconds, "total": seconds, ...}}, "bytes_per_iteration": ...}``.
@@ -64,6 +65,8 @@ def time_problem_size(
     config = problem.model_config(settings.learning_rate, settings.weight_decay, settings.seed, settings.transfer_dtype)
     step_times = {}
     for network in ("centralized", "monolithic_split_unet"):
+        if network not in settings.step_arms:
+            continue
         arm = CentralizedTrainer(
             data,
             config,

@@ -17,13 +17,23 @@ from splitunet.evaluation.bench.accuracy import (
     wire_pair,
 )
 
-__all__ = ["evaluate_targets", "STEP_RATIO_TARGET", "BYTES_RATIO_TARGET", "DICE_POINTS_TARGET", "INT8_DICE_TARGET"]
+__all__ = [
+    "evaluate_targets",
+    "STEP_RATIO_TARGET",
+    "BYTES_RATIO_TARGET",
+    "DICE_POINTS_TARGET",
+    "INT8_DICE_TARGET",
+    "TRANSPORT_RATE_TARGET",
+    "LINK_BOUND_TARGET",
+]
 
 # The benchmark's targets (ratios of figures measured in the same run).
 STEP_RATIO_TARGET = 1.3  # FLARE simulator step / in-process split step
 BYTES_RATIO_TARGET = 0.25  # default transport bytes / fp32 all-skips bytes
 INT8_DICE_TARGET = 0.5  # Dice points a cheaper transport may cost (against float32)
 DICE_POINTS_TARGET = 1.0  # Dice points split may trail centralized by
+TRANSPORT_RATE_TARGET = 0.25  # FLARE's achieved MB/s for the step's payload / a raw loopback TCP copy of it
+LINK_BOUND_TARGET = 1.2  # step over shaped links / (its compute + one site's payload at the link rate)
 
 # FLARE's per-iteration parts and the in-process parts that do the same work.
 _COUNTERPARTS = {
@@ -227,6 +237,51 @@ def _dice_targets(accuracy: Mapping, default_precision: str) -> list[dict]:
     ]
 
 
+def _transport_rate(path: str, throughput: Mapping) -> dict:
+    """FLARE's achieved rate for the step's bytes (over its waiting/transfer part) / a raw loopback copy's."""
+    label = {"poc": "POC"}.get(path, path)
+    name, goal = f"FLARE {label} transport rate / raw loopback TCP rate", f">= {TRANSPORT_RATE_TARGET}x"
+    if path not in throughput or "loopback_tcp" not in throughput:
+        return _not_measured(name, goal, f"FLARE {path} not run")
+    achieved, raw = throughput[path], throughput["loopback_tcp"]
+    ratio = achieved["mb_per_s"] / raw["mb_per_s"]
+    note = (
+        f"{achieved['bytes'] / 1e6:.1f} MB per iteration both ways in {achieved['seconds']:.3f} s of waiting/transfer "
+        f"({achieved['mb_per_s']:.1f} MB/s) against {raw['mb_per_s']:.0f} MB/s for a raw TCP copy of the same bytes "
+        f"({raw['seconds']:.3f} s); waiting/transfer is the round trip less the slowest site's compute: it also holds "
+        "the filters' encoding, FOBS serialization, FLARE's streaming and its task hand-out"
+    )
+    return {"name": name, "goal": goal, "measured": ratio, "met": ratio >= TRANSPORT_RATE_TARGET, "note": note}
+
+
+def _link_bound(rate: str, result: Mapping) -> dict:
+    """The POC step over shaped links / its own compute plus one site's payload at the link's rate."""
+    name, goal = f"FLARE POC step over {rate} links / (compute + site payload at {rate})", f"<= {LINK_BOUND_TARGET}x"
+    if "bound" not in result:
+        return _not_measured(name, goal, result.get("skipped") or result.get("error") or "not run")
+    bound, parts = result["bound"], result["step_time_s"]
+    raw = result.get("raw_tcp", {}).get("up", {})
+    excess = parts["waiting_transfer"] - bound["wire_s"]
+    note = (
+        f"step {parts['total']:.3f} s against {bound['bound_s']:.3f} s (compute {bound['compute_s']:.3f} s + "
+        f"{bound['wire_s']:.3f} s for {sum(result['site_payload_bytes'].values()) / 1e6:.1f} MB per site both ways); "
+        f"waiting/transfer {parts['waiting_transfer']:.3f} s, {excess:+.3f} s beyond the wire time"
+    )
+    if raw:
+        note += f"; a plain TCP copy over the same link ran at {raw['mbit_per_s']:.0f} Mbit/s"
+    ratio = bound["ratio"]
+    return {"name": name, "goal": goal, "measured": ratio, "met": ratio <= LINK_BOUND_TARGET, "note": note}
+
+
+def _link_targets(links: Mapping) -> list[dict]:
+    if not links:
+        return []
+    if "skipped" in links:
+        return [_not_measured("FLARE POC step over shaped links / (compute + payload at the rate)",
+                              f"<= {LINK_BOUND_TARGET}x", links["skipped"])]  # fmt: skip
+    return [_link_bound(rate, result) for rate, result in links.items()]
+
+
 def evaluate_targets(report: Mapping, default_precision: str) -> list[dict]:
     """The benchmark's targets from a report's measurements.
 
@@ -253,6 +308,9 @@ def evaluate_targets(report: Mapping, default_precision: str) -> list[dict]:
             moved("simulator"),
         ),
         _step_ratio("FLARE POC step / in-process split step", report["flare"]["poc"], in_process, None, moved("poc")),
+        *(_transport_rate(path, throughput) for path in ("simulator", "poc")),
         _bytes_ratio(reference["bytes_per_iteration"], default_precision),
+        *_link_targets(report.get("links") or {}),
     ]
-    return targets + _dice_targets(report["accuracy"], default_precision)
+    accuracy = report.get("accuracy") or {}
+    return targets + (_dice_targets(accuracy, default_precision) if "arms" in accuracy else [])

@@ -15,7 +15,9 @@ for tests and by-hand trials::
 Every party gets what a real institution would hold in its ``local/`` folder: its own entry of the settings file
 (never the other parties' data paths), the class allow-list entry for the installed ``splitunet`` package (the
 job carries no code), and optionally its ``privacy.json``. The server listens on one free port on 127.0.0.1, so
-nothing is exposed beyond this machine and a running FLARE on the default ports 8002/8003 is left alone.
+nothing is exposed beyond this machine and a running FLARE on the default ports 8002/8003 is left alone. The
+benchmark's rate-limited links instead give each party a network namespace of its own (``host`` and
+``party_prefixes``, with :mod:`splitunet.tools.netns_links`): still nothing outside this machine.
 
 Modules: ``errors`` (PocError), ``timeouts`` (PocTimeouts), ``kits`` (provisioning and editing the startup kits
 and ``local/`` folders), ``processes`` (starting, tracking and killing party and job processes), ``admin`` (the

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +85,11 @@ class PocConsortium:
             :func:`splitunet.tools.deployment.allow_splitunet_classes`).
         heart_beat_timeout_s: seconds without a site's heartbeat after which the server logs the site out (FLARE's
             kits say 600); a test of lost sites lowers it (:func:`~splitunet.tools.poc.kits.set_heart_beat_timeout`).
+        host: the address the server listens on and every party connects to; loopback by default. Another
+            address must be this process's own (the harness, with its admin client, runs beside the server), as
+            in a network namespace of :mod:`splitunet.tools.netns_links`.
+        party_prefixes: party -> command prefix its process is started with, e.g. ``ip netns exec <namespace>``
+            to run a site in a namespace of its own (parties not named start plainly).
 
     Raises:
         PocError: for an unknown modality, a site named like the server, or privacy policies for unknown sites.
@@ -104,6 +109,8 @@ class PocConsortium:
         env: Mapping[str, str] | None = None,
         evaluation: bool = False,
         heart_beat_timeout_s: float | None = None,
+        host: str = LOOPBACK_HOST,
+        party_prefixes: Mapping[str, Sequence[str]] | None = None,
     ):
         self.site_modalities = dict(site_modalities)
         if not self.site_modalities:
@@ -131,6 +138,11 @@ class PocConsortium:
         if heart_beat_timeout_s is not None and not heart_beat_timeout_s > 0:
             raise PocError(f"heart_beat_timeout_s must be > 0, got {heart_beat_timeout_s}")
         self.heart_beat_timeout_s = heart_beat_timeout_s
+        self.host = str(host)
+        self.party_prefixes = {party: list(prefix) for party, prefix in (party_prefixes or {}).items()}
+        unknown = sorted(set(self.party_prefixes) - {SERVER_NAME, *self.site_modalities})
+        if unknown:
+            raise PocError(f"party_prefixes given for unknown parties {unknown}; parties: {self.parties}")
         self.port: int | None = None
         self._processes = PartyProcesses(self.prod_dir)
         self._admin = AdminSession(self.admin_dir, self.timeouts.admin_call_s)
@@ -217,10 +229,10 @@ class PocConsortium:
         _, survivors = self._processes.kill_all()
         if survivors:
             raise PocError(f"processes of an earlier POC in {self.prod_dir} survive killing: pids {survivors}")
-        self.port = find_free_port()
+        self.port = find_free_port(self.host)
         project = poc_project_config(self.sites, self.port)
         provision_kits(project, self.workspace, self.poc_dir, self.prod_dir, self.timeouts.prepare_s)
-        pin_kits_to_loopback(self.prod_dir, self.sites, self.port)
+        pin_kits_to_loopback(self.prod_dir, self.sites, self.port, self.host)
         for party in self.parties:
             # The labels' numbering, as `splitunet partition` recorded it unless given.
             layout = self.layout or recorded_layout(self.partition_dir)
@@ -237,7 +249,7 @@ class PocConsortium:
 
     def _start_party(self, party: str) -> None:
         env = party_environment(self.threads_per_party, self.extra_env)
-        self._processes.add(party, launch_party(self.party_dir(party), env))
+        self._processes.add(party, launch_party(self.party_dir(party), env, self.party_prefixes.get(party, ())))
 
     def _raise_if_dead(self, during: str) -> None:
         """Raise naming the first party whose process has exited, with the end of its log."""
@@ -256,11 +268,11 @@ class PocConsortium:
             self._raise_if_dead("while starting")
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                 sock.settimeout(0.5)
-                if sock.connect_ex((LOOPBACK_HOST, self.port)) == 0:
+                if sock.connect_ex((self.host, self.port)) == 0:
                     return
             time.sleep(0.2)
         raise PocError(
-            f"server does not listen on {LOOPBACK_HOST}:{self.port} after {self.timeouts.start_s:.0f}s; "
+            f"server does not listen on {self.host}:{self.port} after {self.timeouts.start_s:.0f}s; "
             f"see {self._logs(SERVER_NAME)}"
         )
 
@@ -302,7 +314,7 @@ class PocConsortium:
         logs = {site: str(self.log_files(site)[0]) for site in missing}
         first_log = self.log_files(missing[0])[0]
         raise PocError(
-            f"site(s) {missing} did not connect to the server at {LOOPBACK_HOST}:{self.port} within "
+            f"site(s) {missing} did not connect to the server at {self.host}:{self.port} within "
             f"{self.timeouts.start_s:.0f}s{last_error}; see their logs {logs} and {self.log_files(SERVER_NAME)[0]}. "
             f"Last lines of {first_log}:\n{log_tail(first_log)}"
         )

@@ -139,7 +139,8 @@ def pin_kits_to_loopback(prod_dir: Path, sites: Iterable[str], port: int, host: 
     interfaces; a loopback host makes it bind (and advertise its internal listener) on loopback instead
     (``FederatedServer.deploy`` in 2.9). Clients and the admin kit get the literal address, not ``localhost``,
     which may resolve to ``::1`` where nothing listens. Plain POC kits carry no ``signature.json``, so editing the
-    startup files is allowed.
+    startup files is allowed. Any other ``host`` (the server namespace's address of
+    :mod:`splitunet.tools.netns_links`) makes FLARE 2.9 bind every address of the server's machine or namespace.
 
     Returns:
         the files rewritten.

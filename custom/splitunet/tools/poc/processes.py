@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -46,8 +46,11 @@ def party_environment(threads: int, extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def launch_party(party_dir: Path, env: Mapping[str, str]) -> subprocess.Popen:
-    """Start a party from its startup kit in ``party_dir``, its output appended to the party's console log."""
+def launch_party(party_dir: Path, env: Mapping[str, str], prefix: Sequence[str] = ()) -> subprocess.Popen:
+    """Start a party from its startup kit in ``party_dir``, its output appended to the party's console log.
+
+    ``prefix`` goes before the command, e.g. ``ip netns exec <namespace>``, which execs it in place (same pid).
+    """
     startup = party_dir / "startup"
     console = open(party_dir / CONSOLE_LOG, "a", buffering=1, encoding="utf-8")
     console.write(f"\n--- splitunet.tools.poc start {time.asctime()} ---\n")
@@ -56,7 +59,7 @@ def launch_party(party_dir: Path, env: Mapping[str, str]) -> subprocess.Popen:
         # behind restarts, no 5 s start delay, and the pid we hold is the party's own process. Its own
         # session (process group) lets kill_all() signal the party and whatever it started in one call.
         return subprocess.Popen(
-            ["bash", str(startup / "sub_start.sh"), "--once"],
+            [*prefix, "bash", str(startup / "sub_start.sh"), "--once"],
             cwd=party_dir,
             env=dict(env),
             stdin=subprocess.DEVNULL,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from splitunet.atomic_files import write_json_atomic
 from splitunet.tools.poc.consortium import PocConsortium
 from splitunet.tools.poc.errors import PocError
+from splitunet.tools.poc.kits import LOOPBACK_HOST
 from splitunet.tools.poc.timeouts import PocTimeouts
 
 __all__ = ["run_job_in_poc"]
@@ -24,11 +25,14 @@ def run_job_in_poc(
     privacy_policies: Mapping[str, Mapping] | None = None,
     job_timeout_s: float = 3600.0,
     timeouts: PocTimeouts | None = None,
+    host: str = LOOPBACK_HOST,
+    party_prefixes: Mapping[str, Sequence[str]] | None = None,
 ) -> dict:
     """Run ``job_dir`` once in a fresh POC consortium and write ``<workspace>/results.json``.
 
     The server's run folder (results, decoder checkpoints, TensorBoard events) is copied to
-    ``<workspace>/server_run``; each site's encoder stays in its own kit folder.
+    ``<workspace>/server_run``; each site's encoder stays in its own kit folder. ``host`` and ``party_prefixes``
+    place the parties elsewhere than on loopback (see :class:`PocConsortium`).
 
     Returns:
         the summary written to ``results.json``: FLARE's job status, the run's own results and where things are.
@@ -44,11 +48,13 @@ def run_job_in_poc(
         case_key_secret,
         privacy_policies=privacy_policies,
         timeouts=timeouts,
+        host=host,
+        party_prefixes=party_prefixes,
     )
     with poc:
         print(f"Provisioning a POC consortium with sites {dict(site_modalities)} in {poc.workspace}", flush=True)
         poc.prepare()
-        print(f"Starting the server on 127.0.0.1:{poc.port} and {len(poc.sites)} sites", flush=True)
+        print(f"Starting the server on {poc.host}:{poc.port} and {len(poc.sites)} sites", flush=True)
         poc.start()
         job_id = poc.submit(job_dir)
         print(f"Submitted {job_dir} as job {job_id}; waiting (at most {job_timeout_s:.0f}s)", flush=True)
