@@ -483,20 +483,25 @@ def _fedavg_upload_bytes(settings: CompareSettings) -> float:
     return settings.hospitals * state_bytes / settings.local_steps
 
 
-def _run_vertical(topology: Topology, run_dir: Path, data: CompareData, settings: CompareSettings, seed: int) -> dict:
-    from splitunet.tools.demo import DemoSettings, run_demo
-    from splitunet.tools.deployment import find_job
-
-    server_args = {
+def _split_server_args(settings: CompareSettings, seed: int, num_val_cases: int) -> dict:
+    """The split workflow's arguments every vertical row shares: the study's budget, model and seed."""
+    return {
         "num_iterations": settings.steps,
         "val_every": settings.steps,
         "batch_size": settings.batch_size,
         "crop_size": list(settings.crop_size),
         "features": list(settings.features),
         "learning_rate": settings.learning_rate,
-        "num_val_cases": len(data.all_held_out),
+        "num_val_cases": num_val_cases,
         "seed": seed,
     }
+
+
+def _run_vertical(topology: Topology, run_dir: Path, data: CompareData, settings: CompareSettings, seed: int) -> dict:
+    from splitunet.tools.demo import DemoSettings, run_demo
+    from splitunet.tools.deployment import find_job
+
+    server_args = _split_server_args(settings, seed, num_val_cases=len(data.all_held_out))
     summary = run_demo(
         run_dir,
         DemoSettings(
@@ -553,16 +558,9 @@ def _run_splitfed(topology: Topology, run_dir: Path, data: CompareData, settings
     from splitunet.tools.splitfed_demo import SplitFedDemoSettings, run_splitfed_demo
 
     server_args = {
-        "num_iterations": settings.steps,
-        "val_every": settings.steps,
-        "batch_size": settings.batch_size,
-        "crop_size": list(settings.crop_size),
-        "features": list(settings.features),
-        "learning_rate": settings.learning_rate,
-        "num_val_cases": settings.val_cases_per_hospital,
+        **_split_server_args(settings, seed, num_val_cases=settings.val_cases_per_hospital),
         "encoder_averaging_every": settings.local_steps,
         "drift_correction": {} if topology.options.get("dwcs") else None,
-        "seed": seed,
     }
     summary = run_splitfed_demo(
         run_dir,
