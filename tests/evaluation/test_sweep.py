@@ -103,15 +103,43 @@ def test_crops_are_pooled_over_sites_with_a_t_interval_and_a_per_crop_gain():
 
 def test_label_summary_takes_the_better_attack_and_the_largest_gain():
     labels = {
-        "site-1": {"dice": 0.7, "dice_smoothed": 0.75, "dice_adaptive": 0.72, "dice_own_image": 0.76, "auc": 0.99},
-        "site-2": {"dice": 0.6, "dice_smoothed": 0.5, "dice_adaptive": 0.8, "dice_own_image": 0.1, "auc": 0.98},
+        "site-1": {
+            **_labels(0.7, 0.75, 0.72, own=(0.76, 0.74, 0.73)),
+            "gain_variant": "smoothed",
+            "gain_over_own_image": 0.01,
+        },
+        "site-2": {
+            **_labels(0.6, 0.5, 0.8, own=(0.1, 0.2, 0.3)),
+            "gain_variant": "adaptive",
+            "gain_over_own_image": 0.5,
+        },
         "site-3": None,
     }
     summary = label_summary(_report({}, labels))
-    assert summary["by_site"]["site-1"]["gain_over_own_image"] == pytest.approx(-0.01)
+    assert summary["by_site"]["site-1"]["gain_over_own_image"] == pytest.approx(0.01)
+    assert summary["by_site"]["site-1"]["dice_own_image"] == pytest.approx(0.74)  # the smoothed attack's own count
     assert summary["by_site"]["site-2"]["dice"] == 0.8
-    assert summary["largest_gain"] == pytest.approx(0.7)
+    assert summary["by_site"]["site-2"]["dice_own_image"] == pytest.approx(0.3)
+    assert summary["largest_gain"] == pytest.approx(0.5)
     assert "site-3" not in summary["by_site"]
+
+
+def test_label_summary_refuses_a_report_scored_against_one_baseline_for_every_attack():
+    stale = {"site-1": {"dice": 0.7, "dice_smoothed": 0.75, "dice_adaptive": 0.72, "dice_own_image": 0.76}}
+    with pytest.raises(ValueError, match="refresh"):
+        label_summary(_report({}, stale))
+
+
+def _labels(plain, smoothed, adaptive, own):
+    return {
+        "dice": plain,
+        "dice_smoothed": smoothed,
+        "dice_adaptive": adaptive,
+        "dice_own_image": own[0],
+        "dice_own_image_smoothed": own[1],
+        "dice_own_image_adaptive": own[2],
+        "auc": 0.99,
+    }
 
 
 def test_markdown_tables():
@@ -122,7 +150,15 @@ def test_markdown_tables():
                 _inversion("unsplit", "x0", [0.5, 0.5], [0.3, 0.3]),
             ]
         },
-        {"site-1": {"dice": 0.7, "dice_own_image": 0.5, "auc": 0.9, "auc_own_image": 0.8}},
+        {
+            "site-1": {
+                **_labels(0.7, 0.6, 0.6, own=(0.5, 0.5, 0.5)),
+                "auc": 0.9,
+                "auc_own_image": 0.8,
+                "gain_variant": "plain",
+                "gain_over_own_image": 0.2,
+            }
+        },
     )
     later = _report({"site-1": [_inversion("unsplit", "x0", [0.4, 0.6], [0.3, 0.3])]})
     utility = {"difference_to_reference": {"mean": {"mean": -0.112, "low": -0.125, "high": -0.1, "n": 3}}}

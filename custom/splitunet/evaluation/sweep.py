@@ -28,7 +28,7 @@ import torch
 from splitunet.atomic_files import write_json_atomic
 from splitunet.evaluation.leakage import AttackBudget, plot_tradeoff, run_leakage
 from splitunet.evaluation.leakage.captured_run import CapturedRun
-from splitunet.evaluation.leakage.report import auxiliary_phantom
+from splitunet.evaluation.leakage.report import auxiliary_phantom, refresh_label_inference
 from splitunet.evaluation.sweep_report import best_pooled, label_summary, pool_inversions, sweep_markdown
 from splitunet.tools.demo import DemoSettings, run_demo
 from splitunet.tools.deployment import find_job
@@ -171,12 +171,23 @@ def _trained(run_dir: Path, iterations: int) -> dict | None:
     return summary if summary.get("iterations") == iterations else None
 
 
+def _labels_stale(report: Mapping) -> bool:
+    return any(
+        labels and "dice_own_image" in labels and "gain_variant" not in labels
+        for labels in (report.get("label_inference_by_site") or {}).values()
+    )
+
+
 def _leakage(run_dir: Path, iteration: int, attacks: Sequence[str], budget: AttackBudget, data_dir, aux) -> dict:
     out = run_dir / f"leakage_{iteration:06d}"
     done = out / "report.json"
     if done.is_file():
         report = json.loads(done.read_text())
         if report.get("budget") == budget.to_dict() and report.get("attacks") == list(attacks):
+            if _labels_stale(report):
+                # Made before each attack got its own-image baseline: re-score the labels only (seconds).
+                print(f"re-scoring the label inference of {done}", flush=True)
+                report = refresh_label_inference(out, data_dir)
             print(f"reusing {done}", flush=True)
             return report
     sites = list(CapturedRun(run_dir).sites)

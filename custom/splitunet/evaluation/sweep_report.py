@@ -65,19 +65,36 @@ def best_pooled(pooled: Sequence[Mapping]) -> Mapping | None:
     return max(pooled, key=lambda entry: entry["ssim_brain"]["mean"], default=None)
 
 
+_VARIANT_DICE = {"plain": "dice", "smoothed": "dice_smoothed", "adaptive": "dice_adaptive"}
+_VARIANT_OWN = {"plain": "dice_own_image", "smoothed": "dice_own_image_smoothed", "adaptive": "dice_own_image_adaptive"}
+
+
 def label_summary(report: Mapping) -> dict:
-    """Label inference per site from a leakage report: the better of the plain and adaptive attack's Dice, the
-    site's own-image Dice, the gain over it, and both AUCs; plus the largest gain over the sites."""
+    """Label inference per site from a leakage report: the attack (plain, smoothed or adaptive) with the largest gain
+    over the site's own image marking as many voxels, its Dice, that own-image Dice, the gain, and both AUCs; plus
+    the largest gain over the sites."""
     by_site = {}
     for site, labels in (report.get("label_inference_by_site") or {}).items():
         if not labels:
             continue
-        attack = max(labels["dice"], labels.get("dice_smoothed", 0.0), labels.get("dice_adaptive", 0.0))
-        own = labels.get("dice_own_image")
+        variant = labels.get("gain_variant")
+        if variant:
+            # The attack with the largest gain, against the own image marking as many voxels as it does.
+            attack = labels[_VARIANT_DICE[variant]]
+            own = labels[_VARIANT_OWN[variant]]
+        elif "dice_own_image" not in labels:
+            # Scored without the site's image: no baseline, no gain.
+            variant, attack, own = None, max(labels[key] for key in _VARIANT_DICE.values() if key in labels), None
+        else:
+            raise ValueError(
+                f"{site}'s label report predates the per-attack own-image baseline; refresh it "
+                "(splitunet.evaluation.leakage.report.refresh_label_inference)"
+            )
         by_site[site] = {
             "dice": attack,
+            "attack": variant,
             "dice_own_image": own,
-            "gain_over_own_image": None if own is None else attack - own,
+            "gain_over_own_image": labels.get("gain_over_own_image") if own is not None else None,
             "auc": labels.get("auc"),
             "auc_own_image": labels.get("auc_own_image"),
         }
