@@ -162,3 +162,24 @@ def test_a_split_budget_has_no_subsampling_and_refuses_poisson_sampling():
         PrivateSplitTraining([part], torch.optim.SGD(part.parameters(), lr=1.0), subsampled)
     with pytest.raises(SplitUNetConfigError, match="exactly the trained modules' parameters"):
         PrivateSplitTraining([part], torch.optim.SGD(_part().parameters(), lr=1.0), budget)
+
+
+def test_a_data_independent_gradient_is_added_after_the_noise_unclipped_and_spends_nothing():
+    """FedProx's proximal gradient at a SplitFed site: the applied gradient is the private one (the same noise) plus
+    the extra gradient exactly, whatever its size, and the accountant records the same single step."""
+    generator = torch.Generator().manual_seed(2)
+    inputs, returned = torch.randn(2, 6, generator=generator), torch.randn(2, 3, generator=generator)
+    part, private = _private()
+    plain = _step(part, private, inputs, returned, ["a", "b"])
+    part, with_extra = _private()
+    extra = {p: torch.full_like(p, 100.0 * CLIP) for p in part.parameters()}  # far above C: clipping would show
+    with_extra.zero_grad()
+    with_extra.backward([part(inputs)], [returned])
+    with_extra.step(["a", "b"], extra_gradients=extra)
+    for p, without in zip(part.parameters(), plain):
+        assert torch.allclose(p.grad, without + extra[p], atol=1e-6)
+    assert with_extra.epsilon() == private.epsilon() and with_extra.steps_taken == 1
+    foreign = torch.nn.Parameter(torch.zeros(5, 6))
+    with pytest.raises(ValueError, match="not for a parameter of this DP-SGD training"):
+        with_extra.step(["a"], extra_gradients={foreign: torch.zeros(5, 6)})
+    assert with_extra.steps_taken == 1

@@ -64,3 +64,36 @@ def test_dice_comes_from_the_utility_report_and_the_tables_are_written(sweep_dir
     assert "| no defense |" in text and "| +0.0 [+0.0, +0.0] |" in text
     assert "white_box adaptive" in text and "Later iterations" in text
     assert (sweep_dir / "tradeoff.png").stat().st_size > 0
+
+
+def test_reused_rows_are_taken_over_and_rows_with_stale_labels_run_again(sweep_dir, tmp_path):
+    summary = _summary(sweep_dir)
+    fresh = tmp_path / "fresh.json"
+    fresh.write_text(json.dumps(summary))
+    assert main(["sweep", "--quick", "--out", str(tmp_path / "taken"), "--reuse", str(fresh)]) == 0
+    assert _summary(tmp_path / "taken")["rows"][0]["attacks"] == summary["rows"][0]["attacks"]
+    assert not any((tmp_path / "taken").glob("run_*"))  # nothing trained
+
+    # Labels scored before the per-attack baselines: that row runs again.
+    stale = json.loads(json.dumps(summary))
+    for entry in stale["rows"][0]["attacks"]["1"]["labels"]["by_site"].values():
+        del entry["attack"]
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    assert main(["sweep", "--quick", "--out", str(tmp_path / "rerun"), "--reuse", str(tmp_path / "stale.json")]) == 0
+    (row,) = _summary(tmp_path / "rerun")["rows"]
+    assert any((tmp_path / "rerun").glob("run_*/leakage_000001/report.json"))
+    assert all(entry["attack"] for entry in row["attacks"]["1"]["labels"]["by_site"].values())
+
+
+def test_a_summary_of_another_preset_is_not_reused(sweep_dir, tmp_path):
+    summary = {**_summary(sweep_dir), "preset": "standard"}
+    (tmp_path / "standard.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="cannot be reused"):
+        main(["sweep", "--quick", "--out", str(tmp_path / "out"), "--reuse", str(tmp_path / "standard.json")])
+
+
+def test_a_summary_keyed_with_another_secret_is_not_reused(sweep_dir, tmp_path):
+    summary = {**_summary(sweep_dir), "data_fingerprint": "0" * 16}
+    (tmp_path / "other_keys.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="another secret"):
+        main(["sweep", "--quick", "--out", str(tmp_path / "out"), "--reuse", str(tmp_path / "other_keys.json")])

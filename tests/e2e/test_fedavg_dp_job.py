@@ -60,3 +60,22 @@ def test_the_dp_job_finishes_and_reports_each_hospitals_epsilon(dp_run):
         assert len(per_round) == ROUNDS and 0 < per_round[0] < per_round[1] == reported["epsilon"]
         assert own["dp"]["model_changes"]["replaced"] == []
         assert all(0.0 <= own["dice"][region] <= 1.0 for region in ("TC", "WT", "ET"))
+
+
+def test_each_hospitals_epsilon_per_round_reaches_the_servers_tensorboard(dp_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workspace, summary = dp_run
+    recorded = {}
+    for events in workspace.rglob("events.out.tfevents*"):
+        accumulator = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if "dp_epsilon" in accumulator.Tags().get("scalars", []):
+            # FLARE's receiver writes each site's analytics under a folder named after it.
+            recorded[events.parent.name] = [(e.step, e.value) for e in accumulator.Scalars("dp_epsilon")]
+    assert sorted(recorded) == list(HOSPITALS)
+    for name in HOSPITALS:
+        own = json.loads(Path(summary["hospitals"][name]["results"]).read_text())
+        assert [step for step, _ in recorded[name]] == list(range(1, ROUNDS + 1))
+        assert [value for _, value in recorded[name]] == pytest.approx(own["dp"]["epsilon_per_round"], rel=1e-6)

@@ -1,9 +1,11 @@
 """``splitunet.evaluation.compare`` without training: settings, the table and its intervals on hand-made run results,
-the shared held-out split, the secrets that make the vertical and SplitFed jobs hold out the same cases, and what the
-SplitFed and FedAvg + DWCS rows hand their runners (the runners stubbed)."""
+the shared held-out split, the secrets that make the vertical and SplitFed jobs hold out the same cases, what the
+SplitFed, FedAvg + DWCS and DP rows hand their runners (the runners stubbed), the epsilon column, and the reuse of
+runs finished under an earlier version's settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -21,6 +23,7 @@ from splitunet.evaluation.compare import (
     _finished,
     _run_fedavg,
     _run_splitfed,
+    _run_vertical,
     _vertical_held_out,
     choose_cohort_secret,
     choose_secret,
@@ -86,6 +89,8 @@ def test_quick_settings_are_the_tiny_configuration():
         {"seeds": ()},
         {"hospitals": 0},
         {"hospitals": 1, "topologies": ("split_unet", "splitfed")},  # one hospital: one site per modality
+        {"fedprox_mu": -0.01},
+        {"fedprox_mu": float("nan")},
     ],
 )
 def test_malformed_settings_are_refused(overrides):
@@ -219,8 +224,9 @@ def test_each_drift_treatment_sits_beside_its_topologys_plain_row():
     keys = [topology.key for topology in TOPOLOGIES]
     assert keys[0] == "split_unet_fp32" and keys[-1] == "centralized"
     for plain, treated in (
-        ("splitfed", ["splitfed_dwcs"]),
-        ("fedavg", ["fedprox", "fedavg_dwcs"]),
+        ("split_unet", ["split_unet_dp_eps3"]),
+        ("splitfed", ["splitfed_dwcs", "splitfed_fedprox"]),
+        ("fedavg", ["fedprox", "fedavg_dwcs", "fedavg_dp_eps1", "fedavg_dp_eps3", "fedavg_dp_eps10"]),
         ("u_shape", ["u_shape_dwcs"]),
     ):
         start = keys.index(plain) + 1
@@ -230,7 +236,18 @@ def test_each_drift_treatment_sits_beside_its_topologys_plain_row():
     assert all(topology.job in jobs for topology in TOPOLOGIES if topology.job)
     dwcs = jobs["fedavg_unet_dwcs"].workflow
     assert dwcs.path == "splitunet.horizontal.DriftCorrectedFedAvg" and dwcs.args["drift_correction"] == {}
-    assert _BY_KEY["splitfed"].job == _BY_KEY["splitfed_dwcs"].job == "split_unet_splitfed"
+    assert {_BY_KEY[key].job for key in ("splitfed", "splitfed_dwcs", "splitfed_fedprox")} == {"split_unet_splitfed"}
+    assert _BY_KEY["splitfed_fedprox"].options == {"fedprox": True}
+    # The DP rows: their jobs train with DP-SGD, at the target epsilon the key names.
+    private = {key: _BY_KEY[key] for key in keys if "dp_epsilon" in _BY_KEY[key].options}
+    assert {key: t.options["dp_epsilon"] for key, t in private.items()} == {
+        "split_unet_dp_eps3": 3.0,
+        "fedavg_dp_eps1": 1.0,
+        "fedavg_dp_eps3": 3.0,
+        "fedavg_dp_eps10": 10.0,
+    }
+    assert all(jobs[t.job].executor_args.get("dp") for t in private.values())
+    assert {t.job for t in private.values()} == {"split_unet_dp", "fedavg_unet_dp"}
 
 
 # --- SplitFed's held-out cases: one secret for every cohort
@@ -334,11 +351,11 @@ def _splitfed_stub(tmp_path, calls, recorded_secret="cohorts", val_cases=1):
     return run_splitfed_demo
 
 
-@pytest.mark.parametrize("key", ["splitfed", "splitfed_dwcs"])
+@pytest.mark.parametrize("key", ["splitfed", "splitfed_dwcs", "splitfed_fedprox"])
 def test_a_splitfed_row_runs_a_cohort_per_hospital_averaging_once_a_round(tmp_path, monkeypatch, key):
     calls = {}
     monkeypatch.setattr("splitunet.tools.splitfed_demo.run_splitfed_demo", _splitfed_stub(tmp_path, calls))
-    settings = CompareSettings.quick(topologies=(key,))
+    settings = CompareSettings.quick(topologies=(key,), fedprox_mu=0.25)
     data = _compare_data(tmp_path)
     figures = _run_splitfed(_BY_KEY[key], tmp_path / key, data, settings, 0)
     demo = calls["settings"]
@@ -347,6 +364,7 @@ def test_a_splitfed_row_runs_a_cohort_per_hospital_averaging_once_a_round(tmp_pa
     assert args["num_iterations"] == settings.steps and args["num_val_cases"] == settings.val_cases_per_hospital
     assert args["encoder_averaging_every"] == settings.steps // settings.rounds
     assert args["drift_correction"] == ({} if key == "splitfed_dwcs" else None)
+    assert args["fedprox_mu"] == (0.25 if key == "splitfed_fedprox" else 0.0)
     assert calls["job_dir"].name == "split_unet_splitfed" and calls["data_dir"] == tmp_path
     assert calls["secret_file"].name == "case_key_secret_splitfed.txt"
     # One cohort's activations every iteration, every site's encoder once a round.
@@ -387,3 +405,155 @@ def test_a_fedavg_run_left_at_the_jobs_own_rounds_stops_the_study(tmp_path, monk
     monkeypatch.setattr("splitunet.horizontal.demo.run_fedavg_demo", _fedavg_stub({}, rounds=20))
     with pytest.raises(SplitUNetConfigError, match="fedavg_dwcs: ran 20 rounds, 40 steps instead of 2, 4"):
         _run_fedavg(_BY_KEY["fedavg_dwcs"], tmp_path / "run", _compare_data(tmp_path), CompareSettings.quick(), 0)
+
+
+# --- the DP rows: each runs its DP job at the row's target epsilon and reports the worst holder's epsilon
+
+
+def _fedavg_dp_stub(seen, rounds, epsilons):
+    def run_fedavg_demo(workspace, settings, job_dir, data_dir):
+        seen["client"] = json.loads((job_dir / "app" / "config" / "config_fed_client.json").read_text())
+        seen["server"] = json.loads((job_dir / "app" / "config" / "config_fed_server.json").read_text())
+        hospitals = {name: {"val_cases": 1} for name in ("hospital-1", "hospital-2")}
+        dp = {
+            name: {"epsilon": eps, "delta": 1e-5, "projected_epsilon": eps, "steps": 4}
+            for name, eps in epsilons.items()
+        }
+        return {
+            "dice": {"TC": 0.1, "WT": 0.2, "ET": 0.3},
+            "iterations": 2 * rounds,
+            "rounds": rounds,
+            "hospitals": hospitals,
+            "dp": dp,
+        }
+
+    return run_fedavg_demo
+
+
+def test_a_fedavg_dp_row_runs_the_dp_job_at_its_target_epsilon_and_reports_the_worst_hospital(tmp_path, monkeypatch):
+    seen = {}
+    settings = CompareSettings.quick(topologies=("fedavg_dp_eps3",))
+    stub = _fedavg_dp_stub(seen, settings.rounds, {"hospital-1": 2.91, "hospital-2": 2.97})
+    monkeypatch.setattr("splitunet.horizontal.demo.run_fedavg_demo", stub)
+    figures = _run_fedavg(_BY_KEY["fedavg_dp_eps3"], tmp_path / "run", _compare_data(tmp_path), settings, 0)
+    shipped = resolve_jobs()["fedavg_unet_dp"].executor_args["dp"]
+    assert seen["client"]["executors"][0]["executor"]["args"]["dp"] == {**shipped, "target_epsilon": 3.0}
+    assert seen["server"]["workflows"][0]["args"]["num_rounds"] == settings.rounds
+    assert figures["epsilon"] == 2.97 and figures["delta"] == 1e-5
+    assert figures["dp"] == {
+        "hospital-1": {"epsilon": 2.91, "delta": 1e-5},
+        "hospital-2": {"epsilon": 2.97, "delta": 1e-5},
+    }
+
+
+def test_a_dp_row_whose_holder_reported_no_epsilon_stops_the_study(tmp_path, monkeypatch):
+    settings = CompareSettings.quick(topologies=("fedavg_dp_eps1",))
+    monkeypatch.setattr(
+        "splitunet.horizontal.demo.run_fedavg_demo", _fedavg_dp_stub({}, settings.rounds, {"hospital-1": 0.9})
+    )
+    with pytest.raises(SplitUNetConfigError, match="fedavg_dp_eps1: not every data holder reported its epsilon"):
+        _run_fedavg(_BY_KEY["fedavg_dp_eps1"], tmp_path / "run", _compare_data(tmp_path), settings, 0)
+
+
+def test_the_split_dp_row_budgets_every_site_for_the_studys_steps(tmp_path, monkeypatch):
+    calls = {}
+    data = _compare_data(tmp_path)
+    record = tmp_path / "server_results.json"
+    record.write_text(json.dumps({"val_cases": data.held_out_keys()}))
+
+    def run_demo(workspace, settings, job_dir, data_dir):
+        calls.update(settings=settings, job_dir=job_dir)
+        for index, site in enumerate(("site-1", "site-2")):
+            own = workspace / "simulator" / site / "simulate_job" / "results.json"
+            own.parent.mkdir(parents=True)
+            own.write_text(json.dumps({"party": site, "dp": {"epsilon": 2.5 + index / 10, "delta": 1e-5}}))
+        return {
+            "dice": {"TC": 0.1, "WT": 0.2, "ET": 0.3},
+            "iterations": 4,
+            "sites": {"site-1": "flair", "site-2": "t1"},
+            "server_results": str(record),
+        }
+
+    monkeypatch.setattr("splitunet.tools.demo.run_demo", run_demo)
+    settings = CompareSettings.quick(topologies=("split_unet_dp_eps3",))
+    figures = _run_vertical(_BY_KEY["split_unet_dp_eps3"], tmp_path / "run", data, settings, 0)
+    shipped = resolve_jobs()["split_unet_dp"].executor_args["dp"]
+    assert calls["job_dir"].name == "split_unet_dp"
+    assert calls["settings"].client_args == {"dp": {**shipped, "target_epsilon": 3.0}, "dp_steps": settings.steps}
+    assert figures["epsilon"] == pytest.approx(2.6) and set(figures["dp"]) == {"site-1", "site-2"}
+
+
+def test_the_epsilon_column_is_the_worst_holder_and_seed_and_a_dash_without_dp():
+    settings = CompareSettings.quick(topologies=("split_unet_fp32", "fedavg_dp_eps1"), seeds=(0, 1))
+    runs = {
+        "split_unet_fp32": {0: _run(0.5, 0.5, 0.5), 1: _run(0.5, 0.5, 0.5)},
+        "fedavg_dp_eps1": {
+            0: {**_run(0.3, 0.3, 0.3, rounds=2), "epsilon": 0.93, "delta": 1e-5},
+            1: {**_run(0.3, 0.3, 0.3, rounds=2), "epsilon": 0.98, "delta": 1e-5},
+        },
+    }
+    report = summarise_compare(settings, runs)
+    reference, private = report["rows"]
+    assert reference["epsilon"] is None and reference["target_epsilon"] is None
+    assert (private["epsilon"], private["delta"], private["target_epsilon"]) == (0.98, 1e-5, 1.0)
+    text = compare_markdown(report)
+    header, _, *rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert header.rstrip(" |").endswith("s / iteration | ε (δ)")
+    cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+    assert cells[0][-1] == "-" and cells[1][-1] == "0.98 (1e-05)"
+    assert "min(1e-5, 1/(10 N))" in text
+    assert "ε (δ): the epsilon" not in compare_markdown(summarise_compare(CompareSettings.quick(topologies=KEYS), {}))
+
+
+# --- a study under way keeps its finished runs when the settings gain a field
+
+# What compare_run.json held as "settings" for CompareSettings.quick() before any field was added: a study's files.
+FIRST_QUICK_FINGERPRINT = {
+    "hospitals": 2,
+    "cases_per_hospital": 3,
+    "val_cases_per_hospital": 1,
+    "shape": [32, 32, 32],
+    "steps": 4,
+    "rounds": 2,
+    "batch_size": 1,
+    "crop_size": [32, 32, 32],
+    "features": [4, 8, 8, 16, 16, 4],
+    "learning_rate": 0.002,
+    "fedprox_mu": 0.01,
+}
+
+
+@pytest.mark.parametrize("key", ["split_unet_fp32", "splitfed", "fedprox", "u_shape_dwcs", "centralized"])
+def test_a_run_finished_under_the_first_settings_is_still_reused(tmp_path, key):
+    run_dir = tmp_path / "seed0" / key
+    run_dir.mkdir(parents=True)
+    run = {"settings": FIRST_QUICK_FINGERPRINT, "seed": 0, "topology": key, **_run(0.1, 0.2, 0.3)}
+    (run_dir / "compare_run.json").write_text(json.dumps(run))
+    assert _finished(run_dir, CompareSettings.quick(), _BY_KEY[key]) == run
+    assert _finished(run_dir, CompareSettings.quick(fedprox_mu=0.1), _BY_KEY[key]) is None
+
+
+def test_a_field_added_later_enters_the_fingerprint_only_away_from_its_default():
+    @dataclasses.dataclass
+    class Later(CompareSettings):
+        new_option: float = 0.5
+        new_sizes: tuple = dataclasses.field(default_factory=lambda: (1, 2))
+
+    assert Later.quick().fingerprint() == CompareSettings.quick().fingerprint() == FIRST_QUICK_FINGERPRINT
+    assert Later.quick(new_option=0.7).fingerprint() == {**FIRST_QUICK_FINGERPRINT, "new_option": 0.7}
+    assert Later.quick(new_sizes=(3,)).fingerprint() == {**FIRST_QUICK_FINGERPRINT, "new_sizes": [3]}
+
+
+def test_a_dp_run_is_reused_only_under_the_dp_settings_it_ran_with(tmp_path):
+    settings = CompareSettings.quick()
+    topology = _BY_KEY["fedavg_dp_eps10"]
+    run_dir = tmp_path / "seed0" / topology.key
+    run_dir.mkdir(parents=True)
+    dp = {**resolve_jobs()["fedavg_unet_dp"].executor_args["dp"], "target_epsilon": 10.0}
+    run = {"settings": settings.fingerprint(), "row_settings": {"dp": dp}, **_run(0.1, 0.2, 0.3)}
+    (run_dir / "compare_run.json").write_text(json.dumps(run))
+    assert _finished(run_dir, settings, topology) == run
+    (run_dir / "compare_run.json").write_text(json.dumps({**run, "row_settings": {"dp": {**dp, "max_grad_norm": 1}}}))
+    assert _finished(run_dir, settings, topology) is None
+    (run_dir / "compare_run.json").write_text(json.dumps({key: v for key, v in run.items() if key != "row_settings"}))
+    assert _finished(run_dir, settings, topology) is None

@@ -65,6 +65,7 @@ def test_every_shipped_job_builds_its_workflows(config):
         (SplitLearningController, {"crop_size": [16, 48, 48]}, "crop_size must be three ints >= 32"),
         (SplitLearningController, {"on_site_failure": "continue"}, "need fusion='mean'"),
         (SplitLearningController, {"task_long_poll_s": 60}, "task_long_poll_s must be a number of seconds"),
+        (SplitLearningController, {"pipeline_delay": 2}, "pipeline_delay must be one of"),
         (SplitInferenceController, {"checkpoint": "latest"}, "checkpoint must be one of"),
         (SiteTaskController, {"on_site_failure": "retry"}, "on_site_failure must be one of"),
     ],

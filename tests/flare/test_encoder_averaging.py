@@ -118,3 +118,11 @@ def test_an_encoder_travels_as_flares_weights_dxo_and_is_checked_on_arrival():
         )
     with pytest.raises(ValueError, match="expected a numeric array"):
         dxo_to_encoder(DXO(DataKind.WEIGHTS, {first: "weights"}), party="site-1")
+
+
+@pytest.mark.parametrize("mu", [-1e-3, float("nan"), True])
+def test_fedprox_mu_is_recorded_and_a_malformed_one_refused(mu):
+    assert EncoderAveraging(GROUPS, COUNTS, every=10).describe()["fedprox_mu"] == 0.0
+    assert EncoderAveraging(GROUPS, COUNTS, every=10, fedprox_mu=0.1).describe()["fedprox_mu"] == 0.1
+    with pytest.raises(ValueError, match="fedprox_mu must be a finite number >= 0"):
+        EncoderAveraging(GROUPS, COUNTS, every=10, fedprox_mu=mu)

@@ -43,6 +43,10 @@ class _Engine:
     def fire_event(self, event_type, fl_ctx):
         self.events.append(event_type)
 
+    def new_context(self) -> FLContext:
+        # The analytics event (the epsilon for TensorBoard) is fired in a fresh context.
+        return FLContext()
+
 
 def _context(tmp_path, hospital_dir, cap: dict | None) -> FLContext:
     root = tmp_path / "workspace"

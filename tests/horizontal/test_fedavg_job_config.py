@@ -120,17 +120,24 @@ def test_every_class_the_job_names_is_on_flares_default_allow_list_or_named_by_t
         load_class(path)
 
 
-def test_the_dp_variant_differs_only_in_the_hospitals_dp_settings_and_builds():
+def test_the_dp_variant_differs_only_in_the_hospitals_dp_settings_and_their_epsilon_in_tensorboard():
     from splitunet.dp import DPSettings
 
     dp_client = GENERATED["fedavg_unet_dp/app/config/config_fed_client.json"]
-    assert GENERATED["fedavg_unet_dp/app/config/config_fed_server.json"] == SERVER
+    dp_server = GENERATED["fedavg_unet_dp/app/config/config_fed_server.json"]
+    # Each hospital's epsilon travels to the server's TensorBoard: a receiver there, an event converter at each.
+    *components, receiver = dp_server["components"]
+    assert {**dp_server, "components": components} == SERVER
+    assert receiver["path"].endswith("TBAnalyticsReceiver")
+    (converter,) = dp_client["components"]
+    assert converter["path"].endswith("ConvertToFedEvent")
+    assert converter["args"]["events_to_convert"] == ["analytix_log_stats"]
     assert GENERATED["fedavg_unet_dp/meta.json"] == {**GENERATED[f"{JOB}/meta.json"], "name": "fedavg_unet_dp"}
     executor = dp_client["executors"][0]["executor"]
     dp = executor["args"]["dp"]
     assert {**executor, "args": {k: v for k, v in executor["args"].items() if k != "dp"}} == EXECUTOR["executor"]
-    assert {k: v for k, v in dp_client.items() if k != "executors"} == {
-        k: v for k, v in CLIENT.items() if k != "executors"
+    assert {k: v for k, v in dp_client.items() if k not in ("executors", "components")} == {
+        k: v for k, v in CLIENT.items() if k not in ("executors", "components")
     }
     # Poisson sampling and a whole-job target: what the accountant assumes, and one epsilon per hospital.
     assert dp["poisson_sampling"] is True and "target_epsilon" in dp and "noise_multiplier" not in dp

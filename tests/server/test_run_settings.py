@@ -14,6 +14,7 @@ def test_training_defaults_take_the_model_defaults_from_the_model_config():
     assert settings.model == SplitModelConfig()
     assert settings.model.features == (8, 16, 32, 64, 128, 8) and settings.model.learning_rate == 2e-3
     assert settings.on_site_failure == "stop" and settings.resume is False and settings.checkpoint_every == 0
+    assert settings.pipeline_delay == 0  # lock-step
 
 
 def test_arguments_are_normalised():
@@ -76,6 +77,10 @@ def test_malformed_task_arguments_are_named(kwargs, message):
         ({"modality_dropout": 0.25}, "need fusion='mean'"),
         ({"modality_dropout": 1.0, "fusion": "mean"}, "modality_dropout must be in"),
         ({"checkpoint_every": -2}, "checkpoint_every must be an int >= 0"),
+        ({"pipeline_delay": 2}, r"pipeline_delay must be one of \(0, 1\)"),
+        ({"pipeline_delay": -1}, "pipeline_delay must be one of"),
+        ({"pipeline_delay": 1.0}, "pipeline_delay must be one of"),
+        ({"pipeline_delay": True}, "pipeline_delay must be one of"),
         ({"num_preview_cases": -1}, "num_preview_cases must be an int >= 0"),
         ({"experiment": "../elsewhere"}, "experiment must be a folder name"),
         ({"experiment": ""}, "experiment must be"),
@@ -90,11 +95,22 @@ def test_malformed_task_arguments_are_named(kwargs, message):
         ({"drift_correction": 0.5}, "drift_correction must be null or an object"),
         ({"drift_correction": {"mu": 0}}, r"drift_correction \{'mu': 0\}: mu must be a finite number > 0"),
         ({"drift_correction": {"rate": 1}}, "drift_correction .*unexpected keyword argument 'rate'"),
+        ({"fedprox_mu": -0.01}, r"fedprox_mu must be a finite number >= 0 \(0: no proximal term\), got -0.01"),
+        ({"fedprox_mu": float("nan")}, "fedprox_mu must be a finite number >= 0"),
+        ({"fedprox_mu": "0.1"}, "fedprox_mu must be a finite number >= 0"),
+        ({"fedprox_mu": True}, "fedprox_mu must be a finite number >= 0"),
     ],
 )
 def test_malformed_training_arguments_are_named(kwargs, message):
     with pytest.raises(SplitUNetConfigError, match=message):
         TrainingSettings(**kwargs)
+
+
+def test_fedprox_is_off_by_default_and_takes_a_number():
+    assert TrainingSettings().fedprox_mu == 0.0
+    assert TrainingSettings(fedprox_mu=1).fedprox_mu == 1.0 and isinstance(
+        TrainingSettings(fedprox_mu=1).fedprox_mu, float
+    )
 
 
 def test_mean_fusion_allows_dropout_and_continuing():

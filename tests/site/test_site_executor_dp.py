@@ -35,6 +35,10 @@ class _Engine:
     def fire_event(self, event_type, fl_ctx):
         pass
 
+    def new_context(self) -> FLContext:
+        # The analytics event (the epsilon for TensorBoard) is fired in a fresh context.
+        return FLContext()
+
 
 @pytest.fixture(autouse=True)
 def own_settings_only(monkeypatch):

@@ -57,7 +57,14 @@ SETTING_VARIANTS = {
 }
 # Two sites per modality (SplitFed): the main job with its cohort and averaging settings, waiting for eight sites.
 SPLITFED = "split_unet_splitfed"
-SPLITFED_ARGS = {"cohort_draw": "proportional", "encoder_averaging_every": 10, "drift_correction": None}
+SPLITFED_ARGS = {
+    "cohort_draw": "proportional",
+    "encoder_averaging_every": 10,
+    "drift_correction": None,
+    "fedprox_mu": 0.0,
+}
+# Pipelined steps: the main job whose sites encode the next step during the server's step.
+PIPELINED = "split_unet_pipelined"
 # The other topologies: horizontal FedAvg (FLARE's own workflow, no feature filters) and the three-part U-shape, each
 # with and without DP-SGD.
 TOPOLOGY_JOBS = ("fedavg_unet", "fedavg_unet_dp", "fedavg_unet_dwcs", "u_shape_unet", "u_shape_unet_dp")
@@ -144,6 +151,10 @@ def test_the_description_loads_without_nvflare_or_torch():
         ((*JOBS, Variant("y", base="nowhere")), "names base 'nowhere'"),
         ((*JOBS, Variant(MAIN, base=FP32)), "described twice"),
         ((Variant("a", base="b"), Variant("b", base="a")), "cycle: a -> b -> a"),
+        (
+            (*JOBS, Variant("dp_pipelined", base="split_unet_dp", workflow_args={"pipeline_delay": 1})),
+            "'dp_pipelined': DP-SGD at the sites trains lock-step only",
+        ),
     ],
 )
 def test_a_malformed_description_is_refused(entries, message):
@@ -184,7 +195,15 @@ def test_cli_check_lists_every_file_that_differs(tmp_path, capsys):
 
 
 def test_every_job_is_a_defense_row_a_setting_variant_or_the_inference_job():
-    assert set(resolve_jobs()) == {*DEFENSE_JOBS, *SETTING_VARIANTS, SPLITFED, INFER, *TOPOLOGY_JOBS, *SPLIT_DP_JOBS}
+    assert set(resolve_jobs()) == {
+        *DEFENSE_JOBS,
+        *SETTING_VARIANTS,
+        SPLITFED,
+        PIPELINED,
+        INFER,
+        *TOPOLOGY_JOBS,
+        *SPLIT_DP_JOBS,
+    }
     assert set(DEFENSE_JOBS) == {MAIN, *DEFENSE_VARIANTS}
     assert DEFENSE_JOBS[0] == FP32  # the baseline row
 
@@ -290,6 +309,15 @@ def test_a_setting_variant_differs_from_the_main_job_only_in_its_settings(varian
     workflow = server["workflows"][0]
     module, class_name = workflow["path"].rsplit(".", 1)
     getattr(importlib.import_module(module), class_name)(**workflow["args"])
+
+
+def test_the_pipelined_job_is_the_main_job_with_a_delay_of_one_step():
+    assert _meta(PIPELINED) == {**_meta(MAIN), "name": PIPELINED}
+    assert _config(PIPELINED, "client") == _config(MAIN, "client")
+    server, main_server = _config(PIPELINED, "server"), _config(MAIN, "server")
+    assert main_server["workflows"][0]["args"].get("pipeline_delay", 0) == 0
+    main_server["workflows"][0]["args"]["pipeline_delay"] = 1
+    assert server == main_server
 
 
 def test_the_splitfed_job_is_the_main_job_with_its_cohort_and_averaging_settings():

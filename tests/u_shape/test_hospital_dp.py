@@ -142,6 +142,10 @@ class _Engine:
     def fire_event(self, event_type, fl_ctx):
         pass
 
+    def new_context(self) -> FLContext:
+        # The analytics event (the epsilon for TensorBoard) is fired in a fresh context.
+        return FLContext()
+
 
 def _context(tmp_path, hospital_dir, cap: dict | None) -> FLContext:
     root = tmp_path / "workspace"

@@ -7,6 +7,7 @@ import torch
 from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.fuel.utils import fobs
 
+from splitunet.wire.codec import ENCODING_META_KEY, SENDER_ENCODED_META_KEY, EncodedLevel
 from splitunet.wire.protocol import DataKind
 from splitunet.wire.transport import control_dxo, dxo_to_features, features_to_dxo, register_tensor_support
 
@@ -50,3 +51,16 @@ def test_tensors_are_detached_and_on_cpu():
     tensor = torch.randn(3, requires_grad=True) * 2
     packed = features_to_dxo({1: tensor}, DataKind.ACTIVATIONS)
     assert not packed.data["x1"].requires_grad
+
+
+def test_sender_encoded_levels_travel_as_codes_and_can_stay_encoded():
+    level = EncodedLevel.affine(torch.randn(2, 4, 8, 8, 8), 8)
+    dxo = features_to_dxo({0: level, 1: torch.randn(2, 8, 4, 4, 4)}, DataKind.ACTIVATIONS)
+    assert dxo.data["x0"].dtype == torch.uint8 and dxo.meta[SENDER_ENCODED_META_KEY] == {"x0": 8}
+    assert set(dxo.meta[ENCODING_META_KEY]) == {"x0"}
+    kept = dxo_to_features(dxo, DataKind.ACTIVATIONS, keep_encoded=True)
+    assert isinstance(kept[0], EncodedLevel) and torch.equal(kept[0].decode(), level.decode())
+    assert torch.equal(dxo_to_features(dxo, DataKind.ACTIVATIONS)[0], level.decode())
+    dxo.meta[ENCODING_META_KEY]["x0"]["step"] = -dxo.meta[ENCODING_META_KEY]["x0"]["step"]
+    with pytest.raises(ValueError, match="site-7 sent x0 with a malformed affine encoding: a step is negative"):
+        dxo_to_features(dxo, DataKind.ACTIVATIONS, party="site-7", keep_encoded=True)

@@ -8,15 +8,45 @@ DMA that ``non_blocking=True`` overlaps with other work. Allocating pinned memor
 per (tag, direction, level, shape, dtype) and reused every step: a returned host buffer is valid until the
 next call with the same tag, which the protocol puts after the tensors have left (one step in flight). On a
 CPU device both copies are no-ops.
+
+A level may be an :class:`~splitunet.wire.codec.EncodedLevel` (codes and scales made on the device): its tensors
+cross, so a level quantized to int8 on the GPU moves a quarter of float32's bytes. The bytes copied each way are
+counted (:attr:`PinnedStaging.bytes_to_host`, :attr:`PinnedStaging.bytes_to_device`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 import torch
 
-__all__ = ["PinnedStaging"]
+from splitunet.wire.codec import EncodedLevel, tensor_bytes
+
+__all__ = ["PinnedStaging", "Level"]
+
+# What a level may be: a dense tensor, or its codes and scales.
+Level = torch.Tensor | EncodedLevel
+
+
+def _flatten(levels: Mapping[Hashable, Level]) -> dict[Hashable, torch.Tensor]:
+    flat = {}
+    for level, value in levels.items():
+        if isinstance(value, EncodedLevel):
+            flat.update({(level, name): tensor for name, tensor in value.tensors().items()})
+        else:
+            flat[level] = value
+    return flat
+
+
+def _unflatten(levels: Mapping[Hashable, Level], flat: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, Level]:
+    return {
+        level: (
+            value.replace_tensors({name: flat[(level, name)] for name in value.tensors()})
+            if isinstance(value, EncodedLevel)
+            else flat[level]
+        )
+        for level, value in levels.items()
+    }
 
 
 class PinnedStaging:
@@ -24,6 +54,10 @@ class PinnedStaging:
 
     Args:
         device: where the models run.
+
+    Attributes:
+        bytes_to_host: bytes copied device -> host so far (0 on a CPU device).
+        bytes_to_device: bytes copied host -> device so far.
     """
 
     def __init__(self, device: torch.device):
@@ -31,8 +65,10 @@ class PinnedStaging:
         self.enabled = self.device.type == "cuda"
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._pending: dict[str, torch.cuda.Event] = {}
+        self.bytes_to_host = 0
+        self.bytes_to_device = 0
 
-    def _buffer(self, tag: str, level: int, like: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, tag: str, level: Hashable, like: torch.Tensor) -> torch.Tensor:
         key = (tag, level, tuple(like.shape), like.dtype)
         buffer = self._buffers.get(key)
         if buffer is None:
@@ -40,26 +76,31 @@ class PinnedStaging:
             self._buffers[key] = buffer
         return buffer
 
-    def to_host(self, tensors: Mapping[int, torch.Tensor], tag: str) -> dict[int, torch.Tensor]:
-        """Device tensors -> host tensors (pinned buffers, valid until the next call with the same ``tag``)."""
+    def to_host(self, levels: Mapping[Hashable, Level], tag: str) -> dict[Hashable, Level]:
+        """Device levels -> host levels (pinned buffers, valid until the next call with the same ``tag``)."""
         if not self.enabled:
-            return {level: tensor.detach() for level, tensor in tensors.items()}
+            return {
+                level: value.map_tensors(torch.Tensor.detach) if isinstance(value, EncodedLevel) else value.detach()
+                for level, value in levels.items()
+            }
         host = {}
-        for level, tensor in tensors.items():
+        for level, tensor in _flatten(levels).items():
             if tensor.device.type == "cpu":
                 host[level] = tensor.detach()
                 continue
             buffer = self._buffer(f"{tag}/d2h", level, tensor)
             buffer.copy_(tensor.detach(), non_blocking=True)
+            self.bytes_to_host += tensor_bytes(tensor)
             host[level] = buffer
         # The host side reads the buffers next (serialization): wait for the DMA once, for all levels.
         torch.cuda.current_stream(self.device).synchronize()
-        return host
+        return _unflatten(levels, host)
 
-    def to_device(self, tensors: Mapping[int, torch.Tensor], tag: str) -> dict[int, torch.Tensor]:
-        """Host tensors -> device tensors; the copies are queued on the current stream, not waited for."""
+    def to_device(self, levels: Mapping[Hashable, Level], tag: str) -> dict[Hashable, Level]:
+        """Host levels -> device levels; the copies are queued on the current stream, not waited for."""
         if not self.enabled:
-            return dict(tensors)
+            return dict(levels)
+        tensors = _flatten(levels)
         tag = f"{tag}/h2d"
         if tag in self._pending:
             # The previous asynchronous copy out of these buffers must be done before they are overwritten.
@@ -72,7 +113,8 @@ class PinnedStaging:
             buffer = self._buffer(tag, level, tensor)
             buffer.copy_(tensor)
             moved[level] = buffer.to(self.device, non_blocking=True)
+            self.bytes_to_device += tensor_bytes(tensor)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         self._pending[tag] = event
-        return moved
+        return _unflatten(levels, moved)

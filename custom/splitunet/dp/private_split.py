@@ -21,6 +21,14 @@ Each step is then a Gaussian mechanism of sensitivity C on every case, whichever
 rate 1 for Opacus' accountant (:func:`~splitunet.dp.epsilon_budget.plan_split_budget` says why there is no
 subsampling). What this covers and what it does not (the activations, the returned gradients, the losses) is in
 ``docs/dp.md``.
+
+**Data-independent gradients** (FedProx's proximal gradient ``mu (w - w_anchor)`` at a SplitFed site) are added to
+the private gradient after clipping, noise and scaling, just before the optimiser's step (``extra_gradients`` of
+:meth:`PrivateSplitTraining.step`). Back-propagated with the server's gradient it would not even be clipped: the
+proximal term does not pass through the modules' hooks, so it has no per-sample gradient, and ``DPOptimizer`` replaces
+``p.grad`` by the noised sum of the per-sample ones, dropping it. Computed from the current weights (the party's
+earlier DP-SGD outputs) and the averaged weights the server sent, it is post-processing of what is already released:
+it costs no epsilon. A gradient that depends on the party's data must never be passed this way.
 """
 
 from __future__ import annotations
@@ -136,17 +144,30 @@ class PrivateSplitTraining:
                 f"{self.budget.delta:g}) was projected for are taken; no further step is allowed"
             )
 
-    def step(self, keys: Sequence[Hashable]) -> None:
+    def step(
+        self, keys: Sequence[Hashable], extra_gradients: Mapping[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
         """Clip, sum, noise and apply the per-row gradients of the last backward pass, one row per case.
 
         Args:
             keys: the case of each row of the batch (the rows of the forward pass, in order).
+            extra_gradients: parameter -> a gradient that depends on no data of the party (FedProx's proximal
+                gradient), added after clipping, noise and scaling, before the optimiser's step: neither clipped nor
+                noised, and no epsilon spent on it (module docstring).
 
         Raises:
             BudgetExhausted: the budget's steps are all taken.
-            ValueError: the per-row gradients are not those of a batch of ``len(keys)`` rows.
+            ValueError: the per-row gradients are not those of a batch of ``len(keys)`` rows, or an extra gradient is
+                for a parameter this training does not optimise or has another shape.
         """
         self.require_step()
+        extra = dict(extra_gradients or {})
+        optimised = {id(parameter) for parameter in self.optimizer.params}
+        for parameter, gradient in extra.items():
+            if id(parameter) not in optimised or tuple(gradient.shape) != tuple(parameter.shape):
+                raise ValueError(
+                    f"an extra gradient of shape {tuple(gradient.shape)} is not for a parameter of this DP-SGD training"
+                )
         kept = first_row_of_each_case(keys)
         for parameter in self.optimizer.params:
             rows = getattr(parameter, "grad_sample", None)
@@ -158,7 +179,15 @@ class PrivateSplitTraining:
             # A case's second row contributes nothing: clipped, its zero gradient stays zero.
             rows[~kept.to(rows.device)] = 0
         self.optimizer.expected_batch_size = int(kept.sum())
-        self.optimizer.step()
+        if not extra:
+            self.optimizer.step()
+        else:
+            # DPOptimizer.step is pre_step (clip, noise, scale, the accountant's hook) then the wrapped optimiser's
+            # step; the data-independent gradients go in between, where Opacus neither clips nor overwrites them.
+            if self.optimizer.pre_step():
+                for parameter, gradient in extra.items():
+                    parameter.grad.add_(gradient.to(device=parameter.grad.device, dtype=parameter.grad.dtype))
+                self.optimizer.original_optimizer.step()
         self.steps_taken += 1
 
     def zero_grad(self) -> None:

@@ -3,21 +3,24 @@ held-out cases, under paired seeds.
 
 The topologies (:data:`TOPOLOGIES`, one row each; the first is the reference of the paired differences):
 
-* vertical Split-U-Net (one modality per site, the server holds decoder and labels): ``split_unet_fp32`` and the
-  main int8 job ``split_unet`` (:func:`splitunet.tools.demo.run_demo`);
+* vertical Split-U-Net (one modality per site, the server holds decoder and labels): ``split_unet_fp32``, the
+  main int8 job ``split_unet`` (:func:`splitunet.tools.demo.run_demo`) and the same with DP-SGD on every site's
+  encoder at target epsilon 3 (``split_unet_dp_eps3``, job ``split_unet_dp``);
 * SplitFed, the vertical job with a site per modality *and hospital* (``split_unet_splitfed``, int8 like the main
   job, :func:`splitunet.tools.splitfed_demo.run_splitfed_demo`): each hospital's patients are one cohort of four
   sites, and the encoders of each modality's sites are averaged every ``steps / rounds`` iterations, plainly
-  weighted (``splitfed``) and with DWCS (``splitfed_dwcs``);
+  weighted (``splitfed``), with DWCS (``splitfed_dwcs``) and with FedProx at the sites (``splitfed_fedprox``,
+  ``fedprox_mu``);
 * horizontal FedAvg, FedAvg with FedProx's proximal term (``fedavg_unet``,
-  :func:`splitunet.horizontal.demo.run_fedavg_demo`) and FedAvg with DWCS on each round's global model
-  (``fedavg_unet_dwcs``, :class:`splitunet.horizontal.DriftCorrectedFedAvg`);
+  :func:`splitunet.horizontal.demo.run_fedavg_demo`), FedAvg with DWCS on each round's global model
+  (``fedavg_unet_dwcs``, :class:`splitunet.horizontal.DriftCorrectedFedAvg`) and FedAvg with DP-SGD at every
+  hospital at target epsilon 1, 3 and 10 (``fedavg_unet_dp``, ``fedavg_dp_eps1`` ...);
 * the U-shape, plain FedAvg of heads and tails and with DWCS (``u_shape_unet``,
   :func:`splitunet.u_shape.demo.run_u_shape_demo`);
 * the centralized baseline (every hospital's training cases pooled, in this process).
 
 So each topology that averages has its drift treatments side by side: FedAvg, FedProx and DWCS; the U-shape without
-and with DWCS; SplitFed without and with DWCS.
+and with DWCS; SplitFed plain, with DWCS and with FedProx. The DP rows sit beside their topology's plain rows.
 
 Same patients. Seed ``s`` writes non-IID hospitals with :func:`splitunet.data.hospitals.generate_hospitals`
 (:data:`~splitunet.data.hospitals.NON_IID_PROFILES`, renamed ``hospital-1``, ... as the horizontal and U-shape
@@ -55,11 +58,15 @@ all data holders together send the server per training iteration, as received: t
 SplitFed's activations plus every site's encoder weights once a round, the U-shape's ``x0`` and ``dL/du2`` plus the
 round's weights, FedAvg's weights of every hospital once a round);
 wall seconds per iteration (the whole run, simulator start-up and validation included, over the iterations);
-rounds, and HD95 per region (:mod:`splitunet.region_scores`, mean over seeds).
+rounds, and HD95 per region (:mod:`splitunet.region_scores`, mean over seeds); for the DP rows the epsilon spent per
+data holder (each FedAvg hospital, each vertical site), the largest over holders and seeds, at the delta of the
+job's own rule (``min(1e-5, 1/(10 N))``, docs/dp.md), also reported.
 
 Each run keeps its folder, ``seed<s>/<topology>/``, with the runner's ``results.json`` and ``compare_run.json`` (the
 row's figures and the settings they were measured under); a rerun with the same out folder and settings reuses
-finished runs, so a long study can be stopped and continued.
+finished runs, so a long study can be stopped and continued. A run is reused when its settings' fingerprint
+(:meth:`CompareSettings.fingerprint`; a field added to the settings later enters it only at a non-default value, so
+a study under way keeps its runs) and, for a DP row, the DP settings it ran with are what the rerun would use.
 """
 
 from __future__ import annotations
@@ -123,8 +130,9 @@ class Topology:
         label: row name.
         kind: ``"vertical"``, ``"splitfed"``, ``"fedavg"``, ``"u_shape"`` or ``"centralized"``.
         job: the job under ``jobs/`` (``None`` for the centralized baseline, which runs in this process).
-        options: kind-specific switches: ``fedprox`` (use the settings' ``fedprox_mu``), ``dwcs`` (DWCS on, for the
-            workflows that take ``drift_correction``; ``fedavg_unet_dwcs`` has it in the job itself).
+        options: kind-specific switches: ``fedprox`` (use the settings' ``fedprox_mu``: FedAvg's workflow, SplitFed's
+            sites), ``dwcs`` (DWCS on, for the workflows that take ``drift_correction``; ``fedavg_unet_dwcs`` has it
+            in the job itself), ``dp_epsilon`` (a DP job's ``target_epsilon``, its other DP settings the job's own).
     """
 
     key: str
@@ -137,16 +145,52 @@ class Topology:
 TOPOLOGIES: tuple[Topology, ...] = (
     Topology("split_unet_fp32", "vertical Split-U-Net, float32 (reference)", "vertical", "split_unet_fp32"),
     Topology("split_unet", "vertical Split-U-Net, int8 (the main job)", "vertical", "split_unet"),
+    Topology(
+        "split_unet_dp_eps3",
+        "vertical Split-U-Net, int8 + DP-SGD on the encoders, target ε 3",
+        "vertical",
+        "split_unet_dp",
+        {"dp_epsilon": 3.0},
+    ),
     Topology("splitfed", "SplitFed, int8 (a site per modality and hospital)", "splitfed", "split_unet_splitfed"),
     Topology("splitfed_dwcs", "SplitFed, int8 + DWCS", "splitfed", "split_unet_splitfed", {"dwcs": True}),
+    Topology("splitfed_fedprox", "SplitFed, int8 + FedProx", "splitfed", "split_unet_splitfed", {"fedprox": True}),
     Topology("fedavg", "horizontal FedAvg", "fedavg", "fedavg_unet"),
     Topology("fedprox", "horizontal FedAvg + FedProx", "fedavg", "fedavg_unet", {"fedprox": True}),
     Topology("fedavg_dwcs", "horizontal FedAvg + DWCS", "fedavg", "fedavg_unet_dwcs"),
+    *(
+        Topology(
+            f"fedavg_dp_eps{epsilon}",
+            f"horizontal FedAvg + DP-SGD, target ε {epsilon}",
+            "fedavg",
+            "fedavg_unet_dp",
+            {"dp_epsilon": float(epsilon)},
+        )
+        for epsilon in (1, 3, 10)
+    ),
     Topology("u_shape", "U-shape", "u_shape", "u_shape_unet"),
     Topology("u_shape_dwcs", "U-shape + DWCS", "u_shape", "u_shape_unet", {"dwcs": True}),
     Topology("centralized", "centralized (all patients pooled, no federation)", "centralized", None),
 )
 _BY_KEY = {topology.key: topology for topology in TOPOLOGIES}
+
+# Settings every finished run's fingerprint has held since the first studies, and those it never holds. A field
+# added to CompareSettings later enters the fingerprint only at a value other than its default: a study under way
+# keeps reusing its finished runs (tests/evaluation/test_compare.py pins this on a run file of the first version).
+_FINGERPRINT_FIELDS = (
+    "hospitals",
+    "cases_per_hospital",
+    "val_cases_per_hospital",
+    "shape",
+    "steps",
+    "rounds",
+    "batch_size",
+    "crop_size",
+    "features",
+    "learning_rate",
+    "fedprox_mu",
+)
+_NOT_FINGERPRINTED = ("seeds", "topologies", "threads_per_party", "timeout_s")
 
 
 @dataclass
@@ -165,7 +209,7 @@ class CompareSettings:
         crop_size: training crop, also the sliding window at validation.
         features: U-Net feature sizes of every topology.
         learning_rate: Adam's, everywhere.
-        fedprox_mu: FedProx's proximal weight of the ``fedprox`` row.
+        fedprox_mu: FedProx's proximal weight of the ``fedprox`` and ``splitfed_fedprox`` rows (finite, >= 0).
         seeds: paired seeds: phantom data, held-out split and training seed of every run of that seed.
         topologies: keys of :data:`TOPOLOGIES` to run, in row order (the first is the reference).
         threads_per_party: torch threads of each data holder.
@@ -207,6 +251,9 @@ class CompareSettings:
             raise SplitUNetConfigError(f"rounds ({self.rounds}) must divide steps ({self.steps})")
         if not self.seeds:
             raise SplitUNetConfigError("at least one seed")
+        mu = self.fedprox_mu
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu < 0:
+            raise SplitUNetConfigError(f"fedprox_mu must be a finite number >= 0, got {mu!r}")
         if self.hospitals < 2 and any(_BY_KEY[key].kind == "splitfed" for key in self.topologies):
             raise SplitUNetConfigError("SplitFed needs at least two hospitals: one has one site per modality")
 
@@ -240,11 +287,28 @@ class CompareSettings:
         return [f"hospital-{index + 1}" for index in range(self.hospitals)]
 
     def fingerprint(self) -> dict:
-        """What a finished run was measured under (seeds and row choice aside): a rerun reuses it only if equal."""
-        values = dataclasses.asdict(self)
-        for name in ("seeds", "topologies", "threads_per_party", "timeout_s"):
-            values.pop(name)
+        """What a finished run was measured under (seeds and row choice aside): a rerun reuses it only if equal.
+
+        The settings of the first studies always; a setting added since only where it differs from its default, so
+        that adding one does not change the fingerprint of the runs already finished.
+        """
+        values = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name in _NOT_FINGERPRINTED:
+                continue
+            if item.name in _FINGERPRINT_FIELDS or value != _field_default(item):
+                values[item.name] = value
         return json.loads(json.dumps(values))
+
+
+def _field_default(item: dataclasses.Field):
+    """A settings field's default, as ``__post_init__`` normalises it (tuples stay tuples)."""
+    if item.default is not dataclasses.MISSING:
+        return item.default
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return dataclasses.MISSING
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -483,6 +547,47 @@ def _fedavg_upload_bytes(settings: CompareSettings) -> float:
     return settings.hospitals * state_bytes / settings.local_steps
 
 
+def _dp_settings(topology: Topology) -> dict | None:
+    """A DP row's ``dp`` executor entry: its job's own, at the row's ``target_epsilon`` (``None`` for other rows)."""
+    epsilon = topology.options.get("dp_epsilon")
+    if epsilon is None:
+        return None
+    from splitunet.tools.deployment import find_job
+
+    config = json.loads((find_job(topology.job) / "app" / "config" / "config_fed_client.json").read_text())
+    shipped = config["executors"][0]["executor"]["args"].get("dp")
+    if not shipped:
+        raise SplitUNetConfigError(f"{topology.key}: job {topology.job} trains without DP-SGD")
+    dp = {key: value for key, value in shipped.items() if key != "noise_multiplier"}
+    return {**dp, "target_epsilon": float(epsilon)}
+
+
+def _row_fingerprint(topology: Topology, settings: CompareSettings) -> dict:
+    """What a row's run depends on beyond :meth:`CompareSettings.fingerprint`: a DP row's DP settings (empty for the
+    other rows, whose finished runs carry none)."""
+    dp = _dp_settings(topology)
+    if dp is None:
+        return {}
+    return {"dp": dp, "dp_steps": settings.steps} if topology.kind == "vertical" else {"dp": dp}
+
+
+def _dp_figures(topology: Topology, records: Mapping[str, Mapping], run_dir: Path) -> dict:
+    """The epsilon a DP run spent: per data holder, and the largest (epsilon is per holder: no average means
+    anything), at that holder's delta.
+
+    Raises:
+        SplitUNetConfigError: a holder of a DP row reported no epsilon.
+    """
+    if not records or any(record.get("epsilon") is None for record in records.values()):
+        raise SplitUNetConfigError(f"{topology.key}: not every data holder reported its epsilon; see {run_dir}")
+    spent = {
+        party: {"epsilon": float(record["epsilon"]), "delta": float(record["delta"])}
+        for party, record in sorted(records.items())
+    }
+    worst = max(spent, key=lambda party: spent[party]["epsilon"])
+    return {"epsilon": spent[worst]["epsilon"], "delta": spent[worst]["delta"], "dp": spent}
+
+
 def _split_server_args(settings: CompareSettings, seed: int, num_val_cases: int) -> dict:
     """The split workflow's arguments every vertical row shares: the study's budget, model and seed."""
     return {
@@ -502,6 +607,9 @@ def _run_vertical(topology: Topology, run_dir: Path, data: CompareData, settings
     from splitunet.tools.deployment import find_job
 
     server_args = _split_server_args(settings, seed, num_val_cases=len(data.all_held_out))
+    dp = _dp_settings(topology)
+    # A DP site projects its epsilon for dp_steps and refuses a step beyond them: the study's budget.
+    client_args = {} if dp is None else {"dp": dp, "dp_steps": settings.steps}
     summary = run_demo(
         run_dir,
         DemoSettings(
@@ -509,6 +617,7 @@ def _run_vertical(topology: Topology, run_dir: Path, data: CompareData, settings
             shape=settings.shape,
             seed=seed,
             server_args=server_args,
+            client_args=client_args,
             threads_per_party=settings.threads_per_party,
             timeout_s=settings.timeout_s,
         ),
@@ -520,7 +629,7 @@ def _run_vertical(topology: Topology, run_dir: Path, data: CompareData, settings
         raise SplitUNetConfigError(
             f"{topology.key}: the vertical server held out other cases than the hospitals; see {run_dir}"
         )
-    return {
+    figures = {
         "dice": summary["dice"],
         "hd95": summary.get("hd95"),
         "iterations": summary["iterations"],
@@ -529,6 +638,20 @@ def _run_vertical(topology: Topology, run_dir: Path, data: CompareData, settings
         "elapsed_s": summary.get("elapsed_s"),
         "held_out": data.all_held_out,
     }
+    if dp is not None:
+        figures.update(_dp_figures(topology, _site_dp_records(run_dir, summary), run_dir))
+    return figures
+
+
+def _site_dp_records(run_dir: Path, summary: Mapping) -> dict[str, dict]:
+    """Each vertical site's DP record, from the ``results.json`` in its own run folder (the server collects none)."""
+    from splitunet.tools.simulator import find_run_file
+
+    records = {}
+    for site in summary.get("sites") or {}:
+        path = find_run_file(run_dir / "simulator", site, "results.json")
+        records[site] = (json.loads(path.read_text()).get("dp") or {}) if path else {}
+    return records
 
 
 def _check_cohorts(topology: Topology, summary: Mapping, data: CompareData, run_dir: Path) -> None:
@@ -561,6 +684,7 @@ def _run_splitfed(topology: Topology, run_dir: Path, data: CompareData, settings
         **_split_server_args(settings, seed, num_val_cases=settings.val_cases_per_hospital),
         "encoder_averaging_every": settings.local_steps,
         "drift_correction": {} if topology.options.get("dwcs") else None,
+        "fedprox_mu": settings.fedprox_mu if topology.options.get("fedprox") else 0.0,
     }
     summary = run_splitfed_demo(
         run_dir,
@@ -602,8 +726,9 @@ def _check_hospital_counts(topology: Topology, hospitals: Mapping[str, Mapping],
             )
 
 
-def _sized_fedavg_job(job: str, out_dir: Path, server_args: Mapping) -> Path:
-    """A copy of a FedAvg job with ``server_args`` set on its training workflow (the first).
+def _sized_fedavg_job(job: str, out_dir: Path, server_args: Mapping, dp: Mapping | None = None) -> Path:
+    """A copy of a FedAvg job with ``server_args`` set on its training workflow (the first) and, for a DP row, ``dp``
+    as its hospitals' DP settings.
 
     ``run_fedavg_demo`` sets its server arguments on workflows whose class path ends in ``.FedAvg``, which leaves
     out FLARE's FedAvg under another name (``splitunet.horizontal.DriftCorrectedFedAvg``); sizing the copy here works
@@ -619,6 +744,12 @@ def _sized_fedavg_job(job: str, out_dir: Path, server_args: Mapping) -> Path:
     config = json.loads(path.read_text())
     config["workflows"][0].setdefault("args", {}).update(server_args)
     write_json_atomic(config, path)
+    if dp is not None:
+        # The whole entry: the demo's client arguments replace an executor argument, they do not merge into it.
+        path = out_dir / "app" / "config" / "config_fed_client.json"
+        config = json.loads(path.read_text())
+        config["executors"][0]["executor"]["args"]["dp"] = dict(dp)
+        write_json_atomic(config, path)
     return out_dir
 
 
@@ -652,7 +783,9 @@ def _run_fedavg(topology: Topology, run_dir: Path, data: CompareData, settings: 
             threads_per_hospital=settings.threads_per_party,
             timeout_s=settings.timeout_s,
         ),
-        job_dir=_sized_fedavg_job(topology.job, run_dir / "job_source" / topology.job, server_args),
+        job_dir=_sized_fedavg_job(
+            topology.job, run_dir / "job_source" / topology.job, server_args, _dp_settings(topology)
+        ),
         data_dir=data.data_dir,
     )
     _check_hospital_counts(topology, summary["hospitals"], data)
@@ -661,7 +794,7 @@ def _run_fedavg(topology: Topology, run_dir: Path, data: CompareData, settings: 
             f"{topology.key}: ran {summary['rounds']} rounds, {summary['iterations']} steps instead of "
             f"{settings.rounds}, {settings.steps}; see {run_dir}"
         )
-    return {
+    figures = {
         "dice": summary["dice"],
         "hd95": summary.get("hd95"),
         "iterations": summary["iterations"],
@@ -670,6 +803,10 @@ def _run_fedavg(topology: Topology, run_dir: Path, data: CompareData, settings: 
         "elapsed_s": summary.get("elapsed_s"),
         "held_out": data.all_held_out,
     }
+    if "dp_epsilon" in topology.options:
+        records = summary.get("dp") or {}
+        figures.update(_dp_figures(topology, {name: records.get(name, {}) for name in data.held_out}, run_dir))
+    return figures
 
 
 def _run_u_shape(topology: Topology, run_dir: Path, data: CompareData, settings: CompareSettings, seed: int) -> dict:
@@ -760,12 +897,16 @@ _RUNNERS = {
 }
 
 
-def _finished(run_dir: Path, settings: CompareSettings) -> dict | None:
+def _finished(run_dir: Path, settings: CompareSettings, topology: Topology | None = None) -> dict | None:
+    """The finished run in ``run_dir`` if it was measured under these settings (and, for a DP row, the same DP
+    settings), else ``None``."""
     path = run_dir / _RUN_FILE
     if not path.is_file():
         return None
     run = json.loads(path.read_text())
-    return run if run.get("settings") == settings.fingerprint() else None
+    row = _row_fingerprint(topology, settings) if topology is not None else {}
+    # Runs of rows without row settings never recorded any: their files stay valid as they are.
+    return run if run.get("settings") == settings.fingerprint() and run.get("row_settings", {}) == row else None
 
 
 def run_compare(out_dir: str | Path, settings: CompareSettings | None = None) -> dict:
@@ -790,12 +931,15 @@ def run_compare(out_dir: str | Path, settings: CompareSettings | None = None) ->
         held_out[seed] = data.held_out
         for topology in topologies:
             run_dir = out_dir / f"seed{seed}" / topology.key
-            run = _finished(run_dir, settings)
+            run = _finished(run_dir, settings, topology)
             if run is None:
                 where = topology.job or "in this process"
                 print(f"\n=== seed {seed}: {topology.label} ({where}), {settings.steps} steps ===", flush=True)
                 figures = _RUNNERS[topology.kind](topology, run_dir, data, settings, seed)
                 run = {"settings": settings.fingerprint(), "seed": seed, "topology": topology.key, **figures}
+                row = _row_fingerprint(topology, settings)
+                if row:
+                    run["row_settings"] = row
                 write_json_atomic(run, run_dir / _RUN_FILE)
             runs[topology.key][seed] = run
             write_json_atomic(summarise_compare(settings, runs, held_out), out_dir / "compare.json")
@@ -807,6 +951,11 @@ def run_compare(out_dir: str | Path, settings: CompareSettings | None = None) ->
 
 
 # ---------------------------------------------------------------------------------------------------------- tables
+
+
+def _epsilon_cell(row: Mapping) -> str:
+    epsilon, delta = row.get("epsilon"), row.get("delta")
+    return "-" if epsilon is None else f"{epsilon:.2f} ({delta:.0e})"
 
 
 def _mean_dice(dice: Mapping[str, float]) -> float:
@@ -853,6 +1002,8 @@ def summarise_compare(
             for s in seeds
             if mine[s].get("elapsed_s") and mine[s].get("iterations")
         ]
+        # Epsilon is per data holder: the worst holder and seed, never a mean (an average of epsilons means nothing).
+        private = [mine[s] for s in seeds if mine[s].get("epsilon") is not None]
         rows.append(
             {
                 "key": key,
@@ -874,6 +1025,9 @@ def summarise_compare(
                 "upload_bytes_per_iteration": _mean(mine[s].get("upload_bytes_per_iteration") for s in seeds),
                 "seconds_per_iteration": _mean(seconds),
                 "seconds_per_run": [mine[s].get("elapsed_s") for s in seeds],
+                "target_epsilon": topology.options.get("dp_epsilon"),
+                "epsilon": max((float(run["epsilon"]) for run in private), default=None),
+                "delta": max((float(run["delta"]) for run in private), default=None),
             }
         )
     return {
@@ -889,7 +1043,8 @@ def summarise_compare(
 
 def compare_markdown(report: Mapping) -> str:
     """The table: Dice per region (mean over seeds), the paired difference to the reference in Dice points with its
-    95 % interval, upload bytes and wall seconds per iteration, rounds (utility.md's style)."""
+    95 % interval, upload bytes and wall seconds per iteration, epsilon spent (DP rows), rounds (utility.md's
+    style)."""
     settings = report.get("settings", {})
     held_out = report.get("held_out") or {}
     per_seed = sorted({sum(len(cases) for cases in hospitals.values()) for hospitals in held_out.values()})
@@ -900,8 +1055,8 @@ def compare_markdown(report: Mapping) -> str:
         f"'{report['reference']}', mean over seeds [95 % t interval].",
         "",
         "| topology | rounds | Dice TC | Dice WT | Dice ET | Δ mean Dice (points) | Δ TC | Δ WT | Δ ET "
-        "| HD95 TC | HD95 WT | HD95 ET | upload / iteration | s / iteration |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| HD95 TC | HD95 WT | HD95 ET | upload / iteration | s / iteration | ε (δ) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         dice, difference, hd95 = row["dice_mean"], row["difference_to_reference"], row.get("hd95_mean") or {}
@@ -916,6 +1071,7 @@ def compare_markdown(report: Mapping) -> str:
             *(f"{hd95[region]:.1f}" if hd95.get(region) is not None else "-" for region in REGIONS),
             f"{size / 1e6:.3f} MB" if size else "-",
             f"{seconds:.2f}" if seconds else "-",
+            _epsilon_cell(row),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -928,6 +1084,13 @@ def compare_markdown(report: Mapping) -> str:
         "mean over held-out cases and seeds; a region missed entirely (or predicted where there is none) scores the "
         "volume's diagonal, the BraTS convention.",
     ]
+    if any(row.get("target_epsilon") is not None for row in report["rows"]):
+        lines[-1] += (
+            " ε (δ): the epsilon DP-SGD spent per data holder (a FedAvg hospital over its training cases, a vertical "
+            "site over every case it holds), the largest over holders and seeds, at the δ of the job's rule "
+            "min(1e-5, 1/(10 N)); '-': no DP-SGD. It covers each holder's weights, not the activations a split site "
+            "sends (docs/dp.md)."
+        )
     if any(row.get("kind") == "splitfed" for row in report["rows"]):
         lines[-1] += (
             " A SplitFed step trains one hospital's cohort, so each of its encoders takes about 1/hospitals of the "

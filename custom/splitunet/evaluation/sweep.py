@@ -12,10 +12,14 @@ otherwise.
 Presets (:data:`PRESETS`): ``quick`` checks the pipeline at a tiny size (tests); ``standard`` runs the eight settings
 that cover every shipped defense once, at 80 iterations; ``full`` runs every defense at two strengths and the
 protected preset at 300 iterations. Finished runs and reports are reused, so a stopped sweep continues where it was.
+The rows of an earlier summary (``--reuse``: its ``sweep.json``, same preset, attack budget and case keys) are
+taken over without their runs, so a sweep continues on another machine; a row whose label inference predates the
+current baselines is run again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -25,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from splitunet.atomic_files import write_json_atomic
+from splitunet.atomic_files import write_json_atomic, write_text_atomic
+from splitunet.data.case_keys import read_or_create_secret
 from splitunet.evaluation.leakage import AttackBudget, plot_tradeoff, run_leakage
 from splitunet.evaluation.leakage.captured_run import CapturedRun
 from splitunet.evaluation.leakage.report import auxiliary_phantom, refresh_label_inference
@@ -207,6 +212,53 @@ def _leakage(run_dir: Path, iteration: int, attacks: Sequence[str], budget: Atta
     )
 
 
+def _seeded_secret(data_dir: Path, seed: int) -> str:
+    """The phantom's case-key secret, derived from the seed when the sweep creates its data, and its fingerprint.
+
+    The sweep plays both sides, so its secret protects nothing; derived from the seed, it keys the same cases into
+    the same crops on any machine, which lets a sweep continue elsewhere from its summary (``--reuse``).
+    """
+    secret_file = data_dir / "case_key_secret.txt"
+    if not secret_file.is_file():
+        derived = hashlib.sha256(f"splitunet-sweep/{seed}".encode()).hexdigest()[:32]
+        write_text_atomic(derived, secret_file, mode=0o600)
+    secret = read_or_create_secret(secret_file)
+    return hashlib.sha256(f"{secret}/fingerprint".encode()).hexdigest()[:16]
+
+
+def _reusable_rows(
+    reuse: str | Path | None, preset: SweepPreset, budget: AttackBudget, data_fingerprint: str
+) -> dict[str, Mapping]:
+    """The rows of an earlier ``sweep.json`` made with the same preset, attack budget and case keys, by setting
+    key."""
+    if not reuse:
+        return {}
+    earlier = json.loads(Path(reuse).read_text())
+    if earlier.get("preset") != preset.name or earlier.get("budget") != budget.to_dict():
+        raise ValueError(
+            f"{reuse} was made with preset {earlier.get('preset')!r} and budget {earlier.get('budget')}; "
+            f"this sweep runs {preset.name!r} with {budget.to_dict()}: its rows cannot be reused"
+        )
+    if earlier.get("data_fingerprint") != data_fingerprint:
+        raise ValueError(
+            f"{reuse} keyed its cases with another secret (fingerprint {earlier.get('data_fingerprint')}, this "
+            f"sweep's {data_fingerprint}): its crops are not this sweep's, its rows cannot be reused"
+        )
+    return {
+        SweepSetting(row["label"], row["job"], row["filter_args"], row["server_args"]).key(): row
+        for row in earlier["rows"]
+    }
+
+
+def _labels_summary_stale(row: Mapping) -> bool:
+    """True when a summary row's label inference was scored before each attack had its own-image baseline."""
+    return any(
+        "attack" not in entry
+        for attacked in row["attacks"].values()
+        for entry in (attacked.get("labels") or {}).get("by_site", {}).values()
+    )
+
+
 def _utility_rows(utility: str | Path | None) -> dict[str, Mapping]:
     if not utility:
         return {}
@@ -218,7 +270,11 @@ def _utility_rows(utility: str | Path | None) -> dict[str, Mapping]:
 
 
 def run_sweep(
-    out_dir: str | Path, preset: SweepPreset | str = "standard", utility: str | Path | None = None, seed: int = 0
+    out_dir: str | Path,
+    preset: SweepPreset | str = "standard",
+    utility: str | Path | None = None,
+    seed: int = 0,
+    reuse: str | Path | None = None,
 ) -> dict:
     """Train, capture and attack each setting of a preset; write ``sweep.json``, ``sweep.md`` (and, with Dice from
     ``utility``, ``tradeoff.png``).
@@ -229,6 +285,8 @@ def run_sweep(
         utility: a ``splitunet utility`` report (``utility.json``) whose Dice changes fill the Dice column of the
             settings it measured.
         seed: phantom and training seed.
+        reuse: an earlier ``sweep.json`` of the same preset, budget and case keys whose rows are taken over (run
+            again where their labels predate the current baselines).
 
     Returns:
         the summary written to ``sweep.json``.
@@ -239,6 +297,8 @@ def run_sweep(
     data_dir = out_dir / "data"
     budget = preset.attack_budget()
     utility_rows = _utility_rows(utility)
+    data_fingerprint = _seeded_secret(data_dir, seed)
+    reusable = _reusable_rows(reuse, preset, budget, data_fingerprint)
     summary = {
         "preset": preset.name,
         "iterations": preset.iterations,
@@ -246,11 +306,21 @@ def run_sweep(
         "budget": budget.to_dict(),
         "threads": torch.get_num_threads(),
         "utility": str(utility) if utility else None,
+        "data_fingerprint": data_fingerprint,
         "rows": [],
     }
     for index, setting in enumerate(preset.settings):
         print(f"\n=== sweep {index + 1}/{len(preset.settings)}: {setting.label} ({setting.job}) ===", flush=True)
         run_dir = out_dir / f"run_{index:02d}_{setting.job}"
+        reused = reusable.get(setting.key())
+        if reused is not None and not _labels_summary_stale(reused):
+            print(f"reusing the row of {reuse}", flush=True)
+            summary["rows"].append({**reused, "utility": utility_rows.get(setting.key())})
+            write_json_atomic(summary, out_dir / "sweep.json")
+            continue
+        if reused is not None:
+            # Its captures are gone and a rerun cannot give them again (each site draws its encoder privately).
+            print(f"the row of {reuse} scored labels before the per-attack baselines: running it again", flush=True)
         run_started = time.perf_counter()
         trained = _trained(run_dir, preset.iterations)
         if trained is None:

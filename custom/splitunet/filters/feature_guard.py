@@ -11,7 +11,7 @@ from nvflare.apis.fl_context import FLContext
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters.base import FeatureFilter, FilterRejection
-from splitunet.wire.codec import ENCODING_META_KEY, decode_entry, entry_bytes
+from splitunet.wire.codec import ENCODING_META_KEY, affine_layout, affine_value_check, decode_entry, entry_bytes
 from splitunet.wire.protocol import level_index
 
 __all__ = ["FeatureGuard"]
@@ -29,6 +29,12 @@ class FeatureGuard(FeatureFilter):
     pooling makes them), values are finite and, optionally, bounded, and the DXO is within ``max_bytes``. Put it
     on the sending side to stop a bad release leaving a party, and on the receiving side to protect the model
     from a faulty or malicious peer.
+
+    Affine integer codes are checked without decoding them: codes and scales against their description
+    (:func:`~splitunet.wire.codec.affine_layout`: ``uint8`` codes of the described shape, ``(B, C)`` scales, no
+    negative step), then the values they decode to from the codes and scales alone
+    (:func:`~splitunet.wire.codec.affine_value_check`, exact: the same counts and magnitudes as decoding gives).
+    Other encodings (top-k) are decoded to be checked.
 
     Args:
         max_bytes: largest DXO payload in bytes.
@@ -79,7 +85,14 @@ class FeatureGuard(FeatureFilter):
         return dict(features), {}, f"checked {sorted(features)}: shapes, dtypes, finite values, {total} bytes"
 
     def _check_level(self, key: str, payload: torch.Tensor, encoding) -> tuple[int, ...]:
-        if encoding:
+        codes = bool(encoding) and encoding.get("scheme") == "affine"
+        if codes:
+            try:
+                shape, dtype = affine_layout(payload, encoding)
+            except ValueError as error:
+                raise FilterRejection(f"{key} has a malformed affine encoding: {error}") from None
+            values = None
+        elif encoding:
             shape = tuple(int(s) for s in encoding.get("shape", ()))
             dtype = str(encoding.get("dtype"))
             try:
@@ -93,16 +106,19 @@ class FeatureGuard(FeatureFilter):
             raise FilterRejection(f"{key} has shape {shape}; expected (B, C, D, H, W)")
         if dtype not in self.allowed_dtypes:
             raise FilterRejection(f"{key} has dtype {dtype}; allowed: {list(self.allowed_dtypes)}")
-        if tuple(values.shape) != shape:
+        if values is not None and tuple(values.shape) != shape:
             raise FilterRejection(f"{key} decodes to shape {tuple(values.shape)}, but is described as {shape}")
-        finite = torch.isfinite(values)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            raise FilterRejection(f"{key} holds {bad} NaN/Inf values of {values.numel()}")
-        if self.max_abs is not None and values.numel():
-            largest = float(values.abs().max())
-            if largest > self.max_abs:
-                raise FilterRejection(f"{key} holds |value| {largest:.4g} > max_abs {self.max_abs:g}")
+        numel = math.prod(shape)
+        if codes:
+            bad, largest = affine_value_check(payload, encoding, largest=self.max_abs is not None)
+        else:
+            finite = torch.isfinite(values)
+            bad = 0 if bool(finite.all()) else int((~finite).sum())
+            largest = float(values.abs().max()) if self.max_abs is not None and numel and not bad else None
+        if bad:
+            raise FilterRejection(f"{key} holds {bad} NaN/Inf values of {numel}")
+        if largest is not None and largest > self.max_abs:
+            raise FilterRejection(f"{key} holds |value| {largest:.4g} > max_abs {self.max_abs:g}")
         if self.expected_channels is not None:
             level = level_index(key)
             if level < len(self.expected_channels) and shape[1] != self.expected_channels[level]:

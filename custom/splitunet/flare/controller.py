@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from nvflare.apis.fl_context import FLContext
@@ -22,7 +23,7 @@ from splitunet.errors import SplitUNetConfigError
 from splitunet.flare.encoder_averaging import EncoderAveraging, make_correction
 from splitunet.flare.encoder_weights import dxo_to_encoder, encoder_to_dxo, weights_bytes
 from splitunet.flare.nvflare_compat import send_scalar
-from splitunet.flare.site_tasks import SITE_FAILURE_POLICIES, SiteTaskController, SplitRunError
+from splitunet.flare.site_tasks import SITE_FAILURE_POLICIES, SentTasks, SiteTaskController, SplitRunError
 from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
 from splitunet.server import cases
 from splitunet.server.checkpointing import load_resume_state, restore_server_state, save_server_state
@@ -44,6 +45,27 @@ __all__ = ["SplitLearningController", "SplitRunError", "SITE_FAILURE_POLICIES", 
 _MODALITY_DROPOUT_SEED_OFFSET = 7919
 
 
+@dataclass
+class _StepTask:
+    """A training step's task, sent to the sites; the server's step waits for its replies.
+
+    Attributes:
+        cohort_index: the cohort the step trains.
+        plan: the crops it encodes.
+        participants: the sites asked to encode them.
+        sent: the tasks.
+        started: ``time.perf_counter()`` before sending.
+        round_trip_s: seconds from ``started`` until every reply was in.
+    """
+
+    cohort_index: int
+    plan: dict
+    participants: list[str]
+    sent: SentTasks
+    started: float
+    round_trip_s: float = 0.0
+
+
 class SplitLearningController(SiteTaskController):
     """Server workflow of Split-U-Net (Roth et al., DeCaF@MICCAI 2022) over FLARE tasks.
 
@@ -51,6 +73,13 @@ class SplitLearningController(SiteTaskController):
     of the next, so a step costs one round trip. Crops are chosen without looking at labels (keys, origins and
     flips are the same at every site, keeping the modalities voxel-aligned). Task data and results pass through
     FLARE's filters in both directions.
+
+    With ``pipeline_delay`` 1 the task of step ``t+1`` goes out as soon as the features of step ``t`` are in, before
+    the server's step ``t``: the sites encode (and FLARE moves the bytes) while the server decodes, and the
+    gradients of step ``t`` reach each site with the task of step ``t+2``, one step later than lock-step. The tasks and
+    their filters are the same; only their timing changes. Before an averaging, a validation or a checkpoint the
+    pipeline empties (no step goes out ahead, the pending gradients go out with no plan during the server's step),
+    so those and a resume see what lock-step leaves (docs/design.md, "Pipelined steps").
 
     Several sites may hold one modality, each for other patients (SplitFed; docs/topologies.md, "Several sites per
     modality"): each step then trains on one cohort, the sites that hold a set of cases together
@@ -91,7 +120,9 @@ class SplitLearningController(SiteTaskController):
         cohort_draw: str = "proportional",
         encoder_averaging_every: int = 10,
         drift_correction: Mapping | None = None,
+        fedprox_mu: float = 0.0,
         checkpoint_every: int = 0,
+        pipeline_delay: int = 0,
         experiment: str = "split_unet",
         resume: bool = False,
         task_check_period: float = 0.005,
@@ -114,6 +145,8 @@ class SplitLearningController(SiteTaskController):
         self.cohort_of: dict[str, int] = {}
         self.groups: dict[str, list[str]] = {}
         self.averaging: EncoderAveraging | None = None
+        # When the server's last training step ended (time.perf_counter()): a task sent before it was sent ahead.
+        self._last_step_end = float("-inf")
 
     # ----------------------------------------------------------------------------------------- the run
     def _run(self, abort_signal: Signal, fl_ctx: FLContext, out_dir: Path):
@@ -142,7 +175,10 @@ class SplitLearningController(SiteTaskController):
         private.add_cases(labels.case_ids)
         layout = get_layout(party_settings.layout)
         device = select_device(s.device)
-        self.trainer = ServerTrainer(labels, party_settings.case_key_secret, device, s.loss, amp=s.amp)
+        self.trainer = ServerTrainer(
+            labels, party_settings.case_key_secret, device, s.loss, amp=s.amp, pipeline_delay=s.pipeline_delay
+        )
+        self._last_step_end = float("-inf")
         if s.amp and not self.trainer.amp:
             self.log_warning(fl_ctx, f"amp ignored on {device} (AMP is for CUDA): the decoder trains in float32")
         self.checkpoints = checkpoint_folder(fl_ctx, party_settings.checkpoint_dir, s.experiment)
@@ -195,14 +231,46 @@ class SplitLearningController(SiteTaskController):
             + (f"; cohorts: {[list(cohort.sites) for cohort in self.cohorts]}" if shared else ""),
         )
         validation = Validation(self.trainer, val_keys, shapes, layout, s)
+        self._train_steps(planner, validation, first, fl_ctx, abort_signal, out_dir)
+
+    def _train_steps(
+        self,
+        planner: CohortPlanner,
+        validation: Validation,
+        first: int,
+        fl_ctx: FLContext,
+        abort_signal: Signal,
+        out_dir: Path,
+    ) -> None:
+        """Training iterations ``first..num_iterations``, with their averagings, validations and checkpoints."""
+        s, record = self.settings, self.record
         # Gradients of the last step, by site: each reaches its site with the next task that site gets.
         pending: dict[str, dict] = {}
-        cohort_index, loss = 0, float("nan")
+        # With pipeline_delay 1, the step task already sent for the coming iteration.
+        ahead: _StepTask | None = None
+        loss = float("nan")
         for iteration in range(first, s.num_iterations + 1):
             if abort_signal.triggered:
                 return
-            cohort_index, plan = planner.next_plan(self._available_cohorts())
-            step, pending = self._train_iteration(plan, cohort_index, pending, iteration, first, fl_ctx, abort_signal)
+            if ahead is None:
+                ahead, pending = self._send_step(planner, pending, iteration, fl_ctx), {}
+            task, ahead = ahead, None
+            replies = self._await_replies(task.sent, iteration, fl_ctx, abort_signal)
+            task.round_trip_s = time.perf_counter() - task.started
+            flush = None
+            if s.pipeline_delay and not self._drains_after(iteration):
+                # The sites apply the gradients of step `iteration - 1` and encode step `iteration + 1` while the
+                # server runs step `iteration` (docs/design.md, "Pipelined steps").
+                ahead, pending = self._send_step(planner, pending, iteration + 1, fl_ctx), {}
+            elif s.pipeline_delay and pending:
+                # A validation, checkpoint or averaging follows: empty the pipeline, so that it finds the sites as
+                # lock-step leaves them (one step's gradients pending), and no site's step is in flight at a save.
+                targets = [site for site in self.roster.active if site in pending]
+                flush = self._send_tasks(TaskName.STEP, self._step_data(pending, None, (), targets, iteration), fl_ctx)
+                pending = {}
+            step, pending = self._server_step(task, replies, iteration, first, fl_ctx)
+            if flush is not None:
+                self._await_replies(flush, iteration, fl_ctx, abort_signal)
             loss = step.loss if step else loss
             record.iterations = iteration
             if record.cohorts is not None:
@@ -213,7 +281,7 @@ class SplitLearningController(SiteTaskController):
             if validate or (s.checkpoint_every and iteration % s.checkpoint_every == 0):
                 if self.model_config.train_encoders:
                     # Deliver the pending gradients first so that every encoder is at step `iteration`.
-                    targets = self._step_targets(self.cohorts[cohort_index], pending)
+                    targets = self._step_targets(self.cohorts[task.cohort_index], pending)
                     data = self._step_data(pending, None, (), targets, iteration)
                     self._round_trip(TaskName.STEP, data, iteration, fl_ctx, abort_signal)
                 pending = {}
@@ -232,7 +300,7 @@ class SplitLearningController(SiteTaskController):
             site: sum(len(cohort.train_keys) for cohort in self.cohorts if site in cohort.sites) for site in self.sites
         }
         averaging = EncoderAveraging(
-            self.groups, counts, s.encoder_averaging_every, make_correction(s.drift_correction)
+            self.groups, counts, s.encoder_averaging_every, make_correction(s.drift_correction), s.fedprox_mu
         )
         return averaging if averaging.enabled else None
 
@@ -250,35 +318,57 @@ class SplitLearningController(SiteTaskController):
         With one cohort these are all the active sites, as in a run without cohorts."""
         return [site for site in self.roster.active if site in cohort.sites or site in pending]
 
-    def _train_iteration(
-        self, plan, cohort_index: int, pending, iteration: int, first: int, fl_ctx: FLContext, abort_signal: Signal
-    ):
-        """One round trip (gradients of the last step out, features of this one back) and the server's step.
+    def _drains_after(self, iteration: int) -> bool:
+        """Whether an averaging, validation or checkpoint follows ``iteration``: no step may be sent ahead of it."""
+        s = self.settings
+        return (
+            iteration == s.num_iterations
+            or iteration % s.val_every == 0
+            or bool(s.checkpoint_every and iteration % s.checkpoint_every == 0)
+            or (self.averaging is not None and self.averaging.due(iteration))
+        )
+
+    def _send_step(self, planner: CohortPlanner, pending, iteration: int, fl_ctx: FLContext) -> _StepTask:
+        """Plan step ``iteration`` and send its task: the pending gradients out, a request for its features.
+
+        The task goes to the cohort's active sites and to every site with gradients to take; it returns at once
+        (:meth:`_await_replies` waits for the replies).
+        """
+        cohort_index, plan = planner.next_plan(self._available_cohorts())
+        cohort = self.cohorts[cohort_index]
+        participants = self.roster.step_participants(among=cohort.sites)
+        targets = self._step_targets(cohort, pending)
+        start = time.perf_counter()
+        data = self._step_data(pending, plan, participants, targets, iteration)
+        sent = self._send_tasks(TaskName.STEP, data, fl_ctx)
+        return _StepTask(cohort_index, plan, participants, sent, start)
+
+    def _server_step(self, task: _StepTask, replies, iteration: int, first: int, fl_ctx: FLContext):
+        """The server's step on the features of ``task`` (decoder, loss, gradients), recorded.
+
+        With ``pipeline_delay`` 1 the step's task went out before the server's step before it: its round trip is
+        recorded as the time from that step's end to this one's start, and the site compute as the part of it the
+        server waited for, so that the parts of a step add up to its time per iteration; site compute that ran
+        during the server's step costs no time and is not counted.
 
         Returns:
             ``(step, pending)``: the :class:`~splitunet.server.trainer.StepResult`, or ``None`` when every site
             asked to encode dropped out during the step (the others wait for the next one); and the step's
             gradients by site, for the next task each of those sites gets.
         """
-        cohort = self.cohorts[cohort_index]
-        participants = self.roster.step_participants(among=cohort.sites)
-        targets = self._step_targets(cohort, pending)
-        start = time.perf_counter()
-        replies = self._round_trip(
-            TaskName.STEP,
-            self._step_data(pending, plan, participants, targets, iteration),
-            iteration,
-            fl_ctx,
-            abort_signal,
-        )
-        round_trip_s = time.perf_counter() - start
-        participants = [site for site in participants if site in replies]
+        cohort = self.cohorts[task.cohort_index]
+        participants = [site for site in task.participants if site in replies]
         if not participants:
             self.log_warning(fl_ctx, f"iteration {iteration}: every site asked to encode dropped out; step skipped")
             return None, {}
         features = self._features(replies, participants, order=cohort.sites)
         site_s = max(float(replies[s].get_meta_prop(MetaKey.SITE_COMPUTE_S, 0.0)) for s in replies)
-        step = self.trainer.train_step(plan, features)
+        round_trip_s = task.round_trip_s
+        if task.started < self._last_step_end:
+            round_trip_s = time.perf_counter() - self._last_step_end
+            site_s = min(site_s, round_trip_s)
+        step = self.trainer.train_step(task.plan, features)
+        self._last_step_end = time.perf_counter()
         # As received, after every site filter: what the defenses leave on the wire, summed over sites.
         sent = sum(payload_bytes(replies[site]) for site in participants)
         dispatched = [self.last_dispatch_s[site] for site in participants if site in self.last_dispatch_s]
@@ -303,7 +393,8 @@ class SplitLearningController(SiteTaskController):
 
         Up: each averaged site's pending gradients (so its encoder is at step ``iteration``), back its encoder's
         weights (a ``WEIGHTS`` DXO through the site's result filters). Down: each modality's average to each of its
-        sites. Returns the gradients still pending (those of sites whose modality is not averaged).
+        sites (with the job's ``fedprox_mu`` when it is above 0: the average is then each site's FedProx anchor).
+        Returns the gradients still pending (those of sites whose modality is not averaged).
         """
         sites = self.averaging.sites_to_average(self.roster.active)
         if not sites:
@@ -322,6 +413,9 @@ class SplitLearningController(SiteTaskController):
         down = {}
         for site in uploads:
             meta = {MetaKey.ITERATION: iteration}
+            if self.averaging.fedprox_mu > 0:
+                # Only then: without FedProx the averaging's messages are what they always were.
+                meta[MetaKey.FEDPROX_MU] = self.averaging.fedprox_mu
             down[site] = encoder_to_dxo(averaged[self.site_modality[site]], meta).to_shareable()
         self._round_trip(TaskName.AVERAGE, down, iteration, fl_ctx, abort_signal)
         self.record.encoder_averaging = {

@@ -10,6 +10,10 @@ sends the same average back to every site of the modality::
     w_m = sum_{s holds m} n_s * w_s / sum_{s holds m} n_s        (n_s: site s's training cases)
     w_m = DWCS(w_m, round r)                                      (with drift correction)
 
+With ``fedprox_mu`` > 0 the average also goes down with FedProx's ``mu``: each site then adds the proximal gradient
+``mu (w - w_m)`` towards it to its encoder's gradients until the next average (:mod:`splitunet.site.trainer`); the
+server computes nothing more for it.
+
 A modality held by one site is never averaged; a run with one site per modality never averages at all. The server
 sees every copy it averages: see the docs for what that reveals.
 
@@ -56,6 +60,7 @@ class EncoderAveraging:
         case_counts: site -> its number of training cases (the server knows them from the case matching).
         every: average after every this many training iterations (0: never).
         correction: DWCS applied to each modality's average (``None``: plain weighted averaging).
+        fedprox_mu: FedProx's ``mu`` sent with each average (0: none), finite and >= 0.
 
     Attributes:
         rounds: averaging rounds done.
@@ -69,9 +74,13 @@ class EncoderAveraging:
         case_counts: Mapping[str, int],
         every: int,
         correction: DriftCorrection | None = None,
+        fedprox_mu: float = 0.0,
     ):
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"every must be an int >= 0, got {every!r}")
+        finite = isinstance(fedprox_mu, (int, float)) and not isinstance(fedprox_mu, bool) and np.isfinite(fedprox_mu)
+        if not finite or fedprox_mu < 0:
+            raise ValueError(f"fedprox_mu must be a finite number >= 0, got {fedprox_mu!r}")
         self.groups = {modality: list(sites) for modality, sites in groups.items() if len(sites) > 1}
         missing = [site for sites in self.groups.values() for site in sites if case_counts.get(site, 0) < 1]
         if missing:
@@ -79,6 +88,7 @@ class EncoderAveraging:
         self.case_counts = {site: int(case_counts[site]) for sites in self.groups.values() for site in sites}
         self.every = every
         self.correction = correction
+        self.fedprox_mu = float(fedprox_mu)
         self.rounds = 0
         self.history: list[dict] = []
 
@@ -168,6 +178,7 @@ class EncoderAveraging:
             },
             "weighted_by": "training cases",
             "drift_correction": self.correction.describe() if self.correction is not None else None,
+            "fedprox_mu": self.fedprox_mu,
             "rounds": self.rounds,
             "history": [dict(entry) for entry in self.history],
         }

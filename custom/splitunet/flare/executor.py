@@ -34,9 +34,11 @@ from splitunet.dp.opacus_extra import opacus_installed
 from splitunet.dp.party_record import PrivacyRecord, admit_job
 from splitunet.dp.site_cap import EpsilonCapExceeded
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.filters.quantize_features import sender_encoding_bits
 from splitunet.flare.encoder_weights import dxo_to_encoder, encoder_to_dxo
+from splitunet.flare.nvflare_compat import send_scalar
 from splitunet.flare.replies import error_reply, reply_error_message
-from splitunet.flare.site_minimum import PRIVACY_FILE, check_minimum_defense
+from splitunet.flare.site_minimum import PRIVACY_FILE, check_minimum_defense, released_chains
 from splitunet.flare.workspace_paths import checkpoint_folder, run_dir, site_config_dir
 from splitunet.resume import CHECKPOINT_TAGS, encoder_checkpoint, load_for_resume
 from splitunet.site.trainer import SiteTrainer
@@ -225,8 +227,13 @@ class SplitSiteExecutor(Executor):
         self.private.add_cases(folder.case_ids)
         self.trainer = SiteTrainer(folder, settings.case_key_secret, device, amp=self.amp)
         self.trainer.build(config, settings.encoder_seed)
+        # Quantized on the device when every releasing chain starts with the same quantizer (it still checks them).
+        bits = {sender_encoding_bits(chain) for chain in released_chains(fl_ctx).values()}
+        self.trainer.wire_bits = bits.pop() if len(bits) == 1 else None
         self.checkpoints = checkpoint_folder(fl_ctx, settings.checkpoint_dir, dxo.get_meta_prop(MetaKey.EXPERIMENT))
         compute = f"device {device}" + _amp_note(self.amp, self.trainer.amp)
+        if self.trainer.wire_bits is not None:
+            compute += f", features quantized to {self.trainer.wire_bits}-bit codes on the device"
         self.log_info(
             fl_ctx,
             f"{party}: modality {settings.modality}, {len(self.trainer.key_to_case)} cases from {data_dir} "
@@ -276,8 +283,11 @@ class SplitSiteExecutor(Executor):
         """With DP-SGD: log the epsilon spent so far and keep it in ``results.json``."""
         if self.privacy is None:
             return
-        self.privacy.spent(self.trainer.epsilon(), self.trainer.private.steps_taken, iteration=iteration)
+        epsilon = self.trainer.epsilon()
+        self.privacy.spent(epsilon, self.trainer.private.steps_taken, iteration=iteration)
         self.log_info(fl_ctx, f"{party}: iteration {iteration}: {self.privacy.line()}")
+        # To the server's TensorBoard where the job forwards the sites' analytics (the DP jobs do).
+        send_scalar(self, fl_ctx, "dp_epsilon", epsilon, int(iteration))
         self._write_results()
 
     def _write_results(self) -> None:
@@ -328,17 +338,24 @@ class SplitSiteExecutor(Executor):
 
         Gradients or a control DXO: apply the gradients (of this site's last step, if any) and reply with the
         encoder's weights (a ``WEIGHTS`` DXO, through this site's result filters). A ``WEIGHTS`` DXO: the average,
-        which replaces the encoder's weights (the optimiser's moments stay this site's own).
+        which replaces the encoder's weights (the optimiser's moments stay this site's own); with FedProx (the job's
+        ``fedprox_mu`` in its meta) it is also the anchor of the proximal term until the next average
+        (:class:`~splitunet.site.trainer.SiteTrainer`).
         """
         trainer = self._require_trainer()
         meta = {MetaKey.ITERATION: dxo.get_meta_prop(MetaKey.ITERATION)}
         if dxo.data_kind == FlareDataKind.WEIGHTS:
             expected = {name: tuple(value.shape) for name, value in trainer.encoder.state_dict().items()}
             weights = dxo_to_encoder(dxo, party="server", expected=expected)
-            trainer.load_encoder_weights({name: torch.from_numpy(array.copy()) for name, array in weights.items()})
+            mu = dxo.get_meta_prop(MetaKey.FEDPROX_MU, 0.0)
+            trainer.load_encoder_weights(
+                {name: torch.from_numpy(array.copy()) for name, array in weights.items()}, fedprox_mu=mu
+            )
+            fedprox = f", FedProx mu {trainer.fedprox_mu:g} towards it" if trainer.fedprox_mu else ""
             self.log_info(
                 fl_ctx,
-                f"{party}: took the average of the {trainer.modality} encoders at iteration {meta[MetaKey.ITERATION]}",
+                f"{party}: took the average of the {trainer.modality} encoders at iteration "
+                f"{meta[MetaKey.ITERATION]}{fedprox}",
             )
             return control_dxo(meta).to_shareable()
         compute_s = 0.0
@@ -356,6 +373,13 @@ class SplitSiteExecutor(Executor):
         tag = dxo.get_meta_prop(MetaKey.TAG)
         if tag not in CHECKPOINT_TAGS:
             raise ValueError(f"checkpoint tag must be one of {CHECKPOINT_TAGS}, got {tag!r}")
+        if trainer.steps_in_flight:
+            # The server empties its pipeline before every save (docs/design.md, "Pipelined steps"); a checkpoint
+            # without the gradients still to come would resume a different run.
+            raise RuntimeError(
+                f"asked to save while {trainer.steps_in_flight} training steps' gradients are still pending; the "
+                "checkpoint would miss them"
+            )
         state = trainer.state_dict()
         state[MetaKey.ITERATION] = dxo.get_meta_prop(MetaKey.ITERATION)
         path = save_checkpoint(state, encoder_checkpoint(self.checkpoints, trainer.modality, tag))

@@ -27,7 +27,14 @@ from splitunet.site.minimum_defense import (
 )
 from splitunet.wire.protocol import TaskName
 
-__all__ = ["RELEASING_TASKS", "PRIVACY_FILE", "read_minimum_defense", "released_chain", "check_minimum_defense"]
+__all__ = [
+    "RELEASING_TASKS",
+    "PRIVACY_FILE",
+    "read_minimum_defense",
+    "released_chain",
+    "released_chains",
+    "check_minimum_defense",
+]
 
 # The tasks whose results carry the site's features.
 RELEASING_TASKS = (TaskName.STEP, TaskName.ENCODE)
@@ -62,6 +69,23 @@ def released_chain(scope_filters: Sequence, job_config: dict, task: str) -> list
     return list(scope_filters) + _job_result_filters(job_config, task)
 
 
+def _scope_and_job(fl_ctx: FLContext) -> tuple[str, list, dict]:
+    """The privacy scope's name and result filters, and the job's client config, from a task's context."""
+    scope = fl_ctx.get_prop(FLContextKey.SCOPE_OBJECT)
+    scope_name = getattr(scope, "name", None) or "none"
+    scope_filters = list((getattr(scope, "task_result_filters", None) or {}).get(FilterKey.OUT, []))
+    workspace = fl_ctx.get_engine().get_workspace()
+    config_file = Path(workspace.get_app_config_dir(fl_ctx.get_job_id())) / "config_fed_client.json"
+    job_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return scope_name, scope_filters, job_config
+
+
+def released_chains(fl_ctx: FLContext) -> dict[str, list]:
+    """The filter chain of each task in :data:`RELEASING_TASKS`, as :func:`released_chain` makes it."""
+    _, scope_filters, job_config = _scope_and_job(fl_ctx)
+    return {task: released_chain(scope_filters, job_config, task) for task in RELEASING_TASKS}
+
+
 def check_minimum_defense(fl_ctx: FLContext, party: str, model_config: object | None = None) -> str | None:
     """Refuse this job if the chain on any releasing task, or the model settings it asks for, fall short of the
     site's minimum defense.
@@ -81,12 +105,7 @@ def check_minimum_defense(fl_ctx: FLContext, party: str, model_config: object | 
     minimum = read_minimum_defense(site_config_dir(fl_ctx))
     if minimum is None:
         return None
-    scope = fl_ctx.get_prop(FLContextKey.SCOPE_OBJECT)
-    scope_name = getattr(scope, "name", None) or "none"
-    scope_filters = list((getattr(scope, "task_result_filters", None) or {}).get(FilterKey.OUT, []))
-    workspace = fl_ctx.get_engine().get_workspace()
-    config_file = Path(workspace.get_app_config_dir(fl_ctx.get_job_id())) / "config_fed_client.json"
-    job_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    scope_name, scope_filters, job_config = _scope_and_job(fl_ctx)
     problems = []
     if model_config is not None:
         missing = model_shortfalls(minimum, model_config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvflare.apis.client import Client
@@ -37,7 +38,7 @@ from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import DataKind, MetaKey, TaskName
 from splitunet.wire.transport import control_dxo, dxo_to_features, register_tensor_support
 
-__all__ = ["SiteTaskController", "SplitRunError", "SplitRunAborted", "SITE_FAILURE_POLICIES"]
+__all__ = ["SiteTaskController", "SentTasks", "SplitRunError", "SplitRunAborted", "SITE_FAILURE_POLICIES"]
 
 
 class SplitRunError(RuntimeError):
@@ -49,6 +50,30 @@ class SplitRunAborted(RuntimeError):
 
     Not a :class:`SplitRunError`, so that an abort is never taken for a site's failure.
     """
+
+
+@dataclass
+class SentTasks:
+    """Tasks of one name scheduled at once, one per site, whose replies :meth:`SiteTaskController._await_replies`
+    waits for; FLARE's result callbacks fill :attr:`replies` from its own threads.
+
+    Attributes:
+        task_name: the tasks' name.
+        scheduled_at: ``time.time()`` when they were scheduled.
+        tasks: site -> its task.
+        replies: site -> its reply, as it arrives.
+        sent_at: site -> ``time.time()`` when FLARE handed the site its task.
+        timeout: seconds each site has to answer.
+        deadline: ``time.monotonic()`` after which a silent site has not answered in time.
+    """
+
+    task_name: str
+    scheduled_at: float
+    tasks: dict[str, Task] = field(default_factory=dict)
+    replies: dict[str, Shareable] = field(default_factory=dict)
+    sent_at: dict[str, float] = field(default_factory=dict)
+    timeout: int = 0
+    deadline: float = 0.0
 
 
 class SiteTaskController(Controller):
@@ -220,7 +245,8 @@ class SiteTaskController(Controller):
     def _features(
         self, replies: Mapping[str, DXO], senders: Sequence[str], order: Sequence[str | None] | None = None
     ) -> list:
-        """Features in decoder order (``None`` for a site that sent none), decoded and checked; notes filters.
+        """Features in decoder order (``None`` for a site that sent none), checked; notes filters. Encoded levels stay
+        encoded (:class:`~splitunet.wire.codec.EncodedLevel`) for the decoder's device to decode.
 
         Args:
             replies: site -> its reply.
@@ -235,8 +261,15 @@ class SiteTaskController(Controller):
                 continue
             dxo = replies[site]
             self.record.note_filters(site, dxo.get_meta_prop(MetaKey.FILTER_TRAIL))
+            # Codes stay encoded: the server's trainer copies them to its device and decodes them there, once.
             features.append(
-                dxo_to_features(dxo, DataKind.ACTIVATIONS, party=site, expected_levels=self.model_config.sent_levels)
+                dxo_to_features(
+                    dxo,
+                    DataKind.ACTIVATIONS,
+                    party=site,
+                    expected_levels=self.model_config.sent_levels,
+                    keep_encoded=True,
+                )
             )
         return features
 
@@ -276,24 +309,38 @@ class SiteTaskController(Controller):
             SplitRunAborted: FLARE's abort signal was triggered while waiting (and no awaited site is disconnected:
                 FLARE also aborts a job whose sites are too few, and then the disconnect is what is reported).
         """
-        replies: dict[str, Shareable] = {}
-        sent_at: dict[str, float] = {}
-        scheduled_at = time.time()  # FLARE stamps task hand-outs with time.time()
+        sent = self._send_tasks(task_name, data_by_site, fl_ctx)
+        return self._await_replies(sent, iteration, fl_ctx, abort_signal)
+
+    def _send_tasks(self, task_name: str, data_by_site: Mapping[str, Shareable], fl_ctx: FLContext) -> SentTasks:
+        """Schedule one task per site and return at once; :meth:`_await_replies` waits for them.
+
+        Between the two the workflow may compute (a pipelined training step, ``pipeline_delay``): FLARE hands the
+        tasks out and takes the replies in its own threads.
+        """
+        sent = SentTasks(task_name, time.time())  # FLARE stamps task hand-outs with time.time()
 
         def on_result(client_task: ClientTask, fl_ctx: FLContext):
-            replies[client_task.client.name] = client_task.result
+            sent.replies[client_task.client.name] = client_task.result
             if client_task.task_sent_time is not None:
-                sent_at[client_task.client.name] = client_task.task_sent_time
+                sent.sent_at[client_task.client.name] = client_task.task_sent_time
 
         timeout = self.settings.setup_timeout if task_name == TaskName.SETUP else self.settings.task_timeout
-        tasks = {}
+        sent.timeout = timeout
+        sent.deadline = time.monotonic() + timeout
         for site, data in data_by_site.items():
             task = Task(name=task_name, data=data, timeout=timeout, result_received_cb=on_result)
             self.send(task, fl_ctx, targets=[site], send_order=SendOrder.ANY)
-            tasks[site] = task
+            sent.tasks[site] = task
         if self._long_poll is not None:
             self._long_poll.notify()
-        deadline = time.monotonic() + timeout
+        return sent
+
+    def _await_replies(
+        self, sent: SentTasks, iteration: int, fl_ctx: FLContext, abort_signal: Signal
+    ) -> dict[str, DXO]:
+        """Wait for every reply to tasks :meth:`_send_tasks` scheduled; see :meth:`_round_trip` for what fails."""
+        task_name, tasks, replies, timeout = sent.task_name, sent.tasks, sent.replies, sent.timeout
         waiting = set(tasks)
         failures: dict[str, str] = {}
         disconnected: set[str] = set()
@@ -314,9 +361,9 @@ class SiteTaskController(Controller):
                         self.cancel_task(tasks[site], fl_ctx=fl_ctx)
                     failures[site] = (
                         f"site {site} disconnected while it held task {task_name} at iteration {iteration} "
-                        f"(FLARE deems it gone; {time.time() - scheduled_at:.0f}s after the task was scheduled)"
+                        f"(FLARE deems it gone; {time.time() - sent.scheduled_at:.0f}s after the task was scheduled)"
                     )
-                elif status is not None or time.monotonic() > deadline:
+                elif status is not None or time.monotonic() > sent.deadline:
                     waiting.discard(site)
                     if status is None:
                         self.cancel_task(tasks[site], fl_ctx=fl_ctx)
@@ -337,7 +384,7 @@ class SiteTaskController(Controller):
         for site in sorted(failures):
             self._drop(site, iteration, failures[site], fl_ctx)
         # When each site took its task, from the scheduling: how long FLARE took to hand the tasks out.
-        self.last_dispatch_s = {site: sent - scheduled_at for site, sent in sent_at.items()}
+        self.last_dispatch_s = {site: at - sent.scheduled_at for site, at in sent.sent_at.items()}
         return {site: from_shareable(reply) for site, reply in replies.items() if site not in failures}
 
     def _may_drop(self, task_name: str) -> bool:

@@ -40,6 +40,7 @@ from splitunet.data.hospital_folder import HospitalFolder
 from splitunet.data.hospital_settings import load_hospital_settings
 from splitunet.dp.site_cap import EpsilonCapExceeded, check_epsilon_cap, read_epsilon_cap
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.flare.nvflare_compat import send_scalar
 from splitunet.flare.site_minimum import PRIVACY_FILE
 from splitunet.flare.workspace_paths import run_dir, site_config_dir
 from splitunet.horizontal.local_trainer import LocalSettings, LocalTrainer
@@ -236,6 +237,8 @@ class FedAvgHospitalExecutor(Executor):
             epsilon, delta = local.metrics["dp_epsilon"], local.metrics["dp_delta"]
             self.results["dp"]["epsilon"] = epsilon
             self.results["dp"]["epsilon_per_round"].append(epsilon)
+            # To the server's TensorBoard (the DP job forwards the hospitals' analytics).
+            send_scalar(self, fl_ctx, "dp_epsilon", epsilon, round_number + 1)
             privacy = f", DP-SGD epsilon {epsilon:.4g} at delta {delta:g} spent so far"
         self._write_results()
         self.log_info(

@@ -7,6 +7,7 @@ defaults as these settings and only build them.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ __all__ = [
     "EXPERIMENT_NAME",
     "MAX_LONG_POLL_S",
     "MODEL_DEFAULTS",
+    "PIPELINE_DELAYS",
 ]
 
 # What a run does when a site stops answering or fails a task after setup.
@@ -34,6 +36,9 @@ SITE_FAILURE_POLICIES = ("stop", "continue")
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # A held task request occupies a server thread and must end well before the site's own request timeout.
 MAX_LONG_POLL_S = 5.0
+# Steps a site's gradients may arrive late (docs/design.md, "Pipelined steps"): with two stages, sites and server, one
+# step ahead already overlaps them completely, so a deeper pipeline would only make the gradients staler.
+PIPELINE_DELAYS = (0, 1)
 # The model settings a training run starts from when the job does not say: SplitModelConfig's own defaults.
 MODEL_DEFAULTS = SplitModelConfig()
 
@@ -78,6 +83,12 @@ def _check_drift_correction(settings) -> dict | None:
     except (TypeError, ValueError) as error:
         raise SplitUNetConfigError(f"drift_correction {dict(settings)}: {error}") from error
     return dict(settings)
+
+
+def _check_fedprox_mu(mu) -> float:
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu < 0:
+        raise SplitUNetConfigError(f"fedprox_mu must be a finite number >= 0 (0: no proximal term), got {mu!r}")
+    return float(mu)
 
 
 @dataclass
@@ -165,8 +176,17 @@ class TrainingSettings(TaskSettings):
         drift_correction: ``None`` (plain weighted averaging) or the arguments of
             :class:`~splitunet.federated.drift_correction.DriftCorrection` (``{}``: its defaults), DWCS applied to
             each modality's averaged encoder.
+        fedprox_mu: with several sites per modality, FedProx's ``mu`` (>= 0; 0: off): each averaged site adds the
+            gradient of ``(mu/2) ||w - w_avg||^2`` towards the last average it took to its encoder's gradients
+            (:class:`~splitunet.site.trainer.SiteTrainer`); sent with every average. No effect where nothing is
+            averaged.
         checkpoint_every: also save the ``last`` checkpoints every this many iterations (0: only when
             validating).
+        pipeline_delay: ``0``: lock-step, each step's task goes out after the server's step before it. ``1``: the
+            task of step ``t+1`` goes out before the server's step ``t``, so the sites encode while the server
+            decodes, and each site's gradients arrive one step later (docs/design.md, "Pipelined steps"). The
+            pipeline is emptied before every validation, checkpoint and encoder averaging, so those (and a resume)
+            see the state lock-step leaves. Not with DP-SGD at the sites (they refuse it).
         experiment: name of the checkpoint folder at parties whose settings name a ``checkpoint_dir``.
         resume: continue from every party's ``last`` checkpoint of ``experiment``: model and optimiser states,
             iteration, crop sampler and history. With the same settings the run ends with the same weights as
@@ -212,7 +232,9 @@ class TrainingSettings(TaskSettings):
     cohort_draw: str = "proportional"
     encoder_averaging_every: int = 10
     drift_correction: Mapping | None = None
+    fedprox_mu: float = 0.0
     checkpoint_every: int = 0
+    pipeline_delay: int = 0
     experiment: str = "split_unet"
     resume: bool = False
     device: str = "auto"
@@ -252,11 +274,18 @@ class TrainingSettings(TaskSettings):
             if not isinstance(getattr(self, name), bool):
                 raise SplitUNetConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _check_int("checkpoint_every", self.checkpoint_every, 0)
+        delay = self.pipeline_delay
+        if not isinstance(delay, int) or isinstance(delay, bool) or delay not in PIPELINE_DELAYS:
+            raise SplitUNetConfigError(
+                f"pipeline_delay must be one of {PIPELINE_DELAYS} (steps a site's gradients arrive late; one step "
+                f"already overlaps sites and server), got {self.pipeline_delay!r}"
+            )
         _check_int("num_preview_cases", self.num_preview_cases, 0)
         _check_int("encoder_averaging_every", self.encoder_averaging_every, 0)
         if self.cohort_draw not in COHORT_DRAWS:
             raise SplitUNetConfigError(f"cohort_draw must be one of {COHORT_DRAWS}, got {self.cohort_draw!r}")
         self.drift_correction = _check_drift_correction(self.drift_correction)
+        self.fedprox_mu = _check_fedprox_mu(self.fedprox_mu)
         _check_experiment(self.experiment)
         self.sites = _check_sites(self.sites)
 

@@ -18,6 +18,7 @@ from splitunet.data.sampling import extract_crop
 from splitunet.networks import ServerDecoder
 from splitunet.region_scores import RegionScores
 from splitunet.server.sliding_window import EncodeFn, split_sliding_window
+from splitunet.wire.codec import EncodedLevel
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import REGIONS
 
@@ -60,12 +61,20 @@ def initial_decoder(config: SplitModelConfig, num_sites: int) -> ServerDecoder:
     return build_decoder(config, num_sites)
 
 
+def _decoder_input(value: torch.Tensor | EncodedLevel, device: torch.device) -> torch.Tensor:
+    if isinstance(value, EncodedLevel):
+        # Codes and scales cross to the device (if not staged there already) and are decoded there, once.
+        value = value.map_tensors(lambda t: t.to(device)).decode()
+    return value.to(device, dtype=torch.float32)
+
+
 def to_decoder_inputs(
-    site_features: Sequence[Mapping[int, torch.Tensor] | None], device: torch.device
+    site_features: Sequence[Mapping[int, torch.Tensor | EncodedLevel] | None], device: torch.device
 ) -> list[dict[int, torch.Tensor] | None]:
-    """Received features as the decoder takes them: float32 on its device (the wire may carry float16)."""
+    """Received features as the decoder takes them: float32 on its device (the wire may carry float16, or codes that
+    :func:`~splitunet.wire.transport.dxo_to_features` kept encoded, which are decoded on the device)."""
     return [
-        None if features is None else {level: t.to(device, dtype=torch.float32) for level, t in features.items()}
+        None if features is None else {level: _decoder_input(t, device) for level, t in features.items()}
         for features in site_features
     ]
 
@@ -84,7 +93,9 @@ class ServerTrainer:
     """Holds the labels, the decoder and the loss; turns the sites' features into their gradients.
 
     Features arrive and gradients leave as host tensors (what FLARE serializes); on a GPU they cross through
-    reused pinned buffers (:class:`~splitunet.compute.host_staging.PinnedStaging`), one set per site.
+    reused pinned buffers (:class:`~splitunet.compute.host_staging.PinnedStaging`), one set per site. Features may
+    arrive still encoded (:class:`~splitunet.wire.codec.EncodedLevel`): their codes and scales cross, and they are
+    decoded on the decoder's device.
 
     Args:
         labels: the label holder's folder.
@@ -94,6 +105,9 @@ class ServerTrainer:
         amp: on a CUDA device, run the decoder's training pass under bfloat16 autocast
             (:mod:`~splitunet.compute.mixed_precision`; ignored on a CPU, see :attr:`amp`); the loss is computed in
             float32, gradients leave in the job's wire precision, and validation stays float32.
+        pipeline_delay: how many further steps a step's gradients may wait before their task takes them (the
+            workflow's ``pipeline_delay``): the pinned host buffers they leave through are then not reused until
+            that many more steps have run.
 
     Attributes:
         amp: whether training passes really run under autocast here.
@@ -106,6 +120,7 @@ class ServerTrainer:
         device: torch.device | str = "cpu",
         loss: str = "dice_ce",
         amp: bool = False,
+        pipeline_delay: int = 0,
     ):
         self.labels = labels
         self.party = labels.party
@@ -118,6 +133,8 @@ class ServerTrainer:
         self.decoder: ServerDecoder | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.num_sites = 0
+        self.pipeline_delay = pipeline_delay
+        self._steps = 0
 
     def describe_cases(self) -> dict[str, dict]:
         """Keyed case list with shape and affine digest of each label volume."""
@@ -174,11 +191,15 @@ class ServerTrainer:
         loss.backward()
         self.optimizer.step()
         wire_dtype = getattr(torch, self.config.transfer_dtype)
+        # Lock-step: one buffer set per site, as the last step's gradients have left. Pipelined: they wait for the
+        # task after next, so the sets alternate.
+        buffers = "" if not self.pipeline_delay else f"/{self._steps % (self.pipeline_delay + 1)}"
+        self._steps += 1
         grads = [
             None
             if leaf_map is None or not self.config.train_encoders
             else self.staging.to_host(
-                {level: leaf.grad.detach().to(wire_dtype) for level, leaf in leaf_map.items()}, f"site{index}"
+                {level: leaf.grad.detach().to(wire_dtype) for level, leaf in leaf_map.items()}, f"site{index}{buffers}"
             )
             for index, leaf_map in enumerate(leaves)
         ]

@@ -183,7 +183,7 @@ def _utility(args) -> int:
 def _sweep(args) -> int:
     from splitunet.evaluation.sweep import run_sweep
 
-    run_sweep(args.out, "quick" if args.quick else args.preset, utility=args.utility)
+    run_sweep(args.out, "quick" if args.quick else args.preset, utility=args.utility, reuse=args.reuse)
     print((Path(args.out) / "sweep.md").read_text())
     if (Path(args.out) / "tradeoff.png").is_file():
         print(f"plot: {Path(args.out).resolve() / 'tradeoff.png'}")
@@ -307,7 +307,13 @@ def _predict(args) -> int:
 def _bench_command(args) -> list[str]:
     """The command line that reproduces a bench run, from its parsed arguments (for the report)."""
     command = ["splitunet", "bench", "--out", str(args.out), "--device", args.device]
-    flags = {"--quick": args.quick, "--amp": args.amp, "--no-flare": args.no_flare, "--no-poc": args.no_poc}
+    flags = {
+        "--quick": args.quick,
+        "--amp": args.amp,
+        "--no-flare": args.no_flare,
+        "--no-poc": args.no_poc,
+        "--pipelined": args.pipelined,
+    }
     command += [flag for flag, given in flags.items() if given]
     options = (
         ("--preset", args.preset),
@@ -337,6 +343,7 @@ def _bench(args) -> int:
         amp=args.amp,
         flare=not args.no_flare,
         poc=not args.no_poc,
+        pipelined=args.pipelined,
         iterations=args.iterations or None,
         seeds=args.seeds or None,
         cases=args.cases or None,
@@ -562,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--utility", type=Path, help="a `splitunet utility` report (utility.json) for the Dice column")
     sweep.add_argument("--quick", action="store_true", help="the same as --preset quick (checks the pipeline)")
+    sweep.add_argument(
+        "--reuse", type=Path, help="an earlier sweep.json (same preset and budget) whose rows are taken over, not rerun"
+    )
     sweep.set_defaults(run=_sweep)
     compare = commands.add_parser(
         "compare",
@@ -591,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--amp", action="store_true", help="every arm trains under bfloat16 autocast (jobs' amp)")
     bench.add_argument("--no-flare", action="store_true", help="skip the FLARE simulator and POC paths")
     bench.add_argument("--no-poc", action="store_true", help="skip the POC path")
+    bench.add_argument(
+        "--pipelined", action="store_true", help="also run the simulator with pipeline_delay 1 (simulator_pipelined)"
+    )
     bench.add_argument("--iterations", type=int, default=0, help="training iterations per accuracy arm")
     bench.add_argument(
         "--seeds",
@@ -630,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inversion.add_argument("--out", required=True, type=Path, help="folder for report.json, report.md and the figure")
     inversion.add_argument("--quick", action="store_true", help="tiny sizes, one seed and epsilon (checks pipeline)")
+    inversion.add_argument(
+        "--preset", choices=("default", "tiny"), help="named study: default (32^3 crop) or tiny (16x16x32, wide)"
+    )
     inversion.add_argument("--seeds", type=int, nargs="+", help="one attacked crop and model per seed (default 0 1 2)")
     inversion.add_argument("--epsilons", type=float, nargs="+", help="one DP-SGD step at each (default 1 3 10)")
     inversion.add_argument("--delta", type=float, help="delta of every epsilon (default 1e-5)")

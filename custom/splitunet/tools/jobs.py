@@ -97,6 +97,7 @@ class Job:
         site_filters: what the sites apply to what they send (activations), before the guard.
         server_filters: what the server applies to what it sends (gradients), before the guard.
         components: the server's extra components, ``(id, path, args)`` each.
+        client_components: the sites' extra components, ``(id, path, args)`` each.
         min_clients: ``meta.json``'s ``min_clients``.
         defense: whether the job is a row of the defense table (``splitunet defenses``).
         executor_path: the sites' executor class, fully qualified (default: the split-learning site executor).
@@ -114,6 +115,7 @@ class Job:
     site_filters: tuple[Filter, ...]
     server_filters: tuple[Filter, ...]
     components: tuple[tuple[str, str, Mapping[str, Any]], ...] = ()
+    client_components: tuple[tuple[str, str, Mapping[str, Any]], ...] = ()
     min_clients: int = 2
     defense: bool = False
     executor_path: str = "splitunet.flare.SplitSiteExecutor"
@@ -155,6 +157,12 @@ TRAINING_TASKS = ("split_setup", "split_step", "split_encode", "split_save", "sp
 # modality carries gradients down and weights up, which the feature filters pass on); setup and save carry none.
 TRAINING_FILTERED_TASKS = ("split_step", "split_encode", "split_average")
 TB_RECEIVER = ("tb_receiver", "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver", {"tb_folder": "tb_events"})
+# A site's analytics (the epsilon its DP-SGD has spent) forwarded to the server's TensorBoard receiver.
+TO_SERVER_EVENTS = (
+    "event_to_fed",
+    "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent",
+    {"events_to_convert": ["analytix_log_stats"], "fed_event_prefix": "fed."},
+)
 
 MAIN_JOB = Job(
     name="split_unet",
@@ -299,6 +307,9 @@ FEDAVG_DP_JOB = replace(
         **FEDAVG_JOB.executor_args,
         "dp": {"target_epsilon": 8.0, "max_grad_norm": 0.25, "accountant": "rdp", "poisson_sampling": True},
     },
+    # Each hospital's epsilon after every round, in the server's TensorBoard.
+    components=(*FEDAVG_JOB.components, TB_RECEIVER),
+    client_components=(TO_SERVER_EVENTS,),
 )
 
 # The FedAvg baseline with DWCS on every round's global model (splitunet.horizontal.DriftCorrectedFedAvg, FLARE's
@@ -374,6 +385,7 @@ SPLIT_DP_JOB = replace(
         # A site takes at most one step per iteration.
         "dp_steps": MAIN_JOB.workflow.args["num_iterations"],
     },
+    client_components=(TO_SERVER_EVENTS,),
     defense=False,
 )
 U_SHAPE_DP_JOB = replace(
@@ -384,6 +396,8 @@ U_SHAPE_DP_JOB = replace(
         "dp": {**SPLIT_DP, "max_grad_norm": 0.25},
         "dp_steps": U_SHAPE_JOB.workflow.args["num_rounds"] * U_SHAPE_JOB.workflow.args["iterations_per_round"],
     },
+    components=(*U_SHAPE_JOB.components, TB_RECEIVER),
+    client_components=(TO_SERVER_EVENTS,),
 )
 
 FP32 = "split_unet_fp32"
@@ -459,13 +473,22 @@ JOBS: tuple[Entry, ...] = (
     ),
     # Several sites per modality, each for other patients (SplitFed; docs/topologies.md): two per modality. Each step
     # trains on one cohort of sites; every 10 iterations the encoders of each modality's sites are averaged by
-    # training cases (drift_correction names DWCS's arguments to correct the averages).
+    # training cases (drift_correction names DWCS's arguments to correct the averages; fedprox_mu > 0 has each site
+    # add FedProx's proximal gradient towards the last average it took).
     Variant(
         "split_unet_splitfed",
         base="split_unet",
-        workflow_args={"cohort_draw": "proportional", "encoder_averaging_every": 10, "drift_correction": None},
+        workflow_args={
+            "cohort_draw": "proportional",
+            "encoder_averaging_every": 10,
+            "drift_correction": None,
+            "fedprox_mu": 0.0,
+        },
         min_clients=2 * len(MODALITIES),
     ),
+    # Pipelined steps (docs/design.md, "Pipelined steps"): the sites encode step t+1 while the server runs step t, and
+    # each site's gradients arrive one step later; otherwise the main job.
+    Variant("split_unet_pipelined", base="split_unet", workflow_args={"pipeline_delay": 1}),
     SPLIT_DP_JOB,
     INFERENCE_JOB,
     FEDAVG_JOB,
@@ -480,7 +503,8 @@ def resolve_jobs(entries: Sequence[Entry] = JOBS) -> dict[str, Job]:
     """Every entry as a full :class:`Job`, by name, in the entries' order.
 
     Raises:
-        SplitUNetConfigError: two entries share a name, a variant's base is not an entry, or bases form a cycle.
+        SplitUNetConfigError: two entries share a name, a variant's base is not an entry, bases form a cycle, or a
+            job pipelines the steps of sites that train with DP-SGD.
     """
     by_name: dict[str, Entry] = {}
     for entry in entries:
@@ -515,8 +539,17 @@ def resolve_jobs(entries: Sequence[Entry] = JOBS) -> dict[str, Job]:
         return job
 
     for entry in entries:
-        resolve(entry.name, ())
+        _check_combination(resolve(entry.name, ()))
     return {entry.name: resolved[entry.name] for entry in entries}
+
+
+def _check_combination(job: Job) -> None:
+    """Refuse settings that cannot run together (the sites would refuse the job only at its second step)."""
+    if job.workflow.args.get("pipeline_delay", 0) and job.executor_args.get("dp") is not None:
+        raise SplitUNetConfigError(
+            f"job {job.name!r}: DP-SGD at the sites trains lock-step only (Opacus pairs each forward pass with its "
+            "backward); set pipeline_delay 0"
+        )
 
 
 def defense_jobs(entries: Sequence[Entry] = JOBS) -> tuple[str, ...]:
@@ -549,7 +582,10 @@ def job_files(job: Job) -> dict[str, dict]:
         ],
         "task_result_filters": [_chain(site_sent_tasks, job.site_filters)] if job.filtered_tasks else [],
         "task_data_filters": [_chain(job.filtered_tasks, ())] if job.filtered_tasks else [],
-        "components": [],
+        "components": [
+            {"id": component_id, "path": path, "args": copy.deepcopy(dict(args))}
+            for component_id, path, args in job.client_components
+        ],
     }
     server = {
         "format_version": 2,

@@ -36,6 +36,7 @@ from splitunet.dp.party_record import PrivacyRecord, admit_job
 from splitunet.dp.site_cap import EpsilonCapExceeded
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.flare.executor import RESULTS_FILE, check_dp_arguments, site_error_message
+from splitunet.flare.nvflare_compat import send_scalar
 from splitunet.flare.replies import error_reply, reply_error_message
 from splitunet.flare.site_minimum import PRIVACY_FILE
 from splitunet.flare.workspace_paths import checkpoint_folder, run_dir, site_config_dir
@@ -214,8 +215,11 @@ class UShapeHospitalExecutor(Executor):
         meta = {UMetaKey.NUM_CASES: trainer.num_train_cases, UMetaKey.ROUND: dxo.get_meta_prop(UMetaKey.ROUND)}
         if self.privacy is not None:
             # The round's weights leave now: what they spent is on record (the average is post-processing).
-            self.privacy.spent(trainer.epsilon(), trainer.private.steps_taken, round=meta[UMetaKey.ROUND])
+            epsilon = trainer.epsilon()
+            self.privacy.spent(epsilon, trainer.private.steps_taken, round=meta[UMetaKey.ROUND])
             self.log_info(fl_ctx, f"{party}: round {meta[UMetaKey.ROUND]}: {self.privacy.line()}")
+            # To the server's TensorBoard (the DP job forwards the hospitals' analytics).
+            send_scalar(self, fl_ctx, "dp_epsilon", epsilon, int(meta[UMetaKey.ROUND]))
             self._write_results()
         return parts_to_dxo(trainer.parts_state(), meta).to_shareable()
 

@@ -6,19 +6,29 @@ the DXO data by its payload and records how to decode it under ``meta[ENCODING_M
 receiving gradients) always see dense float tensors, and a receiver needs no filter paired with the sender's:
 a site's privacy policy may quantize without the job knowing.
 
+A sender on a GPU encodes before its device-to-host copy (:class:`EncodedLevel`), so only the codes and their
+scales cross PCIe; a receiver on a GPU copies them over and decodes on its device. The functions run on the tensor's
+own device and give the same bits on a CUDA device as on the CPU: every step is an exactly rounded IEEE operation
+(minimum, maximum, subtraction, true division, round-half-to-even, multiply, add), none of them fused.
+
 Plain torch, no FLARE: the same functions are tested and benchmarked in one process.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
     "ENCODING_META_KEY",
+    "SENDER_ENCODED_META_KEY",
     "AFFINE_BITS",
+    "EncodedLevel",
+    "affine_layout",
+    "affine_value_check",
     "quantize_affine",
     "dequantize_affine",
     "sparsify_top_k",
@@ -30,6 +40,10 @@ __all__ = [
 
 # Key of the DXO meta dictionary that maps level keys to their encodings.
 ENCODING_META_KEY = "splitunet_encoding"
+# Key of the DXO meta dictionary that names the levels a site's trainer encoded on its device for the first
+# quantizing filter of its chain (level key -> bits). That filter checks them, takes them as its own and removes
+# the key, so it never leaves the site.
+SENDER_ENCODED_META_KEY = "splitunet_sender_encoded"
 # Bit depths of affine integer quantization; below 8 bits, 8 // bits codes share one byte.
 AFFINE_BITS = (8, 4, 2, 1)
 
@@ -88,7 +102,9 @@ def quantize_affine(tensor: torch.Tensor, bits: int) -> tuple[torch.Tensor, dict
     low = flat.amin(dim=-1)
     high = flat.amax(dim=-1)
     levels = (1 << bits) - 1
-    step = (high - low) / levels
+    # A tensor divisor, not a Python number: CUDA divides by a scalar as a multiplication by its reciprocal, which
+    # can differ from the CPU's true division in the last bit.
+    step = (high - low) / torch.full_like(high, levels)
     # A constant channel has step 0: any positive step reconstructs it exactly from code 0.
     safe_step = torch.where(step > 0, step, torch.ones_like(step))
     codes = torch.round((flat - low[..., None]) / safe_step[..., None]).clamp_(0, levels).to(torch.uint8)
@@ -104,11 +120,138 @@ def quantize_affine(tensor: torch.Tensor, bits: int) -> tuple[torch.Tensor, dict
 
 
 def dequantize_affine(payload: torch.Tensor, encoding: Mapping) -> torch.Tensor:
-    """Inverse of :func:`quantize_affine` (up to the quantization error)."""
+    """Inverse of :func:`quantize_affine` (up to the quantization error), on the payload's device."""
     shape = [int(s) for s in encoding["shape"]]
     codes = _unpack(payload, int(encoding["bits"]), math.prod(shape[2:])).float()
     values = encoding["low"].float()[..., None] + codes * encoding["step"].float()[..., None]
     return values.reshape(shape).to(getattr(torch, encoding["dtype"]))
+
+
+def affine_layout(payload: torch.Tensor, encoding: Mapping) -> tuple[tuple[int, ...], str]:
+    """Check an affine entry's codes and scales against its description, without decoding.
+
+    The codes must be ``uint8`` of shape ``(B, C, ceil(N * bits / 8))`` (so every code is within ``2**bits``),
+    ``low`` and ``step`` floating-point ``(B, C)`` tensors, and no step negative (:func:`quantize_affine` makes none;
+    a constant channel has step 0). Non-finite scales are left to :func:`affine_value_check`, which counts the
+    values they spoil.
+
+    Returns:
+        the described shape and dtype name.
+
+    Raises:
+        ValueError: what does not match (or a missing field, by name).
+    """
+    for name in ("bits", "shape", "dtype", "low", "step"):
+        if name not in encoding:
+            raise ValueError(f"the encoding lacks {name!r}")
+    bits = encoding["bits"]
+    if isinstance(bits, bool) or bits not in AFFINE_BITS:
+        raise ValueError(f"bits must be one of {AFFINE_BITS}, got {bits!r}")
+    try:
+        shape = tuple(int(s) for s in encoding["shape"])
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be a list of ints, got {encoding['shape']!r}") from None
+    if len(shape) < 2 or min(shape) < 0:
+        raise ValueError(f"shape must be (B, C, ...) of sizes >= 0, got {list(shape)}")
+    dtype = str(encoding["dtype"])
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype")
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
+        found = payload.dtype if isinstance(payload, torch.Tensor) else type(payload).__name__
+        raise ValueError(f"codes must be a uint8 tensor, got {found}")
+    codes_shape = (*shape[:2], -(-math.prod(shape[2:]) * int(bits) // 8))
+    if tuple(payload.shape) != codes_shape:
+        raise ValueError(
+            f"codes have shape {tuple(payload.shape)}; {bits}-bit codes of {list(shape)} take {codes_shape}"
+        )
+    for name in ("low", "step"):
+        scale = encoding[name]
+        if not isinstance(scale, torch.Tensor) or not scale.is_floating_point() or tuple(scale.shape) != shape[:2]:
+            found = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
+            raise ValueError(f"{name} must be a floating-point {shape[:2]} tensor, got {found}")
+    if bool((encoding["step"] < 0).any()):
+        raise ValueError("a step is negative")
+    return shape, dtype
+
+
+def affine_value_check(payload: torch.Tensor, encoding: Mapping, largest: bool = False) -> tuple[int, float | None]:
+    """What :func:`dequantize_affine` would give, in two numbers, from the codes and scales alone.
+
+    Each (sample, channel) decodes to at most ``2**bits`` distinct values, ``low + k * step``: they are computed
+    once (exactly as decoding computes them, cast to the described dtype), and the codes only say which occur. So
+    the count of non-finite values and the largest magnitude equal those of the decoded tensor, without a float
+    tensor of its size. Call :func:`affine_layout` first.
+
+    Args:
+        payload: the packed codes.
+        encoding: their encoding record.
+        largest: also find the largest absolute value (reads every code; otherwise only when some are non-finite).
+
+    Returns:
+        ``(non_finite, largest_abs)``: values decoding to NaN or infinity, and the largest absolute value of the
+        others' tensor (``None`` unless asked for, or when the tensor is empty or holds non-finite values).
+    """
+    bits = int(encoding["bits"])
+    shape = [int(s) for s in encoding["shape"]]
+    dtype = getattr(torch, str(encoding["dtype"]))
+    k = torch.arange(1 << bits, dtype=torch.float32, device=payload.device)
+    low = encoding["low"].float().to(payload.device)[..., None]
+    step = encoding["step"].float().to(payload.device)[..., None]
+    table = (low + k * step).to(dtype)  # (B, C, 2**bits): every value a code can decode to
+    bad = ~torch.isfinite(table)
+    length = math.prod(shape[2:])
+    if not length:
+        return 0, None
+    if bool(bad.any()):
+        codes = _unpack(payload, bits, length).long()
+        return int(bad.gather(-1, codes).sum()), None
+    if not largest:
+        return 0, None
+    codes = _unpack(payload, bits, length)
+    # Decoding is monotone in the code (step >= 0), so the largest magnitude is at the smallest or largest code.
+    ends = torch.stack([codes.amin(dim=-1), codes.amax(dim=-1)], dim=-1).long()
+    return 0, float(table.gather(-1, ends).abs().max())
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedLevel:
+    """One level as it travels: its payload and its encoding record (tensors on one device).
+
+    A sender on a GPU encodes there and copies only these tensors to the host; a receiver copies them to its
+    device and calls :meth:`decode` there.
+    """
+
+    payload: torch.Tensor
+    encoding: Mapping
+
+    @classmethod
+    def affine(cls, tensor: torch.Tensor, bits: int) -> EncodedLevel:
+        """:func:`quantize_affine` of ``tensor``, on its device."""
+        return cls(*quantize_affine(tensor, bits))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that cross: ``"payload"`` and those of the encoding record, by name."""
+        extra = {name: value for name, value in self.encoding.items() if isinstance(value, torch.Tensor)}
+        return {"payload": self.payload, **extra}
+
+    def replace_tensors(self, tensors: Mapping[str, torch.Tensor]) -> EncodedLevel:
+        """The same level with its tensors replaced (e.g. by copies on another device), by :meth:`tensors` name."""
+        encoding = dict(self.encoding)
+        encoding.update({name: value for name, value in tensors.items() if name != "payload"})
+        return EncodedLevel(tensors["payload"], encoding)
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> EncodedLevel:
+        """The same level with ``fn`` applied to each of its tensors."""
+        return self.replace_tensors({name: fn(value) for name, value in self.tensors().items()})
+
+    def decode(self) -> torch.Tensor:
+        """The dense tensor, on the payload's device."""
+        return decode_entry(self.payload, self.encoding)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its tensors (what crosses PCIe or the wire, headers aside)."""
+        return entry_bytes(self.payload, self.encoding)
 
 
 def sparsify_top_k(tensor: torch.Tensor, fraction: float) -> tuple[torch.Tensor, dict]:

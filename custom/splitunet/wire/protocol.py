@@ -83,6 +83,7 @@ class MetaKey:
     HEADERS = "headers"  # {case_key: NIfTI header without voxels or free text} (inference setup reply)
     FILTER_TRAIL = "splitunet_filters"  # what each privacy filter did to this DXO (data-independent facts only)
     BLOCKED_LEVELS = "splitunet_blocked_levels"  # skip levels a site's policy never sends (on its setup reply)
+    FEDPROX_MU = "fedprox_mu"  # FedProx's mu, with a SplitFed average that is the site's proximal anchor (> 0 only)
 
 
 # Shareable header carrying a site's error message to the server.

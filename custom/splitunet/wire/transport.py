@@ -12,7 +12,13 @@ from collections.abc import Iterable, Mapping
 import torch
 from nvflare.apis.dxo import DXO
 
-from splitunet.wire.codec import ENCODING_META_KEY, decode_entry, entry_bytes
+from splitunet.wire.codec import (
+    ENCODING_META_KEY,
+    SENDER_ENCODED_META_KEY,
+    EncodedLevel,
+    affine_layout,
+    entry_bytes,
+)
 from splitunet.wire.protocol import DataKind, level_index, level_key
 
 __all__ = ["register_tensor_support", "features_to_dxo", "dxo_to_features", "control_dxo", "payload_bytes"]
@@ -32,13 +38,30 @@ def register_tensor_support() -> None:
     _registered = True
 
 
-def features_to_dxo(features: Mapping[int, torch.Tensor], data_kind: str, meta: dict | None = None) -> DXO:
+def features_to_dxo(
+    features: Mapping[int, torch.Tensor | EncodedLevel], data_kind: str, meta: dict | None = None
+) -> DXO:
     """Pack per-level tensors (level index -> tensor) as a DXO with keys ``x0``..``x4``.
 
-    Tensors are detached, moved to the CPU and made contiguous; dtype and shape are kept.
+    Tensors are detached, moved to the CPU and made contiguous; dtype and shape are kept. A level the sender's
+    trainer already encoded (an :class:`~splitunet.wire.codec.EncodedLevel`) goes in as its payload with its
+    encoding record, as a quantizing filter would have put it, and is named under
+    :data:`~splitunet.wire.codec.SENDER_ENCODED_META_KEY` for that filter to check and take as its own.
     """
-    data = {level_key(level): tensor.detach().cpu().contiguous() for level, tensor in features.items()}
-    return DXO(data_kind=data_kind, data=data, meta=dict(meta or {}))
+    meta = dict(meta or {})
+    data, encodings, sender_encoded = {}, {}, {}
+    for level, value in features.items():
+        key = level_key(level)
+        if isinstance(value, EncodedLevel):
+            value = value.map_tensors(lambda t: t.detach().cpu().contiguous())
+            data[key], encodings[key] = value.payload, dict(value.encoding)
+            sender_encoded[key] = int(value.encoding["bits"])
+        else:
+            data[key] = value.detach().cpu().contiguous()
+    if encodings:
+        meta[ENCODING_META_KEY] = {**(meta.get(ENCODING_META_KEY) or {}), **encodings}
+        meta[SENDER_ENCODED_META_KEY] = sender_encoded
+    return DXO(data_kind=data_kind, data=data, meta=meta)
 
 
 def dxo_to_features(
@@ -48,11 +71,21 @@ def dxo_to_features(
     device: torch.device | str | None = None,
     party: str = "?",
     expected_levels: Iterable[int] | None = None,
-) -> dict[int, torch.Tensor]:
+    keep_encoded: bool = False,
+) -> dict[int, torch.Tensor | EncodedLevel]:
     """Unpack :func:`features_to_dxo` output, checking kind, keys and types.
 
     Levels that a filter encoded (quantized, sparsified; see :mod:`splitunet.wire.codec`) are decoded to dense
     tensors, so callers always get what the sender's model produced, up to the filters' changes.
+
+    Args:
+        dxo: the received DXO.
+        expected_kind: its data kind.
+        device: where the returned tensors go; an encoded level is copied there first and decoded there.
+        party: the sender, for messages.
+        expected_levels: the levels it must hold.
+        keep_encoded: return encoded levels as :class:`~splitunet.wire.codec.EncodedLevel` (on the host, affine
+            codes checked against their description) for the caller to copy to its device and decode there once.
 
     Raises:
         ValueError: naming ``party``, if the DXO is of another kind, holds something other than level tensors,
@@ -69,8 +102,22 @@ def dxo_to_features(
             raise ValueError(f"{party} sent unexpected entry {key!r} in {expected_kind}") from None
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{party} sent {key} as {type(value).__name__}, expected a torch tensor")
-        value = decode_entry(value, encodings.get(key))
-        features[level] = value if device is None else value.to(device)
+        encoding = encodings.get(key)
+        if not encoding:
+            features[level] = value if device is None else value.to(device)
+            continue
+        encoded = EncodedLevel(value, encoding)
+        if device is not None:
+            encoded = encoded.map_tensors(lambda t: t.to(device))
+        if not keep_encoded:
+            features[level] = encoded.decode()
+            continue
+        if encoding.get("scheme") == "affine":
+            try:
+                affine_layout(value, encoding)
+            except ValueError as error:
+                raise ValueError(f"{party} sent {key} with a malformed affine encoding: {error}") from None
+        features[level] = encoded
     if not features:
         raise ValueError(f"{party} sent an empty {expected_kind}")
     if expected_levels is not None and set(features) != set(expected_levels):

@@ -125,10 +125,11 @@ class GradientInversion(Attack):
         gradient_distance(grad_theta L(f(x), sigmoid(s)), observed) + tv_weight * TV(x)
 
     with Adam on the input's signed gradient and the learning rate cut tenfold at 3/8, 5/8 and 7/8 of the
-    iterations, as Geiping et al. ``x`` starts at the attacker's prior (the mean image of auxiliary crops at the same
-    place, plus ``init_std`` noise) and the labels at the prior tumour frequency. Each of ``restarts`` runs starts from
-    its own noise and keeps its iterate of lowest gradient distance (a signed step can overshoot on this objective);
-    the restart whose distance is lowest wins. The attacker cannot see the truth, only how well the gradients match.
+    iterations, as Geiping et al. (or constant: ``decay=False``). ``x`` starts at the attacker's prior (the mean
+    image of auxiliary crops at the same place, plus ``init_std`` noise) and the labels at the prior tumour
+    frequency. Each of ``restarts`` runs starts from its own noise and keeps its iterate of lowest gradient distance
+    (a signed step can overshoot on this objective); the restart whose distance is lowest wins. The attacker cannot
+    see the truth, only how well the gradients match.
 
     Threat model: whoever reads one hospital's update (the FedAvg server) and knows the global weights the round
     started from (it sent them), the architecture, the loss and the batch size. Nothing about the hospital's data.
@@ -146,6 +147,8 @@ class GradientInversion(Attack):
         tv_weight: weight of the 3D total-variation prior on the input.
         init_std: std of the noise added to the prior at each start.
         signed: step on the sign of the input's gradient (Geiping et al.); ``False``: plain Adam.
+        decay: cut the learning rate tenfold at 3/8, 5/8 and 7/8 of the iterations (Geiping et al.); ``False``: a
+            constant rate (short budgets, where the cuts come after a handful of steps).
         seed: seed of the starting noise.
         device: where to optimise.
 
@@ -171,6 +174,7 @@ class GradientInversion(Attack):
         tv_weight: float = 0.01,
         init_std: float = 0.05,
         signed: bool = True,
+        decay: bool = True,
         seed: int = 0,
         device: torch.device | str = "cpu",
     ):
@@ -192,6 +196,7 @@ class GradientInversion(Attack):
         self.tv_weight = check_non_negative("tv_weight", tv_weight)
         self.init_std = check_non_negative("init_std", init_std)
         self.signed = bool(signed)
+        self.decay = bool(decay)
         self.seed = int(seed)
 
     def _chosen(self, observed: Mapping[str, torch.Tensor]) -> tuple[list[nn.Parameter], list[torch.Tensor], list[str]]:
@@ -261,6 +266,7 @@ class GradientInversion(Attack):
             "lr": self.lr,
             "tv_weight": self.tv_weight,
             "signed": self.signed,
+            "decay": self.decay,
             "gradient_distance_prior": first,
             "gradient_distance_restarts": [run[2] for run in runs],
             "best_restart": best,
@@ -322,7 +328,8 @@ class GradientInversion(Attack):
             variables.append(logits)
         current_labels = (lambda: fixed_labels) if logits is None else (lambda: torch.sigmoid(logits))
         optimizer = torch.optim.Adam(variables, lr=self.lr)
-        milestones = sorted({max(1, int(self.iterations * f)) for f in (3 / 8, 5 / 8, 7 / 8)})
+        fractions = (3 / 8, 5 / 8, 7 / 8) if self.decay else ()
+        milestones = sorted({max(1, int(self.iterations * f)) for f in fractions})
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
         first, best = None, (math.inf, None, None)
         for step in range(self.iterations + 1):

@@ -72,7 +72,8 @@ def report_markdown(report: dict) -> str:
         f"{report.get('cpu_seconds', float('nan')):.0f} s CPU, {study['threads']} torch thread(s).",
         f"Crop {tuple(study['crop_size'])}, batch {study['batch_size']}, U-Net features {tuple(study['features'])}, "
         f"seeds {tuple(study['seeds'])}; attack: labels {study['labels']}, weighting {study['weighting']}, "
-        f"{study['iterations']} iterations x {study['restarts']} restarts, lr {study['lr']}, TV {study['tv_weight']}. "
+        f"{study['iterations']} iterations x {study['restarts']} restarts, lr {study['lr']}"
+        f"{'' if study.get('decay', True) else ' (constant)'}, TV {study['tv_weight']}. "
         f"DP: one DP-SGD step (Opacus), sample rate 1, delta {study['delta']:g}, C = median per-sample gradient norm "
         "of the auxiliary crops.",
         "",

@@ -103,20 +103,31 @@ def _figures(results: dict, elapsed_s: float, run_dir: Path, warmup: int) -> dic
     }
 
 
-def run_simulator_path(out_dir: Path, data: BenchData, problem: ProblemSize, settings: BenchSettings) -> dict:
-    """Run the main job in the FLARE simulator (4 sites, one thread each) and return its per-iteration figures."""
+def run_simulator_path(
+    out_dir: Path, data: BenchData, problem: ProblemSize, settings: BenchSettings, pipeline_delay: int = 0
+) -> dict:
+    """Run the main job in the FLARE simulator (4 sites, one thread each) and return its per-iteration figures.
+
+    With ``pipeline_delay`` 1 the sites encode the next step while the server runs this one; the controller then
+    records each step's parts so that they still add up to its time per iteration (docs/design.md, "Pipelined
+    steps"), and the run goes to its own folder.
+    """
     from splitunet.tools.demo import DemoSettings, run_demo
 
+    server_args = flare_server_args(problem, settings)
+    if pipeline_delay:
+        server_args["pipeline_delay"] = pipeline_delay
     demo = DemoSettings(
         cases=settings.cases,
         shape=settings.volume_shape,
         seed=settings.seed,
-        server_args=flare_server_args(problem, settings),
+        server_args=server_args,
         client_args=flare_client_args(settings),
         timeout_s=settings.flare_timeout_s,
     )
     start = time.perf_counter()
-    summary = run_demo(Path(out_dir) / "simulator_run", demo, data_dir=data.data_dir)
+    folder = "simulator_run" if not pipeline_delay else "simulator_pipelined_run"
+    summary = run_demo(Path(out_dir) / folder, demo, data_dir=data.data_dir)
     results_path = Path(summary["server_results"])
     return _figures(
         json.loads(results_path.read_text()),

@@ -147,10 +147,17 @@ def _bytes_tables(report: Mapping) -> list[str]:
             lines.append(f"| {level} | {entry['shape']} | " + " | ".join(cells) + " |")
         cells = [_mb(table["total"][d][p]) for d in ("up", "down") for p in precisions]
         lines.append("| **all** | | " + " | ".join(f"**{c}**" for c in cells) + " |")
+        pcie = size.get("pcie_bytes_per_iteration")
+        copies = (
+            f"{_mb(pcie)} MB per iteration copied between device and host by all parties of the in-process split "
+            f"(crops, labels, features in the wire's precision, gradients)"
+            if pcie is not None
+            else "no device-host copies (the in-process arms ran on the CPU)"
+        )
         lines += [
             "",
             f"Serialized by {size['serializer']}, headers included, both ways: "
-            f"{_mb(table['serialized_both'])} MB per iteration.",
+            f"{_mb(table['serialized_both'])} MB per iteration. PCIe: {copies}.",
             "",
         ]
     return lines

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from splitunet.wire.codec import ENCODING_META_KEY, decode_entry
+from splitunet.wire.codec import ENCODING_META_KEY, EncodedLevel, decode_entry
 from splitunet.wire.protocol import level_index, level_key
 
 __all__ = ["FeatureSerializer", "flare_available"]
@@ -55,17 +55,26 @@ class FeatureSerializer:
         torch.save({"kind": data_kind, "data": data, "meta": meta}, buffer)
         return buffer.getvalue()
 
-    def loads(self, blob: bytes, data_kind: str) -> dict[int, torch.Tensor]:
-        """Dense CPU tensors per level from :meth:`dumps` output, decoding any wire encoding."""
+    def loads(self, blob: bytes, data_kind: str, keep_encoded: bool = False) -> dict[int, torch.Tensor | EncodedLevel]:
+        """Dense CPU tensors per level from :meth:`dumps` output, decoding any wire encoding (unless
+        ``keep_encoded``: then encoded levels come as :class:`~splitunet.wire.codec.EncodedLevel`)."""
         if self.use_flare:
             from nvflare.apis.dxo import from_shareable
             from nvflare.fuel.utils import fobs
 
             from splitunet.wire.transport import dxo_to_features
 
-            return dxo_to_features(from_shareable(fobs.loads(blob)), data_kind, party="bench")
+            dxo = from_shareable(fobs.loads(blob))
+            return dxo_to_features(dxo, data_kind, party="bench", keep_encoded=keep_encoded)
         content = torch.load(io.BytesIO(blob), weights_only=True)
         if content["kind"] != data_kind:
             raise ValueError(f"received data kind {content['kind']!r}, expected {data_kind!r}")
         encodings = content["meta"].get(ENCODING_META_KEY, {})
-        return {level_index(key): decode_entry(value, encodings.get(key)) for key, value in content["data"].items()}
+        return {
+            level_index(key): (
+                EncodedLevel(value, encodings[key])
+                if keep_encoded and encodings.get(key)
+                else decode_entry(value, encodings.get(key))
+            )
+            for key, value in content["data"].items()
+        }

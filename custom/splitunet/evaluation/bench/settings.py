@@ -133,6 +133,8 @@ class BenchSettings:
         link_rates: rates of the site links (``"1gbit"``, ``"100mbit"``) for POC runs with every party in a network
             namespace of its own (:mod:`splitunet.evaluation.bench.links`); empty: none.
         link_size_index: the size at which the link runs train (it is also timed in process).
+        pipelined: also run the main job in the simulator with ``pipeline_delay`` 1 (``simulator_pipelined``), so
+            that its step time stands beside the lock-step run's (docs/design.md, "Pipelined steps").
     """
 
     out_dir: Path
@@ -170,6 +172,7 @@ class BenchSettings:
     flare_warmup_iterations: int = 0
     link_rates: tuple[str, ...] = ()
     link_size_index: int | None = None
+    pipelined: bool = False
 
     @property
     def reference(self) -> ProblemSize:
@@ -201,6 +204,7 @@ class BenchSettings:
         command: Sequence[str] | None = None,
         link_rates: Sequence[str] = (),
         link_crop: int | None = None,
+        pipelined: bool = False,
     ) -> BenchSettings:
         """Settings from the preset that fits the device (or ``quick``), with the job's training settings.
 
@@ -209,6 +213,8 @@ class BenchSettings:
         and 128^3 crops, the realistic size, with the job's features and iteration count); ``"128"`` (128^3 crops
         of 144^3 phantoms with the job's features, any device: 2 warm-up and 3 timed steps of the in-process split
         step, the simulator and POC; no accuracy arms unless ``iterations`` is given).
+
+        ``pipelined`` adds a simulator run of the main job with ``pipeline_delay`` 1 (with ``flare`` only).
 
         ``link_rates`` adds one POC run per rate with every party in a network namespace and each site's link
         shaped to that rate, at ``link_crop`` (default: the reference crop; another crop is also timed in process).
@@ -345,6 +351,7 @@ class BenchSettings:
             job_args=job,
             preset=name,
             link_rates=link_rates,
+            pipelined=bool(pipelined and flare),
             **extra,
             **preset,
         )
@@ -426,4 +433,5 @@ class BenchSettings:
             "flare_warmup_iterations": self.flare_warmup_iterations,
             "link_rates": list(self.link_rates),
             "link_size": self.link_size.name if self.link_size else None,
+            "pipelined": self.pipelined,
         }

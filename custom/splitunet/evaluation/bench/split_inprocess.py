@@ -5,6 +5,10 @@ are the classes the FLARE executor and controller wrap; only the transport diffe
 still cross :class:`~splitunet.evaluation.bench.wire.SimulatedWire` (encoding, serialization), so this is the
 lower bound of a FLARE step: the same work with no messaging. With one modality it is the single-modality
 baseline (one encoder, a decoder for one site).
+
+As in the job, a wire of integer codes is quantized by each site's trainer on its device (``wire_bits``: the job's
+quantizer comes first in the sites' result chain) and decoded by the server's trainer on its device, so on a GPU the
+host copies (:meth:`InProcessSplit.pcie_bytes`) are those of the job.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 
 from splitunet.evaluation.bench.phantom_data import BenchData
 from splitunet.evaluation.bench.timing import StepClock
-from splitunet.evaluation.bench.wire import SimulatedWire
+from splitunet.evaluation.bench.wire import WIRE_PRECISIONS, SimulatedWire
 from splitunet.server.trainer import ServerTrainer
 from splitunet.site.trainer import SiteTrainer
 from splitunet.wire.model_config import SplitModelConfig
@@ -56,6 +60,7 @@ class InProcessSplit:
         for modality in modalities:
             site = SiteTrainer(data.modality_folder(modality), data.secret, self.device, amp=amp)
             site.build(config)
+            site.wire_bits = WIRE_PRECISIONS[wire.precision]
             self.sites.append(site)
         self.server = ServerTrainer(data.label_folder(), data.secret, self.device, loss, amp=amp)
         self.server.build(config, num_sites=len(self.sites))
@@ -77,7 +82,7 @@ class InProcessSplit:
             with clock.part("site_compute"):
                 features = site.forward(plan)
             self.last_up.append(features)
-            received.append(self.wire.send(features, DataKind.ACTIVATIONS, clock))
+            received.append(self.wire.send(features, DataKind.ACTIVATIONS, clock, keep_encoded=True))
         with clock.part("server_compute"):
             result = self.server.train_step(plan, received)
         self.last_down = result.grads
@@ -86,6 +91,12 @@ class InProcessSplit:
             with clock.part("site_compute"):
                 site.backward(arrived)
         return result.loss
+
+    def pcie_bytes(self) -> int:
+        """Bytes every party copied between its device and the host so far, both ways (0 on a CPU): crops, labels,
+        features (codes and scales on an integer wire) and gradients."""
+        stagings = [site.staging for site in self.sites] + [self.server.staging]
+        return sum(staging.bytes_to_host + staging.bytes_to_device for staging in stagings)
 
     def validate(self, roi_size: Sequence[int], sw_batch_size: int, overlap: float) -> dict[str, float]:
         """Dice per region on the held-out cases, by the server's sliding-window validation.
@@ -97,7 +108,7 @@ class InProcessSplit:
             clock = StepClock(self.device)  # validation cost is not part of the step-time figures
             features = []
             for site in self.sites:
-                features.append(self.wire.send(site.encode(plan), DataKind.ACTIVATIONS, clock))
+                features.append(self.wire.send(site.encode(plan), DataKind.ACTIVATIONS, clock, keep_encoded=True))
             return features
 
         # In float32 even with AMP: the score must not depend on the training speed-up.

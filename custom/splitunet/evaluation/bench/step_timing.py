@@ -17,6 +17,7 @@ from splitunet.evaluation.bench.split_inprocess import InProcessSplit
 from splitunet.evaluation.bench.timing import StepClock, StepTimes
 from splitunet.evaluation.bench.wire import SimulatedWire
 from splitunet.evaluation.bench.wire_bytes import byte_table
+from splitunet.wire.codec import EncodedLevel
 from splitunet.wire.protocol import MODALITIES
 
 __all__ = ["time_problem_size", "STEP_ARMS", "planner_for"]
@@ -47,6 +48,10 @@ def _run_steps(arm, planner: RandomCropPlanner, settings: BenchSettings, label: 
     return times.mean()
 
 
+def _dense(value):
+    return value.decode() if isinstance(value, EncodedLevel) else value
+
+
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -60,7 +65,9 @@ def time_problem_size(
     split iteration.
 
     Returns:
-        ``{"size": ..., "step_time_s": {arm: {part: seconds, "total": seconds, ...}}, "bytes_per_iteration": ...}``.
+        ``{"size": ..., "step_time_s": {arm: {part: seconds, "total": seconds, ...}}, "bytes_per_iteration": ...,
+        "pcie_bytes_per_iteration": ...}``; the last is the bytes the split arm's parties copied between device and
+        host per timed step (crops, labels, features, gradients; ``None`` on a CPU, where nothing is copied).
     """
     config = problem.model_config(settings.learning_rate, settings.weight_decay, settings.seed, settings.transfer_dtype)
     step_times = {}
@@ -82,14 +89,19 @@ def time_problem_size(
     wire = SimulatedWire(settings.wire_precision, serializer)
     split = InProcessSplit(data, MODALITIES, config, settings.device, settings.loss, wire, amp=settings.amp)
     counted = {}
+    pcie_bytes = split.pcie_bytes
 
     def start_counting():
         counted["serialized"] = wire.serialized_bytes
+        counted["pcie"] = pcie_bytes()
 
     step_times["split_in_process"] = _run_steps(
         split, planner_for(data, problem, settings.seed), settings, "split", start_counting
     )
-    table = byte_table(split.last_up, split.last_down)
+    # The byte table counts every precision from dense tensors: codes the sites made are decoded for it.
+    sent = [{level: _dense(value) for level, value in up.items()} for up in split.last_up]
+    table = byte_table(sent, split.last_down)
+    pcie = (pcie_bytes() - counted["pcie"]) / settings.timed_steps if settings.device.type == "cuda" else None
     # What the serializer produced, headers included, in the job's wire precision (both directions, all sites).
     table["serialized_both"] = (wire.serialized_bytes - counted["serialized"]) / settings.timed_steps
     del split
@@ -98,5 +110,6 @@ def time_problem_size(
         "size": problem.to_dict(),
         "step_time_s": step_times,
         "bytes_per_iteration": table,
+        "pcie_bytes_per_iteration": pcie,
         "serializer": serializer.name,
     }

@@ -15,7 +15,7 @@ import torch
 
 from splitunet.evaluation.bench.serialization import FeatureSerializer
 from splitunet.evaluation.bench.timing import StepClock
-from splitunet.wire.codec import entry_bytes, quantize_affine
+from splitunet.wire.codec import EncodedLevel, entry_bytes, quantize_affine
 
 __all__ = ["WIRE_PRECISIONS", "encode_levels", "SimulatedWire"]
 
@@ -24,9 +24,12 @@ WIRE_PRECISIONS = {"float32": None, "float16": None, "int8": 8}
 
 
 def encode_levels(
-    tensors: Mapping[int, torch.Tensor], precision: str
+    tensors: Mapping[int, torch.Tensor | EncodedLevel], precision: str
 ) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
     """Per-level payloads and encoding records in ``precision`` (``"float32"``, ``"float16"`` or ``"int8"``).
+
+    A level its sender's trainer encoded already (:class:`~splitunet.wire.codec.EncodedLevel`, as a site does when
+    the job's quantizer comes first in its chain) goes as it is, as that filter lets it through.
 
     Raises:
         ValueError: unknown precision.
@@ -36,6 +39,9 @@ def encode_levels(
     bits = WIRE_PRECISIONS[precision]
     payloads, encodings = {}, {}
     for level, tensor in tensors.items():
+        if isinstance(tensor, EncodedLevel):
+            payloads[level], encodings[level] = tensor.payload, dict(tensor.encoding)
+            continue
         tensor = tensor.detach()
         if bits is None:
             payloads[level] = tensor.to(getattr(torch, precision))
@@ -60,17 +66,25 @@ class SimulatedWire:
         self.payload_bytes = 0
         self.serialized_bytes = 0
 
-    def send(self, tensors: Mapping[int, torch.Tensor], data_kind: str, clock: StepClock) -> dict[int, torch.Tensor]:
+    def send(
+        self,
+        tensors: Mapping[int, torch.Tensor | EncodedLevel],
+        data_kind: str,
+        clock: StepClock,
+        keep_encoded: bool = False,
+    ) -> dict[int, torch.Tensor | EncodedLevel]:
         """Tensors as the receiver gets them, on the host; the time goes to ``serialization``.
 
         Args:
-            tensors: level -> host tensor, as the sender's trainer returns it.
+            tensors: level -> host tensor (or codes), as the sender's trainer returns it.
             data_kind: the DXO kind (activations or gradients).
             clock: the step's clock.
+            keep_encoded: encoded levels arrive as :class:`~splitunet.wire.codec.EncodedLevel`, for the receiver's
+                trainer to decode on its device (the server, as in the job).
         """
         with clock.part("serialization"):
             payloads, encodings = encode_levels(tensors, self.precision)
             self.payload_bytes += sum(entry_bytes(payloads[level], encodings.get(level)) for level in payloads)
             blob = self.serializer.dumps(payloads, encodings, data_kind)
             self.serialized_bytes += len(blob)
-            return self.serializer.loads(blob, data_kind)
+            return self.serializer.loads(blob, data_kind, keep_encoded=keep_encoded)
