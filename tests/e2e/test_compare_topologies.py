@@ -65,3 +65,22 @@ def test_a_second_call_reuses_the_finished_runs(study):
     again = run_compare(out, settings)
     assert again["rows"] == report["rows"]
     assert {key: (out / "seed0" / key / "results.json").stat().st_mtime_ns for key in TOPOLOGIES} == before
+
+
+def test_another_folder_continues_from_the_summary_alone(study, tmp_path):
+    out, settings, report = study
+    # A new machine: only compare.json travels; the data, held-out cases and secrets come again from the seed.
+    again = run_compare(tmp_path / "elsewhere", settings, reuse=out / "compare.json")
+    assert again["rows"] == report["rows"]
+    assert not any((tmp_path / "elsewhere" / "seed0").glob("*/results.json"))  # nothing trained
+
+    # Runs of other settings are not taken over: that row trains again.
+    other = json.loads((out / "compare.json").read_text())
+    other["runs"]["centralized"]["0"]["settings"] = {**other["runs"]["centralized"]["0"]["settings"], "steps": 999}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    rerun = run_compare(
+        tmp_path / "rerun",
+        CompareSettings.quick(seeds=(0,), topologies=("centralized",)),
+        reuse=tmp_path / "other.json",
+    )
+    assert rerun["runs"]["centralized"]["0"]["settings"]["steps"] == settings.steps

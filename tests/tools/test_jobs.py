@@ -339,8 +339,17 @@ def test_a_split_dp_job_is_its_base_with_the_parties_dp_settings_for_every_step(
     from splitunet.dp import DPSettings
 
     assert _meta(job) == {**_meta(base), "name": job}
-    assert _config(job, "server") == _config(base, "server")
+    server, base_server = _config(job, "server"), _config(base, "server")
     client, base_client = _config(job, "client"), _config(base, "client")
+    # Each party's epsilon reaches the server's TensorBoard: a converter at the party, a receiver at the server.
+    (converter,) = client.pop("components")
+    assert converter["path"].endswith("ConvertToFedEvent") and not base_client.pop("components")
+    receivers = [c for c in server["components"] if c["path"].endswith("TBAnalyticsReceiver")]
+    assert len(receivers) == 1
+    assert [c for c in server["components"] if c not in receivers] == [
+        c for c in base_server["components"] if not c["path"].endswith("TBAnalyticsReceiver")
+    ]
+    assert {**server, "components": None} == {**base_server, "components": None}
     args = client["executors"][0]["executor"].pop("args")
     assert args == {
         **base_client["executors"][0]["executor"].pop("args"),

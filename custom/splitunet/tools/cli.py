@@ -199,7 +199,7 @@ def _compare(args) -> int:
     if args.steps:
         chosen["steps"] = args.steps
     settings = CompareSettings.quick(**chosen) if args.quick else CompareSettings(**chosen)
-    run_compare(args.out, settings)
+    run_compare(args.out, settings, reuse=args.reuse)
     print((Path(args.out) / "compare.md").read_text())
     return 0
 
@@ -580,9 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--out", required=True, type=Path)
     compare.add_argument("--seeds", type=int, default=3, help="paired seeds 0..N-1 (default: 3)")
-    compare.add_argument("--steps", type=int, default=0, help="Adam steps of every model (default: 200)")
+    compare.add_argument("--steps", type=int, default=0, help="Adam steps of every model (default: 400)")
     compare.add_argument("--topologies", nargs="+", help="rows to run, the first the reference (default: all)")
     compare.add_argument("--quick", action="store_true", help="tiny sizes, 4 steps (checks the pipeline)")
+    compare.add_argument(
+        "--reuse", type=Path, help="an earlier compare.json whose runs (same settings) are taken over, not rerun"
+    )
     compare.set_defaults(run=_compare)
     detector = commands.add_parser(
         "detector", help="false alarms of the site-side gradient detector over whole honest training runs"
