@@ -6,10 +6,10 @@ with the job's seed), sends the activations, and later back-propagates the gradi
 per-sample gradient hooks (``GradSampleHooks``, on the party's own modules, whose state dicts stay as they are)
 capture each layer's input in the forward pass and turn the backward pass into one gradient per row of the batch:
 
-- **Scaling.** The server's loss is the mean over its batch of per-case terms (MONAI's DiceCE and DiceFocal compute
-  one Dice per case, and instance norm mixes no cases), so the gradient it returns for row i is ``(1/B) dl_i/dz_i``.
-  Opacus' ``loss_reduction="mean"`` multiplies the backprops by the batch size B, so each row's gradient is that of
-  its own case's loss ``l_i``, the unit C clips.
+- **Scaling.** The server's loss is the mean over its batch of per-case terms (the job's Dice + BCE and MONAI's
+  DiceFocal compute one Dice per case, and instance norm mixes no cases), so the gradient it returns for row i is
+  ``(1/B) dl_i/dz_i``. Opacus' ``loss_reduction="mean"`` multiplies the backprops by the batch size B, so each row's
+  gradient is that of its own case's loss ``l_i``, the unit C clips.
 - **One gradient per case.** A batch may hold two crops of one case (a sampler's epoch boundary, or a server that
   repeats a case on purpose); only the case's first row contributes, so no case weighs more than one clipped
   gradient in a step.

@@ -38,9 +38,9 @@ from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.federated.drift_correction import proximal_term
 from splitunet.horizontal.case_crops import CaseCrops
 from splitunet.horizontal.model import FedAvgUNet, load_numpy_state, state_to_numpy
+from splitunet.networks.losses import LOSSES, make_loss
 from splitunet.region_scores import RegionScores
 from splitunet.server.cases import split_cases
-from splitunet.server.trainer import LOSSES, make_loss
 from splitunet.wire.model_config import SplitModelConfig, check_crop_size
 
 if TYPE_CHECKING:  # Opacus is the dp extra: loaded only when a job trains with DP-SGD

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss, DiceFocalLoss
 
 from splitunet.compute.host_staging import PinnedStaging
 from splitunet.compute.mixed_precision import amp_applies, autocast
@@ -16,6 +15,7 @@ from splitunet.data.case_keys import keys_to_case_ids
 from splitunet.data.party_data import LabelFolder
 from splitunet.data.sampling import extract_crop
 from splitunet.networks import ServerDecoder
+from splitunet.networks.losses import LOSSES, make_loss
 from splitunet.region_scores import RegionScores
 from splitunet.server.sliding_window import EncodeFn, split_sliding_window
 from splitunet.wire.codec import EncodedLevel
@@ -31,17 +31,6 @@ __all__ = [
     "initial_decoder",
     "LOSSES",
 ]
-
-LOSSES = ("dice_ce", "dice_focal")
-
-
-def make_loss(name: str) -> torch.nn.Module:
-    """MONAI loss on sigmoid outputs of the overlapping TC/WT/ET regions."""
-    if name == "dice_ce":
-        return DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    if name == "dice_focal":
-        return DiceFocalLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
 
 
 def build_decoder(config: SplitModelConfig, num_sites: int) -> ServerDecoder:

@@ -17,8 +17,8 @@ from splitunet.data.hospital_folder import HospitalFolder
 from splitunet.data.sampling import RandomCropPlanner, extract_crop
 from splitunet.dp.opacus_extra import dp_module
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.networks.losses import make_loss
 from splitunet.region_scores import RegionScores
-from splitunet.server.trainer import make_loss
 from splitunet.u_shape.config import UShapeConfig
 from splitunet.u_shape.networks import seeded_part
 from splitunet.u_shape.protocol import HOSPITAL_PARTS

@@ -58,7 +58,7 @@ def first_step_gradients(images: torch.Tensor, targets: torch.Tensor, seed: int 
         per site, level -> the gradient of its features, as ``ServerTrainer.train_step`` hands them back.
     """
     from splitunet.networks import ServerDecoder, SiteEncoder
-    from splitunet.server.trainer import make_loss
+    from splitunet.networks.losses import make_loss
 
     sites = images.shape[1]
     with torch.random.fork_rng(devices=[]), one_thread():

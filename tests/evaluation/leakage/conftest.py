@@ -21,7 +21,7 @@ from splitunet.data.phantom import generate_phantom
 from splitunet.data.sampling import extract_crop
 from splitunet.evaluation.attacks import build_encoder
 from splitunet.networks import ServerDecoder
-from splitunet.server.trainer import make_loss
+from splitunet.networks.losses import make_loss
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import LABELS_PARTY, MODALITIES, DataKind
 

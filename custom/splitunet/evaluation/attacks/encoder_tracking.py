@@ -208,7 +208,7 @@ def decoder_gradient_fn(
     them (it computed them).
     """
     from splitunet.networks import ServerDecoder
-    from splitunet.server.trainer import make_loss
+    from splitunet.networks.losses import make_loss
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

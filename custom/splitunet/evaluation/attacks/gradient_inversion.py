@@ -136,7 +136,7 @@ class GradientInversion(Attack):
 
     Args:
         model: the global model the hospital started from; copied, never changed.
-        loss_fn: the training loss ``loss_fn(logits, targets)`` (the job's ``DiceCELoss``).
+        loss_fn: the training loss ``loss_fn(logits, targets)`` (the job's ``make_loss("dice_ce")``).
         labels: ``"joint"`` or ``"known"`` (:data:`LABEL_MODES`).
         layers: regular expression; only parameters whose names match it (``re.match``) are compared. ``None``: all
             observed parameters.

@@ -45,7 +45,7 @@ from splitunet.evaluation.attacks.gradient_inversion_update import (
 )
 from splitunet.evaluation.metrics import image_leakage, mask_dice
 from splitunet.horizontal.model import FedAvgUNet
-from splitunet.server.trainer import make_loss
+from splitunet.networks.losses import make_loss
 from splitunet.wire.protocol import MODALITIES, REGIONS
 
 __all__ = [

@@ -147,7 +147,7 @@ def private_gradient(
     """DP-SGD's gradient of one batch by Opacus: per-sample clipping to ``max_grad_norm``, Gaussian noise of std
     ``noise_multiplier * max_grad_norm`` on the sum, divided by the batch size.
 
-    ``loss_fn`` must be the mean of per-sample losses over the batch (MONAI's ``DiceCELoss`` with its defaults is:
+    ``loss_fn`` must be the mean of per-sample losses over the batch (the job's ``dice_ce`` is:
     Dice per sample and region, then means), which Opacus' ``loss_reduction="mean"`` assumes.
 
     Args:

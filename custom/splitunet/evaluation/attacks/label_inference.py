@@ -53,11 +53,11 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
 class GradientLabelInference(Attack):
     """Infer the server's tumour mask from the per-voxel gradients a site receives for its features.
 
-    With MONAI's ``DiceCELoss`` on sigmoid outputs, the gradient at logit ``z_v`` is ``(p_v - y_v) / N`` from the
-    cross-entropy plus a Dice term; at a fresh decoder (``p`` about 0.5 everywhere) the Dice term's magnitude is
-    about ``N / |y|`` times larger inside the region than outside, and both terms change sign with the label. The
-    decoder's last layers only smooth and mix these maps on their way to x0, so the gradient of x0 outlines the
-    tumour. Two scores per voxel, each thresholded per sample:
+    With the job's Dice + binary cross-entropy on sigmoid outputs, the gradient at logit ``z_v`` is ``(p_v - y_v) / N``
+    from the cross-entropy plus a Dice term; at a fresh decoder (``p`` about 0.5 everywhere) the Dice term's magnitude
+    is about ``N / |y|`` times larger inside the region than outside, and both terms change sign with the label. The
+    decoder's last layers only smooth and mix these maps on their way to x0, so the gradient of x0 outlines the tumour.
+    Two scores per voxel, each thresholded per sample:
 
     - ``"norm"``: the L2 norm of the gradient over channels (high = tumour); the gradient-norm attack of
       Li et al., "Label leakage and protection in two-party split learning", ICLR 2022.
