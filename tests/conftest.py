@@ -1,11 +1,23 @@
-"""Shared fixtures: a tiny phantom split into party folders (made once per test session); a staging recorder."""
+"""Shared fixtures: a tiny phantom split into party folders (made once per test session); a staging recorder; one
+torch thread for modules that ask for it."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from splitunet.data.partition import partition_msd
 from splitunet.data.phantom import generate_phantom
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): tiny networks
+    gain nothing from more, and on shared cores waiting OpenMP threads slowed their steps severalfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

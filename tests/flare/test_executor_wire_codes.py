@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from fakes import WorkspaceEngine
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.fl_constant import FilterKey, FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
@@ -30,17 +31,6 @@ CONFIG = SplitModelConfig(features=(4, 4, 8, 8, 16), skip_levels=(0, 1, 2, 3))
 JOB_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "split_unet" / "app" / "config" / "config_fed_client.json"
 
 
-class _Engine:
-    def __init__(self, workspace: Workspace):
-        self.workspace = workspace
-
-    def get_workspace(self) -> Workspace:
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx):
-        pass
-
-
 @pytest.fixture(autouse=True)
 def own_settings_only(monkeypatch):
     monkeypatch.delenv("SPLITUNET_SITE_CONFIG", raising=False)
@@ -55,7 +45,7 @@ def _context(root: Path, tiny_parties, scope_filters=None) -> FLContext:
     config_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(JOB_CONFIG, config_dir / "config_fed_client.json")
     fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.ENGINE, _Engine(Workspace(str(root), "site-2")), private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.ENGINE, WorkspaceEngine(Workspace(str(root), "site-2")), private=True, sticky=False)
     fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-2", private=False, sticky=False)
     fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=False, sticky=False)
     if scope_filters is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fakes import WorkspaceEngine
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
@@ -30,24 +31,6 @@ ARGS = {
 }
 
 
-class _Engine:
-    """What the executor asks of FLARE's engine: the workspace, and somewhere to fire log events."""
-
-    def __init__(self, workspace: Workspace):
-        self.workspace = workspace
-        self.events = []
-
-    def get_workspace(self) -> Workspace:
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx):
-        self.events.append(event_type)
-
-    def new_context(self) -> FLContext:
-        # The analytics event (the epsilon for TensorBoard) is fired in a fresh context.
-        return FLContext()
-
-
 def _context(tmp_path, hospital_dir, cap: dict | None) -> FLContext:
     root = tmp_path / "workspace"
     for folder in ("startup", "local"):
@@ -57,7 +40,7 @@ def _context(tmp_path, hospital_dir, cap: dict | None) -> FLContext:
     if cap is not None:
         (root / "local" / "privacy.json").write_text(json.dumps({"scopes": [], "splitunet_epsilon_cap": cap}))
     fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.ENGINE, _Engine(Workspace(str(root), "hospital-a")), private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.ENGINE, WorkspaceEngine(Workspace(str(root), "hospital-a")), private=True, sticky=False)
     fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "hospital-a", private=False, sticky=False)
     fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=False, sticky=False)
     return fl_ctx

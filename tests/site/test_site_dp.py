@@ -17,18 +17,11 @@ from splitunet.errors import SplitUNetConfigError
 from splitunet.site.trainer import SiteTrainer, initial_encoder
 from splitunet.wire.model_config import SplitModelConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CONFIG = SplitModelConfig(features=(4, 4, 8, 8, 16), skip_levels=(1, 2, 3), learning_rate=1e-2)
 SEED = 5
 CLIP = 0.01
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Tiny networks gain nothing from more, and on shared cores waiting OpenMP threads slowed these steps severalfold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from fakes import WorkspaceEngine
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
@@ -23,21 +24,6 @@ from splitunet.wire.transport import control_dxo, features_to_dxo
 CONFIG = SplitModelConfig(features=(4, 4, 8, 8, 16), skip_levels=(1, 2, 3))
 DP = {"noise_multiplier": 1.0, "max_grad_norm": 0.5, "poisson_sampling": False}
 STEPS = 3
-
-
-class _Engine:
-    def __init__(self, workspace: Workspace):
-        self.workspace = workspace
-
-    def get_workspace(self) -> Workspace:
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx):
-        pass
-
-    def new_context(self) -> FLContext:
-        # The analytics event (the epsilon for TensorBoard) is fired in a fresh context.
-        return FLContext()
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +43,7 @@ def _context(tmp_path, tiny_parties, cap: dict | None) -> FLContext:
     if cap is not None:
         (root / "local" / "privacy.json").write_text(json.dumps({"scopes": [], "splitunet_epsilon_cap": cap}))
     fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.ENGINE, _Engine(Workspace(str(root), "site-3")), private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.ENGINE, WorkspaceEngine(Workspace(str(root), "site-3")), private=True, sticky=False)
     fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-3", private=False, sticky=False)
     fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=False, sticky=False)
     return fl_ctx

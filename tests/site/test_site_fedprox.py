@@ -19,17 +19,11 @@ from splitunet.site.trainer import SiteTrainer
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import MetaKey
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CONFIG = SplitModelConfig(features=(4, 4, 8, 8, 16), skip_levels=(1, 2, 3), learning_rate=1e-2)
 MU = 0.5
 CLIP = 0.01
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from fakes import WorkspaceEngine
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
@@ -31,20 +32,13 @@ from splitunet.u_shape.server_trainer import MiddleTrainer
 from splitunet.wire.protocol import MetaKey
 from splitunet.wire.transport import control_dxo
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FEATURES = (2, 4, 4, 8, 8, 2)
 CROP = (32, 32, 32)
 CLIP = 0.01
 # Noise far below the gradients, so that a step is the clipped mean alone.
 QUIET = {"noise_multiplier": 1e-9, "max_grad_norm": CLIP, "poisson_sampling": False}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Tiny networks gain nothing from more, and on shared cores waiting OpenMP threads slowed these steps severalfold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -132,21 +126,6 @@ def test_dp_hospitals_train_with_the_shared_middle_and_are_averaged(hospital_dir
     torch.testing.assert_close(hospitals["a"].tail.state_dict(), hospitals["b"].tail.state_dict())
 
 
-class _Engine:
-    def __init__(self, workspace: Workspace):
-        self.workspace = workspace
-
-    def get_workspace(self) -> Workspace:
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx):
-        pass
-
-    def new_context(self) -> FLContext:
-        # The analytics event (the epsilon for TensorBoard) is fired in a fresh context.
-        return FLContext()
-
-
 def _context(tmp_path, hospital_dir, cap: dict | None) -> FLContext:
     root = tmp_path / "workspace"
     for folder in ("startup", "local"):
@@ -156,7 +135,7 @@ def _context(tmp_path, hospital_dir, cap: dict | None) -> FLContext:
     if cap is not None:
         (root / "local" / "privacy.json").write_text(json.dumps({"scopes": [], "splitunet_epsilon_cap": cap}))
     fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.ENGINE, _Engine(Workspace(str(root), "hospital-a")), private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.ENGINE, WorkspaceEngine(Workspace(str(root), "hospital-a")), private=True, sticky=False)
     fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "hospital-a", private=False, sticky=False)
     fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=False, sticky=False)
     return fl_ctx

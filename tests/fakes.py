@@ -1,0 +1,28 @@
+"""Stand-ins for FLARE's runtime that executor tests share (importable from any test: ``pythonpath`` in pyproject)."""
+
+from __future__ import annotations
+
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.workspace import Workspace
+
+
+class WorkspaceEngine:
+    """What an executor asks of FLARE's engine: the workspace, somewhere to fire events, and fresh contexts.
+
+    Args:
+        workspace: the party's FLARE workspace.
+    """
+
+    def __init__(self, workspace: Workspace):
+        self.workspace = workspace
+        self.events = []
+
+    def get_workspace(self) -> Workspace:
+        return self.workspace
+
+    def fire_event(self, event_type, fl_ctx):
+        self.events.append(event_type)
+
+    def new_context(self) -> FLContext:
+        # The analytics event (the epsilon for TensorBoard) is fired in a fresh context.
+        return FLContext()
