@@ -55,6 +55,8 @@ UTILITY_SETTINGS = (
         {"BlockSkipLevels": {"levels": [0, 1]}},
         {"skip_levels": [2, 3]},
     ),
+    # The main job with gradients applied one step late: its Dice against the int8 row is the pipelining's cost.
+    SweepSetting("int8, pipelined (delay 1)", "split_unet_pipelined"),
 )
 
 # The tiny configuration of ``--quick`` (seconds a run): it checks the pipeline, its figures mean nothing.
