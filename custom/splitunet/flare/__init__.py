@@ -5,7 +5,11 @@ Job configs name these short paths (``splitunet.flare.SplitSiteExecutor``). The 
 site that builds its executor never imports the server's workflows (see :mod:`splitunet.lazy_exports`).
 """
 
+from splitunet.flare.ast_race_guard import serialise_literal_eval
 from splitunet.lazy_exports import lazy_exports
+
+# Every FLARE process that loads our components decodes numpy arrays in several threads (see ast_race_guard).
+serialise_literal_eval()
 
 _EXPORTS = {
     "SplitLearningController": "controller",
