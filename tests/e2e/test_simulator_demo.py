@@ -69,6 +69,15 @@ def test_tensorboard_events_written(demo_run):
     assert list(Path(summary["tensorboard"]).glob("**/events.out.tfevents.*"))
 
 
+def test_the_server_sends_gradient_codes_made_on_its_device(demo_run):
+    workspace, _ = demo_run
+    server_results = json.loads(
+        Path(json.loads((workspace / "results.json").read_text())["server_results"]).read_text()
+    )
+    # The main job's gradient chain starts with the int8 quantizer, so the codes are made before the host copy.
+    assert server_results["server_compute"]["gradient_code_bits"] == 8
+
+
 def test_step_timing_and_task_dispatch_are_reported(demo_run):
     workspace, _ = demo_run
     server_results = json.loads(

@@ -20,6 +20,7 @@ from splitunet.data.labels import get_layout
 from splitunet.data.party_data import LabelFolder
 from splitunet.data.party_settings import load_server_settings
 from splitunet.errors import SplitUNetConfigError
+from splitunet.flare import job_filters
 from splitunet.flare.encoder_averaging import EncoderAveraging, make_correction
 from splitunet.flare.encoder_weights import dxo_to_encoder, encoder_to_dxo, weights_bytes
 from splitunet.flare.nvflare_compat import send_scalar
@@ -178,6 +179,16 @@ class SplitLearningController(SiteTaskController):
         self.trainer = ServerTrainer(
             labels, party_settings.case_key_secret, device, s.loss, amp=s.amp, pipeline_delay=s.pipeline_delay
         )
+        # Quantized on the device when every chain the gradients leave through starts with the same quantizer.
+        self.trainer.wire_bits = job_filters.sender_wire_bits(
+            fl_ctx,
+            job_filters.SERVER_CONFIG,
+            "task_data_filters",
+            (TaskName.STEP, TaskName.AVERAGE),
+            DataKind.GRADIENTS,
+        )
+        if self.trainer.wire_bits is not None:
+            self.log_info(fl_ctx, f"gradients quantized to {self.trainer.wire_bits}-bit codes on {device}")
         self._last_step_end = float("-inf")
         if s.amp and not self.trainer.amp:
             self.log_warning(fl_ctx, f"amp ignored on {device} (AMP is for CUDA): the decoder trains in float32")
@@ -210,7 +221,12 @@ class SplitLearningController(SiteTaskController):
             model=self.model_config.to_dict(),
             crop_size=list(s.crop_size),
             batch_size=s.batch_size,
-            server_compute={"device": str(self.trainer.device), "amp": self.trainer.amp, "amp_requested": s.amp},
+            server_compute={
+                "device": str(self.trainer.device),
+                "amp": self.trainer.amp,
+                "amp_requested": s.amp,
+                "gradient_code_bits": self.trainer.wire_bits,
+            },
             # Only where a modality has several sites: a run with one site per modality records what it always did.
             cohorts=self._describe_cohorts(planner) if shared else None,
             encoder_averaging=self.averaging.describe() if self.averaging is not None else None,

@@ -310,7 +310,7 @@ class SplitSiteExecutor(Executor):
         trainer = self._require_trainer()
         compute_s = 0.0
         if dxo.data_kind == DataKind.GRADIENTS:
-            grads = dxo_to_features(dxo, DataKind.GRADIENTS, party=party)
+            grads = dxo_to_features(dxo, DataKind.GRADIENTS, party=party, keep_encoded=True)
             _, seconds = trainer.timed(trainer.backward, grads)
             compute_s += seconds
         elif dxo.data_kind != DataKind.CONTROL:
@@ -360,7 +360,8 @@ class SplitSiteExecutor(Executor):
             return control_dxo(meta).to_shareable()
         compute_s = 0.0
         if dxo.data_kind == DataKind.GRADIENTS:
-            _, compute_s = trainer.timed(trainer.backward, dxo_to_features(dxo, DataKind.GRADIENTS, party=party))
+            grads = dxo_to_features(dxo, DataKind.GRADIENTS, party=party, keep_encoded=True)
+            _, compute_s = trainer.timed(trainer.backward, grads)
         elif dxo.data_kind != DataKind.CONTROL:
             raise ValueError(f"{TaskName.AVERAGE} carries data kind {dxo.data_kind!r}; expected gradients or control")
         meta[MetaKey.SITE_COMPUTE_S] = compute_s

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from nvflare.apis.fl_constant import FilterKey, FLContextKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.fuel.utils.class_utils import load_class
 
 from splitunet.errors import SplitUNetConfigError
+from splitunet.flare import job_filters
 from splitunet.flare.workspace_paths import site_config_dir
 from splitunet.site.minimum_defense import (
     MINIMUM_DEFENSE_KEY,
@@ -55,18 +55,9 @@ def read_minimum_defense(local_dir: Path) -> dict[str, dict] | None:
     return parse_minimum_defense(policy[MINIMUM_DEFENSE_KEY], f"local/{PRIVACY_FILE}")
 
 
-def _job_result_filters(config: dict, task: str) -> list:
-    filters = []
-    for chain in config.get("task_result_filters", []):
-        if task in chain.get("tasks", []) or "*" in chain.get("tasks", []):
-            for entry in chain.get("filters", []):
-                filters.append(load_class(entry["path"])(**entry.get("args", {})))
-    return filters
-
-
 def released_chain(scope_filters: Sequence, job_config: dict, task: str) -> list:
     """The filters a result of ``task`` goes through: the scope's, then the job's for that task."""
-    return list(scope_filters) + _job_result_filters(job_config, task)
+    return list(scope_filters) + job_filters.config_chain(job_config, "task_result_filters", task)
 
 
 def _scope_and_job(fl_ctx: FLContext) -> tuple[str, list, dict]:
@@ -74,10 +65,7 @@ def _scope_and_job(fl_ctx: FLContext) -> tuple[str, list, dict]:
     scope = fl_ctx.get_prop(FLContextKey.SCOPE_OBJECT)
     scope_name = getattr(scope, "name", None) or "none"
     scope_filters = list((getattr(scope, "task_result_filters", None) or {}).get(FilterKey.OUT, []))
-    workspace = fl_ctx.get_engine().get_workspace()
-    config_file = Path(workspace.get_app_config_dir(fl_ctx.get_job_id())) / "config_fed_client.json"
-    job_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    return scope_name, scope_filters, job_config
+    return scope_name, scope_filters, job_filters.job_config(fl_ctx, job_filters.CLIENT_CONFIG)
 
 
 def released_chains(fl_ctx: FLContext) -> dict[str, list]:

@@ -123,7 +123,8 @@ class TrainingRecord(RunRecord):
         num_train_cases, num_val_cases: how many cases train and validate.
         model: the model settings (``SplitModelConfig.to_dict()``).
         crop_size, batch_size: the training crops.
-        server_compute: the decoder's device and whether AMP was asked for and applies.
+        server_compute: the decoder's device, whether AMP was asked for and applies, and the bits of the codes the
+            gradients leave the device as (``None``: dense).
         cohorts: with several sites per modality, per cohort its sites by modality, its numbers of training and
             held-out cases and the steps it trained (:meth:`~splitunet.server.cohorts.Cohort.describe`); counts only,
             never a case key.

@@ -70,11 +70,11 @@ def to_decoder_inputs(
 
 @dataclass
 class StepResult:
-    """Outcome of one server step: the loss and, per site in order, the gradients of its features as host tensors
-    (``None`` for a site that sent none)."""
+    """Outcome of one server step: the loss and, per site in order, the gradients of its features as host tensors,
+    or their codes when :attr:`ServerTrainer.wire_bits` is set (``None`` for a site that sent none)."""
 
     loss: float
-    grads: list[dict[int, torch.Tensor]]
+    grads: list[dict[int, torch.Tensor | EncodedLevel] | None]
     compute_s: float
 
 
@@ -100,6 +100,10 @@ class ServerTrainer:
 
     Attributes:
         amp: whether training passes really run under autocast here.
+        wire_bits: when set, each gradient level leaves as affine codes of that many bits
+            (:class:`~splitunet.wire.codec.EncodedLevel`, made on the decoder's device before the copy to the host),
+            for a job whose gradient chain starts with that quantizer
+            (:func:`~splitunet.filters.quantize_features.sender_encoding_bits`); the filter checks them.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class ServerTrainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.num_sites = 0
         self.pipeline_delay = pipeline_delay
+        self.wire_bits: int | None = None
         self._steps = 0
 
     def describe_cases(self) -> dict[str, dict]:
@@ -187,14 +192,22 @@ class ServerTrainer:
         grads = [
             None
             if leaf_map is None or not self.config.train_encoders
-            else self.staging.to_host(
-                {level: leaf.grad.detach().to(wire_dtype) for level, leaf in leaf_map.items()}, f"site{index}{buffers}"
-            )
+            else self.staging.to_host(self._to_wire(leaf_map, wire_dtype), f"site{index}{buffers}")
             for index, leaf_map in enumerate(leaves)
         ]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return StepResult(loss=float(loss.detach()), grads=grads, compute_s=time.perf_counter() - start)
+
+    def _to_wire(
+        self, leaf_map: Mapping[int, torch.Tensor], dtype: torch.dtype
+    ) -> dict[int, torch.Tensor | EncodedLevel]:
+        grads = {level: leaf.grad.detach().to(dtype) for level, leaf in leaf_map.items()}
+        if self.wire_bits is None:
+            return grads
+        # Codes and scales made where the gradients are: only they cross to the host. The same bits as the
+        # quantizing filter would make of the dense copy (splitunet.wire.codec).
+        return {level: EncodedLevel.affine(grad, self.wire_bits) for level, grad in grads.items()}
 
     @torch.no_grad()
     def decode(self, site_features: Sequence[Mapping[int, torch.Tensor]]) -> torch.Tensor:

@@ -279,9 +279,10 @@ class SiteTrainer:
         self._pending_keys = list(plan["keys"])
         return self._to_wire(features, "features")
 
-    def backward(self, grads: Mapping[int, torch.Tensor]) -> None:
+    def backward(self, grads: Mapping[int, torch.Tensor | EncodedLevel]) -> None:
         """Back-propagate the server's gradients through the pending features and step the optimiser (with DP-SGD:
-        one gradient per case, clipped, and noise; docs/dp.md).
+        one gradient per case, clipped, and noise; docs/dp.md). Gradients may arrive encoded
+        (:class:`~splitunet.wire.codec.EncodedLevel`): they are decoded on the encoder's device.
 
         With FedProx (an average taken with ``fedprox_mu`` > 0) the gradient applied is that of the server's loss
         plus the proximal term ``(mu/2) ||w - w_anchor||^2``: the server's loss is known here only through the
@@ -305,7 +306,11 @@ class SiteTrainer:
             )
         if self._stashed:
             self._recompute_oldest()
-        grads = self.staging.to_device(grads, "gradients")
+        # Codes (if the gradients arrive encoded) cross to the device and are decoded there, once.
+        grads = {
+            level: grad.decode() if isinstance(grad, EncodedLevel) else grad
+            for level, grad in self.staging.to_device(grads, "gradients").items()
+        }
         outputs, grad_tensors = [], []
         for level, output in self._pending.items():
             # Under AMP the outputs are bfloat16; the wire's gradients take their dtype.

@@ -6,9 +6,9 @@ still cross :class:`~splitunet.evaluation.bench.wire.SimulatedWire` (encoding, s
 lower bound of a FLARE step: the same work with no messaging. With one modality it is the single-modality
 baseline (one encoder, a decoder for one site).
 
-As in the job, a wire of integer codes is quantized by each site's trainer on its device (``wire_bits``: the job's
-quantizer comes first in the sites' result chain) and decoded by the server's trainer on its device, so on a GPU the
-host copies (:meth:`InProcessSplit.pcie_bytes`) are those of the job.
+As in the job, a wire of integer codes is quantized by each sender's trainer on its device (``wire_bits``: the job's
+quantizer comes first in the sites' result chain and in the server's gradient chain) and decoded by the receiver's
+trainer on its device, so on a GPU the host copies (:meth:`InProcessSplit.pcie_bytes`) are those of the job.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class InProcessSplit:
             self.sites.append(site)
         self.server = ServerTrainer(data.label_folder(), data.secret, self.device, loss, amp=amp)
         self.server.build(config, num_sites=len(self.sites))
+        self.server.wire_bits = WIRE_PRECISIONS[wire.precision]
         self.last_up: list[dict[int, torch.Tensor]] = []
         self.last_down: list[dict[int, torch.Tensor]] = []
 
@@ -87,7 +88,7 @@ class InProcessSplit:
             result = self.server.train_step(plan, received)
         self.last_down = result.grads
         for site, grads in zip(self.sites, result.grads):
-            arrived = self.wire.send(grads, DataKind.GRADIENTS, clock)
+            arrived = self.wire.send(grads, DataKind.GRADIENTS, clock, keep_encoded=True)
             with clock.part("site_compute"):
                 site.backward(arrived)
         return result.loss
