@@ -313,6 +313,7 @@ def _bench_command(args) -> list[str]:
         "--no-flare": args.no_flare,
         "--no-poc": args.no_poc,
         "--pipelined": args.pipelined,
+        "--transport": args.transport,
     }
     command += [flag for flag, given in flags.items() if given]
     options = (
@@ -330,9 +331,29 @@ def _bench_command(args) -> list[str]:
     return command
 
 
+def _bench_transport(args) -> int:
+    """``bench --transport``: FLARE's transport alone at the (preset's) reference step payload, per setting."""
+    from splitunet.evaluation.bench import BenchSettings
+    from splitunet.evaluation.bench.transport import run_transport
+
+    settings = BenchSettings.create(args.out, quick=args.quick, preset=args.preset, device="cpu", progress=False)
+    rounds = 1 if args.quick else 3
+    report = run_transport(
+        args.out, settings.reference, rounds=rounds, timeout_s=args.timeout, command=" ".join(_bench_command(args))
+    )
+    print((Path(args.out) / "transport.md").read_text())
+    failed = [variant["name"] for variant in report["variants"] if variant.get("error")]
+    if failed:
+        print(f"splitunet bench --transport: {failed} failed; see transport.json", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _bench(args) -> int:
     from splitunet.evaluation.bench import BenchSettings, failed_paths, run_bench
 
+    if args.transport:
+        return _bench_transport(args)
     settings = BenchSettings.create(
         args.out,
         quick=args.quick,
@@ -629,6 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
         "namespace and each site's link shaped to the rate both ways (root; skipped with the reason otherwise)",
     )
     bench.add_argument("--link-crop", type=int, default=0, help="crop of the link runs (default: the reference crop)")
+    bench.add_argument(
+        "--transport",
+        action="store_true",
+        help="only FLARE's transport: echo the reference step's int8 payload in the simulator under each tensor "
+        "setting (chunk size, inline, packed); writes transport.json and transport.md",
+    )
     bench.set_defaults(run=_bench)
 
     # `splitunet gradient-inversion`: a curious FedAvg server inverts one hospital's weight update, without and with
