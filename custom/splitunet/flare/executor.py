@@ -9,18 +9,13 @@ every save and every encoder averaging in its log and in ``results.json`` in its
 
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 
 import torch
 from nvflare.apis.dxo import DataKind as FlareDataKind
-from nvflare.apis.dxo import from_shareable
 from nvflare.apis.event_type import EventType
-from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable, make_reply
-from nvflare.apis.signal import Signal
+from nvflare.apis.shareable import Shareable
 
 from splitunet.atomic_files import write_json_atomic
 from splitunet.checkpoint import save_checkpoint
@@ -32,12 +27,11 @@ from splitunet.data.party_settings import load_site_settings
 from splitunet.dp.dp_settings import DPSettings
 from splitunet.dp.opacus_extra import opacus_installed
 from splitunet.dp.party_record import PrivacyRecord, admit_job
-from splitunet.dp.site_cap import EpsilonCapExceeded
-from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.errors import SplitUNetConfigError
 from splitunet.filters.quantize_features import sender_encoding_bits
 from splitunet.flare.encoder_weights import dxo_to_encoder, encoder_to_dxo
+from splitunet.flare.guarded_executor import GuardedTaskExecutor, site_error_message
 from splitunet.flare.nvflare_compat import send_scalar
-from splitunet.flare.replies import error_reply, reply_error_message
 from splitunet.flare.site_minimum import PRIVACY_FILE, check_minimum_defense, released_chains
 from splitunet.flare.workspace_paths import checkpoint_folder, run_dir, site_config_dir
 from splitunet.resume import CHECKPOINT_TAGS, encoder_checkpoint, load_for_resume
@@ -56,28 +50,6 @@ def _amp_note(requested: bool, applied: bool) -> str:
     if applied:
         return ", training under bfloat16 autocast"
     return ", amp ignored on this device (AMP is for CUDA), training in float32" if requested else ""
-
-
-def site_error_message(error: BaseException, party: str, private: PrivateNames) -> str:
-    """What a site tells the server about a failed task: no case ID, no path under its data folders.
-
-    A data error sends only the party, the error class and the case's key (the message names the case and its
-    file); any other error keeps its message, scrubbed by ``private``, since the server must learn why (a refused
-    job, a configuration error). The full message stays in the site's own log.
-
-    Args:
-        error: what the task raised.
-        party: this site's name.
-        private: this site's case IDs, secret and data folders, as far as known.
-    """
-    details = f"details in {party}'s log"
-    if isinstance(error, SplitUNetDataError):
-        key = error.case_key or private.key(error.case)
-        case = f" (case key {key})" if key else ""
-        return f"{party}: {type(error).__name__}{case}; {details}"
-    text = f"{type(error).__name__}: {error}" if isinstance(error, OSError) else str(error)
-    scrubbed = private.scrub(text)
-    return f"{party}: {scrubbed}" if scrubbed == text else f"{party}: {scrubbed} ({details})"
 
 
 def check_dp_arguments(dp, dp_steps) -> DPSettings | None:
@@ -116,7 +88,7 @@ def check_dp_arguments(dp, dp_steps) -> DPSettings | None:
     return settings
 
 
-class SplitSiteExecutor(Executor):
+class SplitSiteExecutor(GuardedTaskExecutor):
     """Runs one modality site of Split-U-Net.
 
     The site reads its modality and data folder from its own settings (``local/splitunet_site.json`` or
@@ -156,57 +128,23 @@ class SplitSiteExecutor(Executor):
         self.num_threads = num_threads
         self.trainer: SiteTrainer | None = None
         self.checkpoints: Path | None = None
-        # Filled in at setup: what no message leaving this site may name.
-        self.private = PrivateNames()
         # With DP-SGD: the site's record (results.json in its run folder), once it admitted the job.
         self.privacy: PrivacyRecord | None = None
         self.results_path: Path | None = None
-        # Why this site refused the job (its epsilon cap): every later task is refused the same way.
-        self.refusal: EpsilonCapExceeded | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
             register_tensor_support()
             configure_threads(self.num_threads)
 
-    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        party = fl_ctx.get_identity_name()
-        handlers = {
+    def task_handlers(self):
+        return {
             TaskName.SETUP: self._setup,
             TaskName.STEP: self._step,
             TaskName.ENCODE: self._encode,
             TaskName.SAVE: self._save,
             TaskName.AVERAGE: self._average,
         }
-        handler = handlers.get(task_name)
-        if handler is None:
-            self.log_error(fl_ctx, f"unknown task {task_name!r}")
-            return make_reply(ReturnCode.TASK_UNKNOWN)
-        if abort_signal.triggered:
-            return make_reply(ReturnCode.TASK_ABORTED)
-        rejected = reply_error_message(shareable)
-        if rejected:
-            # A filter (at the server, or this site's own data filter) refused the task data.
-            self.log_error(fl_ctx, f"task {task_name} arrived rejected: {rejected}")
-            return error_reply(f"{party}: task data rejected before execution: {self.private.scrub(rejected)}")
-        try:
-            if self.refusal is not None:
-                raise self.refusal
-            return handler(from_shareable(shareable), party, fl_ctx)
-        except Exception as error:  # noqa: BLE001 - the server must learn why, not just that, a site failed
-            if isinstance(error, EpsilonCapExceeded):
-                # It names the cap and the projected epsilon only: the server learns why, and so does every later task.
-                self.refusal = error
-            full = f"{type(error).__name__}: {error}"
-            if not isinstance(error, (SplitUNetDataError, SplitUNetConfigError, ValueError, RuntimeError)):
-                full += "\n" + traceback.format_exc()
-            # The full message names cases and files: a warning, because provisioned FLARE sites stream their
-            # error log (ERROR and above) to the server's job store, and without a log event, because FLARE's
-            # info collector hands those to the admin client.
-            self.log_warning(fl_ctx, f"task {task_name} failed: {party}: {full}", fire_event=False)
-            message = site_error_message(error, party, self.private)
-            self.log_error(fl_ctx, f"task {task_name} failed: {message}")
-            return error_reply(message)
 
     def _setup(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
         # Before anything is read or sent: this job must run the site's minimum defense on what it releases.

@@ -14,17 +14,12 @@ spent after every round in its log and in ``results.json`` in its run folder (``
 from __future__ import annotations
 
 import secrets
-import traceback
 from pathlib import Path
 
 from nvflare.apis.dxo import DataKind as FlareDataKind
-from nvflare.apis.dxo import from_shareable
 from nvflare.apis.event_type import EventType
-from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable, make_reply
-from nvflare.apis.signal import Signal
+from nvflare.apis.shareable import Shareable
 
 from splitunet.atomic_files import write_json_atomic
 from splitunet.checkpoint import save_checkpoint
@@ -33,11 +28,10 @@ from splitunet.data.case_keys import PrivateNames
 from splitunet.data.hospital_folder import HospitalFolder
 from splitunet.data.hospital_settings import load_hospital_settings
 from splitunet.dp.party_record import PrivacyRecord, admit_job
-from splitunet.dp.site_cap import EpsilonCapExceeded
-from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
-from splitunet.flare.executor import RESULTS_FILE, check_dp_arguments, site_error_message
+from splitunet.errors import SplitUNetConfigError
+from splitunet.flare.executor import RESULTS_FILE, check_dp_arguments
+from splitunet.flare.guarded_executor import GuardedTaskExecutor
 from splitunet.flare.nvflare_compat import send_scalar
-from splitunet.flare.replies import error_reply, reply_error_message
 from splitunet.flare.site_minimum import PRIVACY_FILE
 from splitunet.flare.workspace_paths import checkpoint_folder, run_dir, site_config_dir
 from splitunet.u_shape.config import UShapeConfig
@@ -53,7 +47,7 @@ __all__ = ["UShapeHospitalExecutor", "CHECKPOINT_FILE"]
 CHECKPOINT_FILE = "u_shape_hospital_last.pt"
 
 
-class UShapeHospitalExecutor(Executor):
+class UShapeHospitalExecutor(GuardedTaskExecutor):
     """Runs one hospital of the U-shaped split (head and tail, loss and labels; Yang et al., RoS-FL).
 
     The hospital reads its data folder from its own settings (``hospital_dir`` in ``local/splitunet_site.json`` or
@@ -82,53 +76,23 @@ class UShapeHospitalExecutor(Executor):
         self.num_threads = num_threads
         self.trainer: HospitalTrainer | None = None
         self.checkpoints: Path | None = None
-        self.private = PrivateNames()
         # With DP-SGD: the hospital's record (results.json in its run folder), once it admitted the job.
         self.privacy: PrivacyRecord | None = None
         self.results_path: Path | None = None
-        # Why this hospital refused the job (its epsilon cap): every later task is refused the same way.
-        self.refusal: EpsilonCapExceeded | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
             register_tensor_support()
             configure_threads(self.num_threads)
 
-    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        party = fl_ctx.get_identity_name()
-        handlers = {
+    def task_handlers(self):
+        return {
             UTaskName.SETUP: self._setup,
             UTaskName.FORWARD: self._forward,
             UTaskName.TAIL: self._tail,
             UTaskName.COLLECT: self._collect,
             UTaskName.VALIDATE: self._validate,
         }
-        handler = handlers.get(task_name)
-        if handler is None:
-            self.log_error(fl_ctx, f"unknown task {task_name!r}")
-            return make_reply(ReturnCode.TASK_UNKNOWN)
-        if abort_signal.triggered:
-            return make_reply(ReturnCode.TASK_ABORTED)
-        rejected = reply_error_message(shareable)
-        if rejected:
-            self.log_error(fl_ctx, f"task {task_name} arrived rejected: {rejected}")
-            return error_reply(f"{party}: task data rejected before execution: {self.private.scrub(rejected)}")
-        try:
-            if self.refusal is not None:
-                raise self.refusal
-            return handler(from_shareable(shareable), party, fl_ctx)
-        except Exception as error:  # noqa: BLE001 - the server must learn why, not just that, a hospital failed
-            if isinstance(error, EpsilonCapExceeded):
-                # It names the cap and the projected epsilon only: the server learns why, and so does every later task.
-                self.refusal = error
-            full = f"{type(error).__name__}: {error}"
-            if not isinstance(error, (SplitUNetDataError, SplitUNetConfigError, ValueError, RuntimeError)):
-                full += "\n" + traceback.format_exc()
-            # As the split job's sites: the full text names cases and files, so it stays in this log as a warning.
-            self.log_warning(fl_ctx, f"task {task_name} failed: {party}: {full}", fire_event=False)
-            message = site_error_message(error, party, self.private)
-            self.log_error(fl_ctx, f"task {task_name} failed: {message}")
-            return error_reply(message)
 
     # ------------------------------------------------------------------------------------------------ tasks
     def _setup(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
