@@ -337,9 +337,11 @@ def _bench_transport(args) -> int:
     from splitunet.evaluation.bench.transport import run_transport
 
     settings = BenchSettings.create(args.out, quick=args.quick, preset=args.preset, device="cpu", progress=False)
-    rounds = 1 if args.quick else 3
+    rounds = args.iterations or (1 if args.quick else 3)
+    repeats = args.seeds or (1 if args.quick else 2)
+    command = " ".join(_bench_command(args))
     report = run_transport(
-        args.out, settings.reference, rounds=rounds, timeout_s=args.timeout, command=" ".join(_bench_command(args))
+        args.out, settings.reference, rounds=rounds, repeats=repeats, timeout_s=args.timeout, command=command
     )
     print((Path(args.out) / "transport.md").read_text())
     failed = [variant["name"] for variant in report["variants"] if variant.get("error")]
@@ -654,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--transport",
         action="store_true",
         help="only FLARE's transport: echo the reference step's int8 payload in the simulator under each tensor "
-        "setting (chunk size, inline, packed); writes transport.json and transport.md",
+        "setting (chunk size, inline, packed), --iterations timed rounds per run (3), every setting in turn --seeds "
+        "times (2); writes transport.json and transport.md",
     )
     bench.set_defaults(run=_bench)
 

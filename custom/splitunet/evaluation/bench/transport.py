@@ -186,6 +186,20 @@ def _summary(rounds: Sequence[Mapping]) -> dict:
     }
 
 
+def _pooled(variant: TransportVariant, runs: Sequence[Mapping]) -> dict:
+    """One variant's runs together: the first error, and the summary of every run's rounds."""
+    errors = [run["error"] for run in runs if run.get("error")]
+    rounds = [r for run in runs for r in run.get("rounds", [])]
+    return {
+        **asdict(variant),
+        "error": errors[0] if errors else None,
+        "runs": len(runs),
+        "elapsed_s": sum(run["elapsed_s"] for run in runs),
+        "rounds": rounds,
+        **(_summary(rounds) if not errors else {}),
+    }
+
+
 def run_transport_variant(
     out_dir: Path,
     variant: TransportVariant,
@@ -232,22 +246,30 @@ def run_transport(
     warmup: int = 1,
     timeout_s: float = 1800.0,
     command: str = "",
+    repeats: int = 1,
 ) -> dict:
-    """Every variant in turn at ``problem``'s int8 step payload; writes ``transport.json`` and ``transport.md``."""
+    """Every variant in turn at ``problem``'s int8 step payload; writes ``transport.json`` and ``transport.md``.
+
+    With ``repeats`` above 1 the whole sequence of variants runs that many times (A B C, A B C, ...), so that a
+    change in the machine's load between runs falls on every variant alike; each variant's timed rounds are pooled.
+    """
     out_dir = Path(out_dir)
     layout = step_layout(problem)
     load_before = os.getloadavg()[0]
-    runs = []
-    for index, variant in enumerate(variants):
-        print(f"transport {index + 1}/{len(variants)}: {variant.name}", flush=True)
-        runs.append(
-            run_transport_variant(out_dir / f"variant_{index}", variant, layout, sites, rounds, warmup, timeout_s)
-        )
+    runs_by_variant: list[list[dict]] = [[] for _ in variants]
+    for repeat in range(repeats):
+        for index, variant in enumerate(variants):
+            print(f"transport {repeat + 1}.{index + 1}/{repeats}.{len(variants)}: {variant.name}", flush=True)
+            folder = out_dir / f"variant_{index}" / f"run_{repeat}"
+            run = run_transport_variant(folder, variant, layout, sites, rounds, warmup, timeout_s)
+            runs_by_variant[index].append(run)
+    runs = [_pooled(variant, variant_runs) for variant, variant_runs in zip(variants, runs_by_variant)]
     report = {
         "command": command,
         "date": time.strftime("%Y-%m-%d"),
         "problem": problem.to_dict(),
         "sites": sites,
+        "repeats": repeats,
         "message_bytes": payload_bytes(layout),
         "cpus": os.cpu_count(),
         # Other work on the machine slows every setting; the 1-minute load average says how busy it was.
@@ -267,7 +289,8 @@ def transport_markdown(report: Mapping) -> str:
     lines = [
         f"# FLARE transport at the {crop} int8 step's payload",
         "",
-        f"`{report['command'] or 'splitunet bench --transport'}`, {report['date']}. {report['sites']} sites; each "
+        f"`{report['command'] or 'splitunet bench --transport'}`, {report['date']}. {report['sites']} sites, "
+        f"{report.get('repeats', 1)} run(s) of every setting in turn; each "
         f"round sends every site {report['message_bytes'] / 1e6:.1f} MB and takes as much back (codes and scales of "
         "every sent level, random); nothing is computed or filtered. Seconds from scheduling the tasks to the last "
         "reply; MB/s: bytes both ways over the round minus the slowest site's own time.",
