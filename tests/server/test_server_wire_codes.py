@@ -15,50 +15,22 @@ from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.workspace import Workspace
 from nvflare.fuel.utils import fobs
+from wire_code_parties import assert_host_codec, one_site_server, t1_site, two_crop_plan
 
-from splitunet.data.party_data import LabelFolder, ModalityFolder
-from splitunet.data.sampling import window_plan
 from splitunet.filters import FeatureGuard, QuantizeFeatures
 from splitunet.flare import job_filters
-from splitunet.server.trainer import ServerTrainer
-from splitunet.site.trainer import SiteTrainer
-from splitunet.wire.codec import SENDER_ENCODED_META_KEY, EncodedLevel, quantize_affine
-from splitunet.wire.model_config import SplitModelConfig
+from splitunet.wire.codec import SENDER_ENCODED_META_KEY
 from splitunet.wire.protocol import DataKind, TaskName
 from splitunet.wire.transport import dxo_to_features, features_to_dxo, register_tensor_support
 
-SECRET = "test-secret"
-CONFIG = SplitModelConfig(features=(4, 8, 8, 16, 16), skip_levels=(0, 1, 2, 3), learning_rate=5e-3, seed=4)
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _site(tiny_parties, device="cpu") -> SiteTrainer:
-    site = SiteTrainer(ModalityFolder(tiny_parties / "t1", "t1", party="site-2"), SECRET, device)
-    torch.manual_seed(0)
-    site.build(CONFIG)
-    return site
-
-
-def _server(tiny_parties, device="cpu", wire_bits=None) -> ServerTrainer:
-    server = ServerTrainer(LabelFolder(tiny_parties / "labels", party="server"), SECRET, device)
-    torch.manual_seed(0)
-    server.build(CONFIG, num_sites=1)
-    server.wire_bits = wire_bits
-    return server
-
-
-def _plan(site: SiteTrainer) -> dict:
-    keys = sorted(site.key_to_case)[:2]
-    plan = window_plan(keys, [[0, 2, 1], [1, 0, 0]], [32, 32, 32])
-    plan["flips"] = [[False, True, False], [False, False, False]]
-    return plan
-
-
 def _step(tiny_parties, wire_bits):
     """One step of a fresh site and server; the site's gradients as the server's trainer returns them."""
-    site, server = _site(tiny_parties), _server(tiny_parties, wire_bits=wire_bits)
-    plan = _plan(site)
+    site, server = t1_site(tiny_parties), one_site_server(tiny_parties, wire_bits=wire_bits)
+    plan = two_crop_plan(site)
     return site, server.train_step(plan, [site.forward(plan)]).grads[0]
 
 
@@ -74,13 +46,7 @@ def _sent(grads) -> bytes:
 def test_server_codes_are_the_host_codec_of_its_gradients(tiny_parties):
     _, dense = _step(tiny_parties, None)
     _, coded = _step(tiny_parties, 8)
-    assert sorted(coded) == sorted(dense) == [0, 1, 2, 3, 4]
-    for level, tensor in dense.items():
-        payload, encoding = quantize_affine(tensor, 8)
-        assert isinstance(coded[level], EncodedLevel)
-        assert torch.equal(coded[level].payload, payload)
-        for name in ("low", "step"):
-            assert torch.equal(coded[level].encoding[name], encoding[name])
+    assert_host_codec(coded, dense)
 
 
 def test_the_chain_sends_the_same_bytes_and_the_site_takes_the_same_step(tiny_parties):
@@ -122,8 +88,8 @@ def test_the_controller_codes_gradients_only_behind_a_leading_quantizer(tmp_path
 
 @needs_cuda
 def test_on_a_gpu_only_gradient_codes_and_scales_cross_to_the_host(tiny_parties):
-    site, server = _site(tiny_parties, "cuda"), _server(tiny_parties, "cuda", wire_bits=8)
-    plan = _plan(site)
+    site, server = t1_site(tiny_parties, "cuda"), one_site_server(tiny_parties, "cuda", wire_bits=8)
+    plan = two_crop_plan(site)
     features = site.forward(plan)
     before = server.staging.bytes_to_host
     grads = server.train_step(plan, [features]).grads[0]

@@ -8,41 +8,14 @@ import torch
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.fl_context import FLContext
 from nvflare.fuel.utils import fobs
+from wire_code_parties import CONFIG, assert_host_codec, one_site_server, t1_site, two_crop_plan
 
-from splitunet.data.party_data import LabelFolder, ModalityFolder
-from splitunet.data.sampling import window_plan
 from splitunet.filters import FeatureGuard, QuantizeFeatures
-from splitunet.server.trainer import ServerTrainer
-from splitunet.site.trainer import SiteTrainer
 from splitunet.wire.codec import EncodedLevel, quantize_affine
-from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import DataKind
 from splitunet.wire.transport import dxo_to_features, features_to_dxo, register_tensor_support
 
-SECRET = "test-secret"
-CONFIG = SplitModelConfig(features=(4, 8, 8, 16, 16), skip_levels=(0, 1, 2, 3), learning_rate=5e-3, seed=4)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _site(tiny_parties, device="cpu", wire_bits=None) -> SiteTrainer:
-    site = SiteTrainer(ModalityFolder(tiny_parties / "t1", "t1", party="site-2"), SECRET, device)
-    site.build(CONFIG)
-    site.wire_bits = wire_bits
-    return site
-
-
-def _server(tiny_parties, device="cpu") -> ServerTrainer:
-    server = ServerTrainer(LabelFolder(tiny_parties / "labels", party="server"), SECRET, device)
-    torch.manual_seed(0)
-    server.build(CONFIG, num_sites=1)
-    return server
-
-
-def _plan(site: SiteTrainer) -> dict:
-    keys = sorted(site.key_to_case)[:2]
-    plan = window_plan(keys, [[0, 2, 1], [1, 0, 0]], [32, 32, 32])
-    plan["flips"] = [[False, True, False], [False, False, False]]
-    return plan
 
 
 def _received(features) -> dict:
@@ -56,28 +29,22 @@ def _received(features) -> dict:
 
 
 def test_site_codes_are_the_host_codec_of_its_features(tiny_parties):
-    dense_site, coded_site = _site(tiny_parties), _site(tiny_parties, wire_bits=8)
-    plan = _plan(dense_site)
+    dense_site, coded_site = t1_site(tiny_parties), t1_site(tiny_parties, wire_bits=8)
+    plan = two_crop_plan(dense_site)
     dense, coded = dense_site.forward(plan), coded_site.forward(plan)
-    assert sorted(coded) == sorted(dense) == [0, 1, 2, 3, 4]
-    for level, tensor in dense.items():
-        payload, encoding = quantize_affine(tensor, 8)
-        assert isinstance(coded[level], EncodedLevel)
-        assert torch.equal(coded[level].payload, payload)
-        for name in ("low", "step"):
-            assert torch.equal(coded[level].encoding[name], encoding[name])
+    assert_host_codec(coded, dense)
     # The gradients come back dense, as before.
     coded_site.backward({level: torch.ones_like(t) for level, t in dense.items()})
     assert coded_site.steps_applied == 1
 
 
 def test_the_server_decodes_what_the_host_codec_would_have_sent(tiny_parties):
-    dense_site, coded_site = _site(tiny_parties), _site(tiny_parties, wire_bits=8)
-    plan = _plan(dense_site)
+    dense_site, coded_site = t1_site(tiny_parties), t1_site(tiny_parties, wire_bits=8)
+    plan = two_crop_plan(dense_site)
     from_host, from_site = _received(dense_site.forward(plan)), _received(coded_site.forward(plan))
     assert all(isinstance(value, EncodedLevel) for value in from_site.values())
     assert coded_site.staging.bytes_to_host == 0  # a CPU trainer copies nothing
-    server = _server(tiny_parties)
+    server = one_site_server(tiny_parties)
     # The decoder's inputs, bit for bit: the step on them is the step on host-quantized features.
     host_inputs, site_inputs = (server._leaves([received])[0] for received in (from_host, from_site))
     for level, tensor in host_inputs.items():
@@ -86,7 +53,7 @@ def test_the_server_decodes_what_the_host_codec_would_have_sent(tiny_parties):
 
 @needs_cuda
 def test_on_a_gpu_only_codes_and_scales_cross_and_decode_to_the_host_codec(tiny_parties):
-    site = _site(tiny_parties, "cuda", wire_bits=8)
+    site = t1_site(tiny_parties, "cuda", wire_bits=8)
     generator = torch.Generator().manual_seed(1)
     dense = [torch.randn(2, c, *(32 // 2**level,) * 3, generator=generator) for level, c in enumerate(CONFIG.features)]
     sent = site._to_wire([t.cuda() for t in dense], "features")
@@ -98,7 +65,7 @@ def test_on_a_gpu_only_codes_and_scales_cross_and_decode_to_the_host_codec(tiny_
         expected_bytes += value.nbytes
     assert site.staging.bytes_to_host == expected_bytes
     assert expected_bytes < sum(t.numel() * 4 for t in dense) / 3.9
-    server = _server(tiny_parties, "cuda")
+    server = one_site_server(tiny_parties, "cuda")
     before = server.staging.bytes_to_device
     leaves = server._leaves([{level: value.map_tensors(torch.clone) for level, value in sent.items()}])[0]
     assert server.staging.bytes_to_device - before == expected_bytes
