@@ -98,9 +98,10 @@ def time_problem_size(
     step_times["split_in_process"] = _run_steps(
         split, planner_for(data, problem, settings.seed), settings, "split", start_counting
     )
-    # The byte table counts every precision from dense tensors: codes the sites made are decoded for it.
+    # The byte table counts every precision from dense tensors: codes the senders made are decoded for it.
     sent = [{level: _dense(value) for level, value in up.items()} for up in split.last_up]
-    table = byte_table(sent, split.last_down)
+    returned = [{level: _dense(value) for level, value in down.items()} for down in split.last_down]
+    table = byte_table(sent, returned)
     pcie = (pcie_bytes() - counted["pcie"]) / settings.timed_steps if settings.device.type == "cuda" else None
     # What the serializer produced, headers included, in the job's wire precision (both directions, all sites).
     table["serialized_both"] = (wire.serialized_bytes - counted["serialized"]) / settings.timed_steps
