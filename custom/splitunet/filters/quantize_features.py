@@ -15,7 +15,7 @@ from splitunet.filters.base import FeatureFilter, FilterRejection
 from splitunet.wire.codec import ENCODING_META_KEY, SENDER_ENCODED_META_KEY, affine_layout, quantize_affine
 from splitunet.wire.protocol import DataKind, MetaKey
 
-__all__ = ["QuantizeFeatures", "PRECISIONS", "sender_encoding_bits"]
+__all__ = ["QuantizeFeatures", "PRECISIONS", "sender_encoding_bits", "common_sender_bits"]
 
 # Precision name -> bits of affine integer codes (float16 is a plain cast).
 PRECISIONS = {"float16": None, "int8": 8, "int4": 4, "int2": 2, "int1": 1}
@@ -151,3 +151,10 @@ def sender_encoding_bits(chain: Sequence, data_kind: str = DataKind.ACTIVATIONS)
     if not isinstance(first, QuantizeFeatures) or first.bits is None or first.levels is not None:
         return None
     return first.bits if data_kind in first.data_kinds else None
+
+
+def common_sender_bits(chains: Iterable[Sequence], data_kind: str = DataKind.ACTIVATIONS) -> int | None:
+    """:func:`sender_encoding_bits` shared by every one of a sender's ``chains`` (each task it releases on), or
+    ``None`` when they differ: one encoding on the device must suit every chain."""
+    bits = {sender_encoding_bits(chain, data_kind) for chain in chains}
+    return bits.pop() if len(bits) == 1 else None

@@ -28,7 +28,7 @@ from splitunet.dp.dp_settings import DPSettings
 from splitunet.dp.opacus_extra import opacus_installed
 from splitunet.dp.party_record import PrivacyRecord, admit_job
 from splitunet.errors import SplitUNetConfigError
-from splitunet.filters.quantize_features import sender_encoding_bits
+from splitunet.filters.quantize_features import common_sender_bits
 from splitunet.flare.encoder_weights import dxo_to_encoder, encoder_to_dxo
 from splitunet.flare.guarded_executor import GuardedTaskExecutor, site_error_message
 from splitunet.flare.nvflare_compat import send_scalar
@@ -166,8 +166,7 @@ class SplitSiteExecutor(GuardedTaskExecutor):
         self.trainer = SiteTrainer(folder, settings.case_key_secret, device, amp=self.amp)
         self.trainer.build(config, settings.encoder_seed)
         # Quantized on the device when every releasing chain starts with the same quantizer (it still checks them).
-        bits = {sender_encoding_bits(chain) for chain in released_chains(fl_ctx).values()}
-        self.trainer.wire_bits = bits.pop() if len(bits) == 1 else None
+        self.trainer.wire_bits = common_sender_bits(released_chains(fl_ctx).values())
         self.checkpoints = checkpoint_folder(fl_ctx, settings.checkpoint_dir, dxo.get_meta_prop(MetaKey.EXPERIMENT))
         compute = f"device {device}" + _amp_note(self.amp, self.trainer.amp)
         if self.trainer.wire_bits is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from nvflare.apis.fl_context import FLContext
 from nvflare.fuel.utils.class_utils import load_class
 
-from splitunet.filters.quantize_features import sender_encoding_bits
+from splitunet.filters.quantize_features import common_sender_bits
 
 __all__ = ["SERVER_CONFIG", "CLIENT_CONFIG", "job_config", "config_chain", "sender_wire_bits"]
 
@@ -48,5 +48,4 @@ def sender_wire_bits(
     starts every one of their chains (:func:`~splitunet.filters.quantize_features.sender_encoding_bits`), else
     ``None`` (it sends dense tensors and the filters do what they do)."""
     config = job_config(fl_ctx, file_name)
-    bits = {sender_encoding_bits(config_chain(config, section, task), data_kind) for task in tasks}
-    return bits.pop() if len(bits) == 1 else None
+    return common_sender_bits([config_chain(config, section, task) for task in tasks], data_kind)
