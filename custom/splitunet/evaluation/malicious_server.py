@@ -24,6 +24,7 @@ import torch
 
 from splitunet.evaluation.attacks.base import check_positive_int
 from splitunet.evaluation.attacks.feature_space_hijacking import GradientGate, SimulatedSite, run_fsha
+from splitunet.networks.optimizer import make_optimizer
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import MODALITIES, DataKind
 
@@ -124,7 +125,7 @@ def run_honest(
     sites = [SimulatedSite(config, MODALITIES[index]) for index in range(num_sites)]
     with torch.random.fork_rng(devices=[]):
         decoder = initial_decoder(config, num_sites)
-    optimizer = torch.optim.Adam(decoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(decoder.parameters(), config.learning_rate, config.weight_decay)
     loss_fn = make_loss("dice_ce")
     generator = torch.Generator().manual_seed(seed)
     losses, refused = [], []

@@ -39,6 +39,7 @@ from splitunet.federated.drift_correction import proximal_term
 from splitunet.horizontal.case_crops import CaseCrops
 from splitunet.horizontal.model import FedAvgUNet, load_numpy_state, state_to_numpy
 from splitunet.networks.losses import LOSSES, make_loss
+from splitunet.networks.optimizer import make_optimizer
 from splitunet.region_scores import RegionScores
 from splitunet.server.cases import split_cases
 from splitunet.wire.model_config import SplitModelConfig, check_crop_size
@@ -65,7 +66,7 @@ class LocalSettings:
         batch_size: crops per local iteration.
         crop_size: training crop ``(D, H, W)``; also the sliding-window size at validation.
         loss: ``"dice_ce"`` or ``"dice_focal"``.
-        learning_rate, weight_decay: Adam's.
+        learning_rate, weight_decay: AdamW's (decoupled decay; :mod:`splitunet.networks.optimizer`).
         num_val_cases: the hospital's held-out cases (chosen by seed; at least one case is left to train on).
         sw_batch_size: windows per forward pass at validation.
         sw_overlap: sliding-window overlap.
@@ -201,9 +202,7 @@ class LocalTrainer:
             # Before the optimiser is built, so that it holds the parameters of the model Opacus trains.
             self.model, self.dp_changes = prepare_for_dp(self.model)
         self.loss_fn = make_loss(settings.loss)
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
-        )
+        self.optimizer = make_optimizer(self.model.parameters(), settings.learning_rate, settings.weight_decay)
 
     @property
     def num_train_cases(self) -> int:

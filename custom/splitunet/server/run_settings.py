@@ -154,7 +154,7 @@ class TrainingSettings(TaskSettings):
         fusion: ``"concat"`` or ``"mean"``.
         loss: ``"dice_ce"`` or ``"dice_focal"``.
         learning_rate: Adam learning rate at every party.
-        weight_decay: Adam weight decay.
+        weight_decay: AdamW's decoupled weight decay (:mod:`splitunet.networks.optimizer` says why not Adam's).
         transfer_dtype: ``"float32"`` or ``"float16"`` on the wire.
         train_encoders: ``False``: send the sites no gradients; their encoders stay at their private
             initialisation (:class:`~splitunet.wire.model_config.SplitModelConfig`).

@@ -16,6 +16,7 @@ from splitunet.data.party_data import LabelFolder
 from splitunet.data.sampling import extract_crop
 from splitunet.networks import ServerDecoder
 from splitunet.networks.losses import LOSSES, make_loss
+from splitunet.networks.optimizer import make_optimizer
 from splitunet.region_scores import RegionScores
 from splitunet.server.sliding_window import EncodeFn, split_sliding_window
 from splitunet.wire.codec import EncodedLevel
@@ -143,9 +144,7 @@ class ServerTrainer:
         self.config = config
         self.num_sites = num_sites
         self.decoder = initial_decoder(config, num_sites).to(self.device)
-        self.optimizer = torch.optim.Adam(
-            self.decoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
+        self.optimizer = make_optimizer(self.decoder.parameters(), config.learning_rate, config.weight_decay)
 
     def _target(self, plan: Mapping) -> torch.Tensor:
         crops = []

@@ -31,6 +31,7 @@ from splitunet.dp.opacus_extra import dp_module
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.federated.drift_correction import proximal_term
 from splitunet.networks import SiteEncoder, seeded_encoder
+from splitunet.networks.optimizer import make_optimizer
 from splitunet.wire.codec import EncodedLevel
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import MODALITIES
@@ -152,9 +153,7 @@ class SiteTrainer:
         """
         self.config = config
         self.encoder = initial_encoder(config, self.modality, init_seed).to(self.device)
-        self.optimizer = torch.optim.Adam(
-            self.encoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
+        self.optimizer = make_optimizer(self.encoder.parameters(), config.learning_rate, config.weight_decay)
         self.private = None
         self._pending = None
         self._pending_batch, self._stashed = None, []

@@ -41,7 +41,7 @@ class UShapeConfig:
     Args:
         features: BasicUNet's feature sizes (5 or 6 ints; the sixth defaults to the first).
         learning_rate: Adam learning rate of every part.
-        weight_decay: Adam weight decay.
+        weight_decay: AdamW's decoupled weight decay (:mod:`splitunet.networks.optimizer`).
         seed: seed of the parts' initial weights (every hospital starts from the same head and tail) and of each
             hospital's case split and crop sampling.
         batch_size: crops per hospital and iteration.

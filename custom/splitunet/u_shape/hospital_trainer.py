@@ -18,6 +18,7 @@ from splitunet.data.sampling import RandomCropPlanner, extract_crop
 from splitunet.dp.opacus_extra import dp_module
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.networks.losses import make_loss
+from splitunet.networks.optimizer import make_optimizer
 from splitunet.region_scores import RegionScores
 from splitunet.u_shape.config import UShapeConfig
 from splitunet.u_shape.networks import seeded_part
@@ -105,10 +106,8 @@ class HospitalTrainer:
         self.planner = RandomCropPlanner(shapes, config.crop_size, config.batch_size, seed=config.seed)
         self.head = seeded_part("head", config.features, config.seed).to(self.device)
         self.tail = seeded_part("tail", config.features, config.seed).to(self.device)
-        self.optimizer = torch.optim.Adam(
-            [*self.head.parameters(), *self.tail.parameters()],
-            lr=config.learning_rate,
-            weight_decay=config.weight_decay,
+        self.optimizer = make_optimizer(
+            [*self.head.parameters(), *self.tail.parameters()], config.learning_rate, config.weight_decay
         )
         self.loss_fn = make_loss(config.loss)
         self._clear()

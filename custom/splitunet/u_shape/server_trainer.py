@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from splitunet.compute.devices import timed_call
+from splitunet.networks.optimizer import make_optimizer
 from splitunet.u_shape.config import UShapeConfig
 from splitunet.u_shape.networks import seeded_part
 
@@ -41,9 +42,7 @@ class MiddleTrainer:
         """Create the middle (seeded by ``config.seed``) and its optimiser."""
         self.config = config
         self.middle = seeded_part("middle", config.features, config.seed).to(self.device)
-        self.optimizer = torch.optim.Adam(
-            self.middle.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
+        self.optimizer = make_optimizer(self.middle.parameters(), config.learning_rate, config.weight_decay)
         self._pending = None
         self.steps_applied = 0
 

@@ -46,6 +46,7 @@ from splitunet.evaluation.attacks.base import check_non_negative, check_positive
 from splitunet.evaluation.attacks.encoder_access import build_encoder
 from splitunet.evaluation.attacks.white_box_inversion import WhiteBoxInversion
 from splitunet.networks import SiteEncoder
+from splitunet.networks.optimizer import make_optimizer
 from splitunet.wire.model_config import SplitModelConfig
 
 __all__ = [
@@ -71,8 +72,8 @@ def site_optimizer(
     learning_rate: float = _DEFAULT_CONFIG.learning_rate,
     weight_decay: float = _DEFAULT_CONFIG.weight_decay,
 ) -> torch.optim.Optimizer:
-    """The site's optimiser exactly as ``SiteTrainer.build`` makes it: Adam with the job's rate and weight decay."""
-    return torch.optim.Adam(encoder.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    """The site's optimiser exactly as ``SiteTrainer.build`` makes it: AdamW with the job's rate and weight decay."""
+    return make_optimizer(encoder.parameters(), learning_rate, weight_decay)
 
 
 def _apply_gradients(encoder: SiteEncoder, optimizer: torch.optim.Optimizer, crops: torch.Tensor, grads: Gradients):

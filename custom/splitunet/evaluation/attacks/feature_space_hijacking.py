@@ -61,6 +61,7 @@ from splitunet.evaluation.attacks.encoder_access import EncoderPrefix
 from splitunet.evaluation.attacks.learned_inverse import InverseDecoder
 from splitunet.evaluation.attacks.observed import check_observed, resolve_crop_size
 from splitunet.networks import SiteEncoder
+from splitunet.networks.optimizer import make_optimizer
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import NUM_LEVELS
 
@@ -132,9 +133,7 @@ class SimulatedSite:
         self.config = config
         with torch.random.fork_rng(devices=[]):
             self.encoder = initial_encoder(config, modality, init_seed)
-        self.optimizer = torch.optim.Adam(
-            self.encoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
+        self.optimizer = make_optimizer(self.encoder.parameters(), config.learning_rate, config.weight_decay)
         self.levels = tuple(config.sent_levels)
         self._pending: dict[int, torch.Tensor] | None = None
         self.steps_applied = 0

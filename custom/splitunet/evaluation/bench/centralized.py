@@ -26,6 +26,7 @@ from splitunet.evaluation.bench.phantom_data import BenchData
 from splitunet.evaluation.bench.timing import StepClock
 from splitunet.networks import MonolithicSplitUNet
 from splitunet.networks.layers import DEFAULT_ACT, DEFAULT_NORM
+from splitunet.networks.optimizer import make_optimizer
 from splitunet.server.trainer import ServerTrainer, initial_decoder, make_loss
 from splitunet.site.trainer import initial_encoder
 from splitunet.wire.model_config import SplitModelConfig
@@ -97,9 +98,7 @@ class CentralizedTrainer:
                 initial_decoder(config, len(MODALITIES)),
             )
         self.net.to(self.device)
-        self.optimizer = torch.optim.Adam(
-            self.net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
+        self.optimizer = make_optimizer(self.net.parameters(), config.learning_rate, config.weight_decay)
         self.loss_fn = make_loss(loss)
 
     def _batch(self, plan: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
