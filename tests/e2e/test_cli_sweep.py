@@ -97,3 +97,11 @@ def test_a_summary_keyed_with_another_secret_is_not_reused(sweep_dir, tmp_path):
     (tmp_path / "other_keys.json").write_text(json.dumps(summary))
     with pytest.raises(ValueError, match="another secret"):
         main(["sweep", "--quick", "--out", str(tmp_path / "out"), "--reuse", str(tmp_path / "other_keys.json")])
+
+
+def test_a_summary_trained_under_adams_coupled_decay_is_not_reused(sweep_dir, tmp_path):
+    summary = _summary(sweep_dir)
+    summary.pop("optimizer")
+    (tmp_path / "adam.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="optimiser"):
+        main(["sweep", "--quick", "--out", str(tmp_path / "out"), "--reuse", str(tmp_path / "adam.json")])

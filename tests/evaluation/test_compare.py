@@ -508,6 +508,7 @@ def test_the_epsilon_column_is_the_worst_holder_and_seed_and_a_dash_without_dp()
 # --- a study under way keeps its finished runs when the settings gain a field
 
 # What compare_run.json held as "settings" for CompareSettings.quick() before any field was added: a study's files.
+# Runs of that time trained under Adam's coupled weight decay and recorded no optimiser.
 FIRST_QUICK_FINGERPRINT = {
     "hospitals": 2,
     "cases_per_hospital": 3,
@@ -521,16 +522,19 @@ FIRST_QUICK_FINGERPRINT = {
     "learning_rate": 0.002,
     "fedprox_mu": 0.01,
 }
+ADAMW_QUICK_FINGERPRINT = {**FIRST_QUICK_FINGERPRINT, "optimizer": "AdamW"}
 
 
 @pytest.mark.parametrize("key", ["split_unet_fp32", "splitfed", "fedprox", "u_shape_dwcs", "centralized"])
-def test_a_run_finished_under_the_first_settings_is_still_reused(tmp_path, key):
+def test_a_run_finished_under_the_same_settings_is_reused_unless_adam_trained_it(tmp_path, key):
     run_dir = tmp_path / "seed0" / key
     run_dir.mkdir(parents=True)
-    run = {"settings": FIRST_QUICK_FINGERPRINT, "seed": 0, "topology": key, **_run(0.1, 0.2, 0.3)}
+    run = {"settings": ADAMW_QUICK_FINGERPRINT, "seed": 0, "topology": key, **_run(0.1, 0.2, 0.3)}
     (run_dir / "compare_run.json").write_text(json.dumps(run))
     assert _finished(run_dir, CompareSettings.quick(), _BY_KEY[key]) == run
     assert _finished(run_dir, CompareSettings.quick(fedprox_mu=0.1), _BY_KEY[key]) is None
+    (run_dir / "compare_run.json").write_text(json.dumps({**run, "settings": FIRST_QUICK_FINGERPRINT}))
+    assert _finished(run_dir, CompareSettings.quick(), _BY_KEY[key]) is None
 
 
 def test_a_field_added_later_enters_the_fingerprint_only_away_from_its_default():
@@ -539,9 +543,9 @@ def test_a_field_added_later_enters_the_fingerprint_only_away_from_its_default()
         new_option: float = 0.5
         new_sizes: tuple = dataclasses.field(default_factory=lambda: (1, 2))
 
-    assert Later.quick().fingerprint() == CompareSettings.quick().fingerprint() == FIRST_QUICK_FINGERPRINT
-    assert Later.quick(new_option=0.7).fingerprint() == {**FIRST_QUICK_FINGERPRINT, "new_option": 0.7}
-    assert Later.quick(new_sizes=(3,)).fingerprint() == {**FIRST_QUICK_FINGERPRINT, "new_sizes": [3]}
+    assert Later.quick().fingerprint() == CompareSettings.quick().fingerprint() == ADAMW_QUICK_FINGERPRINT
+    assert Later.quick(new_option=0.7).fingerprint() == {**ADAMW_QUICK_FINGERPRINT, "new_option": 0.7}
+    assert Later.quick(new_sizes=(3,)).fingerprint() == {**ADAMW_QUICK_FINGERPRINT, "new_sizes": [3]}
 
 
 def test_a_dp_run_is_reused_only_under_the_dp_settings_it_ran_with(tmp_path):

@@ -91,6 +91,7 @@ from splitunet.data.hospitals import NON_IID_PROFILES, generate_hospitals
 from splitunet.data.nifti_io import nifti_case_id
 from splitunet.errors import SplitUNetConfigError
 from splitunet.evaluation.utility import _interval_cell, paired_interval
+from splitunet.networks.optimizer import OPTIMIZER_NAME
 from splitunet.server.cases import split_cases
 from splitunet.u_shape.hospital_trainer import split_hospital_cases
 
@@ -301,6 +302,8 @@ class CompareSettings:
                 continue
             if item.name in _FINGERPRINT_FIELDS or value != _field_default(item):
                 values[item.name] = value
+        # Not a setting but the code's: runs trained under Adam's coupled decay recorded none and are not reused.
+        values["optimizer"] = OPTIMIZER_NAME
         return json.loads(json.dumps(values))
 
 

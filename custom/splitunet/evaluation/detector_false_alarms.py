@@ -13,6 +13,7 @@ they differ from these by the quantisation error only.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from splitunet.atomic_files import write_json_atomic
 from splitunet.evaluation.intervals import proportion_interval
-from splitunet.evaluation.malicious_server import detector_gate, random_crops, run_honest
+from splitunet.evaluation.malicious_server import detector_gate, random_crops, run_honest, statistics_envelope
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import MODALITIES
 
@@ -63,7 +64,7 @@ def measure_false_alarms(
     parties = Path(parties)
     folders = [ModalityFolder(parties / m, m, party=f"site-{i + 1}") for i, m in enumerate(MODALITIES)]
     labels = LabelFolder(parties / "labels", party="server")
-    runs = []
+    runs, every_record = [], []
     for seed in seeds:
         print(f"honest run, seed {seed}: {iterations} iterations", flush=True)
         images, targets = random_crops(folders, folders[0].case_ids, crops, crop_size, seed=seed, labels=labels)
@@ -72,6 +73,7 @@ def measure_false_alarms(
         run_config = config or SplitModelConfig(seed=seed)
         run_honest(images, targets, iterations, batch_size, config=run_config, seed=seed, gates=gates)
         for site, record in records.items():
+            every_record += record
             flagged = [entry for entry in record if entry["flagged"]]
             runs.append(
                 {
@@ -100,6 +102,9 @@ def measure_false_alarms(
             for site in sites
         },
         "pooled": proportion_interval(sum(r["flagged"] for r in runs), sum(r["tested"] for r in runs)),
+        # Where honest statistics lay, against the bounds in force: what a recalibration starts from.
+        "envelope": statistics_envelope(every_record),
+        "bounds": _bounds(make_detector()),
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     out_dir = Path(out_dir)
@@ -108,8 +113,24 @@ def measure_false_alarms(
     return report
 
 
+def _bounds(detector) -> dict:
+    """The bounds a detector applies, as JSON (open ends as ``None``)."""
+
+    def finite(value: float) -> float | None:
+        return value if math.isfinite(value) else None
+
+    return {
+        "level_ratio": {key: [finite(low), finite(high)] for key, (low, high) in detector.level_ratio_bounds.items()},
+        "max_dc_fraction": dict(detector.max_dc_fraction),
+    }
+
+
 def _rate(interval: dict) -> str:
     return f"{100 * interval['rate']:.2f} % [{100 * interval['low']:.2f}, {100 * interval['high']:.2f}]"
+
+
+def _end(value: float | None) -> str:
+    return "open" if value is None else f"{value:g}"
 
 
 def false_alarm_markdown(report: dict) -> str:
@@ -129,5 +150,29 @@ def false_alarm_markdown(report: dict) -> str:
     pooled = report["pooled"]
     flagged = sum(run["flagged"] for run in report["runs"])
     lines.append(f"| all | {pooled['n']} | {flagged} | {_rate(pooled)} | |")
+    envelope, bounds = report.get("envelope"), report.get("bounds")
+    if envelope and bounds:
+        lines += [
+            "",
+            f"Honest statistics over all {envelope['sets']} gradient sets, against the bounds in force (level ratio: "
+            "log10 of the level's gradient RMS over x4's; DC share: the share of a level's gradient energy in its "
+            "per-channel means):",
+            "",
+            "| level | ratio min | ratio 1st percentile | ratio median | ratio bound | DC share 99th percentile "
+            "| DC share max | DC bound |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for key, ratio in envelope["level_ratio"].items():
+            low, high = bounds["level_ratio"].get(key, [None, None])
+            bound = "-" if low is None and high is None else f"[{_end(low)}, {_end(high)}]"
+            dc = envelope["dc_fraction"].get(key, {})
+            dc_bound = bounds["max_dc_fraction"].get(key)
+            lines.append(
+                f"| {key} | {ratio['min']:.2f} | {ratio['p01']:.2f} | {ratio['median']:.2f} | {bound} | "
+                f"{dc.get('p99', math.nan):.4f} | {dc.get('max', math.nan):.4f} | "
+                f"{'-' if dc_bound is None else f'{dc_bound:g}'} |"
+            )
+        if envelope.get("infinite"):
+            lines += ["", f"Infinite ratios (an all-zero level or x4): {envelope['infinite']}."]
     lines += ["", f"Elapsed: {report['elapsed_s'] / 60:.1f} min ({report['threads']} threads)."]
     return "\n".join(lines) + "\n"

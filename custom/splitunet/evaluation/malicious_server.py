@@ -28,7 +28,7 @@ from splitunet.networks.optimizer import make_optimizer
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import MODALITIES, DataKind
 
-__all__ = ["detector_gate", "random_crops", "run_honest", "run_malicious_server"]
+__all__ = ["detector_gate", "random_crops", "run_honest", "run_malicious_server", "statistics_envelope"]
 
 
 def random_crops(
@@ -67,20 +67,30 @@ def detector_gate(detector, record: list | None = None, enforce: bool = True) ->
 
     Args:
         detector: a :class:`~splitunet.filters.GradientDetector` (any ``FeatureFilter`` on gradients works).
-        record: if given, one ``{"iteration", "flagged", "reason"}`` per call is appended.
+        record: if given, one ``{"iteration", "flagged", "reason", "statistics"}`` per call is appended
+            (``statistics``: the detector's level ratios and DC shares of that gradient set, whatever the verdict).
         enforce: ``False``: record the detector's verdicts but let every gradient through (to count how many
             iterations of an attack it would flag, not only the first).
     """
     from nvflare.apis.fl_context import FLContext
 
-    from splitunet.wire.protocol import SITE_ERROR_HEADER
+    from splitunet.filters.base import FilterRejection
+    from splitunet.filters.gradient_detector import gradient_statistics
+    from splitunet.wire.protocol import SITE_ERROR_HEADER, level_key
     from splitunet.wire.transport import features_to_dxo
 
     def gate(iteration: int, grads: Mapping[int, torch.Tensor]) -> str | None:
         shareable = features_to_dxo(dict(grads), DataKind.GRADIENTS, {"iteration": iteration}).to_shareable()
         reason = detector.process(shareable, FLContext()).get_header(SITE_ERROR_HEADER)
         if record is not None:
-            record.append({"iteration": iteration, "flagged": reason is not None, "reason": reason})
+            try:
+                statistics = gradient_statistics({level_key(level): grad for level, grad in grads.items()})
+                statistics = {name: statistics[name] for name in ("level_ratio", "dc_fraction")}
+            except FilterRejection:  # malformed gradients: the verdict says why
+                statistics = None
+            record.append(
+                {"iteration": iteration, "flagged": reason is not None, "reason": reason, "statistics": statistics}
+            )
         return reason if enforce else None
 
     return gate
@@ -162,6 +172,49 @@ def _flag_summary(record: Sequence[Mapping]) -> dict:
     }
 
 
+def statistics_envelope(records: Sequence[Mapping]) -> dict:
+    """Where the detector's statistics lay over recorded gradient sets (those :func:`detector_gate` recorded).
+
+    Returns:
+        ``{"level_ratio": {key: {"min", "p01", "median", "max"}}, "dc_fraction": {key: {"median", "p99", "max"}},
+        "sets": n}``; percentiles over the finite values (a ratio is infinite where a level or x4 was all zeros:
+        counted under ``"infinite"``).
+    """
+    values: dict[str, dict[str, list[float]]] = {"level_ratio": {}, "dc_fraction": {}}
+    infinite: dict[str, int] = {}
+    sets = 0
+    for entry in records:
+        statistics = entry.get("statistics")
+        if not statistics:
+            continue
+        sets += 1
+        for name, by_level in values.items():
+            for key, value in statistics[name].items():
+                if math.isfinite(value):
+                    by_level.setdefault(key, []).append(float(value))
+                else:
+                    infinite[key] = infinite.get(key, 0) + 1
+
+    def quantile(ordered: list[float], q: float) -> float:
+        return float(torch.quantile(torch.tensor(ordered, dtype=torch.float64), q))
+
+    envelope = {"sets": sets, "infinite": infinite, "level_ratio": {}, "dc_fraction": {}}
+    for key, ratios in sorted(values["level_ratio"].items()):
+        envelope["level_ratio"][key] = {
+            "min": min(ratios),
+            "p01": quantile(ratios, 0.01),
+            "median": quantile(ratios, 0.5),
+            "max": max(ratios),
+        }
+    for key, shares in sorted(values["dc_fraction"].items()):
+        envelope["dc_fraction"][key] = {
+            "median": quantile(shares, 0.5),
+            "p99": quantile(shares, 0.99),
+            "max": max(shares),
+        }
+    return envelope
+
+
 def run_malicious_server(
     private: torch.Tensor,
     auxiliary: torch.Tensor,
@@ -237,7 +290,7 @@ def run_malicious_server(
     free = run_fsha(
         private, auxiliary, target, prior, gate=detector_gate(GradientDetector(**options), watched, False), **common
     )
-    detection = _flag_summary(watched)
+    detection = {**_flag_summary(watched), "statistics": statistics_envelope(watched)}
     say(
         f"FSHA without detector: SSIM {free['curve'][-1]['ssim']:.3f}; detector would flag "
         f"{detection['flagged']}/{detection['tested']} iterations, first at {detection['first_flag']}"
@@ -267,7 +320,14 @@ def run_malicious_server(
             seed=int(honest_seed),
             gate=detector_gate(GradientDetector(**options), record),
         )
-        runs.append({"seed": int(honest_seed), **_flag_summary(record), "final_loss": honest["losses"][-1]})
+        runs.append(
+            {
+                "seed": int(honest_seed),
+                **_flag_summary(record),
+                "statistics": statistics_envelope(record),
+                "final_loss": honest["losses"][-1],
+            }
+        )
         say(f"honest seed {honest_seed}: {runs[-1]['flagged']}/{runs[-1]['tested']} iterations flagged")
     tested = sum(run["tested"] for run in runs)
     flagged = sum(run["flagged"] for run in runs)

@@ -35,6 +35,7 @@ from splitunet.evaluation.leakage import AttackBudget, plot_tradeoff, run_leakag
 from splitunet.evaluation.leakage.captured_run import CapturedRun
 from splitunet.evaluation.leakage.report import auxiliary_phantom, refresh_label_inference
 from splitunet.evaluation.sweep_report import best_pooled, label_summary, pool_inversions, sweep_markdown
+from splitunet.networks.optimizer import OPTIMIZER_NAME
 from splitunet.tools.demo import DemoSettings, run_demo
 from splitunet.tools.deployment import find_job
 
@@ -244,6 +245,11 @@ def _reusable_rows(
             f"{reuse} keyed its cases with another secret (fingerprint {earlier.get('data_fingerprint')}, this "
             f"sweep's {data_fingerprint}): its crops are not this sweep's, its rows cannot be reused"
         )
+    if earlier.get("optimizer") != OPTIMIZER_NAME:
+        raise ValueError(
+            f"{reuse} was trained with optimiser {earlier.get('optimizer', 'Adam, coupled weight decay')!r}, this "
+            f"sweep with {OPTIMIZER_NAME!r}: its rows cannot be reused"
+        )
     return {
         SweepSetting(row["label"], row["job"], row["filter_args"], row["server_args"]).key(): row
         for row in earlier["rows"]
@@ -307,6 +313,7 @@ def run_sweep(
         "threads": torch.get_num_threads(),
         "utility": str(utility) if utility else None,
         "data_fingerprint": data_fingerprint,
+        "optimizer": OPTIMIZER_NAME,
         "rows": [],
     }
     for index, setting in enumerate(preset.settings):

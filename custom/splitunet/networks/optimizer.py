@@ -17,7 +17,10 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["make_optimizer"]
+__all__ = ["OPTIMIZER_NAME", "make_optimizer"]
+
+# Recorded with the studies' results: a run trained under Adam's coupled decay (no name recorded) is not reused.
+OPTIMIZER_NAME = "AdamW"
 
 
 def make_optimizer(parameters: Iterable[torch.nn.Parameter], learning_rate: float, weight_decay: float):
