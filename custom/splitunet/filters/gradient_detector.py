@@ -18,13 +18,16 @@ Statistics, per received gradient DXO (levels ``x0..x4``; the bottleneck ``x4`` 
   honest gradient varies with the image and the labels over space; a critic that pools its input (FSHA's
   discriminator, any global statistic matcher) sends nearly the same value at every voxel of a channel.
 - drift: how far a level ratio falls below the median of this filter's previous accepted calls (after ``warmup``
-  calls). Honest ratios rise as training goes on (the decoder lets the bottleneck's gradient fade); a sudden fall
-  is a server that changed its objective mid-training, which this catches even with the absolute bounds off (an
-  architecture whose honest profile the defaults do not fit).
+  calls). A sudden fall is a server that changed its objective mid-training, which this catches even with the
+  absolute bounds off (an architecture whose honest profile the defaults do not fit).
 
 The default bounds were measured on the shipped job's architecture (features 8/16/32/64/128, concat fusion of
-four sites, DiceCE, 32^3 crops; the evaluation package's ``malicious_server`` module, which a site never imports);
-another architecture should re-measure them with its ``run_malicious_server``. A refused DXO becomes the
+four sites, DiceCE, 32^3 crops; the evaluation package's ``malicious_server`` module, which a site never imports)
+while every party trained with Adam's coupled weight decay, which let the bottleneck collapse and its gradient fade.
+Under AdamW (now every party's optimiser) honest level ratios fall during training, and these bounds refuse honest
+gradients after about 40-70 iterations (measured 2026-12-04, docs/privacy.md): they must be measured again
+(``splitunet detector`` reports the honest envelope) before a site relies on them. Another architecture should
+re-measure them with its ``run_malicious_server``. A refused DXO becomes the
 task's error naming this filter and the statistic, its value and the bound; the site applies nothing.
 
 Limits: an adaptive server that returns honest gradients on the skips and hijacks only the bottleneck x4 (whose
