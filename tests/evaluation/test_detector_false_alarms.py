@@ -34,3 +34,8 @@ def test_every_site_is_judged_at_every_iteration_and_refusals_are_counted(tiny_p
     assert report["pooled"]["n"] == 8 and report["pooled"]["rate"] == 1.0
     assert json.loads((tmp_path / "detector.json").read_text())["iterations"] == 2
     assert "| all | 8 | 8 | 100.00 %" in (tmp_path / "detector.md").read_text()
+    # Where the honest statistics lay, beside the bounds that refused them: what a recalibration starts from.
+    envelope, bounds = report["envelope"], report["bounds"]
+    assert envelope["sets"] == 8 and envelope["level_ratio"]["x0"]["max"] < 10.0
+    assert bounds["level_ratio"]["x0"] == [10.0, 11.0]
+    assert "| x0 |" in (tmp_path / "detector.md").read_text() and "[10, 11]" in (tmp_path / "detector.md").read_text()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from splitunet.evaluation.malicious_server import random_crops, run_malicious_server
+from splitunet.evaluation.malicious_server import random_crops, run_malicious_server, statistics_envelope
 from splitunet.wire.protocol import MODALITIES
 
 CROP = (32, 32, 32)
@@ -62,3 +62,14 @@ def test_the_detector_stops_fsha_at_once_and_passes_honest_training(phantom):
     alarms = result["false_alarms"]
     assert (alarms["tested"], alarms["flagged"], alarms["rate"]) == (2, 0, 0.0)
     assert math.isfinite(alarms["runs"][0]["final_loss"])
+
+
+def test_the_envelope_summarises_finite_statistics_and_counts_infinite_ratios():
+    records = [
+        {"statistics": {"level_ratio": {"x0": float(value), "x3": -math.inf}, "dc_fraction": {"x0": value / 100}}}
+        for value in range(1, 102)
+    ] + [{"statistics": None}]  # a malformed gradient set: its verdict says why, it has no statistics
+    envelope = statistics_envelope(records)
+    assert envelope["sets"] == 101 and envelope["infinite"] == {"x3": 101}
+    assert envelope["level_ratio"]["x0"] == {"min": 1.0, "p01": 2.0, "median": 51.0, "max": 101.0}
+    assert envelope["dc_fraction"]["x0"]["p99"] == pytest.approx(1.0) and envelope["dc_fraction"]["x0"]["max"] == 1.01
