@@ -7,8 +7,7 @@ term), the decay dominates the normalised step, which then moves the weight by a
 zero at every step. At the job's rate (2e-3) the encoders' ``down_3``/``down_4`` and the decoder's ``upcat_4``
 shrank from about 1e-2 to 1e-11 within 400 iterations: the bottleneck carried nothing and its gradients were
 exactly zero. Decoupled decay (Loshchilov and Hutter, ICLR 2019) shrinks each weight by ``learning_rate *
-weight_decay`` of itself per step instead, whatever its gradient; MONAI's BraTS recipes use the same
-``AdamW(lr, weight_decay=1e-5)``.
+weight_decay`` of itself per step instead, whatever its gradient.
 """
 
 from __future__ import annotations
