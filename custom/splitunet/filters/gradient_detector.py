@@ -220,17 +220,28 @@ class GradientDetector(FeatureFilter):
             FilterRejection: the bottleneck is missing, or a level is malformed or not finite.
         """
         stats = gradient_statistics(grads)
+        return stats, self.judge(stats)
+
+    def judge(self, stats: Mapping[str, Mapping[str, float]]) -> str | None:
+        """Test statistics as :func:`gradient_statistics` returns them (no state changes).
+
+        Separate from :meth:`check` so that recorded statistics can be judged again under other bounds (the
+        ``splitunet detector --replay`` calibration) exactly as a live gradient would be.
+
+        Returns:
+            ``None`` when every test passes, else the statistic, its value and the bound it broke.
+        """
         ratios = stats["level_ratio"]
         for key, (low, high) in sorted(self.level_ratio_bounds.items()):
             if key in ratios and not low <= ratios[key] <= high:
-                return stats, (
+                return (
                     f"level_ratio {key} = log10(rms {key} / rms {_BOTTLENECK}) = {ratios[key]:.3g} outside "
                     f"[{low:g}, {high:g}]"
                 )
         for key, limit in sorted(self.max_dc_fraction.items()):
             value = stats["dc_fraction"].get(key)
             if value is not None and value > limit:
-                return stats, f"dc_fraction {key} = {value:.3g} > max_dc_fraction {limit:g}"
+                return f"dc_fraction {key} = {value:.3g} > max_dc_fraction {limit:g}"
         if self.drift_threshold is not None:
             for key, value in sorted(ratios.items()):
                 past = [entry[key] for entry in self._accepted if key in entry]
@@ -238,11 +249,16 @@ class GradientDetector(FeatureFilter):
                     continue
                 fall = statistics.median(past) - value
                 if fall > self.drift_threshold:
-                    return stats, (
+                    return (
                         f"drift of level_ratio {key}: {value:.3g} is {fall:.3g} below the median of {len(past)} "
                         f"accepted calls > drift_threshold {self.drift_threshold:g}"
                     )
-        return stats, None
+        return None
+
+    def accept(self, stats: Mapping[str, Mapping[str, float]]) -> None:
+        """Add an accepted call's level ratios to the drift baseline (the last ``history`` accepted calls)."""
+        self._accepted.append({key: v for key, v in stats["level_ratio"].items() if math.isfinite(v)})
+        del self._accepted[: -self.history]
 
     def filter_features(self, features: dict[str, torch.Tensor], dxo: DXO, fl_ctx: FLContext):
         # The server's gradients may arrive as int8 codes (the main job): judge what the site would apply.
@@ -252,8 +268,7 @@ class GradientDetector(FeatureFilter):
         if reason is not None:
             self.refusals += 1
             raise FilterRejection(f"suspicious gradients (after {self.calls} accepted): {reason}")
-        self._accepted.append({key: v for key, v in stats["level_ratio"].items() if math.isfinite(v)})
-        del self._accepted[: -self.history]
+        self.accept(stats)
         facts = {
             "level_ratio_bounds": {
                 key: [_json(low), _json(high)] for key, (low, high) in self.level_ratio_bounds.items()

@@ -209,7 +209,11 @@ def _detector(args) -> int:
     from splitunet.tools.demo import ensure_partitioned_phantom
 
     out = Path(args.out)
-    if args.quick:
+    if args.replay:
+        from splitunet.evaluation.detector_false_alarms import replay_false_alarms
+
+        replay_false_alarms(args.replay, out, seeds=args.replay_seeds)
+    elif args.quick:
         parties = ensure_partitioned_phantom(out / "data", 4, (40, 40, 40), seed=0)
         measure_false_alarms(parties, out, seeds=(0,), iterations=3, crop_size=(32, 32, 32), crops=4)
     else:
@@ -617,6 +621,14 @@ def build_parser() -> argparse.ArgumentParser:
     detector.add_argument("--iterations", type=int, default=300, help="training iterations per run (default: 300)")
     detector.add_argument("--seeds", type=int, default=3, help="honest runs with seeds 0..N-1 (default: 3)")
     detector.add_argument("--quick", action="store_true", help="one tiny run of 3 iterations (checks the pipeline)")
+    detector.add_argument(
+        "--replay",
+        type=Path,
+        metavar="CALLS_JSON",
+        help="judge the gradients an earlier run recorded (its detector_calls.json) with the shipped bounds, "
+        "without training: the false alarms of new bounds on held-out seeds",
+    )
+    detector.add_argument("--replay-seeds", type=int, nargs="+", help="with --replay: only these recorded seeds")
     detector.set_defaults(run=_detector)
     bench = commands.add_parser(
         "bench", help="step time, bytes on the wire and Dice: centralized vs split in process, simulator, POC"
