@@ -195,3 +195,15 @@ def test_utility_rows_join_by_job_and_arguments_only(tmp_path):
     assert joined[SweepSetting("no defense", "split_unet_fp32").key()] is not None  # labels may differ
     assert SweepSetting("x", "split_unet_fp32", {"QuantizeFeatures": {}}).key() not in joined
     assert _utility_rows(None) == {}
+
+
+def test_a_trained_run_is_reused_only_at_the_same_budget_and_under_adamw(tmp_path):
+    from splitunet.evaluation.sweep import _trained
+
+    results = tmp_path / "results.json"
+    assert _trained(tmp_path, 80) is None
+    results.write_text(json.dumps({"iterations": 80, "optimizer": "AdamW"}))
+    assert _trained(tmp_path, 80) == {"iterations": 80, "optimizer": "AdamW"}
+    assert _trained(tmp_path, 300) is None
+    results.write_text(json.dumps({"iterations": 80}))  # recorded before AdamW: trained again
+    assert _trained(tmp_path, 80) is None

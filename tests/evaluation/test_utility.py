@@ -33,6 +33,7 @@ def _summary(tc, wt, et, history=((100, 0.1),)):
         "activation_bytes_per_iteration": 1000,
         "elapsed_s": 1.0,
         "iterations": 300,
+        "optimizer": "AdamW",
         "simulator_exit_code": 0,
     }
 
@@ -51,6 +52,7 @@ def test_differences_are_paired_by_seed():
     assert report["rows"][0]["mean_dice_at_validation"] == {"100": pytest.approx(0.1)}
     table = utility_markdown(report)
     assert "| defended | 0.650 | 0.750 | 0.550 | -5.0 [-5.0, -5.0] |" in table
+    assert "| defended | 0.750 | 0.550 | 0.650 |" in table  # each seed's mean Dice
 
 
 def test_a_study_reuses_finished_runs_and_pairs_data_by_seed(tmp_path, monkeypatch):
@@ -76,3 +78,25 @@ def test_a_study_reuses_finished_runs_and_pairs_data_by_seed(tmp_path, monkeypat
     calls.clear()
     run_utility(tmp_path, (REFERENCE,), (0,), iterations=8)  # another budget is another run
     assert len(calls) == 1
+
+
+def test_a_run_that_adams_coupled_decay_trained_is_trained_again(tmp_path, monkeypatch):
+    # A results.json without the optimiser's name comes from before AdamW: its deep blocks had collapsed.
+    calls = []
+
+    def fake_run_demo(run_dir, settings, job_dir, data_dir):
+        calls.append(run_dir.name)
+        summary = {**_summary(0.5, 0.6, 0.4), "iterations": settings.server_args["num_iterations"]}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "results.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(utility, "run_demo", fake_run_demo)
+    run_utility(tmp_path, (REFERENCE,), (0,), iterations=7)
+    results = next(tmp_path.glob("seed0/*/results.json"))
+    old = {key: value for key, value in json.loads(results.read_text()).items() if key != "optimizer"}
+    results.write_text(json.dumps(old))
+    run_utility(tmp_path, (REFERENCE,), (0,), iterations=7)
+    assert len(calls) == 2
+    run_utility(tmp_path, (REFERENCE,), (0,), iterations=7)  # the retrained run records AdamW: reused
+    assert len(calls) == 2

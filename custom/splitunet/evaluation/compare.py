@@ -44,7 +44,7 @@ recorded keys must be the keys of those cases (a mismatch stops the study), and 
 must be its share. Each row's Dice is the mean over those cases: the vertical server's
 ``DiceMetric`` averages over its held-out cases; the hospitals' Dice are pooled weighted by their held-out counts.
 
-Same budget. Every model takes ``steps`` Adam steps on crops of ``batch_size``: the vertical decoder and encoders
+Same budget. Every model takes ``steps`` AdamW steps on crops of ``batch_size``: the vertical decoder and encoders
 ``steps`` iterations; each FedAvg hospital ``rounds`` rounds of ``steps / rounds`` local steps; each U-shape head,
 tail and the middle ``rounds`` rounds of ``steps / rounds`` iterations; the SplitFed decoder ``steps`` iterations,
 each on one cohort's batch (drawn in proportion to the cohorts' training cases), with ``rounds`` encoder averages,
@@ -203,13 +203,13 @@ class CompareSettings:
         cases_per_hospital: phantom cases of each hospital.
         val_cases_per_hospital: each hospital's held-out cases (the vertical job holds out their union).
         shape: phantom grid.
-        steps: Adam steps of every model.
+        steps: AdamW steps of every model.
         rounds: federated rounds of FedAvg and the U-shape, and SplitFed's encoder averages (must divide
             ``steps``); the vertical job has none.
         batch_size: crops per step (per hospital for FedAvg and the U-shape).
         crop_size: training crop, also the sliding window at validation.
         features: U-Net feature sizes of every topology.
-        learning_rate: Adam's, everywhere.
+        learning_rate: AdamW's, everywhere.
         fedprox_mu: FedProx's proximal weight of the ``fedprox`` and ``splitfed_fedprox`` rows (finite, >= 0).
         seeds: paired seeds: phantom data, held-out split and training seed of every run of that seed.
         topologies: keys of :data:`TOPOLOGIES` to run, in row order (the first is the reference).
@@ -281,7 +281,7 @@ class CompareSettings:
 
     @property
     def local_steps(self) -> int:
-        """Adam steps per round of FedAvg and the U-shape."""
+        """AdamW steps per round of FedAvg and the U-shape."""
         return self.steps // self.rounds
 
     @property
@@ -860,7 +860,7 @@ def _run_centralized(
     topology: Topology, run_dir: Path, data: CompareData, settings: CompareSettings, seed: int
 ) -> dict:
     """The upper reference: the same full U-Net as FedAvg's, trained in this process on every hospital's training
-    cases pooled (the union source), ``steps`` Adam steps, and scored on the same held-out cases."""
+    cases pooled (the union source), ``steps`` AdamW steps, and scored on the same held-out cases."""
     from splitunet.compute.devices import configure_threads
     from splitunet.data.hospital_folder import HospitalFolder
     from splitunet.horizontal.local_trainer import LocalSettings, LocalTrainer
@@ -1081,7 +1081,7 @@ def compare_markdown(report: Mapping) -> str:
     held_out = report.get("held_out") or {}
     per_seed = sorted({sum(len(cases) for cases in hospitals.values()) for hospitals in held_out.values()})
     lines = [
-        f"{report['steps']} Adam steps per model, paired seeds {report['seeds']}; every topology of a seed trains on "
+        f"{report['steps']} AdamW steps per model, paired seeds {report['seeds']}; every topology of a seed trains on "
         f"the same {settings.get('hospitals', '?')} phantom hospitals' patients and is scored on the same "
         f"{'/'.join(str(n) for n in per_seed) or '?'} held-out cases. Differences are in Dice points against "
         f"'{report['reference']}', mean over seeds [95 % t interval].",

@@ -174,7 +174,8 @@ def _trained(run_dir: Path, iterations: int) -> dict | None:
     if not results.is_file():
         return None
     summary = json.loads(results.read_text())
-    return summary if summary.get("iterations") == iterations else None
+    # A run without the optimiser's name was trained before AdamW (Adam's coupled decay killed the deep blocks).
+    return summary if summary.get("iterations") == iterations and summary.get("optimizer") == OPTIMIZER_NAME else None
 
 
 def _labels_stale(report: Mapping) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 from splitunet.atomic_files import write_json_atomic
 from splitunet.evaluation.intervals import t_interval
 from splitunet.evaluation.sweep import SweepSetting
+from splitunet.networks.optimizer import OPTIMIZER_NAME
 from splitunet.tools.demo import DemoSettings, run_demo
 from splitunet.tools.deployment import find_job
 
@@ -92,7 +93,9 @@ def _finished(run_dir: Path, iterations: int) -> dict | None:
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
-    return summary if summary.get("iterations") == iterations and summary.get("simulator_exit_code") == 0 else None
+    # A run without the optimiser's name was trained before AdamW (Adam's coupled decay killed the deep blocks).
+    same_run = summary.get("iterations") == iterations and summary.get("optimizer") == OPTIMIZER_NAME
+    return summary if same_run and summary.get("simulator_exit_code") == 0 else None
 
 
 def run_utility(
@@ -245,6 +248,19 @@ def utility_markdown(report: Mapping) -> str:
             f"{_interval_cell(difference['mean'])} | {_interval_cell(difference['TC'])} | "
             f"{_interval_cell(difference['WT'])} | {_interval_cell(difference['ET'])} | {curve} | {size_text} |"
         )
+    seeds = [str(seed) for seed in report["seeds"]]
+    # Each seed's own figure: how far runs of one setting swing is what the intervals above summarise.
+    lines += [
+        "",
+        "Mean Dice (TC, WT, ET) of each run at the last validation, by seed:",
+        "",
+        "| setting | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
+    for row in rows:
+        by_seed = row.get("dice_by_seed", {})
+        cells = (f"{_mean_dice(by_seed[seed]):.3f}" if seed in by_seed else "-" for seed in seeds)
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     run_seconds = [t for row in rows for t in row.get("seconds_per_run", []) if t]
     if run_seconds:
         # The runs' own times, not this call's: a study resumed over several calls reuses finished runs.

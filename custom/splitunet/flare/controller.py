@@ -26,6 +26,7 @@ from splitunet.flare.encoder_weights import dxo_to_encoder, encoder_to_dxo, weig
 from splitunet.flare.nvflare_compat import send_scalar
 from splitunet.flare.site_tasks import SITE_FAILURE_POLICIES, SentTasks, SiteTaskController, SplitRunError
 from splitunet.flare.workspace_paths import checkpoint_folder, site_config_dir
+from splitunet.networks.optimizer import OPTIMIZER_NAME
 from splitunet.server import cases
 from splitunet.server.checkpointing import load_resume_state, restore_server_state, save_server_state
 from splitunet.server.cohorts import Cohort, CohortPlanner, match_cohorts
@@ -219,6 +220,7 @@ class SplitLearningController(SiteTaskController):
             num_train_cases=len(train_keys),
             num_val_cases=len(val_keys),
             model=self.model_config.to_dict(),
+            optimizer=OPTIMIZER_NAME,
             crop_size=list(s.crop_size),
             batch_size=s.batch_size,
             server_compute={

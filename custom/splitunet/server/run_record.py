@@ -122,6 +122,8 @@ class TrainingRecord(RunRecord):
         sites: site -> modality, in decoder order.
         num_train_cases, num_val_cases: how many cases train and validate.
         model: the model settings (``SplitModelConfig.to_dict()``).
+        optimizer: every party's optimiser (:data:`~splitunet.networks.optimizer.OPTIMIZER_NAME`), so that a study
+            reuses a finished run only if the same optimiser trained it.
         crop_size, batch_size: the training crops.
         server_compute: the decoder's device, whether AMP was asked for and applies, and the bits of the codes the
             gradients leave the device as (``None``: dense).
@@ -153,6 +155,7 @@ class TrainingRecord(RunRecord):
         "num_train_cases",
         "num_val_cases",
         "model",
+        "optimizer",
         "crop_size",
         "batch_size",
         "server_compute",
@@ -180,6 +183,7 @@ class TrainingRecord(RunRecord):
     num_train_cases: int | None = None
     num_val_cases: int | None = None
     model: dict | None = None
+    optimizer: str | None = None
     crop_size: list[int] | None = None
     batch_size: int | None = None
     server_compute: dict | None = None

@@ -607,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--out", required=True, type=Path)
     compare.add_argument("--seeds", type=int, default=3, help="paired seeds 0..N-1 (default: 3)")
-    compare.add_argument("--steps", type=int, default=0, help="Adam steps of every model (default: 400)")
+    compare.add_argument("--steps", type=int, default=0, help="AdamW steps of every model (default: 400)")
     compare.add_argument("--topologies", nargs="+", help="rows to run, the first the reference (default: all)")
     compare.add_argument("--quick", action="store_true", help="tiny sizes, 4 steps (checks the pipeline)")
     compare.add_argument(

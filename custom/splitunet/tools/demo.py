@@ -179,6 +179,7 @@ def run_demo(
         "dice": {region: results["dice"][region] for region in ("TC", "WT", "ET")},
         "hd95": {region: results["hd95"][region] for region in ("TC", "WT", "ET")} if results.get("hd95") else None,
         "iterations": results["iterations"],
+        "optimizer": results.get("optimizer"),
         "best": results.get("best"),
         "history": results.get("history"),
         "sites": results.get("sites"),
