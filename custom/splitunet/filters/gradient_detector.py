@@ -22,13 +22,13 @@ Statistics, per received gradient DXO (levels ``x0..x4``; the bottleneck ``x4`` 
   absolute bounds off (an architecture whose honest profile the defaults do not fit).
 
 The default bounds were measured on the shipped job's architecture (features 8/16/32/64/128, concat fusion of
-four sites, DiceCE, 32^3 crops; the evaluation package's ``malicious_server`` module, which a site never imports)
-while every party trained with Adam's coupled weight decay, which let the bottleneck collapse and its gradient fade.
-Under AdamW (now every party's optimiser) honest level ratios fall during training, and these bounds refuse honest
-gradients after about 40-70 iterations (measured 2026-12-04, docs/privacy.md): they must be measured again
-(``splitunet detector`` reports the honest envelope) before a site relies on them. Another architecture should
-re-measure them with its ``run_malicious_server``. A refused DXO becomes the
-task's error naming this filter and the statistic, its value and the bound; the site applies nothing.
+four sites, Dice + BCE, AdamW at 2e-3, batch 2, 48^3 crops of the demo's phantoms) with ``splitunet detector``:
+honest runs of 300 iterations, every site's detector observing, and the statistics of every call recorded. They
+were chosen on seed 0 only and checked on seeds 1 and 2 (``splitunet detector --replay``), and against
+feature-space hijacking at the same widths (the evaluation package's ``malicious_server`` module, which a site
+never imports); the class attributes give the figures, ``docs/privacy.md`` the held-out false alarms. Another
+architecture, crop size or loss should measure them again the same way. A refused DXO becomes the task's error
+naming this filter and the statistic, its value and the bound; the site applies nothing.
 
 Limits: an adaptive server that returns honest gradients on the skips and hijacks only the bottleneck x4 (whose
 DC share is not tested) would pass; so would one whose critic does not pool. The cosine of a gradient with the
@@ -154,17 +154,19 @@ class GradientDetector(FeatureFilter):
     stateful = True  # the drift baseline: the statistics of the accepted calls
     accepts_encoded = True  # it reads the decoded values and passes the payload on unchanged
 
-    # Measured on honest runs of the shipped architecture at 32^3 crops (3 seeds x 40 iterations, four sites,
-    # DiceCE; lowest honest log10 ratios x0 1.44, x1 1.08, x2 0.67, x3 0.22, rising as training goes on) and on
-    # FSHA (highest ratios x0 -0.66, x1 -0.65, x2 -0.53, x3 -0.50): lower bounds between the two, no upper bound
-    # (an honest decoder lets the bottleneck's gradient fade, so the ratios grow without bound).
-    DEFAULT_LEVEL_RATIO_BOUNDS = {"x0": (0.5, None), "x1": (0.3, None), "x2": (0.0, None), "x3": (-0.2, None)}
-    # Same runs: highest honest DC shares x0 0.0005, x1 0.004, x2 0.008, x3 0.033 (x4 0.28: not tested, its
-    # 2^3 voxels leave too little room between the white-noise share 1/8 and a pooled critic's); lowest FSHA
-    # shares x0 0.066, x1 0.09, x2 0.11, x3 0.14. Larger crops lower the honest shares further.
-    DEFAULT_MAX_DC_FRACTION = {"x0": 0.02, "x1": 0.03, "x2": 0.05, "x3": 0.08}
-    # Largest honest fall of a ratio below its running median: 0.52 (same runs); FSHA's ratios sit 1..6 lower.
-    DEFAULT_DRIFT_THRESHOLD = 1.5
+    # Honest runs (seed 0, 4 sites x 300 iterations, 1200 gradient sets, measured 2026-12-04): lowest log10 ratios
+    # x0 -0.18, x1 -0.35, x2 -0.74, x3 -1.88, falling as training goes on. FSHA's first answer: x0 -5.8, x1 -4.7,
+    # x2 -3.3, x3 -1.7, rising to honest values within about 15 iterations. So a ratio bound only catches a hijack's
+    # start (and a server that zeroes levels): the bounds sit a decade below the honest minimum, and x3 has none
+    # (its honest range reaches below FSHA's).
+    DEFAULT_LEVEL_RATIO_BOUNDS = {"x0": (-1.2, None), "x1": (-1.4, None), "x2": (-1.8, None)}
+    # The test that separates over whole runs. Same honest runs: highest DC shares x0 0.0023, x1 0.0033, x2 0.0046,
+    # x3 0.038 (x4 0.39: not tested, its 3^3 voxels leave no room between honest and pooled). FSHA, 30 iterations:
+    # lowest x0 0.089, x1 0.085, x2 0.10, x3 0.19, rising to 0.4-0.7. Each bound has a margin of 2x or more to both.
+    DEFAULT_MAX_DC_FRACTION = {"x0": 0.02, "x1": 0.02, "x2": 0.03, "x3": 0.08}
+    # Largest honest fall of a ratio below the median of the last 50 accepted calls: 1.42 (x0; same runs). Twice that,
+    # so that a server switching objective mid-run by several decades is still caught with the bounds off.
+    DEFAULT_DRIFT_THRESHOLD = 3.0
 
     def __init__(
         self,
