@@ -12,11 +12,18 @@ from nvflare.apis.workspace import Workspace
 from nvflare.private.fed.app.fl_conf import create_privacy_manager
 from nvflare.private.privacy_manager import PrivacyManager
 
-from splitunet.filters import BlockSkipLevels, ChannelDropout, ClippedGaussianNoise, FeatureGuard, QuantizeFeatures
+from splitunet.filters import (
+    BlockSkipLevels,
+    ChannelDropout,
+    ClippedGaussianNoise,
+    FeatureGuard,
+    GradientDetector,
+    QuantizeFeatures,
+)
 from splitunet.flare.site_minimum import read_minimum_defense
 from splitunet.site.minimum_defense import shortfalls
 from splitunet.tools.deployment import bundle_root
-from splitunet.wire.protocol import DataKind
+from splitunet.wire.protocol import SITE_ERROR_HEADER, DataKind
 from splitunet.wire.transport import dxo_to_features, features_to_dxo, register_tensor_support
 
 POLICY = bundle_root() / "poc" / "privacy.json"
@@ -73,3 +80,21 @@ def test_strict_scope_output_is_what_the_decoder_can_use(manager):
     received = dxo_to_features(from_shareable(shareable), DataKind.ACTIVATIONS, expected_levels=[1, 2, 3, 4])
     assert all(t.dtype == torch.float16 for t in received.values())
     assert not torch.allclose(received[1].float(), features[1], atol=1e-2)
+
+
+def test_every_scope_checks_the_gradients_the_server_returns(manager):
+    # The detector protects the site against the server, so it lives in the site's policy, where no job removes it.
+    for scope in manager.name_to_scopes.values():
+        data_filters = scope.task_data_filters.get("in", [])
+        assert [type(f) for f in data_filters] == [FeatureGuard, GradientDetector], scope.name
+    register_tensor_support()
+    generator = torch.Generator().manual_seed(0)
+    pyramid = {level: torch.randn(1, 8 * 2**level, *(48 // 2**level,) * 3, generator=generator) for level in range(5)}
+    # Per-channel constants on x0 (a pooled critic's gradient), at an honest scale: refused by the DC share.
+    pooled = {**pyramid, 0: pyramid[0].mean(dim=(2, 3, 4), keepdim=True).expand_as(pyramid[0]) * 100}
+    for grads, refused in ((pyramid, False), (pooled, True)):
+        shareable = features_to_dxo(dict(grads), DataKind.GRADIENTS, {"iteration": 1}).to_shareable()
+        for filter_ in manager.get_scope("standard").task_data_filters["in"]:
+            shareable = filter_.process(shareable, FLContext())
+        reason = shareable.get_header(SITE_ERROR_HEADER)
+        assert (reason is not None and "dc_fraction x0" in reason) if refused else reason is None, reason

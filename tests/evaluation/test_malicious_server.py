@@ -73,3 +73,4 @@ def test_the_envelope_summarises_finite_statistics_and_counts_infinite_ratios():
     assert envelope["sets"] == 101 and envelope["infinite"] == {"x3": 101}
     assert envelope["level_ratio"]["x0"] == {"min": 1.0, "p01": 2.0, "median": 51.0, "max": 101.0}
     assert envelope["dc_fraction"]["x0"]["p99"] == pytest.approx(1.0) and envelope["dc_fraction"]["x0"]["max"] == 1.01
+    assert envelope["dc_fraction"]["x0"]["min"] == 0.01  # an attack's closest approach to honest shares

@@ -216,7 +216,12 @@ def false_alarm_markdown(report: dict) -> str:
     """The false-alarm table of :func:`measure_false_alarms`."""
     lines = [
         f"Honest runs: seeds {', '.join(map(str, report['seeds']))}, {report['iterations']} iterations each, batch "
-        f"{report['batch_size']}, crops {'x'.join(map(str, report['crop_size']))}; every site's detector observing.",
+        f"{report['batch_size']}, crops {'x'.join(map(str, report['crop_size']))}; every site's detector observing."
+        + (
+            f" Replayed from `{report['replayed_from']}`: the recorded statistics judged again under the bounds below."
+            if report.get("replayed_from")
+            else ""
+        ),
         "",
         "| site | gradient sets tested | refused | false-alarm rate [95 % Wilson] | first reason |",
         "|---|---|---|---|---|",

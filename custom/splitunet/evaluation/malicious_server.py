@@ -176,7 +176,7 @@ def statistics_envelope(records: Sequence[Mapping]) -> dict:
     """Where the detector's statistics lay over recorded gradient sets (those :func:`detector_gate` recorded).
 
     Returns:
-        ``{"level_ratio": {key: {"min", "p01", "median", "max"}}, "dc_fraction": {key: {"median", "p99", "max"}},
+        ``{"level_ratio": {key: {"min", "p01", "median", "max"}}, "dc_fraction": {key: {"min", "median", "p99", "max"}},
         "sets": n}``; percentiles over the finite values (a ratio is infinite where a level or x4 was all zeros:
         counted under ``"infinite"``).
     """
@@ -208,6 +208,7 @@ def statistics_envelope(records: Sequence[Mapping]) -> dict:
         }
     for key, shares in sorted(values["dc_fraction"].items()):
         envelope["dc_fraction"][key] = {
+            "min": min(shares),  # an attack's lowest share: how close it came to honest ones
             "median": quantile(shares, 0.5),
             "p99": quantile(shares, 0.99),
             "max": max(shares),
