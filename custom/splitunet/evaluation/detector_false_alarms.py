@@ -27,7 +27,13 @@ import torch
 
 from splitunet.atomic_files import atomic_write_bytes, write_json_atomic
 from splitunet.evaluation.intervals import proportion_interval
-from splitunet.evaluation.malicious_server import detector_gate, random_crops, run_honest, statistics_envelope
+from splitunet.evaluation.malicious_server import (
+    detector_bounds,
+    detector_gate,
+    random_crops,
+    run_honest,
+    statistics_envelope,
+)
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import MODALITIES
 
@@ -184,24 +190,12 @@ def _report(settings: dict, runs: list, detector, started: float, out_dir: Path)
         "pooled": proportion_interval(sum(r["flagged"] for r in runs), sum(r["tested"] for r in runs)),
         # Where honest statistics lay, against the bounds in force: what a recalibration starts from.
         "envelope": statistics_envelope(every_record),
-        "bounds": _bounds(detector),
+        "bounds": detector_bounds(detector),
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     write_json_atomic(report, out_dir / "detector.json")
     (out_dir / "detector.md").write_text(false_alarm_markdown(report))
     return report
-
-
-def _bounds(detector) -> dict:
-    """The bounds a detector applies, as JSON (open ends as ``None``)."""
-
-    def finite(value: float) -> float | None:
-        return value if math.isfinite(value) else None
-
-    return {
-        "level_ratio": {key: [finite(low), finite(high)] for key, (low, high) in detector.level_ratio_bounds.items()},
-        "max_dc_fraction": dict(detector.max_dc_fraction),
-    }
 
 
 def _rate(interval: dict) -> str:

@@ -28,7 +28,14 @@ from splitunet.networks.optimizer import make_optimizer
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import MODALITIES, DataKind
 
-__all__ = ["detector_gate", "random_crops", "run_honest", "run_malicious_server", "statistics_envelope"]
+__all__ = [
+    "detector_bounds",
+    "detector_gate",
+    "random_crops",
+    "run_honest",
+    "run_malicious_server",
+    "statistics_envelope",
+]
 
 
 def random_crops(
@@ -216,6 +223,18 @@ def statistics_envelope(records: Sequence[Mapping]) -> dict:
     return envelope
 
 
+def detector_bounds(detector) -> dict:
+    """The bounds a :class:`~splitunet.filters.GradientDetector` applies, as JSON (open ends as ``None``)."""
+
+    def finite(value: float) -> float | None:
+        return value if math.isfinite(value) else None
+
+    return {
+        "level_ratio": {key: [finite(low), finite(high)] for key, (low, high) in detector.level_ratio_bounds.items()},
+        "max_dc_fraction": dict(detector.max_dc_fraction),
+    }
+
+
 def run_malicious_server(
     private: torch.Tensor,
     auxiliary: torch.Tensor,
@@ -267,8 +286,9 @@ def run_malicious_server(
     Returns:
         ``{"curve": [{"iteration", "ssim_no_detector", "ssim_with_detector", "ssim_prior"}], "fsha": run_fsha's
         result without the detector, "fsha_with_detector": with it, "detection": {"tested", "flagged", "rate",
-        "first_flag", "first_reason"}, "false_alarms": {"runs": [per seed: the same keys + "seed"], "tested",
-        "flagged", "rate"}, "settings", "seconds"}``.
+        "first_flag", "first_reason", "statistics": the hijacker's envelope}, "bounds": the detector's,
+        "false_alarms": {"runs": [per seed: the same keys + "seed"], "tested", "flagged", "rate"}, "settings",
+        "seconds"}``.
     """
     from dataclasses import replace
 
@@ -337,6 +357,7 @@ def run_malicious_server(
         "fsha": free,
         "fsha_with_detector": guarded,
         "detection": detection,
+        "bounds": detector_bounds(GradientDetector(**options)),
         "false_alarms": {
             "runs": runs,
             "tested": tested,

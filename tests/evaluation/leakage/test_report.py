@@ -78,3 +78,7 @@ def test_the_substitute_tracking_and_malicious_server_sections(report):
     markdown = (out / "report.md").read_text()
     assert "## Malicious server (feature-space hijacking, simulated)" in markdown
     assert "| iteration | SSIM without detector | SSIM with detector | prior |" in markdown
+    # The hijacker's statistics beside the honest runs' and the bounds: the room each test had.
+    assert malicious["bounds"]["max_dc_fraction"]["x0"] == 0.02
+    assert "| level | hijacker ratio min / median / max | honest ratio min | ratio bound |" in markdown
+    assert "| x0 | " in markdown and ">= -1.2 |" in markdown

@@ -145,4 +145,8 @@ def malicious_server_section(
 
 
 def _summary(result: Mapping) -> dict:
-    return {key: result[key] for key in ("curve", "detection", "false_alarms", "settings", "seconds") if key in result}
+    return {
+        key: result[key]
+        for key in ("curve", "detection", "bounds", "false_alarms", "settings", "seconds")
+        if key in result
+    }

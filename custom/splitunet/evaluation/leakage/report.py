@@ -392,7 +392,43 @@ def _active_markdown(report: Mapping) -> list[str]:
                     f"{_fmt(row['ssim_prior'])} |"
                 )
             lines.append("")
+            lines += _detector_statistics_table(malicious)
     return lines
+
+
+def _detector_statistics_table(malicious: Mapping) -> list[str]:
+    """The hijacker's statistics next to the honest runs' and the bounds: how much room each test had."""
+    attack = (malicious.get("detection") or {}).get("statistics") or {}
+    honest = [run.get("statistics") or {} for run in malicious["false_alarms"]["runs"]]
+    bounds = malicious.get("bounds")
+    if not attack.get("level_ratio") or not bounds:
+        return []  # a report written before the statistics were kept
+
+    def honest_extreme(name: str, key: str, stat: str, pick):
+        values = [run[name][key][stat] for run in honest if key in run.get(name, {})]
+        return pick(values) if values else None
+
+    lines = [
+        "The detector's statistics over the hijacker's answers and the honest runs above, against its bounds "
+        "(level ratio: log10 of the level's gradient RMS over x4's; DC share: the share of the level's gradient "
+        "energy in its per-channel means).",
+        "",
+        "| level | hijacker ratio min / median / max | honest ratio min | ratio bound | hijacker DC share min / median "
+        "| honest DC share max | DC bound |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(set(attack["level_ratio"]) | set(attack.get("dc_fraction", {}))):
+        ratio = attack["level_ratio"].get(key)
+        dc = attack.get("dc_fraction", {}).get(key, {})
+        low = (bounds["level_ratio"].get(key) or [None, None])[0]
+        dc_bound = bounds["max_dc_fraction"].get(key)
+        ratio_cell = "-" if ratio is None else f"{ratio['min']:.2f} / {ratio['median']:.2f} / {ratio['max']:.2f}"
+        lines.append(
+            f"| {key} | {ratio_cell} | {_fmt(honest_extreme('level_ratio', key, 'min', min))} | "
+            f"{'-' if low is None else f'>= {low:g}'} | {_fmt(dc.get('min'))} / {_fmt(dc.get('median'))} | "
+            f"{_fmt(honest_extreme('dc_fraction', key, 'max', max), 4)} | {'-' if dc_bound is None else dc_bound} |"
+        )
+    return [*lines, ""]
 
 
 def _adaptive_table(result: Mapping) -> list[str]:
