@@ -203,7 +203,9 @@ class FeatureFilter(DXOFilter):
 
     def _reject(self, shareable: Shareable, reason: str, fl_ctx: FLContext) -> Shareable:
         message = f"{type(self).__name__} ({self.describe_route(fl_ctx)}) rejected the data: {reason}"
-        self.log_error(fl_ctx, message)
+        # FLARE streams error logs as events through the engine; a filter run outside FLARE (the evaluation's
+        # simulated sites) has none, and firing would only log "no engine in fl_ctx" after every refusal.
+        self.log_error(fl_ctx, message, fire_event=fl_ctx.get_engine() is not None)
         # The same Shareable keeps FLARE's task headers; only its payload and return code change.
         DXO(data_kind=DataKind.CONTROL, data={}, meta={}).update_shareable(shareable)
         shareable.set_return_code(ReturnCode.EXECUTION_EXCEPTION)
