@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from splitunet.errors import SplitUNetConfigError
 from splitunet.evaluation.detector_false_alarms import measure_false_alarms, replay_false_alarms
 from splitunet.evaluation.intervals import proportion_interval
 from splitunet.filters import GradientDetector
@@ -90,7 +91,7 @@ def test_a_replay_refuses_to_overwrite_the_recorded_report(tiny_parties, tmp_pat
     measure_false_alarms(
         tiny_parties, tmp_path, seeds=(0,), iterations=1, crop_size=(32, 32, 32), crops=2, config=SMALL
     )
-    with pytest.raises(ValueError, match="another folder"):
+    with pytest.raises(SplitUNetConfigError, match="another folder"):
         replay_false_alarms(tmp_path / "detector_calls.json", tmp_path)
-    with pytest.raises(ValueError, match="no run of seeds"):
+    with pytest.raises(SplitUNetConfigError, match="no run of seeds"):
         replay_false_alarms(tmp_path / "detector_calls.json", tmp_path / "other", seeds=[7])

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from splitunet.atomic_files import atomic_write_bytes, write_json_atomic
+from splitunet.errors import SplitUNetConfigError
 from splitunet.evaluation.intervals import proportion_interval
 from splitunet.evaluation.malicious_server import (
     detector_bounds,
@@ -131,19 +132,24 @@ def replay_false_alarms(
     make_detector = make_detector or GradientDetector
     out_dir = Path(out_dir)
     if out_dir.resolve() == Path(calls_file).resolve().parent:
-        raise ValueError(f"replay into another folder than {out_dir}: its detector.json is the recorded run's report")
+        raise SplitUNetConfigError(
+            f"replay into another folder than {out_dir}: its detector.json is the recorded run's report"
+        )
     recording = json.loads(Path(calls_file).read_text())
     chosen = [run for run in recording["runs"] if seeds is None or run["seed"] in set(seeds)]
     if not chosen:
-        raise ValueError(f"{calls_file} holds no run of seeds {list(seeds or [])}")
+        raise SplitUNetConfigError(f"{calls_file} holds no run of seeds {list(seeds or [])}")
     runs = []
     for recorded in chosen:
         detector, record = make_detector(), []
         for call in recorded["calls"]:
-            statistics = {"level_ratio": call["level_ratio"], "dc_fraction": call["dc_fraction"]}
-            reason = detector.judge(statistics)
-            if reason is None:
-                detector.accept(statistics)
+            if "level_ratio" not in call:  # malformed gradients: refused live, whatever the bounds
+                statistics, reason = None, "malformed gradients (no statistics recorded)"
+            else:
+                statistics = {"level_ratio": call["level_ratio"], "dc_fraction": call["dc_fraction"]}
+                reason = detector.judge(statistics)
+                if reason is None:
+                    detector.accept(statistics)
             record.append(
                 {"iteration": call["iteration"], "flagged": reason is not None, "reason": reason,
                  "statistics": statistics}
