@@ -35,7 +35,7 @@ from splitunet.evaluation.leakage import AttackBudget, plot_tradeoff, run_leakag
 from splitunet.evaluation.leakage.captured_run import CapturedRun
 from splitunet.evaluation.leakage.report import auxiliary_phantom, refresh_label_inference
 from splitunet.evaluation.sweep_report import best_pooled, label_summary, pool_inversions, sweep_markdown
-from splitunet.networks.optimizer import OPTIMIZER_NAME
+from splitunet.networks.optimizer import OPTIMIZER_NAME, trained_by_this_optimizer
 from splitunet.tools.demo import DemoSettings, run_demo
 from splitunet.tools.deployment import find_job
 
@@ -174,8 +174,7 @@ def _trained(run_dir: Path, iterations: int) -> dict | None:
     if not results.is_file():
         return None
     summary = json.loads(results.read_text())
-    # A run without the optimiser's name was trained before AdamW (Adam's coupled decay killed the deep blocks).
-    return summary if summary.get("iterations") == iterations and summary.get("optimizer") == OPTIMIZER_NAME else None
+    return summary if summary.get("iterations") == iterations and trained_by_this_optimizer(summary) else None
 
 
 def _labels_stale(report: Mapping) -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 from splitunet.atomic_files import write_json_atomic
 from splitunet.evaluation.intervals import t_interval
 from splitunet.evaluation.sweep import SweepSetting
-from splitunet.networks.optimizer import OPTIMIZER_NAME
+from splitunet.networks.optimizer import trained_by_this_optimizer
 from splitunet.tools.demo import DemoSettings, run_demo
 from splitunet.tools.deployment import find_job
 
@@ -93,8 +93,7 @@ def _finished(run_dir: Path, iterations: int) -> dict | None:
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
-    # A run without the optimiser's name was trained before AdamW (Adam's coupled decay killed the deep blocks).
-    same_run = summary.get("iterations") == iterations and summary.get("optimizer") == OPTIMIZER_NAME
+    same_run = summary.get("iterations") == iterations and trained_by_this_optimizer(summary)
     return summary if same_run and summary.get("simulator_exit_code") == 0 else None
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["OPTIMIZER_NAME", "make_optimizer"]
+__all__ = ["OPTIMIZER_NAME", "make_optimizer", "trained_by_this_optimizer"]
 
 # Recorded with the studies' results: a run trained under Adam's coupled decay (no name recorded) is not reused.
 OPTIMIZER_NAME = "AdamW"
@@ -34,3 +34,9 @@ def make_optimizer(parameters: Iterable[torch.nn.Parameter], learning_rate: floa
         ``torch.optim.AdamW`` over ``parameters``.
     """
     return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+
+
+def trained_by_this_optimizer(summary: dict) -> bool:
+    """Whether a run's ``results.json`` names :data:`OPTIMIZER_NAME`: a run without it was trained under Adam's
+    coupled decay, which collapsed the deepest blocks, and a study trains it again rather than reuse it."""
+    return summary.get("optimizer") == OPTIMIZER_NAME
