@@ -60,7 +60,8 @@ round's weights, FedAvg's weights of every hospital once a round);
 wall seconds per iteration (the whole run, simulator start-up and validation included, over the iterations);
 rounds, and HD95 per region (:mod:`splitunet.region_scores`, mean over seeds); for the DP rows the epsilon spent per
 data holder (each FedAvg hospital, each vertical site), the largest over holders and seeds, at the delta of the
-job's own rule (``min(1e-5, 1/(10 N))``, docs/dp.md), also reported.
+job's own rule (``min(1e-5, 1/(10 N))``, docs/dp.md), also reported. Below the table, each drift treatment (DWCS,
+FedProx) against its own topology's plain row, paired by seed (:mod:`splitunet.evaluation.drift_treatments`).
 
 Each run keeps its folder, ``seed<s>/<topology>/``, with the runner's ``results.json`` and ``compare_run.json`` (the
 row's figures and the settings they were measured under); a rerun with the same out folder and settings reuses
@@ -90,6 +91,7 @@ from splitunet.data.case_keys import case_key
 from splitunet.data.hospitals import NON_IID_PROFILES, generate_hospitals
 from splitunet.data.nifti_io import nifti_case_id
 from splitunet.errors import SplitUNetConfigError
+from splitunet.evaluation.drift_treatments import treatment_differences, treatment_markdown
 from splitunet.evaluation.utility import _interval_cell, paired_interval
 from splitunet.networks.optimizer import OPTIMIZER_NAME
 from splitunet.server.cases import split_cases
@@ -1001,7 +1003,8 @@ def summarise_compare(
     settings: CompareSettings, runs: Mapping[str, Mapping[int, Mapping]], held_out: Mapping[int, Mapping] | None = None
 ) -> dict:
     """Per topology: Dice per seed and their mean, the paired difference to the first topology with its 95 %
-    interval, upload bytes and wall seconds per iteration, rounds.
+    interval, upload bytes and wall seconds per iteration, rounds; and each drift treatment's paired difference to
+    its own topology's plain row (``drift_treatments``, :mod:`splitunet.evaluation.drift_treatments`).
 
     Args:
         settings: the study's settings (rows in ``settings.topologies`` order; the first is the reference).
@@ -1068,6 +1071,7 @@ def summarise_compare(
         "settings": settings.fingerprint(),
         "held_out": {str(seed): dict(cases) for seed, cases in (held_out or {}).items()},
         "rows": rows,
+        "drift_treatments": treatment_differences(rows),
         # Every run's own record, so that a study continues elsewhere from this file alone (run_compare's reuse).
         "runs": {key: {str(seed): dict(run) for seed, run in by_seed.items()} for key, by_seed in runs.items()},
     }
@@ -1128,6 +1132,10 @@ def compare_markdown(report: Mapping) -> str:
             " A SplitFed step trains one hospital's cohort, so each of its encoders takes about 1/hospitals of the "
             "steps (its decoder all of them)."
         )
+    # Computed from the rows, so that a report written before this table existed renders it too.
+    treatments = treatment_markdown(treatment_differences(report["rows"]))
+    if treatments:
+        lines += ["", treatments.rstrip("\n")]
     run_seconds = [t for row in report["rows"] for t in row.get("seconds_per_run", []) if t]
     if run_seconds:
         lines += ["", f"{len(run_seconds)} runs, {sum(run_seconds) / 60:.1f} min of training and validation in all."]

@@ -1,0 +1,109 @@
+"""Each drift treatment against its own topology's plain averaging, paired by seed: the comparison's answer to "does
+DWCS (or FedProx) help here?".
+
+The comparison's main table measures every row against the float32 vertical reference. That difference says how far
+a topology is from the reference, not whether a treatment helps the topology it treats: SplitFed + DWCS minus the
+reference mixes SplitFed's own cost with DWCS's effect. Here each treatment is paired with its plain row on the same
+seed (same patients, same held-out cases, same initialisation), so the difference is the treatment's alone, with its
+95 % Student's t interval over seeds (:func:`splitunet.evaluation.intervals.t_interval`).
+
+Plain data in, plain data out: the rows are ``summarise_compare``'s (``key``, ``label``, ``dice_by_seed``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+
+from splitunet.evaluation.intervals import t_interval
+from splitunet.evaluation.utility import _interval_cell
+
+__all__ = ["DRIFT_TREATMENTS", "treatment_differences", "treatment_markdown"]
+
+# (plain row, treated row): every averaging topology's treatments against its own plain FedAvg-weighted averaging.
+DRIFT_TREATMENTS: tuple[tuple[str, str], ...] = (
+    ("splitfed", "splitfed_dwcs"),
+    ("splitfed", "splitfed_fedprox"),
+    ("fedavg", "fedavg_dwcs"),
+    ("fedavg", "fedprox"),
+    ("u_shape", "u_shape_dwcs"),
+)
+_REGIONS = ("TC", "WT", "ET")
+
+
+def _mean_dice(dice: Mapping[str, float]) -> float:
+    return statistics.fmean(float(dice[region]) for region in _REGIONS)
+
+
+def treatment_differences(rows: Sequence[Mapping]) -> list[dict]:
+    """Paired differences of each treatment present to its plain row.
+
+    Args:
+        rows: the comparison's rows, each with ``key``, ``label`` and ``dice_by_seed`` (seed -> region -> Dice).
+
+    Returns:
+        one entry per treatment whose plain and treated rows are both among ``rows``, in :data:`DRIFT_TREATMENTS`
+        order: ``plain``, ``treated`` (keys), their labels, ``seeds`` (those both rows ran), and
+        ``difference`` (``mean`` and each region: ``t_interval`` of treated minus plain Dice over those seeds).
+    """
+    by_key = {row["key"]: row for row in rows}
+    entries = []
+    for plain_key, treated_key in DRIFT_TREATMENTS:
+        if plain_key not in by_key or treated_key not in by_key:
+            continue
+        plain, treated = by_key[plain_key]["dice_by_seed"], by_key[treated_key]["dice_by_seed"]
+        seeds = sorted(set(plain) & set(treated), key=int)
+        difference = {
+            region: t_interval([float(treated[s][region]) - float(plain[s][region]) for s in seeds])
+            for region in _REGIONS
+        }
+        difference["mean"] = t_interval([_mean_dice(treated[s]) - _mean_dice(plain[s]) for s in seeds])
+        entries.append(
+            {
+                "plain": plain_key,
+                "treated": treated_key,
+                "plain_label": by_key[plain_key]["label"],
+                "treated_label": by_key[treated_key]["label"],
+                "seeds": [int(s) for s in seeds],
+                "difference": difference,
+            }
+        )
+    return entries
+
+
+def _verdict(interval: Mapping) -> str:
+    """What the interval of the mean-Dice difference allows one to say (a point estimate alone says nothing)."""
+    if interval.get("n", 0) < 2 or not math.isfinite(interval.get("low", math.nan)):
+        return "too few seeds to say"
+    if interval["low"] > 0:
+        return "helps"
+    if interval["high"] < 0:
+        return "hurts"
+    return "no difference shown"
+
+
+def treatment_markdown(entries: Sequence[Mapping]) -> str:
+    """A table of the treatments' paired differences in Dice points with a verdict per row ("" without entries)."""
+    if not entries:
+        return ""
+    lines = [
+        "Each drift treatment against its own topology's plain averaging, paired by seed (treated minus plain, Dice "
+        "points, mean over seeds [95 % t interval]); the verdict reads the mean-Dice interval: 'helps' or 'hurts' "
+        "only where it excludes 0.",
+        "",
+        "| treatment | against | seeds | Δ mean Dice | Δ TC | Δ WT | Δ ET | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in entries:
+        difference = entry["difference"]
+        cells = [
+            entry["treated_label"],
+            entry["plain_label"],
+            ", ".join(str(seed) for seed in entry["seeds"]) or "-",
+            _interval_cell(difference["mean"]),
+            *(_interval_cell(difference[region]) for region in _REGIONS),
+            _verdict(difference["mean"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,80 @@
+"""``splitunet.evaluation.drift_treatments``: each treatment paired with its own plain row, seed by seed, and a
+verdict that only an interval excluding zero can give."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from splitunet.evaluation.compare import CompareSettings, compare_markdown, summarise_compare
+from splitunet.evaluation.drift_treatments import DRIFT_TREATMENTS, treatment_differences, treatment_markdown
+from splitunet.evaluation.intervals import t_interval
+
+
+def _row(key, label, by_seed):
+    return {
+        "key": key,
+        "label": label,
+        "dice_by_seed": {str(seed): {"TC": tc, "WT": wt, "ET": et} for seed, (tc, wt, et) in by_seed.items()},
+    }
+
+
+def test_every_treatment_is_paired_with_a_plain_row_of_its_own_topology():
+    from splitunet.evaluation.compare import _BY_KEY
+
+    for plain, treated in DRIFT_TREATMENTS:
+        assert _BY_KEY[plain].kind == _BY_KEY[treated].kind
+        assert not _BY_KEY[plain].options and _BY_KEY[treated].options.keys() <= {"dwcs", "fedprox"}
+    # Every DWCS and FedProx row of the comparison has its pair (fedavg_dwcs carries DWCS in its job, not options).
+    treated = {key for key, topology in _BY_KEY.items() if {"dwcs", "fedprox"} & topology.options.keys()}
+    assert treated | {"fedavg_dwcs"} == {t for _, t in DRIFT_TREATMENTS}
+
+
+def test_the_difference_is_treated_minus_plain_over_the_seeds_both_ran():
+    rows = [
+        _row("splitfed", "SplitFed", {0: (0.5, 0.6, 0.7), 1: (0.6, 0.6, 0.6), 2: (0.4, 0.5, 0.6)}),
+        # Seed 2 missing: only seeds 0 and 1 pair.
+        _row("splitfed_dwcs", "SplitFed + DWCS", {0: (0.6, 0.6, 0.7), 1: (0.8, 0.6, 0.6)}),
+        _row("fedavg", "FedAvg", {0: (0.5, 0.5, 0.5)}),  # no treated row: no entry
+    ]
+    (entry,) = treatment_differences(rows)
+    assert (entry["plain"], entry["treated"], entry["seeds"]) == ("splitfed", "splitfed_dwcs", [0, 1])
+    assert entry["difference"]["TC"] == pytest.approx(t_interval([0.1, 0.2]))
+    assert entry["difference"]["WT"]["mean"] == pytest.approx(0.0)
+    assert entry["difference"]["mean"] == pytest.approx(t_interval([0.1 / 3, 0.2 / 3]))
+
+
+@pytest.mark.parametrize(
+    ("treated_seeds", "verdict"),
+    [
+        ({0: (0.6, 0.6, 0.6), 1: (0.62, 0.62, 0.62), 2: (0.61, 0.61, 0.61)}, "helps"),
+        ({0: (0.4, 0.4, 0.4), 1: (0.38, 0.38, 0.38), 2: (0.39, 0.39, 0.39)}, "hurts"),
+        ({0: (0.6, 0.6, 0.6), 1: (0.4, 0.4, 0.4), 2: (0.52, 0.52, 0.52)}, "no difference shown"),
+        ({0: (0.9, 0.9, 0.9)}, "too few seeds to say"),
+    ],
+)
+def test_the_verdict_needs_an_interval_that_excludes_zero(treated_seeds, verdict):
+    plain = _row("u_shape", "U-shape", {0: (0.5, 0.5, 0.5), 1: (0.5, 0.5, 0.5), 2: (0.5, 0.5, 0.5)})
+    entries = treatment_differences([plain, _row("u_shape_dwcs", "U-shape + DWCS", treated_seeds)])
+    line = treatment_markdown(entries).splitlines()[-1]
+    assert line.startswith("| U-shape + DWCS | U-shape |") and line.endswith(f"| {verdict} |")
+
+
+def test_the_comparison_report_carries_the_treatments_and_renders_them_below_its_table():
+    settings = CompareSettings.quick(seeds=(0, 1), topologies=("split_unet_fp32", "fedavg", "fedprox"))
+    run = {"iterations": 4, "rounds": 2, "upload_bytes_per_iteration": 1e6, "elapsed_s": 4.0, "held_out": []}
+    runs = {
+        "split_unet_fp32": {s: {**run, "dice": {"TC": 0.5, "WT": 0.5, "ET": 0.5}, "rounds": None} for s in (0, 1)},
+        "fedavg": {s: {**run, "dice": {"TC": 0.5, "WT": 0.6, "ET": 0.5 + s / 10}} for s in (0, 1)},
+        "fedprox": {s: {**run, "dice": {"TC": 0.4, "WT": 0.6, "ET": 0.5}} for s in (0, 1)},
+    }
+    report = summarise_compare(settings, runs)
+    (entry,) = report["drift_treatments"]
+    assert entry["treated"] == "fedprox" and entry["difference"]["TC"]["mean"] == pytest.approx(-0.1)
+    assert math.isfinite(entry["difference"]["mean"]["low"])
+    text = compare_markdown(report)
+    assert "| horizontal FedAvg + FedProx | horizontal FedAvg | 0, 1 | " in text
+    # A report written before the treatments were stored renders them from its rows all the same.
+    del report["drift_treatments"]
+    assert compare_markdown(report) == text
