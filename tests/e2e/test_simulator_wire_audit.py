@@ -36,6 +36,9 @@ ITERATIONS = 6
 # still shows the anatomy to a white-box attacker (see `splitunet sweep`). The bound says only that nothing sent
 # is the crop, the labels or a resampled copy of them.
 MAX_CORRELATION_WITHOUT_X0 = 0.95
+# With x0 sent, a channel of it follows the crop (or the mask) at least this closely; features that carried no
+# image (zeros, noise) stay far below.
+X0_CORRELATION_FLOOR = 0.8
 # Levels with fewer voxels per crop are left out of the correlation: over 8 voxels (x4 of a 32^3 crop) the largest
 # |r| of 16 random channels is near 1 by chance alone.
 MIN_VOXELS = 64
@@ -180,12 +183,14 @@ def test_without_x0_nothing_sent_correlates_strongly_with_the_crop_or_labels(no_
     assert max(worst.values()) < MAX_CORRELATION_WITHOUT_X0
 
 
-def test_with_x0_sent_the_correlation_is_reported(full_run, no_x0_run):
+def test_with_x0_sent_the_correlation_is_reported(full_run):
     sent = _correlations(full_run)
     print(f"largest |correlation| with the crop or WT mask, every level sent: {sent}")
     assert set(sent) == {"x0", "x1", "x2", "x3"}  # x4 of a 32^3 crop has 8 voxels: left out
-    # The full-resolution skip mirrors the crop more closely than anything the no-x0 run sends.
-    assert sent["x0"] > max(_correlations(no_x0_run).values())
+    # The full-resolution skip mirrors the crop: 0.91-0.93 in these runs. It is not compared with the no-x0 run's
+    # levels: each run's sites draw private encoder seeds, and one such run's x1 reached 0.917 against the crop
+    # pooled to its grid, so which run's largest |r| is higher is a draw, not a property of x0.
+    assert sent["x0"] > X0_CORRELATION_FLOOR
 
 
 @pytest.fixture(scope="module")
