@@ -13,11 +13,10 @@ Plain data in, plain data out: the rows are ``summarise_compare``'s (``key``, ``
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Mapping, Sequence
 
 from splitunet.evaluation.intervals import t_interval
-from splitunet.evaluation.utility import _interval_cell
+from splitunet.evaluation.utility import REGIONS, _interval_cell, _mean_dice
 
 __all__ = ["DRIFT_TREATMENTS", "treatment_differences", "treatment_markdown"]
 
@@ -29,11 +28,6 @@ DRIFT_TREATMENTS: tuple[tuple[str, str], ...] = (
     ("fedavg", "fedprox"),
     ("u_shape", "u_shape_dwcs"),
 )
-_REGIONS = ("TC", "WT", "ET")
-
-
-def _mean_dice(dice: Mapping[str, float]) -> float:
-    return statistics.fmean(float(dice[region]) for region in _REGIONS)
 
 
 def treatment_differences(rows: Sequence[Mapping]) -> list[dict]:
@@ -56,7 +50,7 @@ def treatment_differences(rows: Sequence[Mapping]) -> list[dict]:
         seeds = sorted(set(plain) & set(treated), key=int)
         difference = {
             region: t_interval([float(treated[s][region]) - float(plain[s][region]) for s in seeds])
-            for region in _REGIONS
+            for region in REGIONS
         }
         difference["mean"] = t_interval([_mean_dice(treated[s]) - _mean_dice(plain[s]) for s in seeds])
         entries.append(
@@ -102,7 +96,7 @@ def treatment_markdown(entries: Sequence[Mapping]) -> str:
             entry["plain_label"],
             ", ".join(str(seed) for seed in entry["seeds"]) or "-",
             _interval_cell(difference["mean"]),
-            *(_interval_cell(difference[region]) for region in _REGIONS),
+            *(_interval_cell(difference[region]) for region in REGIONS),
             _verdict(difference["mean"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
