@@ -12,7 +12,8 @@ One concept per module:
 - :mod:`~splitunet.dp.party_record`: a split party's admission under its cap, and what its ``results.json`` and log
   say about its DP-SGD;
 - :mod:`~splitunet.dp.opacus_extra`: whether Opacus is installed, and loading a module that needs it;
-- :mod:`~splitunet.dp.step_time`: seconds per step with and without DP-SGD.
+- :mod:`~splitunet.dp.step_time`: seconds per step with and without DP-SGD;
+- :mod:`~splitunet.dp.noise_plan`: the noise a target epsilon costs hospitals of given sizes (no training).
 
 Opacus is the ``dp`` extra; each name loads its module on first use (see :mod:`splitunet.lazy_exports`), so reading
 settings or a site's cap needs no Opacus. What epsilon covers, and what it does not, is in ``docs/dp.md``.
@@ -45,6 +46,9 @@ _EXPORTS = {
     "opacus_installed": "opacus_extra",
     "dp_module": "opacus_extra",
     "describe_budget": "party_record",
+    "NoisePlanRow": "noise_plan",
+    "noise_plan": "noise_plan",
+    "noise_plan_markdown": "noise_plan",
     "admit_job": "party_record",
 }
 __all__ = sorted(_EXPORTS)
