@@ -92,7 +92,7 @@ from splitunet.data.hospitals import NON_IID_PROFILES, generate_hospitals
 from splitunet.data.nifti_io import nifti_case_id
 from splitunet.errors import SplitUNetConfigError
 from splitunet.evaluation.drift_treatments import treatment_differences, treatment_markdown
-from splitunet.evaluation.utility import _interval_cell, paired_interval
+from splitunet.evaluation.utility import REGIONS, _interval_cell, _mean_dice, paired_interval
 from splitunet.networks.optimizer import OPTIMIZER_NAME
 from splitunet.server.cases import split_cases
 from splitunet.u_shape.hospital_trainer import split_hospital_cases
@@ -111,7 +111,6 @@ __all__ = [
     "compare_markdown",
 ]
 
-REGIONS = ("TC", "WT", "ET")
 # Names the vertical runner reads in its data folder (splitunet.tools.demo).
 _MSD_SOURCE = "phantom_msd"
 _PARTITION = "parties"
@@ -988,10 +987,6 @@ def run_compare(out_dir: str | Path, settings: CompareSettings | None = None, re
 def _epsilon_cell(row: Mapping) -> str:
     epsilon, delta = row.get("epsilon"), row.get("delta")
     return "-" if epsilon is None else f"{epsilon:.2f} ({delta:.0e})"
-
-
-def _mean_dice(dice: Mapping[str, float]) -> float:
-    return statistics.fmean(float(dice[region]) for region in REGIONS)
 
 
 def _mean(values) -> float | None:
