@@ -26,3 +26,16 @@ class WorkspaceEngine:
     def new_context(self) -> FLContext:
         # The analytics event (the epsilon for TensorBoard) is fired in a fresh context.
         return FLContext()
+
+
+def server_filter_context(site: str, direction: str) -> FLContext:
+    """The context of a server-side filter call on data to (``FilterKey.OUT``) or from (``FilterKey.IN``) ``site``,
+    as FLARE sets it up: the peer's identity and the chain's direction."""
+    from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+
+    peer = FLContext()
+    peer.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
+    context = FLContext()
+    context.set_peer_context(peer)
+    context.set_prop(FLContextKey.FILTER_DIRECTION, direction, private=True, sticky=False)
+    return context

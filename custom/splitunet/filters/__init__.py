@@ -13,6 +13,7 @@ _EXPORTS = {
     "FilterRejection": "base",
     "BlockSkipLevels": "block_skip_levels",
     "CaptureFeatures": "capture_features",
+    "CaptureWeights": "capture_weights",
     "ChannelDropout": "channel_dropout",
     "ClippedGaussianNoise": "clipped_gaussian_noise",
     "FeatureGuard": "feature_guard",

@@ -168,6 +168,15 @@ def _leakage_u_shape(args) -> int:
     return 0
 
 
+def _leakage_splitfed(args) -> int:
+    from splitunet.evaluation.leakage.splitfed_leakage import SplitFedLeakageSettings, run_splitfed_leakage
+
+    settings = SplitFedLeakageSettings.quick(args.seed) if args.quick else SplitFedLeakageSettings(seed=args.seed)
+    run_splitfed_leakage(args.out, settings)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
 def _utility(args) -> int:
     from splitunet.evaluation.utility import UTILITY_ITERATIONS, UTILITY_SETTINGS, run_utility
 
@@ -572,6 +581,15 @@ def build_parser() -> argparse.ArgumentParser:
     leakage_u_shape.add_argument("--out", required=True, type=Path, help="folder for the data and the report")
     leakage_u_shape.add_argument("--quick", action="store_true", help="tiny sizes and budgets (checks the pipeline)")
     leakage_u_shape.set_defaults(run=_leakage_u_shape)
+    leakage_splitfed = commands.add_parser(
+        "leakage-splitfed",
+        help="run the SplitFed job in the simulator with capture on, invert its activations through the encoder "
+        "averages its server computed; write report.json and report.md",
+    )
+    leakage_splitfed.add_argument("--out", required=True, type=Path, help="folder for the run and the report")
+    leakage_splitfed.add_argument("--quick", action="store_true", help="tiny sizes and budgets (checks the pipeline)")
+    leakage_splitfed.add_argument("--seed", type=int, default=0, help="the job's seed and the phantom's (default 0)")
+    leakage_splitfed.set_defaults(run=_leakage_splitfed)
 
     utility = commands.add_parser(
         "utility",

@@ -27,6 +27,7 @@ from splitunet.wire.protocol import LABELS_PARTY, MODALITIES, TaskName
 __all__ = [
     "job_filters",
     "add_capture_filter",
+    "add_weights_capture_filter",
     "add_wire_audit",
     "ALLOWED_CLASSES",
     "EVALUATION_CLASSES",
@@ -65,7 +66,7 @@ ALLOWED_CLASSES = (
     "splitunet.u_shape.UShapeHospitalExecutor",
 )
 # Recording what crosses the server is for leakage evaluation only: allowed in an evaluation workspace alone.
-EVALUATION_CLASSES = ("splitunet.filters.CaptureFeatures",)
+EVALUATION_CLASSES = ("splitunet.filters.CaptureFeatures", "splitunet.filters.CaptureWeights")
 # What earlier versions allowed (every class of the package); removed wherever the allow-list is written now.
 _BROAD_PREFIX = "splitunet."
 
@@ -238,7 +239,12 @@ def copy_job_with_overrides(
     return out_dir
 
 
-def add_capture_filter(job_dir: str | Path, iterations: Sequence[int]) -> Path:
+def add_capture_filter(
+    job_dir: str | Path,
+    iterations: Sequence[int],
+    data_kinds: Sequence[str] | None = None,
+    max_captures: int | None = None,
+) -> Path:
     """Make the server of a job folder record what it receives and sends at these training iterations.
 
     Appends ``splitunet.filters.CaptureFeatures`` last to the server's ``split_step`` chains: its result chain
@@ -246,10 +252,43 @@ def add_capture_filter(job_dir: str | Path, iterations: Sequence[int]) -> Path:
     defenses). FLARE allows one chain per task and direction, so an existing ``split_step`` chain is extended.
     The gradients of iteration t travel with the task of t + 1: capture ``[1, 2]`` to get both of iteration 1.
 
+    Args:
+        job_dir: the job folder (changed in place).
+        iterations: training iterations to capture.
+        data_kinds: the filter's ``data_kinds`` (default: its own, activations and gradients).
+        max_captures: the filter's ``max_captures`` (default: its own).
+
     Returns:
         the server config file changed.
     """
-    entry = {"path": "splitunet.filters.CaptureFeatures", "args": {"iterations": [int(i) for i in iterations]}}
+    args: dict = {"iterations": [int(i) for i in iterations]}
+    if data_kinds is not None:
+        args["data_kinds"] = list(data_kinds)
+    if max_captures is not None:
+        args["max_captures"] = int(max_captures)
+    return _append_server_filter(job_dir, TaskName.STEP, {"path": "splitunet.filters.CaptureFeatures", "args": args})
+
+
+def add_weights_capture_filter(job_dir: str | Path, iterations: Sequence[int] | None = None) -> Path:
+    """Make the server of a job folder record the encoder weights of its averagings (SplitFed).
+
+    Appends ``splitunet.filters.CaptureWeights`` last to the server's ``split_average`` chains: its result chain
+    (each site's encoder copy as received) and its data chain (the average as sent).
+
+    Args:
+        job_dir: the job folder (changed in place).
+        iterations: averaging iterations to capture (``None``: every averaging).
+
+    Returns:
+        the server config file changed.
+    """
+    args = {} if iterations is None else {"iterations": [int(i) for i in iterations]}
+    return _append_server_filter(job_dir, TaskName.AVERAGE, {"path": "splitunet.filters.CaptureWeights", "args": args})
+
+
+def _append_server_filter(job_dir: str | Path, task: str, entry: Mapping) -> Path:
+    """Append ``entry`` last to the server's result and data chains of ``task`` (FLARE allows one chain per task and
+    direction, so an existing chain of ``task`` is extended)."""
     paths = [p for p in _app_config_files(Path(job_dir)) if p.name == "config_fed_server.json"]
     if not paths:
         raise SplitUNetConfigError(f"job {job_dir} has no server config to add a capture filter to")
@@ -257,11 +296,11 @@ def add_capture_filter(job_dir: str | Path, iterations: Sequence[int]) -> Path:
         config = json.loads(path.read_text())
         for chain_name in ("task_result_filters", "task_data_filters"):
             chains = config.setdefault(chain_name, [])
-            step_chain = next((c for c in chains if TaskName.STEP in c.get("tasks", [])), None)
-            if step_chain is None:
-                chains.append({"tasks": [TaskName.STEP], "filters": [dict(entry)]})
+            chain = next((c for c in chains if task in c.get("tasks", [])), None)
+            if chain is None:
+                chains.append({"tasks": [task], "filters": [json.loads(json.dumps(entry))]})
             else:
-                step_chain["filters"].append(dict(entry))
+                chain["filters"].append(json.loads(json.dumps(entry)))
         write_json_atomic(config, path)
     return paths[0]
 

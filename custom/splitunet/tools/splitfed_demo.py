@@ -8,6 +8,10 @@ one modality each of that group's patients, and the label holder holds every lab
 an ``encoder_seed`` (agreed among them, never sent), so that their encoders start equal and the first average is
 one of copies of one model (docs/topologies.md, "Several sites per modality").
 
+With ``capture_iterations`` or ``capture_weights`` the run is an evaluation run: its server records the activations
+it receives at those iterations and the encoder weights of every averaging (``CaptureFeatures``, ``CaptureWeights``),
+which ``splitunet leakage-splitfed`` attacks (:mod:`splitunet.evaluation.leakage.splitfed_leakage`).
+
 The summary, ``<workspace>/results.json``, has the main demo's keys where they mean the same (``job``, ``dice``,
 ``hd95``, ``iterations``, ``sites``, ``activation_bytes_per_iteration``, ``checkpoints``, ``server_results``,
 ``simulator_log``, ``elapsed_s``), plus the server's ``cohorts`` and ``encoder_averaging``.
@@ -29,8 +33,15 @@ from splitunet.data.case_keys import read_or_create_secret
 from splitunet.data.party_settings import SETTINGS_FILE_NAME, write_settings
 from splitunet.data.site_groups import group_sites, split_patients, write_groups
 from splitunet.tools.demo import ensure_partitioned_phantom
-from splitunet.tools.deployment import copy_job_with_overrides, find_job, prepare_simulator_workspace
+from splitunet.tools.deployment import (
+    add_capture_filter,
+    add_weights_capture_filter,
+    copy_job_with_overrides,
+    find_job,
+    prepare_simulator_workspace,
+)
 from splitunet.tools.simulator import completed_server_results, run_simulator
+from splitunet.wire.protocol import DataKind
 
 __all__ = ["SPLITFED_JOB_NAME", "SplitFedDemoSettings", "run_splitfed_demo"]
 
@@ -53,6 +64,11 @@ class SplitFedDemoSettings:
         threads_per_party: torch threads of each site (they compute at the same time).
         server_threads: torch threads of the server (0: every core).
         timeout_s: the simulator run's time limit.
+        capture_iterations: training iterations whose activations the server records (``CaptureFeatures``, no
+            gradients); with ``capture_weights`` or these, the workspace is an evaluation workspace.
+        capture_weights: the server also records the encoder weights of every averaging (``CaptureWeights``: each
+            site's copy as received, the average as sent).
+        max_captures: ``CaptureFeatures``' bound on the files it writes (default: its own).
     """
 
     def __init__(
@@ -67,6 +83,9 @@ class SplitFedDemoSettings:
         threads_per_party: int = 1,
         server_threads: int = 0,
         timeout_s: float = 1800.0,
+        capture_iterations: Sequence[int] = (),
+        capture_weights: bool = False,
+        max_captures: int | None = None,
     ):
         self.sites = group_sites(sites_per_modality)  # checks the count
         if groups is not None and len(groups) != sites_per_modality:
@@ -81,6 +100,14 @@ class SplitFedDemoSettings:
         self.threads_per_party = threads_per_party
         self.server_threads = server_threads or os.cpu_count() or 1
         self.timeout_s = timeout_s
+        self.capture_iterations = tuple(int(i) for i in capture_iterations)
+        self.capture_weights = bool(capture_weights)
+        self.max_captures = max_captures
+
+    @property
+    def evaluation(self) -> bool:
+        """Whether the run records what crosses its server (only such a workspace may build the capture filters)."""
+        return bool(self.capture_iterations) or self.capture_weights
 
 
 def _point_sites_at_their_groups(settings_file: Path, data_dirs: Mapping[str, Path], seeds: Mapping[str, int]) -> None:
@@ -133,7 +160,9 @@ def run_splitfed_demo(
             shutil.rmtree(folder)  # a fresh run each time: stale checkpoints must not pass for new ones
     secret = read_or_create_secret(Path(secret_file) if secret_file else data_dir / "case_key_secret.txt")
     site_modalities = {site: modality for site, (modality, _) in settings.sites.items()}
-    prepare_simulator_workspace(sim_workspace, parties, site_modalities, secret, checkpoint_root=checkpoints)
+    prepare_simulator_workspace(
+        sim_workspace, parties, site_modalities, secret, checkpoint_root=checkpoints, evaluation=settings.evaluation
+    )
     # One private seed per modality, shared by its sites only.
     seeds = {modality: secrets.randbits(63) for modality in set(site_modalities.values())}
     data_dirs = {site: groups[group] / modality for site, (modality, group) in settings.sites.items()}
@@ -141,6 +170,12 @@ def run_splitfed_demo(
     job_dir = Path(job_dir) if job_dir else find_job(SPLITFED_JOB_NAME)
     server_args = {"num_threads": settings.server_threads, **settings.server_args}
     job = copy_job_with_overrides(job_dir, workspace / "job" / job_dir.name, server_args, settings.client_args)
+    if settings.capture_iterations:
+        add_capture_filter(
+            job, settings.capture_iterations, data_kinds=[DataKind.ACTIVATIONS], max_captures=settings.max_captures
+        )
+    if settings.capture_weights:
+        add_weights_capture_filter(job)
     meta_file = job / "meta.json"
     meta = json.loads(meta_file.read_text())
     write_json_atomic({**meta, "min_clients": len(settings.sites)}, meta_file)

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from splitunet.evaluation.intervals import t_interval
 from splitunet.wire.protocol import MODALITIES
 
-__all__ = ["pool_inversion", "pool_labels", "u_shape_summary", "u_shape_markdown"]
+__all__ = ["pool_inversion", "pooled_scores", "pool_labels", "u_shape_summary", "u_shape_markdown", "format_interval"]
 
 _BASELINE_NAMES = {
     "tumour_frequency": "tumour frequency of auxiliary patients",
@@ -57,23 +57,37 @@ def pool_inversion(rows: Sequence[Mapping]) -> list[dict]:
             entry["crops"].setdefault(name, []).extend(values)
     pooled = []
     for entry in groups.values():
-        crops = entry.pop("crops")
-        brain = _finite_pairs(crops["ssim_brain"], crops["ssim_prior_brain"])
-        whole = _finite_pairs(crops["ssim"], crops["ssim_prior"])
-        attack_mean = t_interval([a for a, _ in brain])
-        prior_mean = t_interval([p for _, p in brain])["mean"]
-        entry.update(
-            crops=len(crops["ssim"]),
-            ssim_brain=attack_mean,
-            ssim_prior_brain=prior_mean,
-            ssim_reported_brain=max(attack_mean["mean"], prior_mean),
-            gain_brain=t_interval([a - p for a, p in brain]),
-            ssim=t_interval([a for a, _ in whole])["mean"],
-            ssim_prior=t_interval([p for _, p in whole])["mean"],
-            gain=t_interval([a - p for a, p in whole]),
-        )
+        entry.update(pooled_scores(entry.pop("crops")))
         pooled.append(entry)
     return sorted(pooled, key=lambda e: (e["iteration"], e["attack"], MODALITIES.index(e["modality"])))
+
+
+def pooled_scores(crops: Mapping[str, Sequence[float]]) -> dict:
+    """The scores of a set of crops: brain-mask SSIM with its interval, the prior's, the leak reported and the gain.
+
+    Args:
+        crops: per-crop lists ``"ssim"``, ``"ssim_prior"``, ``"ssim_brain"``, ``"ssim_prior_brain"`` (the rows'
+            ``per_crop``, concatenated), the same crops in the same order in each.
+
+    Returns:
+        ``{"crops", "ssim_brain" (interval), "ssim_prior_brain", "ssim_reported_brain" (the larger of the two
+        means: an attack below the prior has failed, not been stopped), "gain_brain" (interval of attack minus
+        prior, per crop), "ssim", "ssim_prior", "gain" (interval, whole crop)}``.
+    """
+    brain = _finite_pairs(crops["ssim_brain"], crops["ssim_prior_brain"])
+    whole = _finite_pairs(crops["ssim"], crops["ssim_prior"])
+    attack_mean = t_interval([a for a, _ in brain])
+    prior_mean = t_interval([p for _, p in brain])["mean"]
+    return {
+        "crops": len(crops["ssim"]),
+        "ssim_brain": attack_mean,
+        "ssim_prior_brain": prior_mean,
+        "ssim_reported_brain": max(attack_mean["mean"], prior_mean),
+        "gain_brain": t_interval([a - p for a, p in brain]),
+        "ssim": t_interval([a for a, _ in whole])["mean"],
+        "ssim_prior": t_interval([p for _, p in whole])["mean"],
+        "gain": t_interval([a - p for a, p in whole]),
+    }
 
 
 def _pool_label_crops(crops: Sequence[Mapping], iteration, local_steps) -> dict:
@@ -171,8 +185,8 @@ def _labels_verdict(pooled: Sequence[Mapping]) -> tuple[bool, str]:
         return True, "No label inference was measured."
     over_prior = entry["gain_over_prior"]
     text = (
-        f"from dL/du2 alone the server marks each crop's whole tumour with Dice {_interval(entry['dice'])} "
-        f"(AUC {entry['auc']['mean']:.2f}), {_interval(over_prior, '+')} over the tumour frequency of auxiliary "
+        f"from dL/du2 alone the server marks each crop's whole tumour with Dice {format_interval(entry['dice'])} "
+        f"(AUC {entry['auc']['mean']:.2f}), {format_interval(over_prior, '+')} over the tumour frequency of auxiliary "
         "patients"
     )
     kept = not over_prior["low"] > 0
@@ -191,7 +205,7 @@ def _labels_verdict(pooled: Sequence[Mapping]) -> tuple[bool, str]:
         verdict += (
             f" Without the gradient the server does best with the {name}: Dice "
             f"{entry['baselines'][route]['dice']:.2f} (AUC {entry['baselines'][route]['auc']:.2f}); {relation} "
-            f"({_interval(over_route, '+')})."
+            f"({format_interval(over_route, '+')})."
         )
     return kept, verdict
 
@@ -210,7 +224,8 @@ def u_shape_summary(report: Mapping) -> dict:
     }
 
 
-def _interval(entry: Mapping, sign: str = "") -> str:
+def format_interval(entry: Mapping, sign: str = "") -> str:
+    """``0.61 [0.52, 0.70]`` (``sign="+"``: signed), or the mean alone without bounds."""
     if not math.isfinite(entry["low"]):
         return f"{entry['mean']:{sign}.2f}"
     return f"{entry['mean']:{sign}.2f} [{entry['low']:{sign}.2f}, {entry['high']:{sign}.2f}]"
@@ -240,8 +255,8 @@ def u_shape_markdown(report: Mapping) -> str:
     for e in summary["inversion"]:
         lines.append(
             f"| {e['iteration']} | {e['local_steps']} | {e['attack']} | {e['modality']} | {e['crops']} | "
-            f"{_interval(e['ssim_brain'])} | {e['ssim_prior_brain']:.2f} | {e['ssim_reported_brain']:.2f} | "
-            f"{_interval(e['gain_brain'], '+')} |"
+            f"{format_interval(e['ssim_brain'])} | {e['ssim_prior_brain']:.2f} | {e['ssim_reported_brain']:.2f} | "
+            f"{format_interval(e['gain_brain'], '+')} |"
         )
     names = sorted({name for e in summary["labels"] for name in e["baselines"]})
     lines += [
@@ -266,10 +281,11 @@ def u_shape_markdown(report: Mapping) -> str:
             f"{e['baselines'][n]['dice']:.2f} / {e['baselines'][n]['auc']:.2f}" if n in e["baselines"] else "-"
             for n in names
         ]
-        gain = _interval(e["gain_over_prior"], "+") if e["gain_over_prior"] else "-"
-        route = f"{_interval(e['gain_over_route'], '+')} ({e['best_route']})" if e["gain_over_route"] else "-"
+        gain = format_interval(e["gain_over_prior"], "+") if e["gain_over_prior"] else "-"
+        route = f"{format_interval(e['gain_over_route'], '+')} ({e['best_route']})" if e["gain_over_route"] else "-"
         lines.append(
-            f"| {e['iteration']} | {steps} | {e['crops']} | {_interval(e['dice'])} | {_interval(e['auc'])} | "
+            f"| {e['iteration']} | {steps} | {e['crops']} | {format_interval(e['dice'])} | "
+            f"{format_interval(e['auc'])} | "
             f"{e['dice_adaptive']:.2f} / {e['dice_adaptive_oracle']:.2f} | {e['dice_random_mask']:.2f} | "
             + " | ".join(cells)
             + f" | {gain} | {route} |"
