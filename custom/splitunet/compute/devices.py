@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
-__all__ = ["THREADS_ENV_VAR", "select_device", "configure_threads", "timed_call"]
+__all__ = ["THREADS_ENV_VAR", "select_device", "configure_threads", "torch_threads", "timed_call"]
 
 # Several parties on one host (simulator, POC) would each take every core; the demo sets this to share them.
 THREADS_ENV_VAR = "SPLITUNET_TORCH_THREADS"
@@ -26,6 +28,18 @@ def configure_threads(num_threads: int = 0) -> int:
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     return torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Run the block with ``num_threads`` intra-op threads and give torch its previous count back afterwards, also
+    after an error (a study on shared cores should not change what the rest of the process uses)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(num_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def timed_call(device: torch.device, fn, *args):

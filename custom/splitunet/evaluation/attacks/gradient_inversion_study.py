@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from splitunet.atomic_files import write_text_atomic
+from splitunet.compute.devices import torch_threads
 from splitunet.data.hospital_folder import HospitalFolder
 from splitunet.data.phantom import generate_phantom
 from splitunet.data.sampling import extract_crop
@@ -303,9 +304,7 @@ def run_gradient_inversion(out: str | Path, study: GradientInversionStudy, comma
     """
     out = Path(out)
     start, cpu_start = time.perf_counter(), time.process_time()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(study.threads)
-    try:
+    with torch_threads(study.threads):
         root = out / "data" / "phantom_msd"
         if not (root / "dataset.json").is_file():
             generate_phantom(root, study.cases, shape=study.shape, seed=0, progress=False)
@@ -315,8 +314,6 @@ def run_gradient_inversion(out: str | Path, study: GradientInversionStudy, comma
             seed_runs, images = _one_seed(data, study, seed)
             runs.extend(seed_runs)
             figure_images = figure_images or images
-    finally:
-        torch.set_num_threads(threads)
     figure = plot_modalities(figure_images, out / "reconstructions.png", f"gradient inversion, seed {study.seeds[0]}")
     report = {
         "command": command or "splitunet gradient-inversion",

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from splitunet.atomic_files import write_json_atomic, write_text_atomic
+from splitunet.compute.devices import torch_threads
 from splitunet.data.hospital_folder import HospitalFolder
 from splitunet.data.phantom import generate_phantom
 from splitunet.evaluation.attacks import UnSplit, WhiteBoxInversion, build_encoder
@@ -310,12 +311,8 @@ def run_u_shape_leakage(out_dir: str | Path, settings: UShapeLeakageSettings | N
     settings = settings or UShapeLeakageSettings()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
+    with torch_threads(settings.threads):
         report = _run(out_dir, settings)
-    finally:
-        torch.set_num_threads(threads)
     write_json_atomic(report, out_dir / "report.json")
     write_text_atomic(u_shape_markdown(report), out_dir / "report.md")
     return report
