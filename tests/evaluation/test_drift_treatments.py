@@ -8,7 +8,12 @@ import math
 import pytest
 
 from splitunet.evaluation.compare import CompareSettings, compare_markdown, summarise_compare
-from splitunet.evaluation.drift_treatments import DRIFT_TREATMENTS, treatment_differences, treatment_markdown
+from splitunet.evaluation.drift_treatments import (
+    DP_TREATMENTS,
+    DRIFT_TREATMENTS,
+    treatment_differences,
+    treatment_markdown,
+)
 from splitunet.evaluation.intervals import t_interval
 
 
@@ -78,3 +83,33 @@ def test_the_comparison_report_carries_the_treatments_and_renders_them_below_its
     # A report written before the treatments were stored renders them from its rows all the same.
     del report["drift_treatments"]
     assert compare_markdown(report) == text
+
+
+def test_every_dp_row_is_paired_with_its_topology_without_dp():
+    from splitunet.evaluation.compare import _BY_KEY
+
+    for plain, treated in DP_TREATMENTS:
+        assert _BY_KEY[plain].kind == _BY_KEY[treated].kind
+        assert "dp_epsilon" not in _BY_KEY[plain].options and "dp_epsilon" in _BY_KEY[treated].options
+    dp_rows = {key for key, topology in _BY_KEY.items() if "dp_epsilon" in topology.options}
+    assert dp_rows == {treated for _, treated in DP_TREATMENTS}
+
+
+def test_the_comparison_report_carries_the_dp_cost_and_renders_it_apart_from_the_drift_treatments():
+    settings = CompareSettings.quick(seeds=(0, 1, 2), topologies=("split_unet_fp32", "fedavg", "fedavg_dp_eps3"))
+    run = {"iterations": 4, "rounds": 2, "upload_bytes_per_iteration": 1e6, "elapsed_s": 4.0, "held_out": []}
+    runs = {
+        "split_unet_fp32": {s: {**run, "dice": {"TC": 0.5, "WT": 0.5, "ET": 0.5}, "rounds": None} for s in (0, 1, 2)},
+        "fedavg": {s: {**run, "dice": {"TC": 0.9, "WT": 0.9, "ET": 0.9 - s / 100}} for s in (0, 1, 2)},
+        "fedavg_dp_eps3": {s: {**run, "dice": {"TC": 0.1 + s / 100, "WT": 0.2, "ET": 0.1}} for s in (0, 1, 2)},
+    }
+    report = summarise_compare(settings, runs)
+    assert report["drift_treatments"] == []
+    (entry,) = report["dp_costs"]
+    assert (entry["plain"], entry["treated"], entry["seeds"]) == ("fedavg", "fedavg_dp_eps3", [0, 1, 2])
+    assert entry["difference"]["WT"]["mean"] == pytest.approx(-0.7)
+    text = compare_markdown(report)
+    assert "What DP-SGD costs" in text and "drift treatment" not in text
+    cost_row = "| horizontal FedAvg + DP-SGD, target ε 3 | horizontal FedAvg | 0, 1, 2 |"
+    line = next(line for line in text.splitlines() if line.startswith(cost_row))
+    assert line.endswith("| hurts |")

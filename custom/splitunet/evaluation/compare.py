@@ -91,7 +91,7 @@ from splitunet.data.case_keys import case_key
 from splitunet.data.hospitals import NON_IID_PROFILES, generate_hospitals
 from splitunet.data.nifti_io import nifti_case_id
 from splitunet.errors import SplitUNetConfigError
-from splitunet.evaluation.drift_treatments import treatment_differences, treatment_markdown
+from splitunet.evaluation.drift_treatments import DP_TREATMENTS, treatment_differences, treatment_markdown
 from splitunet.evaluation.utility import REGIONS, _interval_cell, _mean_dice, paired_interval
 from splitunet.networks.optimizer import OPTIMIZER_NAME
 from splitunet.server.cases import split_cases
@@ -999,7 +999,8 @@ def summarise_compare(
 ) -> dict:
     """Per topology: Dice per seed and their mean, the paired difference to the first topology with its 95 %
     interval, upload bytes and wall seconds per iteration, rounds; and each drift treatment's paired difference to
-    its own topology's plain row (``drift_treatments``, :mod:`splitunet.evaluation.drift_treatments`).
+    its own topology's plain row (``drift_treatments``, :mod:`splitunet.evaluation.drift_treatments`), and each
+    DP-SGD row's to the same topology without DP (``dp_costs``).
 
     Args:
         settings: the study's settings (rows in ``settings.topologies`` order; the first is the reference).
@@ -1067,9 +1068,16 @@ def summarise_compare(
         "held_out": {str(seed): dict(cases) for seed, cases in (held_out or {}).items()},
         "rows": rows,
         "drift_treatments": treatment_differences(rows),
+        "dp_costs": treatment_differences(rows, DP_TREATMENTS),
         # Every run's own record, so that a study continues elsewhere from this file alone (run_compare's reuse).
         "runs": {key: {str(seed): dict(run) for seed, run in by_seed.items()} for key, by_seed in runs.items()},
     }
+
+
+_DP_COST_INTRO = (
+    "What DP-SGD costs: each DP row against the same topology without DP-SGD, paired by seed (with DP minus without, "
+    "Dice points, mean over seeds [95 % t interval]); 'hurts' only where the mean-Dice interval excludes 0."
+)
 
 
 def compare_markdown(report: Mapping) -> str:
@@ -1131,6 +1139,9 @@ def compare_markdown(report: Mapping) -> str:
     treatments = treatment_markdown(treatment_differences(report["rows"]))
     if treatments:
         lines += ["", treatments.rstrip("\n")]
+    dp_costs = treatment_markdown(treatment_differences(report["rows"], DP_TREATMENTS), _DP_COST_INTRO)
+    if dp_costs:
+        lines += ["", dp_costs.rstrip("\n")]
     run_seconds = [t for row in report["rows"] for t in row.get("seconds_per_run", []) if t]
     if run_seconds:
         lines += ["", f"{len(run_seconds)} runs, {sum(run_seconds) / 60:.1f} min of training and validation in all."]

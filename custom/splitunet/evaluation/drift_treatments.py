@@ -1,5 +1,6 @@
 """Each drift treatment against its own topology's plain averaging, paired by seed: the comparison's answer to "does
-DWCS (or FedProx) help here?".
+DWCS (or FedProx) help here?"; and, the same way, each DP-SGD row against its topology without DP ("what does DP-SGD
+cost?").
 
 The comparison's main table measures every row against the float32 vertical reference. That difference says how far
 a topology is from the reference, not whether a treatment helps the topology it treats: SplitFed + DWCS minus the
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from splitunet.evaluation.intervals import t_interval
 from splitunet.evaluation.utility import REGIONS, _interval_cell, _mean_dice
 
-__all__ = ["DRIFT_TREATMENTS", "treatment_differences", "treatment_markdown"]
+__all__ = ["DRIFT_TREATMENTS", "DP_TREATMENTS", "treatment_differences", "treatment_markdown"]
 
 # (plain row, treated row): every averaging topology's treatments against its own plain FedAvg-weighted averaging.
 DRIFT_TREATMENTS: tuple[tuple[str, str], ...] = (
@@ -28,22 +29,35 @@ DRIFT_TREATMENTS: tuple[tuple[str, str], ...] = (
     ("fedavg", "fedprox"),
     ("u_shape", "u_shape_dwcs"),
 )
+# (row without DP, row with DP-SGD): the Dice cost of each epsilon, on the same patients and initialisation.
+DP_TREATMENTS: tuple[tuple[str, str], ...] = (
+    ("fedavg", "fedavg_dp_eps1"),
+    ("fedavg", "fedavg_dp_eps3"),
+    ("fedavg", "fedavg_dp_eps10"),
+    ("split_unet", "split_unet_dp_eps3"),
+)
+_DRIFT_INTRO = (
+    "Each drift treatment against its own topology's plain averaging, paired by seed (treated minus plain, Dice "
+    "points, mean over seeds [95 % t interval]); the verdict reads the mean-Dice interval: 'helps' or 'hurts' "
+    "only where it excludes 0."
+)
 
 
-def treatment_differences(rows: Sequence[Mapping]) -> list[dict]:
+def treatment_differences(rows: Sequence[Mapping], pairs: Sequence[tuple[str, str]] = DRIFT_TREATMENTS) -> list[dict]:
     """Paired differences of each treatment present to its plain row.
 
     Args:
         rows: the comparison's rows, each with ``key``, ``label`` and ``dice_by_seed`` (seed -> region -> Dice).
+        pairs: ``(plain, treated)`` row keys: :data:`DRIFT_TREATMENTS` or :data:`DP_TREATMENTS`.
 
     Returns:
-        one entry per treatment whose plain and treated rows are both among ``rows``, in :data:`DRIFT_TREATMENTS`
-        order: ``plain``, ``treated`` (keys), their labels, ``seeds`` (those both rows ran), and
-        ``difference`` (``mean`` and each region: ``t_interval`` of treated minus plain Dice over those seeds).
+        one entry per treatment whose plain and treated rows are both among ``rows``, in ``pairs`` order:
+        ``plain``, ``treated`` (keys), their labels, ``seeds`` (those both rows ran), and ``difference`` (``mean``
+        and each region: ``t_interval`` of treated minus plain Dice over those seeds).
     """
     by_key = {row["key"]: row for row in rows}
     entries = []
-    for plain_key, treated_key in DRIFT_TREATMENTS:
+    for plain_key, treated_key in pairs:
         if plain_key not in by_key or treated_key not in by_key:
             continue
         plain, treated = by_key[plain_key]["dice_by_seed"], by_key[treated_key]["dice_by_seed"]
@@ -77,14 +91,17 @@ def _verdict(interval: Mapping) -> str:
     return "no difference shown"
 
 
-def treatment_markdown(entries: Sequence[Mapping]) -> str:
-    """A table of the treatments' paired differences in Dice points with a verdict per row ("" without entries)."""
+def treatment_markdown(entries: Sequence[Mapping], intro: str = _DRIFT_INTRO) -> str:
+    """A table of the treatments' paired differences in Dice points with a verdict per row ("" without entries).
+
+    Args:
+        entries: :func:`treatment_differences`' entries.
+        intro: the sentence above the table (default: the drift treatments').
+    """
     if not entries:
         return ""
     lines = [
-        "Each drift treatment against its own topology's plain averaging, paired by seed (treated minus plain, Dice "
-        "points, mean over seeds [95 % t interval]); the verdict reads the mean-Dice interval: 'helps' or 'hurts' "
-        "only where it excludes 0.",
+        intro,
         "",
         "| treatment | against | seeds | Δ mean Dice | Δ TC | Δ WT | Δ ET | verdict |",
         "|---|---|---|---|---|---|---|---|",
