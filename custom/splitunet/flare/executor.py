@@ -35,6 +35,7 @@ from splitunet.flare.nvflare_compat import send_scalar
 from splitunet.flare.site_minimum import PRIVACY_FILE, check_minimum_defense, released_chains
 from splitunet.flare.workspace_paths import checkpoint_folder, run_dir, site_config_dir
 from splitunet.resume import CHECKPOINT_TAGS, encoder_checkpoint, load_for_resume
+from splitunet.site.encoder_release import check_share_encoder, read_share_encoder
 from splitunet.site.trainer import SiteTrainer
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import DataKind, MetaKey, TaskName
@@ -274,10 +275,11 @@ class SplitSiteExecutor(GuardedTaskExecutor):
         """Averaging with the sites sharing this modality: upload the encoder, or take the average.
 
         Gradients or a control DXO: apply the gradients (of this site's last step, if any) and reply with the
-        encoder's weights (a ``WEIGHTS`` DXO, through this site's result filters). A ``WEIGHTS`` DXO: the average,
-        which replaces the encoder's weights (the optimiser's moments stay this site's own); with FedProx (the job's
-        ``fedprox_mu`` in its meta) it is also the anchor of the proximal term until the next average
-        (:class:`~splitunet.site.trainer.SiteTrainer`).
+        encoder's weights (a ``WEIGHTS`` DXO, through this site's result filters), if the site's policy lets its
+        encoder leave (:mod:`splitunet.site.encoder_release`; else the task is refused before anything changes). A
+        ``WEIGHTS`` DXO: the average, which replaces the encoder's weights (the optimiser's moments stay this site's
+        own); with FedProx (the job's ``fedprox_mu`` in its meta) it is also the anchor of the proximal term until the
+        next average (:class:`~splitunet.site.trainer.SiteTrainer`).
         """
         trainer = self._require_trainer()
         meta = {MetaKey.ITERATION: dxo.get_meta_prop(MetaKey.ITERATION)}
@@ -295,6 +297,8 @@ class SplitSiteExecutor(GuardedTaskExecutor):
                 f"{meta[MetaKey.ITERATION]}{fedprox}",
             )
             return control_dxo(meta).to_shareable()
+        # Read at every upload, not once: the site's policy, not the job, decides whether its encoder may leave.
+        check_share_encoder(read_share_encoder(site_config_dir(fl_ctx) / PRIVACY_FILE), party)
         compute_s = 0.0
         if dxo.data_kind == DataKind.GRADIENTS:
             grads = dxo_to_features(dxo, DataKind.GRADIENTS, party=party, keep_encoded=True)
