@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -98,3 +99,10 @@ def test_every_scope_checks_the_gradients_the_server_returns(manager):
             shareable = filter_.process(shareable, FLContext())
         reason = shareable.get_header(SITE_ERROR_HEADER)
         assert (reason is not None and "dc_fraction x0" in reason) if refused else reason is None, reason
+
+
+def test_the_example_policy_keeps_each_sites_encoder_at_the_site():
+    from splitunet.site.encoder_release import read_share_encoder
+
+    assert read_share_encoder(POLICY) is False
+    assert json.loads(POLICY.read_text())["splitunet_share_encoder"] is False  # stated, so admins see the switch
