@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.workspace import Workspace
 
@@ -39,3 +43,25 @@ def server_filter_context(site: str, direction: str) -> FLContext:
     context.set_peer_context(peer)
     context.set_prop(FLContextKey.FILTER_DIRECTION, direction, private=True, sticky=False)
     return context
+
+
+def t1gd_site_context(tmp_path: Path, tiny_parties: Path, privacy: Mapping | None = None) -> FLContext:
+    """The context of ``site-3`` (T1gd of the ``tiny_parties`` fixture's data) running job ``job-1`` in a FLARE
+    workspace under ``tmp_path``, with ``privacy`` as its ``local/privacy.json`` (none if ``None``)."""
+    from nvflare.apis.fl_constant import ReservedKey
+
+    root = tmp_path / "workspace"
+    for folder in ("startup", "local"):
+        (root / folder).mkdir(parents=True)
+    settings = {
+        "case_key_secret": "test-secret",
+        "parties": {"site-3": {"modality": "t1gd", "data_dir": str(tiny_parties / "t1gd")}},
+    }
+    (root / "local" / "splitunet_site.json").write_text(json.dumps(settings))
+    if privacy is not None:
+        (root / "local" / "privacy.json").write_text(json.dumps(dict(privacy)))
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.ENGINE, WorkspaceEngine(Workspace(str(root), "site-3")), private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-3", private=False, sticky=False)
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=False, sticky=False)
+    return fl_ctx

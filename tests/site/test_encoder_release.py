@@ -6,12 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from fakes import WorkspaceEngine
+from fakes import t1gd_site_context
 from nvflare.apis.dxo import from_shareable
-from nvflare.apis.fl_constant import ReservedKey
-from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
-from nvflare.apis.workspace import Workspace
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.flare.encoder_weights import dxo_to_encoder
@@ -63,24 +60,6 @@ def test_the_refusal_names_the_site_and_the_key_and_no_path():
     assert f'"{SHARE_ENCODER_KEY}": true' in message and "/" not in message.split("local/privacy.json")[0]
 
 
-def _context(tmp_path, tiny_parties, policy: dict | None) -> FLContext:
-    root = tmp_path / "workspace"
-    for folder in ("startup", "local"):
-        (root / folder).mkdir(parents=True)
-    settings = {
-        "case_key_secret": "test-secret",
-        "parties": {"site-3": {"modality": "t1gd", "data_dir": str(tiny_parties / "t1gd")}},
-    }
-    (root / "local" / "splitunet_site.json").write_text(json.dumps(settings))
-    if policy is not None:
-        (root / "local" / "privacy.json").write_text(json.dumps(policy))
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.ENGINE, WorkspaceEngine(Workspace(str(root), "site-3")), private=True, sticky=False)
-    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-3", private=False, sticky=False)
-    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=False, sticky=False)
-    return fl_ctx
-
-
 def _run(executor, task, meta, fl_ctx):
     return executor.execute(task, control_dxo(meta).to_shareable(), fl_ctx, Signal())
 
@@ -91,7 +70,7 @@ def _set_up(executor, fl_ctx):
 
 
 def test_a_site_without_the_opt_in_refuses_the_upload(tmp_path, tiny_parties):
-    fl_ctx = _context(tmp_path, tiny_parties, {"scopes": []})
+    fl_ctx = t1gd_site_context(tmp_path, tiny_parties, {"scopes": []})
     executor = SplitSiteExecutor()
     _set_up(executor, fl_ctx)
     reply = _run(executor, TaskName.AVERAGE, {MetaKey.ITERATION: 10}, fl_ctx)
@@ -101,7 +80,7 @@ def test_a_site_without_the_opt_in_refuses_the_upload(tmp_path, tiny_parties):
 
 
 def test_a_site_that_opted_in_sends_its_encoder(tmp_path, tiny_parties):
-    fl_ctx = _context(tmp_path, tiny_parties, {"scopes": [], SHARE_ENCODER_KEY: True})
+    fl_ctx = t1gd_site_context(tmp_path, tiny_parties, {"scopes": [], SHARE_ENCODER_KEY: True})
     executor = SplitSiteExecutor()
     _set_up(executor, fl_ctx)
     reply = _run(executor, TaskName.AVERAGE, {MetaKey.ITERATION: 10}, fl_ctx)

@@ -8,11 +8,9 @@ import json
 
 import pytest
 import torch
-from fakes import WorkspaceEngine
-from nvflare.apis.fl_constant import ReservedKey
+from fakes import t1gd_site_context
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
-from nvflare.apis.workspace import Workspace
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.flare.executor import RESULTS_FILE, SplitSiteExecutor
@@ -32,21 +30,9 @@ def own_settings_only(monkeypatch):
 
 
 def _context(tmp_path, tiny_parties, cap: dict | None) -> FLContext:
-    root = tmp_path / "workspace"
-    for folder in ("startup", "local"):
-        (root / folder).mkdir(parents=True)
-    settings = {
-        "case_key_secret": "test-secret",
-        "parties": {"site-3": {"modality": "t1gd", "data_dir": str(tiny_parties / "t1gd")}},
-    }
-    (root / "local" / "splitunet_site.json").write_text(json.dumps(settings))
-    if cap is not None:
-        (root / "local" / "privacy.json").write_text(json.dumps({"scopes": [], "splitunet_epsilon_cap": cap}))
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.ENGINE, WorkspaceEngine(Workspace(str(root), "site-3")), private=True, sticky=False)
-    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-3", private=False, sticky=False)
-    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=False, sticky=False)
-    return fl_ctx
+    return t1gd_site_context(
+        tmp_path, tiny_parties, None if cap is None else {"scopes": [], "splitunet_epsilon_cap": cap}
+    )
 
 
 def _run(executor, task, meta, fl_ctx, dxo=None):
