@@ -12,7 +12,6 @@ Plain Python and Opacus' accountant; no FLARE, so any executor (or its tests) ca
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from splitunet.errors import SplitUNetConfigError
+from splitunet.site.policy_file import ABSENT, policy_entry
 
 if TYPE_CHECKING:  # the check itself needs no Opacus: a site without it still refuses jobs without DP
     from splitunet.dp.epsilon_budget import DPBudget
@@ -87,16 +87,10 @@ def read_epsilon_cap(privacy_file: str | Path) -> EpsilonCap | None:
     Raises:
         SplitUNetConfigError: the file cannot be read or the entry is malformed.
     """
-    path = Path(privacy_file)
-    if not path.is_file():
+    entry = policy_entry(privacy_file, EPSILON_CAP_KEY)
+    if entry is ABSENT:
         return None
-    try:
-        policy = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SplitUNetConfigError(f"local/{path.name} cannot be read: {error}") from error
-    if not isinstance(policy, Mapping) or EPSILON_CAP_KEY not in policy:
-        return None
-    return parse_epsilon_cap(policy[EPSILON_CAP_KEY], f"local/{path.name} {EPSILON_CAP_KEY}")
+    return parse_epsilon_cap(entry, f"local/{Path(privacy_file).name} {EPSILON_CAP_KEY}")
 
 
 def check_epsilon_cap(cap: EpsilonCap | None, budget: DPBudget | None, party: str) -> str | None:

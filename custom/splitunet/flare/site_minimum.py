@@ -8,7 +8,6 @@ client config). The site's floor comes from its own ``local/privacy.json`` (see
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from splitunet.site.minimum_defense import (
     parse_minimum_defense,
     shortfalls,
 )
+from splitunet.site.policy_file import ABSENT, PRIVACY_FILE, policy_entry
 from splitunet.wire.protocol import TaskName
 
 __all__ = [
@@ -38,21 +38,14 @@ __all__ = [
 
 # The tasks whose results carry the site's features.
 RELEASING_TASKS = (TaskName.STEP, TaskName.ENCODE)
-PRIVACY_FILE = "privacy.json"
 
 
 def read_minimum_defense(local_dir: Path) -> dict[str, dict] | None:
     """The site's minimum defense from ``<local_dir>/privacy.json``, or ``None`` when it states none."""
-    path = Path(local_dir) / PRIVACY_FILE
-    if not path.is_file():
+    entry = policy_entry(Path(local_dir) / PRIVACY_FILE, MINIMUM_DEFENSE_KEY)
+    if entry is ABSENT:
         return None
-    try:
-        policy = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SplitUNetConfigError(f"local/{PRIVACY_FILE} cannot be read: {error}") from error
-    if MINIMUM_DEFENSE_KEY not in policy:
-        return None
-    return parse_minimum_defense(policy[MINIMUM_DEFENSE_KEY], f"local/{PRIVACY_FILE}")
+    return parse_minimum_defense(entry, f"local/{PRIVACY_FILE}")
 
 
 def released_chain(scope_filters: Sequence, job_config: dict, task: str) -> list:

@@ -15,11 +15,10 @@ Python, no FLARE.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
 from pathlib import Path
 
 from splitunet.errors import SplitUNetConfigError
+from splitunet.site.policy_file import ABSENT, policy_entry
 
 __all__ = ["SHARE_ENCODER_KEY", "EncoderReleaseRefused", "read_share_encoder", "check_share_encoder"]
 
@@ -38,18 +37,13 @@ def read_share_encoder(privacy_file: str | Path) -> bool:
         SplitUNetConfigError: the file cannot be read, or the key holds anything but ``true`` or ``false`` (the
             message names the file and the key).
     """
-    path = Path(privacy_file)
-    if not path.is_file():
+    value = policy_entry(privacy_file, SHARE_ENCODER_KEY)
+    if value is ABSENT:
         return False
-    try:
-        policy = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SplitUNetConfigError(f"local/{path.name} cannot be read: {error}") from error
-    if not isinstance(policy, Mapping) or SHARE_ENCODER_KEY not in policy:
-        return False
-    value = policy[SHARE_ENCODER_KEY]
     if not isinstance(value, bool):
-        raise SplitUNetConfigError(f"local/{path.name} {SHARE_ENCODER_KEY} must be true or false, got {value!r}")
+        raise SplitUNetConfigError(
+            f"local/{Path(privacy_file).name} {SHARE_ENCODER_KEY} must be true or false, got {value!r}"
+        )
     return value
 
 

@@ -33,6 +33,7 @@ from splitunet.data.case_keys import read_or_create_secret
 from splitunet.data.party_settings import SETTINGS_FILE_NAME, write_settings
 from splitunet.data.site_groups import group_sites, split_patients, write_groups
 from splitunet.site.encoder_release import SHARE_ENCODER_KEY
+from splitunet.site.policy_file import PRIVACY_FILE
 from splitunet.tools.demo import ensure_partitioned_phantom
 from splitunet.tools.deployment import (
     add_capture_filter,
@@ -166,7 +167,7 @@ def run_splitfed_demo(
     )
     # Every site of this consortium opts in to sending its encoder for averaging (its own policy's choice, off
     # unless stated: splitunet.site.encoder_release); the simulator gives every party this one local/ folder.
-    write_json_atomic({SHARE_ENCODER_KEY: True}, sim_workspace / "local" / "privacy.json")
+    write_json_atomic({SHARE_ENCODER_KEY: True}, sim_workspace / "local" / PRIVACY_FILE)
     # One private seed per modality, shared by its sites only.
     seeds = {modality: secrets.randbits(63) for modality in set(site_modalities.values())}
     data_dirs = {site: groups[group] / modality for site, (modality, group) in settings.sites.items()}
