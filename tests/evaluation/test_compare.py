@@ -561,3 +561,43 @@ def test_a_dp_run_is_reused_only_under_the_dp_settings_it_ran_with(tmp_path):
     assert _finished(run_dir, settings, topology) is None
     (run_dir / "compare_run.json").write_text(json.dumps({key: v for key, v in run.items() if key != "row_settings"}))
     assert _finished(run_dir, settings, topology) is None
+
+
+def test_parts_of_a_study_run_elsewhere_merge_and_only_the_missing_runs_train(tmp_path, monkeypatch):
+    from splitunet.evaluation import compare
+
+    settings = CompareSettings.quick(seeds=(0, 1), topologies=("fedavg", "fedavg_dp_eps10"))
+    held_out = {"hospital-1": ["BRATS_002"], "hospital-2": ["BRATS_005"]}
+    data = CompareData(tmp_path, {}, {}, held_out, "vertical", None)
+    monkeypatch.setattr(compare, "prepare_compare_data", lambda folder, settings, seed: data)
+    trained = []
+
+    def fake_runner(topology, run_dir, data, settings, seed):
+        trained.append((topology.key, seed))
+        return _run(0.1, 0.1, 0.1)
+
+    monkeypatch.setitem(compare._RUNNERS, "fedavg", fake_runner)
+
+    def part(name, key, seed, dice):
+        topology = _BY_KEY[key]
+        record = {"settings": settings.fingerprint(), "seed": seed, "topology": key, **_run(dice, dice, dice)}
+        row = compare._row_fingerprint(topology, settings)
+        if row:
+            record["row_settings"] = row
+        path = tmp_path / name
+        path.write_text(json.dumps({"held_out": {str(seed): held_out}, "runs": {key: {str(seed): record}}}))
+        return path
+
+    here = part("here.json", "fedavg", 0, 0.8)
+    elsewhere = part("elsewhere.json", "fedavg_dp_eps10", 1, 0.2)
+    also_here = part("also_here.json", "fedavg", 0, 0.5)  # the same run again: the first file gives it
+    report = compare.run_compare(tmp_path / "merged", settings, reuse=[here, elsewhere, also_here])
+
+    assert sorted(trained) == [("fedavg", 1), ("fedavg_dp_eps10", 0)]
+    rows = {row["key"]: row for row in report["rows"]}
+    assert rows["fedavg"]["dice_by_seed"]["0"]["TC"] == 0.8
+    assert rows["fedavg_dp_eps10"]["dice_by_seed"]["1"]["TC"] == 0.2
+    assert rows["fedavg_dp_eps10"]["seeds"] == [0, 1]
+
+    with pytest.raises(SplitUNetConfigError, match="missing.json"):
+        compare.run_compare(tmp_path / "again", settings, reuse=tmp_path / "missing.json")

@@ -68,6 +68,8 @@ row's figures and the settings they were measured under); a rerun with the same 
 finished runs, so a long study can be stopped and continued. A run is reused when its settings' fingerprint
 (:meth:`CompareSettings.fingerprint`; a field added to the settings later enters it only at a non-default value, so
 a study under way keeps its runs) and, for a DP row, the DP settings it ran with are what the rerun would use.
+``compare.json`` carries every run's record, so parts of one study run on several machines (some seeds here, some
+rows there) merge by reusing their ``compare.json`` files in a new out folder.
 """
 
 from __future__ import annotations
@@ -918,7 +920,10 @@ def _finished(run_dir: Path, settings: CompareSettings, topology: Topology | Non
 def _restore_runs(reuse: str | Path, out_dir: Path, seed: int, held_out: Mapping[str, Sequence[str]]) -> None:
     """Write the run records of an earlier ``compare.json`` for ``seed`` where this study has none yet; each is
     then reused only if :func:`_finished` accepts it (the same settings and row settings)."""
-    earlier = json.loads(Path(reuse).read_text())
+    try:
+        earlier = json.loads(Path(reuse).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SplitUNetConfigError(f"{reuse}: cannot be read as an earlier compare.json ({error})") from error
     recorded = earlier.get("held_out", {}).get(str(seed))
     runs = {key: by_seed[str(seed)] for key, by_seed in earlier.get("runs", {}).items() if str(seed) in by_seed}
     if not runs:
@@ -935,16 +940,21 @@ def _restore_runs(reuse: str | Path, out_dir: Path, seed: int, held_out: Mapping
             write_json_atomic(run, path)
 
 
-def run_compare(out_dir: str | Path, settings: CompareSettings | None = None, reuse: str | Path | None = None) -> dict:
+def run_compare(
+    out_dir: str | Path,
+    settings: CompareSettings | None = None,
+    reuse: str | Path | Sequence[str | Path] | None = None,
+) -> dict:
     """Train every topology of ``settings`` under every seed; write ``compare.json`` and ``compare.md``.
 
     Args:
         out_dir: the study's folder (one data folder per seed, one workspace per run, the tables).
         settings: sizes, budget, seeds and rows (default :class:`CompareSettings`; ``CompareSettings.quick()``
             for a test).
-        reuse: an earlier ``compare.json`` whose runs are taken over where they were measured under the same
-            settings (the data, held-out cases and secrets derive from the seed, so a study continues on another
-            machine).
+        reuse: earlier ``compare.json`` files (one or several) whose runs are taken over where they were measured
+            under the same settings (the data, held-out cases and secrets derive from the seed, so a study continues
+            on another machine, and parts run on several machines merge); where two files hold the same run, the
+            first gives it, and a run already in ``out_dir`` is kept.
 
     Returns:
         the summary written to ``compare.json`` (see :func:`summarise_compare`).
@@ -953,13 +963,14 @@ def run_compare(out_dir: str | Path, settings: CompareSettings | None = None, re
     started = time.perf_counter()
     out_dir = Path(out_dir).resolve()
     topologies = [_BY_KEY[key] for key in settings.topologies]
+    reuse_files = [] if reuse is None else [reuse] if isinstance(reuse, (str, Path)) else list(reuse)
     runs: dict[str, dict[int, dict]] = {topology.key: {} for topology in topologies}
     held_out: dict[int, dict[str, list[str]]] = {}
     for seed in settings.seeds:
         data = prepare_compare_data(out_dir / f"data_seed{seed}", settings, seed)
         held_out[seed] = data.held_out
-        if reuse:
-            _restore_runs(reuse, out_dir, seed, data.held_out)
+        for earlier in reuse_files:
+            _restore_runs(earlier, out_dir, seed, data.held_out)
         for topology in topologies:
             run_dir = out_dir / f"seed{seed}" / topology.key
             run = _finished(run_dir, settings, topology)

@@ -202,7 +202,7 @@ def _sweep(args) -> int:
 def _compare(args) -> int:
     from splitunet.evaluation.compare import CompareSettings, run_compare
 
-    chosen = {"seeds": tuple(range(args.seeds))}
+    chosen = {"seeds": tuple(args.only_seeds) if args.only_seeds else tuple(range(args.seeds))}
     if args.topologies:
         chosen["topologies"] = tuple(args.topologies)
     if args.steps:
@@ -625,11 +625,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--out", required=True, type=Path)
     compare.add_argument("--seeds", type=int, default=3, help="paired seeds 0..N-1 (default: 3)")
+    compare.add_argument(
+        "--only-seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="train only these seeds instead of 0..N-1 (a study split across machines; merge with --reuse)",
+    )
     compare.add_argument("--steps", type=int, default=0, help="AdamW steps of every model (default: 400)")
     compare.add_argument("--topologies", nargs="+", help="rows to run, the first the reference (default: all)")
     compare.add_argument("--quick", action="store_true", help="tiny sizes, 4 steps (checks the pipeline)")
     compare.add_argument(
-        "--reuse", type=Path, help="an earlier compare.json whose runs (same settings) are taken over, not rerun"
+        "--reuse",
+        type=Path,
+        nargs="+",
+        help="earlier compare.json files whose runs (same settings) are taken over, not rerun; the first file that "
+        "holds a run gives it",
     )
     compare.set_defaults(run=_compare)
     detector = commands.add_parser(
