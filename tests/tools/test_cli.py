@@ -57,13 +57,13 @@ def test_prepare_and_configure_kit_name_checkpoint_dirs(tmp_path, capsys, monkey
     assert (settings.checkpoint_dir, settings.inference_dir) == (tmp_path / "keep", tmp_path / "new")
 
 
-def test_compare_trains_only_the_seeds_named_and_merges_several_earlier_files(tmp_path, monkeypatch, capsys):
+def test_compare_passes_seeds_budget_and_earlier_files_to_the_study(tmp_path, monkeypatch, capsys):
     from splitunet.evaluation import compare
 
     calls = []
 
     def fake_run_compare(out_dir, settings, reuse=None):
-        calls.append((settings.seeds, settings.topologies, reuse))
+        calls.append((settings.seeds, settings.topologies, reuse, settings.steps, settings.rounds))
         (out_dir / "compare.md").parent.mkdir(parents=True, exist_ok=True)
         (out_dir / "compare.md").write_text("the table\n")
 
@@ -71,7 +71,9 @@ def test_compare_trains_only_the_seeds_named_and_merges_several_earlier_files(tm
     argv = ["compare", "--out", str(tmp_path / "c"), "--quick", "--topologies", "fedavg", "fedavg_dp_eps1"]
     assert main([*argv, "--only-seeds", "2", "--reuse", "a.json", "b.json"]) == 0
     assert main(argv) == 0
+    assert main([*argv, "--steps", "8", "--rounds", "4"]) == 0
     assert calls[0][0] == (2,) and calls[0][1] == ("fedavg", "fedavg_dp_eps1")
     assert [str(path) for path in calls[0][2]] == ["a.json", "b.json"]
     assert calls[1][0] == (0, 1, 2) and calls[1][2] is None
+    assert calls[1][3:] == (4, 2) and calls[2][3:] == (8, 4)  # the quick budget, then the one asked for
     assert "the table" in capsys.readouterr().out

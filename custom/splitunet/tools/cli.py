@@ -207,6 +207,8 @@ def _compare(args) -> int:
         chosen["topologies"] = tuple(args.topologies)
     if args.steps:
         chosen["steps"] = args.steps
+    if args.rounds:
+        chosen["rounds"] = args.rounds
     settings = CompareSettings.quick(**chosen) if args.quick else CompareSettings(**chosen)
     run_compare(args.out, settings, reuse=args.reuse)
     print((Path(args.out) / "compare.md").read_text())
@@ -633,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train only these seeds instead of 0..N-1 (a study split across machines; merge with --reuse)",
     )
     compare.add_argument("--steps", type=int, default=0, help="AdamW steps of every model (default: 400)")
+    compare.add_argument(
+        "--rounds", type=int, default=0, help="averaging rounds of the topologies that average (default: 10)"
+    )
     compare.add_argument("--topologies", nargs="+", help="rows to run, the first the reference (default: all)")
     compare.add_argument("--quick", action="store_true", help="tiny sizes, 4 steps (checks the pipeline)")
     compare.add_argument(
