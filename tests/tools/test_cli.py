@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from splitunet.tools.cli import main
 
 
@@ -77,3 +79,6 @@ def test_compare_passes_seeds_budget_and_earlier_files_to_the_study(tmp_path, mo
     assert calls[1][0] == (0, 1, 2) and calls[1][2] is None
     assert calls[1][3:] == (4, 2) and calls[2][3:] == (8, 4)  # the quick budget, then the one asked for
     assert "the table" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse: one way of naming the seeds
+        main([*argv, "--seeds", "2", "--only-seeds", "1"])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -626,8 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
         "patients and budget; one table with paired-seed intervals",
     )
     compare.add_argument("--out", required=True, type=Path)
-    compare.add_argument("--seeds", type=int, default=3, help="paired seeds 0..N-1 (default: 3)")
-    compare.add_argument(
+    which_seeds = compare.add_mutually_exclusive_group()
+    which_seeds.add_argument("--seeds", type=int, default=3, help="paired seeds 0..N-1 (default: 3)")
+    which_seeds.add_argument(
         "--only-seeds",
         type=int,
         nargs="+",
