@@ -215,6 +215,26 @@ def _compare(args) -> int:
     return 0
 
 
+def _compare_budgets(args) -> int:
+    import json
+
+    from splitunet.evaluation.budget_change import budget_changes, budget_markdown
+
+    reports = []
+    for path in (args.shorter, args.longer):
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as error:
+            raise SplitUNetConfigError(f"cannot read the comparison report {path}: {error}") from error
+    changes = budget_changes(*reports, tolerance=args.tolerance / 100)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "budget_change.json").write_text(json.dumps(changes, indent=2) + "\n")
+    text = budget_markdown(changes)
+    (args.out / "budget_change.md").write_text(text)
+    print(text)
+    return 0
+
+
 def _detector(args) -> int:
     from splitunet.evaluation.detector_false_alarms import measure_false_alarms
     from splitunet.tools.demo import ensure_partitioned_phantom
@@ -649,6 +669,18 @@ def build_parser() -> argparse.ArgumentParser:
         "holds a run gives it",
     )
     compare.set_defaults(run=_compare)
+    budgets = commands.add_parser(
+        "compare-budgets",
+        help="has the comparison stopped moving? each row of a longer-budget compare.json against the same row, seed "
+        "and patients of a shorter one, with paired-seed intervals",
+    )
+    budgets.add_argument("--shorter", required=True, type=Path, help="compare.json of the shorter budget")
+    budgets.add_argument("--longer", required=True, type=Path, help="compare.json of the longer budget")
+    budgets.add_argument("--out", required=True, type=Path, help="folder for budget_change.json and .md")
+    budgets.add_argument(
+        "--tolerance", type=float, default=2.0, help="Dice points within which a whole interval counts as settled"
+    )
+    budgets.set_defaults(run=_compare_budgets)
     detector = commands.add_parser(
         "detector", help="false alarms of the site-side gradient detector over whole honest training runs"
     )
