@@ -6,7 +6,12 @@ import pytest
 
 import splitunet.evaluation.bench.links as links_module
 from splitunet.evaluation.bench.links import LINK_SITES, link_bound, run_link_paths
-from splitunet.evaluation.bench.targets import LINK_BOUND_TARGET, TRANSPORT_RATE_TARGET, evaluate_targets
+from splitunet.evaluation.bench.targets import (
+    LINK_BOUND_TARGET,
+    PIPELINE_SPEEDUP_TARGET,
+    TRANSPORT_RATE_TARGET,
+    evaluate_targets,
+)
 from splitunet.tools.deployment import default_site_modalities
 from splitunet.wire.protocol import MODALITIES
 
@@ -88,3 +93,79 @@ def test_transport_rate_is_judged_against_the_raw_loopback_copy():
     assert simulator["measured"] == pytest.approx(0.005)
     assert simulator["met"] is (simulator["measured"] >= TRANSPORT_RATE_TARGET) is False
     assert targets["FLARE POC transport rate / raw loopback TCP rate"]["measured"] is None
+
+
+class _FakeLinks:
+    """Stands in for the namespaces: nothing is created, nothing is killed."""
+
+    killed = ()
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _poc_figures(total: float) -> dict:
+    parts = {"site_compute": 1.0, "server_compute": 1.0, "waiting_transfer": total - 2.0, "total": total}
+    return {"step_time_s": parts, "activation_bytes_per_iteration": 4e6, "iterations": 5}
+
+
+@pytest.mark.parametrize("pipelined_fails", [False, True])
+def test_a_pipelined_run_follows_the_lock_step_one_over_the_same_links(monkeypatch, tmp_path, pipelined_fails):
+    from splitunet.evaluation.bench.settings import BenchSettings
+
+    runs = []
+
+    def run_poc_path(out_dir, data, problem, settings, placement, pipeline_delay=0):
+        runs.append((placement.folder, placement.host, pipeline_delay))
+        if pipeline_delay and pipelined_fails:
+            raise RuntimeError("the POC harness exited with code 1")
+        return _poc_figures(6.0 if pipeline_delay else 9.0)
+
+    monkeypatch.setattr(links_module, "netns_unavailable_reason", lambda: None)
+    monkeypatch.setattr(links_module, "NamespaceLinks", _FakeLinks)
+    monkeypatch.setattr(links_module, "tcp_copy", lambda *args: {"mbit_per_s": 9.5})
+    monkeypatch.setattr(links_module, "run_poc_path", run_poc_path)
+    settings = BenchSettings.create(tmp_path, quick=True, device="cpu", link_rates=["10mbit"], pipelined=True)
+    assert settings.pipelined  # the links alone are reason enough to run it
+    table = _report({})["sizes"][0]["bytes_per_iteration"]
+    result = run_link_paths(tmp_path, None, settings.link_size, settings, table)["10mbit"]
+    assert [(folder, delay) for folder, _, delay in runs] == [("poc_link_10mbit", 0), ("poc_link_10mbit_pipelined", 1)]
+    assert runs[0][1] == runs[1][1] != "127.0.0.1"  # both consortia behind the shaped links
+    assert result["step_time_s"]["total"] == 9.0 and "bound" in result  # the lock-step run is judged as before
+    [target] = [t for t in evaluate_targets(_report({"10mbit": result}), "int8") if t["name"].startswith("pipelined")]
+    if pipelined_fails:
+        assert "exited with code 1" in result["pipelined"]["error"]
+        assert target["measured"] is None and "exited with code 1" in target["note"]
+    else:
+        assert result["pipelined"]["throughput_ratio"] == pytest.approx(1.5)
+        assert target["measured"] == pytest.approx(1.5) and target["met"] is (1.5 >= PIPELINE_SPEEDUP_TARGET)
+        assert "10mbit" in target["name"] and "6.000 s pipelined against 9.000 s" in target["note"]
+
+
+def test_the_simulators_pipelined_run_is_judged_against_its_lock_step_run():
+    report = _report({})
+    report["flare"] = {
+        "simulator": _poc_figures(4.0),
+        "poc": {"skipped": "no"},
+        "simulator_pipelined": _poc_figures(2.0),
+    }
+    [target] = [t for t in evaluate_targets(report, "int8") if t["name"].startswith("pipelined")]
+    assert target["measured"] == pytest.approx(2.0) and target["met"] is True and "simulator" in target["name"]
+    assert not [t for t in evaluate_targets(_report({}), "int8") if t["name"].startswith("pipelined")]
+
+
+def test_the_report_shows_the_pipelined_run_under_its_lock_step_run():
+    from splitunet.evaluation.bench.report import _links_section
+
+    result = {**_link(9.0, 4.5), "pipelined": {**_poc_figures(6.0), "throughput_ratio": 1.5}}
+    failed = {**_link(9.0, 4.5), "pipelined": {"error": "RuntimeError: harness exited"}}
+    report = {**_report({"10mbit": result, "20mbit": failed}), "settings": {"link_size": "crop64"}}
+    text = "\n".join(_links_section(report))
+    assert "| 10mbit, pipelined (lock-step / pipelined: 1.50x) | **6.000** |" in text
+    assert "| 20mbit, pipelined | RuntimeError: harness exited |" in text

@@ -165,10 +165,12 @@ def run_poc_path(
     problem: ProblemSize,
     settings: BenchSettings,
     placement: PocPlacement | None = None,
+    pipeline_delay: int = 0,
 ) -> dict:
     """Run the main job in a fresh POC consortium (mTLS, one process per party), then stop it.
 
     By default every party is on loopback; ``placement`` puts them elsewhere (see :class:`PocPlacement`).
+    ``pipeline_delay`` 1 runs the job pipelined (as :func:`run_simulator_path`).
 
     The harness (and its admin client) runs in a fresh interpreter: in the bench's own process the in-process arms
     have used FLARE's serialization (FOBS with the tensor decomposer), after which the admin login was seen to go out
@@ -179,11 +181,11 @@ def run_poc_path(
 
     placement = placement or PocPlacement()
     workspace = (Path(out_dir) / placement.folder).resolve()
+    server_args = flare_server_args(problem, settings)
+    if pipeline_delay:
+        server_args["pipeline_delay"] = pipeline_delay
     job = copy_job_with_overrides(
-        main_job_dir(),
-        workspace / "job" / "split_unet",
-        flare_server_args(problem, settings),
-        flare_client_args(settings),
+        main_job_dir(), workspace / "job" / "split_unet", server_args, flare_client_args(settings)
     )
     summary_path = workspace / "results.json"
     summary_path.unlink(missing_ok=True)

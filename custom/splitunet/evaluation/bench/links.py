@@ -11,6 +11,12 @@ Each run is judged against what the link allows: its own compute (slowest site, 
 (up: activations as the controller received them; down: gradients in the job's wire precision) at the link's rate.
 A plain TCP copy over the same link (one site's payload, at least a second's worth of traffic) shows what TCP
 itself sustains there.
+
+With ``settings.pipelined`` a second consortium runs the job pipelined (``pipeline_delay`` 1) over the same links
+right after the lock-step one. A lock-step step sends the activations up, waits for the server, then takes the
+gradients down: each direction of a link idles while the other works. Pipelined, the next step's activations go up
+while the server decodes and this step's gradients come down, so where the link sets the pace the two directions
+overlap; the throughput ratio (lock-step step time over pipelined) is what the overlap buys over this link.
 """
 
 from __future__ import annotations
@@ -88,8 +94,9 @@ def _one_link(
             "down": tcp_copy(plan, SERVER, LINK_SITES[0], copied[1], copy_timeout),
         }
         figures = run_poc_path(out_dir, data, problem, settings, placement)
+        pipelined = _pipelined_run(out_dir, data, problem, settings, placement, rate) if settings.pipelined else None
     up, down = _site_payload(table, settings.wire_precision, figures["activation_bytes_per_iteration"])
-    return {
+    result = {
         **figures,
         "link": plan.describe(),
         "site_payload_bytes": {"up": up, "down": down},
@@ -97,6 +104,29 @@ def _one_link(
         "bound": link_bound(figures["step_time_s"], up, down, plan.rate_bits),
         "killed_at_teardown": len(links.killed),
     }
+    if pipelined is not None:
+        if "step_time_s" in pipelined:
+            pipelined["throughput_ratio"] = figures["step_time_s"]["total"] / pipelined["step_time_s"]["total"]
+        result["pipelined"] = pipelined
+    return result
+
+
+def _pipelined_run(
+    out_dir: Path, data: BenchData, problem: ProblemSize, settings: BenchSettings, placement: PocPlacement, rate: str
+) -> dict:
+    """The same POC run with ``pipeline_delay`` 1 in the same namespaces; a failure is reported, not raised."""
+    _log(f"FLARE POC over {rate} links, pipelined")
+    pipelined = PocPlacement(
+        folder=f"{placement.folder}_pipelined",
+        host=placement.host,
+        harness_prefix=placement.harness_prefix,
+        party_prefixes=placement.party_prefixes,
+    )
+    try:
+        return run_poc_path(out_dir, data, problem, settings, pipelined, pipeline_delay=1)
+    except Exception as error:  # noqa: BLE001 - the lock-step run's measurement stands on its own
+        _log(f"pipelined run over {rate} links failed: {type(error).__name__}: {error}")
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 def run_link_paths(

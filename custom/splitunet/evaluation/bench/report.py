@@ -212,6 +212,18 @@ def _links_section(report: Mapping) -> list[str]:
             f"{bound['ratio']:.2f} | {_mb(payload['up'])} / {_mb(payload['down'])} | "
             f"{raw['up']['mbit_per_s']:.0f} / {raw['down']['mbit_per_s']:.0f} |"
         )
+        pipelined = result.get("pipelined")
+        if pipelined is None:
+            continue
+        if "step_time_s" not in pipelined:
+            lines.append(f"| {rate}, pipelined | {_cell(pipelined.get('error'))} |" + " |" * 8)
+            continue
+        piped = pipelined["step_time_s"]
+        lines.append(
+            f"| {rate}, pipelined (lock-step / pipelined: {pipelined['throughput_ratio']:.2f}x) | "
+            f"**{_s(piped['total'])}** | {_s(piped['site_compute'])} | {_s(piped['server_compute'])} | "
+            f"{_s(piped['waiting_transfer'])} | {_s(bound['wire_s'])} | | | | |"
+        )
     return lines + [""]
 
 

@@ -117,7 +117,7 @@ def run_bench(settings: BenchSettings) -> dict:
             "poc", settings.run_poc, _skip_reason(settings, "poc"), lambda: run_poc_path(out, data, reference, settings)
         ),
     }
-    if settings.pipelined:
+    if settings.pipelined and settings.run_simulator:
         # The same run with pipeline_delay 1: lock-step and pipelined step times side by side.
         report["flare"]["simulator_pipelined"] = _flare_path(
             "simulator, pipelined",

@@ -133,8 +133,9 @@ class BenchSettings:
         link_rates: rates of the site links (``"1gbit"``, ``"100mbit"``) for POC runs with every party in a network
             namespace of its own (:mod:`splitunet.evaluation.bench.links`); empty: none.
         link_size_index: the size at which the link runs train (it is also timed in process).
-        pipelined: also run the main job in the simulator with ``pipeline_delay`` 1 (``simulator_pipelined``), so
-            that its step time stands beside the lock-step run's (docs/design.md, "Pipelined steps").
+        pipelined: also run the main job with ``pipeline_delay`` 1, so that its step time stands beside the
+            lock-step run's (docs/design.md, "Pipelined steps"): in the simulator (``simulator_pipelined``, when
+            the simulator runs) and over each rate's links (``links[rate]["pipelined"]``).
     """
 
     out_dir: Path
@@ -214,7 +215,8 @@ class BenchSettings:
         of 144^3 phantoms with the job's features, any device: 2 warm-up and 3 timed steps of the in-process split
         step, the simulator and POC; no accuracy arms unless ``iterations`` is given).
 
-        ``pipelined`` adds a simulator run of the main job with ``pipeline_delay`` 1 (with ``flare`` only).
+        ``pipelined`` adds a simulator run of the main job with ``pipeline_delay`` 1 (with ``flare``) and, with
+        ``link_rates``, a pipelined POC run over each rate's links after the lock-step one.
 
         ``link_rates`` adds one POC run per rate with every party in a network namespace and each site's link
         shaped to that rate, at ``link_crop`` (default: the reference crop; another crop is also timed in process).
@@ -351,7 +353,7 @@ class BenchSettings:
             job_args=job,
             preset=name,
             link_rates=link_rates,
-            pipelined=bool(pipelined and flare),
+            pipelined=bool(pipelined and (flare or link_rates)),
             **extra,
             **preset,
         )

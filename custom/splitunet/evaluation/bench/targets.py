@@ -25,6 +25,7 @@ __all__ = [
     "INT8_DICE_TARGET",
     "TRANSPORT_RATE_TARGET",
     "LINK_BOUND_TARGET",
+    "PIPELINE_SPEEDUP_TARGET",
 ]
 
 # The benchmark's targets (ratios of figures measured in the same run).
@@ -34,6 +35,7 @@ INT8_DICE_TARGET = 0.5  # Dice points a cheaper transport may cost (against floa
 DICE_POINTS_TARGET = 1.0  # Dice points split may trail centralized by
 TRANSPORT_RATE_TARGET = 0.25  # FLARE's achieved MB/s for the step's payload / a raw loopback TCP copy of it
 LINK_BOUND_TARGET = 1.2  # step over shaped links / (its compute + one site's payload at the link rate)
+PIPELINE_SPEEDUP_TARGET = 1.6  # lock-step step time / pipelined step time (4 sites + server), same path
 
 # FLARE's per-iteration parts and the in-process parts that do the same work.
 _COUNTERPARTS = {
@@ -282,6 +284,47 @@ def _link_targets(links: Mapping) -> list[dict]:
     return [_link_bound(rate, result) for rate, result in links.items()]
 
 
+def _pipelined_speedup(where: str, lock_step: Mapping, pipelined: Mapping | None, why_shared: str) -> dict:
+    """Throughput of the pipelined run over the lock-step run on the same path (their step times' ratio)."""
+    name, goal = f"pipelined throughput / lock-step, {where}", f">= {PIPELINE_SPEEDUP_TARGET}x"
+    if pipelined is None:
+        return _not_measured(name, goal, "not run")
+    if "step_time_s" not in pipelined or "step_time_s" not in lock_step:
+        reason = pipelined.get("error") or lock_step.get("error") or pipelined.get("skipped") or "not run"
+        return _not_measured(name, goal, reason)
+    locked, piped = lock_step["step_time_s"]["total"], pipelined["step_time_s"]["total"]
+    ratio = locked / piped
+    note = f"step {piped:.3f} s pipelined against {locked:.3f} s lock-step; {why_shared}"
+    return {"name": name, "goal": goal, "measured": ratio, "met": ratio >= PIPELINE_SPEEDUP_TARGET, "note": note}
+
+
+def _pipelined_targets(report: Mapping) -> list[dict]:
+    targets = []
+    flare = report["flare"]
+    if "simulator_pipelined" in flare:
+        targets.append(
+            _pipelined_speedup(
+                "FLARE simulator (loopback)",
+                flare["simulator"],
+                flare["simulator_pipelined"],
+                "every party shares this machine's cores, so the overlap can only hide waiting, not compute",
+            )
+        )
+    links = report.get("links") or {}
+    for rate, result in links.items():
+        if isinstance(result, dict) and "pipelined" in result:
+            targets.append(
+                _pipelined_speedup(
+                    f"FLARE POC over {rate} links",
+                    result,
+                    result["pipelined"],
+                    "each direction of each site's link has its own token bucket, so the next step's activations "
+                    "can go up while this step's gradients come down; the parties still share this machine's cores",
+                )
+            )
+    return targets
+
+
 def evaluate_targets(report: Mapping, default_precision: str) -> list[dict]:
     """The benchmark's targets from a report's measurements.
 
@@ -311,6 +354,7 @@ def evaluate_targets(report: Mapping, default_precision: str) -> list[dict]:
         *(_transport_rate(path, throughput) for path in ("simulator", "poc")),
         _bytes_ratio(reference["bytes_per_iteration"], default_precision),
         *_link_targets(report.get("links") or {}),
+        *_pipelined_targets(report),
     ]
     accuracy = report.get("accuracy") or {}
     return targets + (_dice_targets(accuracy, default_precision) if "arms" in accuracy else [])
