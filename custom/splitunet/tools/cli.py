@@ -707,7 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-flare", action="store_true", help="skip the FLARE simulator and POC paths")
     bench.add_argument("--no-poc", action="store_true", help="skip the POC path")
     bench.add_argument(
-        "--pipelined", action="store_true", help="also run the simulator with pipeline_delay 1 (simulator_pipelined)"
+        "--pipelined",
+        action="store_true",
+        help="also run the main job with pipeline_delay 1: in the simulator, and over each --link-rate's links",
     )
     bench.add_argument("--iterations", type=int, default=0, help="training iterations per accuracy arm")
     bench.add_argument(

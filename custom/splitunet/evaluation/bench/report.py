@@ -11,6 +11,7 @@ from pathlib import Path
 from splitunet.atomic_files import write_json_atomic
 from splitunet.compute.devices import THREADS_ENV_VAR
 from splitunet.evaluation.bench.step_timing import STEP_ARMS
+from splitunet.networks.optimizer import OPTIMIZER_NAME
 from splitunet.wire.protocol import REGIONS
 
 __all__ = ["write_report", "render_markdown", "load_report"]
@@ -279,7 +280,8 @@ def render_markdown(report: Mapping) -> str:
         "",
         *_machine_lines(report["machine"], settings),
         f"- data: {settings['cases']} phantom cases of {settings['volume_shape']}; job settings: loss "
-        f"{settings['loss']}, Adam lr {settings['learning_rate']}, weight decay {settings['weight_decay']}, "
+        f"{settings['loss']}, {OPTIMIZER_NAME} lr {settings['learning_rate']}, "
+        f"weight decay {settings['weight_decay']}, "
         f"transfer dtype {settings['transfer_dtype']} (default on the wire: {report['default_wire_precision']})",
         "",
         "## Targets (ratios measured in this run)",
