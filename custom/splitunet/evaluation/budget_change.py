@@ -22,11 +22,10 @@ writes it (``settings``, ``held_out``, ``rows`` with ``key``, ``label``, ``dice_
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from splitunet.errors import SplitUNetConfigError
-from splitunet.evaluation.intervals import t_interval
+from splitunet.evaluation.intervals import interval_sign, t_interval
 from splitunet.evaluation.utility import REGIONS, _interval_cell, _mean_dice
 
 __all__ = ["BUDGET_FIELDS", "DEFAULT_TOLERANCE", "budget_changes", "budget_markdown", "settle_verdict"]
@@ -66,12 +65,11 @@ def _check_comparable(shorter: Mapping, longer: Mapping) -> None:
 
 def settle_verdict(interval: Mapping, tolerance: float = DEFAULT_TOLERANCE) -> str:
     """What a paired change's interval allows one to say about a budget (see the module's docstring)."""
-    if interval.get("n", 0) < 2 or not math.isfinite(interval.get("low", math.nan)):
+    side = interval_sign(interval)
+    if side is None:
         return "too few seeds to say"
-    if interval["low"] > 0:
-        return "still rising"
-    if interval["high"] < 0:
-        return "still falling"
+    if side:
+        return "still rising" if side > 0 else "still falling"
     if -tolerance <= interval["low"] and interval["high"] <= tolerance:
         return "settled"
     return "not shown either way"

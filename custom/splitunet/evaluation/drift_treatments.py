@@ -13,10 +13,9 @@ Plain data in, plain data out: the rows are ``summarise_compare``'s (``key``, ``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
-from splitunet.evaluation.intervals import t_interval
+from splitunet.evaluation.intervals import interval_sign, t_interval
 from splitunet.evaluation.utility import REGIONS, _interval_cell, _mean_dice
 
 __all__ = ["DRIFT_TREATMENTS", "DP_TREATMENTS", "treatment_differences", "treatment_markdown"]
@@ -80,15 +79,12 @@ def treatment_differences(rows: Sequence[Mapping], pairs: Sequence[tuple[str, st
     return entries
 
 
+_VERDICTS = {None: "too few seeds to say", 1: "helps", -1: "hurts", 0: "no difference shown"}
+
+
 def _verdict(interval: Mapping) -> str:
     """What the interval of the mean-Dice difference allows one to say (a point estimate alone says nothing)."""
-    if interval.get("n", 0) < 2 or not math.isfinite(interval.get("low", math.nan)):
-        return "too few seeds to say"
-    if interval["low"] > 0:
-        return "helps"
-    if interval["high"] < 0:
-        return "hurts"
-    return "no difference shown"
+    return _VERDICTS[interval_sign(interval)]
 
 
 def treatment_markdown(entries: Sequence[Mapping], intro: str = _DRIFT_INTRO) -> str:

@@ -6,7 +6,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-__all__ = ["t_interval", "proportion_interval"]
+__all__ = ["t_interval", "interval_sign", "proportion_interval"]
 
 # Two-sided 95 % Student's t quantiles by degrees of freedom (scipy is not a dependency of the evaluation); beyond 30
 # degrees of freedom the normal quantile is within 2 %.
@@ -33,6 +33,18 @@ def t_interval(values: Sequence[float]) -> dict:
     quantile = _T95[degrees - 1] if degrees <= len(_T95) else 1.96
     half = quantile * statistics.stdev(values) / math.sqrt(len(values))
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
+
+
+def interval_sign(interval: dict) -> int | None:
+    """Which side of 0 a :func:`t_interval` lies on: 1 above, -1 below, 0 where it holds 0; ``None`` where it has
+    no bounds (fewer than 2 values): what a paired difference allows one to say, never a point estimate alone."""
+    if interval.get("n", 0) < 2 or not math.isfinite(interval.get("low", math.nan)):
+        return None
+    if interval["low"] > 0:
+        return 1
+    if interval["high"] < 0:
+        return -1
+    return 0
 
 
 def proportion_interval(successes: int, trials: int) -> dict:
