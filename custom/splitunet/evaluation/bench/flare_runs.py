@@ -53,10 +53,13 @@ class PocPlacement:
     party_prefixes: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
-def flare_server_args(problem: ProblemSize, settings: BenchSettings) -> dict:
-    """Workflow overrides: the problem size, the iteration count, one validation (at the end, on one case)."""
+def flare_server_args(problem: ProblemSize, settings: BenchSettings, pipeline_delay: int = 0) -> dict:
+    """Workflow overrides: the problem size, the iteration count, one validation (at the end, on one case), and
+    ``pipeline_delay`` where it is not lock-step's 0."""
     iterations = settings.flare_iterations
+    delay = {"pipeline_delay": pipeline_delay} if pipeline_delay else {}
     return {
+        **delay,
         "num_iterations": iterations,
         "val_every": iterations,
         "num_val_cases": 1,
@@ -114,9 +117,7 @@ def run_simulator_path(
     """
     from splitunet.tools.demo import DemoSettings, run_demo
 
-    server_args = flare_server_args(problem, settings)
-    if pipeline_delay:
-        server_args["pipeline_delay"] = pipeline_delay
+    server_args = flare_server_args(problem, settings, pipeline_delay)
     demo = DemoSettings(
         cases=settings.cases,
         shape=settings.volume_shape,
@@ -181,11 +182,11 @@ def run_poc_path(
 
     placement = placement or PocPlacement()
     workspace = (Path(out_dir) / placement.folder).resolve()
-    server_args = flare_server_args(problem, settings)
-    if pipeline_delay:
-        server_args["pipeline_delay"] = pipeline_delay
     job = copy_job_with_overrides(
-        main_job_dir(), workspace / "job" / "split_unet", server_args, flare_client_args(settings)
+        main_job_dir(),
+        workspace / "job" / "split_unet",
+        flare_server_args(problem, settings, pipeline_delay),
+        flare_client_args(settings),
     )
     summary_path = workspace / "results.json"
     summary_path.unlink(missing_ok=True)

@@ -13,14 +13,15 @@ A plain TCP copy over the same link (one site's payload, at least a second's wor
 itself sustains there.
 
 With ``settings.pipelined`` a second consortium runs the job pipelined (``pipeline_delay`` 1) over the same links
-right after the lock-step one. A lock-step step sends the activations up, waits for the server, then takes the
-gradients down: each direction of a link idles while the other works. Pipelined, the next step's activations go up
-while the server decodes and this step's gradients come down, so where the link sets the pace the two directions
-overlap; the throughput ratio (lock-step step time over pipelined) is what the overlap buys over this link.
+right after the lock-step one, and the throughput ratio (lock-step step time over pipelined) says what the delay
+buys over this link. It hides the server's step behind the site's chain (gradients down, the site's compute,
+activations up), not the wire: the next upload waits for the task that brings the gradients
+(docs/benchmark.md, "Pipelined steps over shaped links").
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -116,12 +117,7 @@ def _pipelined_run(
 ) -> dict:
     """The same POC run with ``pipeline_delay`` 1 in the same namespaces; a failure is reported, not raised."""
     _log(f"FLARE POC over {rate} links, pipelined")
-    pipelined = PocPlacement(
-        folder=f"{placement.folder}_pipelined",
-        host=placement.host,
-        harness_prefix=placement.harness_prefix,
-        party_prefixes=placement.party_prefixes,
-    )
+    pipelined = dataclasses.replace(placement, folder=f"{placement.folder}_pipelined")
     try:
         return run_poc_path(out_dir, data, problem, settings, pipelined, pipeline_delay=1)
     except Exception as error:  # noqa: BLE001 - the lock-step run's measurement stands on its own
