@@ -82,3 +82,13 @@ def test_compare_passes_seeds_budget_and_earlier_files_to_the_study(tmp_path, mo
     with pytest.raises(SystemExit):  # argparse: one way of naming the seeds
         main([*argv, "--seeds", "2", "--only-seeds", "1"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_simulator_passes_every_argument_to_flare_with_the_launch_guard_on(capsys):
+    from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRunner
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["simulator", "--help"])  # FLARE's own option, not ours
+    assert stopped.value.code == 0
+    assert "usage: nvflare simulator" in capsys.readouterr().out
+    assert getattr(SimulatorClientRunner._create_connection, "_splitunet_launch_guarded", False)

@@ -515,6 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--timeout", type=float, default=3600.0, help="seconds before the simulator is stopped")
     predict.set_defaults(run=_predict)
 
+    commands.add_parser(
+        "simulator",
+        help="nvflare simulator with the same arguments, its site-naming race closed (splitunet.flare.simulator_cli)",
+        add_help=False,
+    )
     demo = commands.add_parser("demo", help="train the main job on phantom data in the FLARE simulator")
     demo.add_argument("--workspace", type=Path, default=Path("splitunet_demo"))
     demo.add_argument("--cases", type=int, default=24)
@@ -771,6 +776,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["simulator"]:  # every argument is FLARE's, so argparse must not read them
+        from splitunet.flare.simulator_cli import main as simulator_main
+
+        simulator_main(argv[1:])  # exits with the simulator's code
+        return 0
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -32,7 +32,7 @@ def run_simulator(
     env: Mapping[str, str] | None = None,
     echo: bool = True,
 ) -> int:
-    """``nvflare simulator JOB -w WS -c site-1,... -t N``; returns its exit code.
+    """``nvflare simulator JOB -w WS -c site-1,... -t N``, its site-naming race guarded; returns its exit code.
 
     Raises:
         SplitUNetConfigError: when the run outlasts ``timeout_s`` (the simulator is killed first).
@@ -40,8 +40,7 @@ def run_simulator(
     command = [
         sys.executable,
         "-m",
-        "nvflare.cli",
-        "simulator",
+        "splitunet.flare.simulator_cli",
         str(job_dir),
         "-w",
         str(workspace),
