@@ -1,6 +1,7 @@
 """End to end: the ``splitfed`` row of ``run_compare`` in its quick configuration, one seed: the SplitFed job in the
 FLARE simulator with each of the two phantom hospitals as one cohort of four sites (eight sites), held out exactly as
-the other topologies hold out (checked by the runner, and here against the SplitFed secret's keys)."""
+the other topologies hold out (checked by the runner, and here against the SplitFed secret's keys), and scored after
+each averaging round."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare_splitfed")
-    settings = CompareSettings.quick(seeds=(0,), topologies=("splitfed",))
+    settings = CompareSettings.quick(seeds=(0,), topologies=("splitfed",), curve_every=2)
     return out, settings, run_compare(out, settings)
 
 
@@ -38,6 +39,10 @@ def test_each_hospital_is_one_cohort_that_holds_out_that_hospitals_cases(study):
     assert sorted(recorded) == sorted(case_key(case, secret) for cases in held_out.values() for case in cases)
     train = settings.cases_per_hospital - settings.val_cases_per_hospital
     assert [(cohort["train_cases"], cohort["val_cases"]) for cohort in summary["cohorts"]] == [(train, 1), (train, 1)]
+    # Scored after each averaging round on the way; the curve ends at the run's figures.
+    curve = report["runs"]["splitfed"]["0"]["curve"]
+    assert [point["iteration"] for point in curve] == [2, 4]
+    assert curve[-1]["dice"] == pytest.approx({region: summary["dice"][region] for region in ("TC", "WT", "ET")})
     run = json.loads((out / "seed0" / "splitfed" / "compare_run.json").read_text())
     assert run["held_out"] == sorted(case for cases in held_out.values() for case in cases)
 

@@ -1,6 +1,7 @@
 """End to end: ``run_compare`` in its quick configuration, one seed, the cheap topologies (vertical float32, FedAvg,
 U-shape, each a FLARE simulator run; the centralized baseline in process) on the same two phantom hospitals'
-patients; a second call reuses them."""
+patients, scored after each round on the way; a second call reuses them; a study of half the budget is what the
+first one's curves say it is."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 
 import pytest
 
+from splitunet.evaluation.budget_change import budget_at
 from splitunet.evaluation.compare import CompareSettings, run_compare
 
 pytestmark = pytest.mark.e2e
@@ -18,7 +20,7 @@ TOPOLOGIES = ("split_unet_fp32", "fedavg", "u_shape", "centralized")
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    settings = CompareSettings.quick(seeds=(0,), topologies=TOPOLOGIES)
+    settings = CompareSettings.quick(seeds=(0,), topologies=TOPOLOGIES, curve_every=2)
     return out, settings, run_compare(out, settings)
 
 
@@ -55,7 +57,9 @@ def test_the_table_reports_dice_bytes_seconds_and_rounds(study):
     # The reference's difference to itself is zero; one seed gives no interval.
     assert rows["split_unet_fp32"]["difference_to_reference"]["mean"]["mean"] == 0.0
     markdown = (out / "compare.md").read_text()
-    assert markdown.count("\n| ") == 1 + len(TOPOLOGIES)
+    # The first table: a header and a row per topology (the learning curves follow below it).
+    table = markdown.split("\n\n")[1]
+    assert table.count("\n| ") + table.startswith("| ") == 1 + len(TOPOLOGIES)
     assert "horizontal FedAvg" in markdown and "U-shape" in markdown
 
 
@@ -84,3 +88,25 @@ def test_another_folder_continues_from_the_summary_alone(study, tmp_path):
         reuse=tmp_path / "other.json",
     )
     assert rerun["runs"]["centralized"]["0"]["settings"]["steps"] == settings.steps
+
+
+def test_every_run_is_scored_after_each_round_and_its_curve_ends_at_its_figures(study):
+    out, settings, report = study
+    for key in TOPOLOGIES:
+        curve = report["runs"][key]["0"]["curve"]
+        assert [point["iteration"] for point in curve] == [2, 4], key
+        assert curve[-1]["dice"] == pytest.approx({r: report["runs"][key]["0"]["dice"][r] for r in ("TC", "WT", "ET")})
+    assert "| topology | 2 | 4 |" in (out / "compare.md").read_text()
+
+
+def test_the_curve_at_half_the_budget_is_the_half_budget_study(study, tmp_path):
+    out, settings, report = study
+    # The topologies whose runs are seeded throughout (the vertical sites draw private encoder seeds: their runs
+    # differ in initialisation from run to run, so only the curve's form is checked above).
+    seeded = ("fedavg", "u_shape", "centralized")
+    half = run_compare(tmp_path / "half", CompareSettings.quick(seeds=(0,), topologies=seeded, steps=2, rounds=1))
+    read = {row["key"]: row["dice_by_seed"]["0"] for row in budget_at(report, 2)["rows"]}
+    for row in half["rows"]:
+        # Scoring on the way changed nothing: the first 2 steps of the 4-step runs are the 2-step runs.
+        expected = {region: row["dice_by_seed"]["0"][region] for region in ("TC", "WT", "ET")}
+        assert read[row["key"]] == pytest.approx(expected, abs=1e-6), row["key"]

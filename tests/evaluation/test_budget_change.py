@@ -6,7 +6,7 @@ import math
 import pytest
 
 from splitunet.errors import SplitUNetConfigError
-from splitunet.evaluation.budget_change import budget_changes, budget_markdown, settle_verdict
+from splitunet.evaluation.budget_change import budget_at, budget_changes, budget_markdown, settle_verdict
 from splitunet.tools.cli import main
 
 HELD_OUT = {"0": {"hospital-1": ["a"]}, "1": {"hospital-1": ["b"]}, "2": {"hospital-1": ["c"]}}
@@ -111,3 +111,71 @@ def test_the_command_writes_both_files_and_names_an_unreadable_report(tmp_path, 
     (tmp_path / "long.json").write_text("{not json")
     assert main([*argv, "--out", str(out)]) != 0
     assert "long.json" in capsys.readouterr().err
+
+
+# --- one study read at a shorter budget: its runs' learning curves (a study run with curve_every)
+
+
+def _with_curves(report, steps, curve_every, dp_keys=()):
+    """``report`` as a study scored every ``curve_every`` steps: seed s of a row is at ``final - (steps - t) / 1e4``
+    at step t, so that every point differs."""
+    runs = {}
+    rows = []
+    for row in report["rows"]:
+        runs[row["key"]] = {}
+        for seed, dice in row["dice_by_seed"].items():
+            curve = [
+                {"iteration": t, "dice": {r: v - (steps - t) / 1e4 for r, v in dice.items()}}
+                for t in range(curve_every, steps + 1, curve_every)
+            ]
+            runs[row["key"]][seed] = {"dice": dice, "curve": curve}
+        rows.append({**row, "target_epsilon": 3.0 if row["key"] in dp_keys else None})
+    return {**report, "settings": {**report["settings"], "curve_every": curve_every}, "rows": rows, "runs": runs}
+
+
+def test_a_study_read_at_a_step_of_its_curves_is_that_budgets_report():
+    study = _with_curves(LONG, 800, 200, dp_keys=("new",))
+    shorter = budget_at(study, 400)
+    assert shorter["settings"]["steps"] == 400 and shorter["settings"]["rounds"] == 10 and shorter["steps"] == 400
+    rows = {row["key"]: row for row in shorter["rows"]}
+    assert rows["rising"]["dice_by_seed"]["1"]["WT"] == pytest.approx(0.83 - 0.04)
+    # A DP row's noise was set for the whole budget: its first 400 steps are not a 400-step run.
+    assert "new" not in rows and shorter["left_out"] == ["only long"]
+    changes = budget_changes(shorter, study)
+    assert changes["shorter"] == {"steps": 400, "rounds": 10}
+    assert {row["key"]: row["change"]["mean"]["mean"] for row in changes["rows"]}["flat"] == pytest.approx(0.04)
+
+
+def test_whether_a_study_scored_on_the_way_is_not_what_is_compared():
+    # The 800-step study scored every 200 steps, the 400-step one only at its end: still the same training.
+    changes = budget_changes(SHORT, _with_curves(LONG, 800, 200))
+    assert [row["key"] for row in changes["rows"]] == ["ref", "flat", "rising", "noisy"]
+
+
+@pytest.mark.parametrize(
+    "steps, message",
+    [(300, "scored at steps \\[200, 400, 600, 800\\], not at 300"), (900, "not within"), (0, "not within")],
+)
+def test_a_step_the_runs_were_not_scored_at_is_refused(steps, message):
+    study = _with_curves(LONG, 800, 200)
+    study["settings"]["rounds"] = None
+    with pytest.raises(SplitUNetConfigError, match=message):
+        budget_at(study, steps)
+
+
+def test_a_step_inside_a_round_is_refused_and_a_study_without_curves_names_the_option():
+    with pytest.raises(SplitUNetConfigError, match="inside a round"):
+        budget_at(_with_curves(LONG, 800, 20), 420)
+    bare = {**LONG, "runs": {row["key"]: {s: {} for s in row["dice_by_seed"]} for row in LONG["rows"]}}
+    with pytest.raises(SplitUNetConfigError, match="reference, seed 0: .*not at 400 \\(run the study with curve_every"):
+        budget_at(bare, 400)
+
+
+def test_the_command_reads_one_study_at_a_shorter_step(tmp_path, capsys):
+    (tmp_path / "study.json").write_text(json.dumps(_with_curves(LONG, 800, 200)))
+    study = str(tmp_path / "study.json")
+    argv = ["compare-budgets", "--shorter", study, "--shorter-at", "600", "--longer", study, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    written = json.loads((tmp_path / "budget_change.json").read_text())
+    assert written["shorter"] == {"steps": 600, "rounds": 15} and written["longer"] == {"steps": 800, "rounds": 20}
+    assert "600 steps, 15 rounds → 800 steps, 20 rounds" in capsys.readouterr().out

@@ -23,11 +23,13 @@ from splitunet.evaluation.compare import (
     _finished,
     _run_fedavg,
     _run_splitfed,
+    _run_u_shape,
     _run_vertical,
     _vertical_held_out,
     choose_cohort_secret,
     choose_secret,
     compare_markdown,
+    curve_markdown,
     prepare_compare_data,
     summarise_compare,
 )
@@ -91,11 +93,21 @@ def test_quick_settings_are_the_tiny_configuration():
         {"hospitals": 1, "topologies": ("split_unet", "splitfed")},  # one hospital: one site per modality
         {"fedprox_mu": -0.01},
         {"fedprox_mu": float("nan")},
+        {"curve_every": -2},
+        {"curve_every": 3},  # does not divide the 4 steps
+        {"steps": 8, "rounds": 2, "curve_every": 2},  # rounds of 4 steps: a FedAvg curve cannot score at 2
     ],
 )
 def test_malformed_settings_are_refused(overrides):
     with pytest.raises(SplitUNetConfigError):
         CompareSettings.quick(**overrides)
+
+
+def test_a_curve_scores_every_multiple_of_curve_every_and_enters_the_fingerprint():
+    assert CompareSettings.quick().curve_steps == [4]
+    assert CompareSettings.quick(steps=8, rounds=4, curve_every=4).curve_steps == [4, 8]
+    assert CompareSettings.quick(curve_every=2).fingerprint()["curve_every"] == 2
+    assert "curve_every" not in CompareSettings.quick().fingerprint()
 
 
 def test_the_fingerprint_ignores_seeds_rows_and_threads_but_not_the_budget():
@@ -601,3 +613,88 @@ def test_parts_of_a_study_run_elsewhere_merge_and_only_the_missing_runs_train(tm
 
     with pytest.raises(SplitUNetConfigError, match="missing.json"):
         compare.run_compare(tmp_path / "again", settings, reuse=tmp_path / "missing.json")
+
+
+# --- learning curves (curve_every): what each runner is asked to score and how its scores become one curve
+
+
+def _dice_at(mean):
+    return {"TC": mean, "WT": mean, "ET": mean, "mean": mean}
+
+
+def test_a_fedavg_curve_pools_the_hospitals_scores_of_each_round_and_the_final_model(tmp_path, monkeypatch):
+    seen = {}
+    settings = CompareSettings.quick(steps=6, rounds=3, curve_every=2)
+
+    def run_fedavg_demo(workspace, demo, job_dir, data_dir):
+        seen["client"] = demo.client_args
+        # Round r's global model is scored when round r starts (after r rounds); the last one at the end.
+        history = lambda shift: [  # noqa: E731
+            {"round": r, "iterations": 2 * r, "dice": _dice_at(0.1 * r + shift)} for r in (1, 2)
+        ]
+        hospitals = {
+            "hospital-1": {"val_cases": 1, "history": history(0.0), "dice": _dice_at(0.5)},
+            "hospital-2": {"val_cases": 1, "history": history(0.2), "dice": _dice_at(0.7)},
+        }
+        return {"dice": _dice_at(0.6), "iterations": 6, "rounds": 3, "hospitals": hospitals}
+
+    monkeypatch.setattr("splitunet.horizontal.demo.run_fedavg_demo", run_fedavg_demo)
+    figures = _run_fedavg(_BY_KEY["fedavg"], tmp_path / "run", _compare_data(tmp_path), settings, 0)
+    assert seen["client"]["val_every"] == 1  # in rounds of 2 steps
+    assert [point["iteration"] for point in figures["curve"]] == [2, 4, 6]
+    assert [point["dice"]["WT"] for point in figures["curve"]] == pytest.approx([0.2, 0.3, 0.6])
+
+
+def test_a_u_shape_curve_pools_each_validation_and_a_gap_in_it_stops_the_study(tmp_path, monkeypatch):
+    seen = {}
+    settings = CompareSettings.quick(curve_every=2)
+
+    def run_u_shape_demo(workspace, demo, data_dir, job_dir, history=((2, 0.2), (4, 0.4))):
+        seen["server"] = demo.server_args
+        hospitals = {name: {"val_cases": 1} for name in ("hospital-1", "hospital-2")}
+        entries = [
+            {"iteration": t, "dice": {"hospital-1": _dice_at(v), "hospital-2": _dice_at(v + 0.2)}} for t, v in history
+        ]
+        return {"dice": _dice_at(0.5), "iterations": 4, "rounds": 2, "hospitals": hospitals, "history": entries}
+
+    monkeypatch.setattr("splitunet.u_shape.demo.run_u_shape_demo", run_u_shape_demo)
+    figures = _run_u_shape(_BY_KEY["u_shape"], tmp_path / "run", _compare_data(tmp_path), settings, 0)
+    assert seen["server"]["val_every"] == 1
+    assert [point["dice"]["ET"] for point in figures["curve"]] == pytest.approx([0.3, 0.5])
+
+    gap = lambda *args, **kwargs: run_u_shape_demo(*args, **kwargs, history=((4, 0.4),))  # noqa: E731
+    monkeypatch.setattr("splitunet.u_shape.demo.run_u_shape_demo", gap)
+    with pytest.raises(SplitUNetConfigError, match="u_shape: scored at steps \\[4\\], not at \\[2, 4\\]"):
+        _run_u_shape(_BY_KEY["u_shape"], tmp_path / "run", _compare_data(tmp_path), settings, 0)
+
+
+def _curve_report(settings, means_by_key):
+    """A report whose runs scored at settings.curve_steps; seed s of a row at step t: ``means[s] * t / steps``."""
+    runs = {
+        key: {
+            seed: {
+                **_run(*[m] * 3, iterations=settings.steps),
+                "curve": [
+                    {"iteration": t, "dice": {r: m * t / settings.steps for r in ("TC", "WT", "ET")}}
+                    for t in settings.curve_steps
+                ],
+            }
+            for seed, m in enumerate(means)
+        }
+        for key, means in means_by_key.items()
+    }
+    return summarise_compare(settings, runs, {seed: {"hospital-1": ["a"]} for seed in settings.seeds})
+
+
+def test_the_curve_table_and_the_half_budget_verdict_only_for_a_study_with_curves():
+    settings = CompareSettings.quick(steps=8, rounds=4, curve_every=2, seeds=(0, 1, 2), topologies=KEYS[:2])
+    report = _curve_report(settings, {"split_unet_fp32": [0.8, 0.82, 0.84], "fedavg": [0.6, 0.7, 0.8]})
+    text = curve_markdown(report)
+    assert "| topology | 2 | 4 | 6 | 8 |" in text
+    # fedavg at step 4: half of each seed's final mean, mean over seeds.
+    assert f"| {_BY_KEY['fedavg'].label} | 0.175 | 0.350 | 0.525 | 0.700 |" in text
+    # From step 4 to 8 every row doubled: still rising.
+    assert "its own step 4" in text and "still rising" in text
+    assert text in compare_markdown(report)
+    bare = CompareSettings.quick(seeds=(0, 1, 2), topologies=KEYS[:2])
+    assert curve_markdown(_curve_report(bare, {"split_unet_fp32": [0.8] * 3})) == ""

@@ -16,6 +16,14 @@ cases, same initialisation), and its 95 % Student's t interval over seeds
 The same reading is given for each row's gap to the reference row (the figure the comparison's table reports), since
 a row can keep improving while its gap to the reference has settled.
 
+The shorter budget need not be a study of its own: a study run with ``curve_every`` scores every run at those steps
+on the way, and :func:`budget_at` reads the report as if it had stopped at one of them. Under a constant learning
+rate (the study's), the first ``n`` steps of a longer run are the run of ``n`` steps, rounds of the same length
+included, so its curve stands for the shorter study (``tests/evaluation/test_compare.py`` checks that scoring on the
+way changes no figure). Whether a study scored on the way is not what is compared: ``curve_every`` may differ.
+DP-SGD rows are the exception: their noise is calibrated for the whole budget, so their curve is not the shorter
+run, and they are left out of such a reading.
+
 Plain data in, plain data out: the reports are ``compare.json`` as :func:`splitunet.evaluation.compare.run_compare`
 writes it (``settings``, ``held_out``, ``rows`` with ``key``, ``label``, ``dice_by_seed``).
 """
@@ -28,10 +36,12 @@ from splitunet.errors import SplitUNetConfigError
 from splitunet.evaluation.intervals import interval_sign, t_interval
 from splitunet.evaluation.utility import REGIONS, _interval_cell, _mean_dice
 
-__all__ = ["BUDGET_FIELDS", "DEFAULT_TOLERANCE", "budget_changes", "budget_markdown", "settle_verdict"]
+__all__ = ["BUDGET_FIELDS", "DEFAULT_TOLERANCE", "budget_at", "budget_changes", "budget_markdown", "settle_verdict"]
 
 # The settings two reports may differ in; anything else differing makes the pairing meaningless.
 BUDGET_FIELDS = ("steps", "rounds")
+# Settings that change what a study records, not what it trains.
+_RECORDING_FIELDS = ("curve_every",)
 # 2 Dice points: below the seed-to-seed spread of a single run on the phantom, so "settled" is a real claim.
 DEFAULT_TOLERANCE = 0.02
 
@@ -45,7 +55,9 @@ def _check_comparable(shorter: Mapping, longer: Mapping) -> None:
     """Same study but for the budget: same settings otherwise, same reference, same held-out cases per seed."""
     first, second = shorter.get("settings") or {}, longer.get("settings") or {}
     differing = sorted(
-        name for name in set(first) | set(second) if name not in BUDGET_FIELDS and first.get(name) != second.get(name)
+        name
+        for name in set(first) | set(second)
+        if name not in BUDGET_FIELDS + _RECORDING_FIELDS and first.get(name) != second.get(name)
     )
     if differing:
         detail = ", ".join(f"{name}: {first.get(name)!r} against {second.get(name)!r}" for name in differing)
@@ -61,6 +73,56 @@ def _check_comparable(shorter: Mapping, longer: Mapping) -> None:
             raise SplitUNetConfigError(
                 f"seed {seed} holds out different cases in the two studies: not the same patients"
             )
+
+
+def budget_at(report: Mapping, steps: int) -> dict:
+    """A ``compare.json`` report read as if its study had stopped after ``steps`` steps: each row's Dice by seed at
+    that point of its runs' learning curves (a study run with ``curve_every``), the rounds in proportion.
+
+    Returns:
+        a report :func:`budget_changes` takes (``settings`` with this budget, ``reference``, ``held_out``, ``rows``
+        with ``key``, ``label``, ``dice_by_seed``), and ``left_out``: the labels of DP-SGD rows, whose noise was set
+        for the whole budget (their first ``steps`` steps are not a run of ``steps``).
+
+    Raises:
+        SplitUNetConfigError: a run of the report was not scored at ``steps``, or ``steps`` is not a round boundary.
+    """
+    settings = dict(report.get("settings") or {})
+    total, rounds = int(settings.get("steps", report.get("steps"))), settings.get("rounds", report.get("rounds"))
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 < steps <= total:
+        raise SplitUNetConfigError(f"a budget of {steps!r} steps is not within the study's {total}")
+    if rounds and (steps * int(rounds)) % total:
+        raise SplitUNetConfigError(f"{steps} steps end inside a round of the study's {rounds} rounds of {total} steps")
+    runs = report.get("runs") or {}
+    rows, left_out = [], []
+    for row in report["rows"]:
+        if row.get("target_epsilon") is not None:
+            left_out.append(row["label"])
+            continue
+        by_seed = {}
+        for seed in row["dice_by_seed"]:
+            curve = (runs.get(row["key"], {}).get(seed) or {}).get("curve") or []
+            point = next((point for point in curve if point["iteration"] == steps), None)
+            if point is None:
+                scored = [point["iteration"] for point in curve]
+                raise SplitUNetConfigError(
+                    f"{row['label']}, seed {seed}: its run was scored at steps {scored or [total]}, not at {steps} "
+                    "(run the study with curve_every)"
+                )
+            by_seed[seed] = point["dice"]
+        rows.append({"key": row["key"], "label": row["label"], "dice_by_seed": by_seed})
+    settings["steps"] = steps
+    if rounds:
+        settings["rounds"] = int(rounds) * steps // total
+    return {
+        "settings": settings,
+        "steps": steps,
+        "rounds": settings.get("rounds"),
+        "reference": report.get("reference"),
+        "held_out": report.get("held_out"),
+        "rows": rows,
+        "left_out": left_out,
+    }
 
 
 def settle_verdict(interval: Mapping, tolerance: float = DEFAULT_TOLERANCE) -> str:

@@ -52,6 +52,10 @@ so a SplitFed encoder takes about ``steps / hospitals`` steps. Every topology ge
 U-Net features, learning rate and training seed ``s`` (crop sampling and initialisation), except the vertical and
 SplitFed sites' encoders: each site draws a private encoder seed, as it does in deployment.
 
+With ``curve_every``, every run is also scored on the way (at each multiple of it), and the report adds each row's
+learning curve and whether it stopped moving: the end of each run against its own half-budget point, paired by seed
+(:func:`curve_markdown`, :mod:`splitunet.evaluation.budget_change`).
+
 Reported per row: Dice TC, WT, ET (mean over seeds) and the paired difference to the first row with its 95 %
 Student's t interval (:func:`splitunet.evaluation.utility.paired_interval`); upload bytes per iteration (tensor bytes
 all data holders together send the server per training iteration, as received: the vertical sites' activations,
@@ -111,6 +115,7 @@ __all__ = [
     "run_compare",
     "summarise_compare",
     "compare_markdown",
+    "curve_markdown",
 ]
 
 # Names the vertical runner reads in its data folder (splitunet.tools.demo).
@@ -214,6 +219,10 @@ class CompareSettings:
         features: U-Net feature sizes of every topology.
         learning_rate: AdamW's, everywhere.
         fedprox_mu: FedProx's proximal weight of the ``fedprox`` and ``splitfed_fedprox`` rows (finite, >= 0).
+        curve_every: also score every run on the held-out cases every this many steps (0: only at the end), so
+            that each run records its learning curve and one study answers for every shorter budget on it (a
+            multiple of ``steps / rounds`` that divides ``steps``). Scoring does not change training: a run with a
+            curve ends with the figures of the same run without one.
         seeds: paired seeds: phantom data, held-out split and training seed of every run of that seed.
         topologies: keys of :data:`TOPOLOGIES` to run, in row order (the first is the reference).
         threads_per_party: torch threads of each data holder.
@@ -233,6 +242,7 @@ class CompareSettings:
     features: Sequence[int] = (8, 16, 32, 64, 128, 8)
     learning_rate: float = 2e-3
     fedprox_mu: float = 0.01
+    curve_every: int = 0
     seeds: Sequence[int] = (0, 1, 2)
     topologies: Sequence[str] = tuple(topology.key for topology in TOPOLOGIES)
     threads_per_party: int = 1
@@ -257,6 +267,14 @@ class CompareSettings:
             raise SplitUNetConfigError(f"rounds ({self.rounds}) must divide steps ({self.steps})")
         if not self.seeds:
             raise SplitUNetConfigError("at least one seed")
+        every = self.curve_every
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise SplitUNetConfigError(f"curve_every must be an int >= 0, got {every!r}")
+        if every and (self.steps % every or every % self.local_steps):
+            raise SplitUNetConfigError(
+                f"curve_every ({every}) must divide steps ({self.steps}) and be a multiple of the "
+                f"{self.local_steps} steps of a round (the round-based topologies score between rounds)"
+            )
         mu = self.fedprox_mu
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu < 0:
             raise SplitUNetConfigError(f"fedprox_mu must be a finite number >= 0, got {mu!r}")
@@ -286,6 +304,13 @@ class CompareSettings:
     def local_steps(self) -> int:
         """AdamW steps per round of FedAvg and the U-shape."""
         return self.steps // self.rounds
+
+    @property
+    def curve_steps(self) -> list[int]:
+        """The steps at which every run is scored: each multiple of ``curve_every``, and the end."""
+        if not self.curve_every:
+            return [self.steps]
+        return list(range(self.curve_every, self.steps + 1, self.curve_every))
 
     @property
     def hospital_names(self) -> list[str]:
@@ -596,11 +621,57 @@ def _dp_figures(topology: Topology, records: Mapping[str, Mapping], run_dir: Pat
     return {"epsilon": spent[worst]["epsilon"], "delta": spent[worst]["delta"], "dp": spent}
 
 
+def _curve_point(iteration: int, dice: Mapping) -> dict:
+    return {"iteration": int(iteration), "dice": {region: float(dice[region]) for region in REGIONS}}
+
+
+def _checked_curve(topology: Topology, curve: Sequence[Mapping], settings: CompareSettings, run_dir: Path) -> list:
+    """The run's learning curve if it was scored at exactly the settings' curve steps (a curve with a gap would
+    pass a shorter budget off as measured)."""
+    curve = sorted(curve, key=lambda point: point["iteration"])
+    if [point["iteration"] for point in curve] != settings.curve_steps:
+        raise SplitUNetConfigError(
+            f"{topology.key}: scored at steps {[point['iteration'] for point in curve]}, not at "
+            f"{settings.curve_steps}; see {run_dir}"
+        )
+    return curve
+
+
+def _split_curve(topology: Topology, summary: Mapping, settings: CompareSettings, run_dir: Path) -> list:
+    """A split server's validations (vertical, SplitFed): it scores every ``val_every`` iterations and at the end."""
+    history = summary.get("history") or []
+    curve = [_curve_point(entry["iteration"], entry["dice"]) for entry in history]
+    return _checked_curve(topology, curve, settings, run_dir)
+
+
+def _pooled_curve(
+    topology: Topology,
+    history: Sequence[tuple[int, Mapping[str, Mapping]]],
+    held_out: Mapping[str, Sequence[str]],
+    settings: CompareSettings,
+    run_dir: Path,
+) -> list:
+    """Hospitals' validations (FedAvg, U-shape) pooled at each step: each hospital's Dice is a mean over its own
+    held-out cases, so the mean weighted by their counts is the mean over every held-out case (``pooled_scores``)."""
+    from splitunet.horizontal.demo import pooled_scores
+
+    curve = []
+    for iteration, by_hospital in history:
+        if set(by_hospital) != set(held_out):
+            raise SplitUNetConfigError(
+                f"{topology.key}: at step {iteration} scores from {sorted(by_hospital)}, not every hospital; see "
+                f"{run_dir}"
+            )
+        hospitals = {name: {"dice": dice, "val_cases": len(held_out[name])} for name, dice in by_hospital.items()}
+        curve.append(_curve_point(iteration, pooled_scores(hospitals)))
+    return _checked_curve(topology, curve, settings, run_dir)
+
+
 def _split_server_args(settings: CompareSettings, seed: int, num_val_cases: int) -> dict:
     """The split workflow's arguments every vertical row shares: the study's budget, model and seed."""
     return {
         "num_iterations": settings.steps,
-        "val_every": settings.steps,
+        "val_every": settings.curve_every or settings.steps,
         "batch_size": settings.batch_size,
         "crop_size": list(settings.crop_size),
         "features": list(settings.features),
@@ -646,6 +717,8 @@ def _run_vertical(topology: Topology, run_dir: Path, data: CompareData, settings
         "elapsed_s": summary.get("elapsed_s"),
         "held_out": data.all_held_out,
     }
+    if settings.curve_every:
+        figures["curve"] = _split_curve(topology, summary, settings, run_dir)
     if dp is not None:
         figures.update(_dp_figures(topology, _site_dp_records(run_dir, summary), run_dir))
     return figures
@@ -715,7 +788,7 @@ def _run_splitfed(topology: Topology, run_dir: Path, data: CompareData, settings
     averaging = summary.get("encoder_averaging") or {}
     activations = summary.get("activation_bytes_per_iteration")
     weights = averaging.get("upload_bytes_per_round", 0) * averaging.get("rounds", 0)
-    return {
+    figures = {
         "dice": summary["dice"],
         "hd95": summary.get("hd95"),
         "iterations": summary["iterations"],
@@ -724,6 +797,9 @@ def _run_splitfed(topology: Topology, run_dir: Path, data: CompareData, settings
         "elapsed_s": summary.get("elapsed_s"),
         "held_out": data.all_held_out,
     }
+    if settings.curve_every:
+        figures["curve"] = _split_curve(topology, summary, settings, run_dir)
+    return figures
 
 
 def _check_hospital_counts(topology: Topology, hospitals: Mapping[str, Mapping], data: CompareData) -> None:
@@ -779,7 +855,8 @@ def _run_fedavg(topology: Topology, run_dir: Path, data: CompareData, settings: 
             server_args=server_args,
             client_args={
                 "local_iterations": settings.local_steps,
-                "val_every": 0,
+                # In rounds: a hospital scores the global model it receives at the start of every such round.
+                "val_every": settings.curve_every // settings.local_steps,
                 "batch_size": settings.batch_size,
                 "crop_size": list(settings.crop_size),
                 "features": features,
@@ -811,10 +888,25 @@ def _run_fedavg(topology: Topology, run_dir: Path, data: CompareData, settings: 
         "elapsed_s": summary.get("elapsed_s"),
         "held_out": data.all_held_out,
     }
+    if settings.curve_every:
+        figures["curve"] = _fedavg_curve(topology, summary, data, settings, run_dir)
     if "dp_epsilon" in topology.options:
         records = summary.get("dp") or {}
         figures.update(_dp_figures(topology, {name: records.get(name, {}) for name in data.held_out}, run_dir))
     return figures
+
+
+def _fedavg_curve(
+    topology: Topology, summary: Mapping, data: CompareData, settings: CompareSettings, run_dir: Path
+) -> list:
+    """FedAvg's curve: the global model each hospital scored at the start of a round (the average after that many
+    rounds), and the final global model's scores at the end."""
+    by_step: dict[int, dict[str, Mapping]] = {}
+    for name, hospital in summary["hospitals"].items():
+        for entry in hospital.get("history") or []:
+            by_step.setdefault(int(entry["iterations"]), {})[name] = entry["dice"]
+        by_step.setdefault(settings.steps, {})[name] = hospital["dice"]
+    return _pooled_curve(topology, sorted(by_step.items()), data.held_out, settings, run_dir)
 
 
 def _run_u_shape(topology: Topology, run_dir: Path, data: CompareData, settings: CompareSettings, seed: int) -> dict:
@@ -831,7 +923,7 @@ def _run_u_shape(topology: Topology, run_dir: Path, data: CompareData, settings:
             server_args={
                 "num_rounds": settings.rounds,
                 "iterations_per_round": settings.local_steps,
-                "val_every": settings.rounds,
+                "val_every": settings.curve_every // settings.local_steps or settings.rounds,
                 "batch_size": settings.batch_size,
                 "crop_size": list(settings.crop_size),
                 "features": list(settings.features),
@@ -848,7 +940,7 @@ def _run_u_shape(topology: Topology, run_dir: Path, data: CompareData, settings:
     )
     _check_hospital_counts(topology, summary["hospitals"], data)
     wire = summary.get("wire_bytes_per_iteration") or {}
-    return {
+    figures = {
         "dice": summary["dice"],
         "hd95": summary.get("hd95"),
         "iterations": summary["iterations"],
@@ -857,6 +949,10 @@ def _run_u_shape(topology: Topology, run_dir: Path, data: CompareData, settings:
         "elapsed_s": summary.get("elapsed_s"),
         "held_out": data.all_held_out,
     }
+    if settings.curve_every:
+        history = [(int(entry["iteration"]), entry["dice"]) for entry in summary.get("history") or []]
+        figures["curve"] = _pooled_curve(topology, history, data.held_out, settings, run_dir)
+    return figures
 
 
 def _run_centralized(
@@ -880,12 +976,17 @@ def _run_centralized(
         seed=seed,
     )
     trainer = LocalTrainer(folder, local, held_out=data.all_held_out)
-    trainer.train_round(None, settings.steps)
-    dice, hd95 = trainer.score()
+    curve, done = [], 0
+    for step in settings.curve_steps:
+        # Chunks of one continuous run: the optimiser and the crop sampler carry on, scoring draws nothing.
+        trainer.train_round(None, step - done)
+        done = step
+        dice, hd95 = trainer.score()
+        curve.append(_curve_point(step, dice))
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = {"dice": dice, "hd95": hd95, "train_cases": len(trainer.train_cases), "val_cases": trainer.val_cases}
     write_json_atomic(summary, run_dir / "results.json")
-    return {
+    figures = {
         "dice": dice,
         "hd95": hd95,
         "iterations": settings.steps,
@@ -894,6 +995,9 @@ def _run_centralized(
         "elapsed_s": round(time.perf_counter() - started, 1),
         "held_out": data.all_held_out,
     }
+    if settings.curve_every:
+        figures["curve"] = curve
+    return figures
 
 
 _RUNNERS = {
@@ -1085,6 +1189,63 @@ def summarise_compare(
     }
 
 
+def _curve_steps(report: Mapping) -> list[int]:
+    """The steps at which every run of the report was scored (empty when any run has no curve)."""
+    steps = None
+    for row in report["rows"]:
+        for seed in row["dice_by_seed"]:
+            run = (report.get("runs") or {}).get(row["key"], {}).get(seed) or {}
+            scored = {point["iteration"] for point in run.get("curve") or []}
+            steps = scored if steps is None else steps & scored
+    return sorted(steps or [])
+
+
+def curve_markdown(report: Mapping) -> str:
+    """Learning curves and whether the rows stopped moving, for a study run with ``curve_every`` ('' otherwise).
+
+    Each row's mean Dice (mean over seeds) at every scored step; then each row at the end against the same row at
+    half the budget (the last scored step at or before it), paired by seed, read by
+    :func:`splitunet.evaluation.budget_change.budget_changes`.
+    """
+    from splitunet.evaluation.budget_change import budget_at, budget_changes, budget_markdown
+
+    steps = _curve_steps(report)
+    if len(steps) < 2:
+        return ""
+    runs = report["runs"]
+    lines = [
+        "Learning curves: each row's mean Dice (mean of TC, WT, ET over the held-out cases; mean over seeds) at "
+        "every scored step.",
+        "",
+        "| topology | " + " | ".join(str(step) for step in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for row in report["rows"]:
+        cells = []
+        for step in steps:
+            values = [
+                _mean_dice(point["dice"])
+                for seed in row["dice_by_seed"]
+                for point in runs[row["key"]][seed]["curve"]
+                if point["iteration"] == step
+            ]
+            cells.append(f"{statistics.fmean(values):.3f}" if values else "-")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    # Half the budget, or the first scored step when the study scored none that early.
+    half = max([step for step in steps[:-1] if step <= steps[-1] // 2] or [steps[0]])
+    shorter = budget_at(report, half)
+    lines += ["", "Has each row stopped moving? The end of every run against its own step " + str(half) + ".", ""]
+    lines.append(budget_markdown(budget_changes(shorter, report)).rstrip("\n"))
+    if shorter["left_out"]:
+        lines += [
+            "",
+            "Left out (DP-SGD's noise is set for the whole budget, so a DP run's first steps are not a shorter run): "
+            + "; ".join(shorter["left_out"])
+            + ".",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 _DP_COST_INTRO = (
     "What DP-SGD costs: each DP row against the same topology without DP-SGD, paired by seed (with DP minus without, "
     "Dice points, mean over seeds [95 % t interval]); 'hurts' only where the mean-Dice interval excludes 0."
@@ -1153,6 +1314,9 @@ def compare_markdown(report: Mapping) -> str:
     dp_costs = treatment_markdown(treatment_differences(report["rows"], DP_TREATMENTS), _DP_COST_INTRO)
     if dp_costs:
         lines += ["", dp_costs.rstrip("\n")]
+    curves = curve_markdown(report)
+    if curves:
+        lines += ["", curves.rstrip("\n")]
     run_seconds = [t for row in report["rows"] for t in row.get("seconds_per_run", []) if t]
     if run_seconds:
         lines += ["", f"{len(run_seconds)} runs, {sum(run_seconds) / 60:.1f} min of training and validation in all."]

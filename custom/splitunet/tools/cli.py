@@ -209,6 +209,8 @@ def _compare(args) -> int:
         chosen["steps"] = args.steps
     if args.rounds:
         chosen["rounds"] = args.rounds
+    if args.curve_every:
+        chosen["curve_every"] = args.curve_every
     settings = CompareSettings.quick(**chosen) if args.quick else CompareSettings(**chosen)
     run_compare(args.out, settings, reuse=args.reuse)
     print((Path(args.out) / "compare.md").read_text())
@@ -218,7 +220,7 @@ def _compare(args) -> int:
 def _compare_budgets(args) -> int:
     import json
 
-    from splitunet.evaluation.budget_change import budget_changes, budget_markdown
+    from splitunet.evaluation.budget_change import budget_at, budget_changes, budget_markdown
 
     reports = []
     for path in (args.shorter, args.longer):
@@ -226,6 +228,8 @@ def _compare_budgets(args) -> int:
             reports.append(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as error:
             raise SplitUNetConfigError(f"cannot read the comparison report {path}: {error}") from error
+    if args.shorter_at is not None:
+        reports[0] = budget_at(reports[0], args.shorter_at)
     changes = budget_changes(*reports, tolerance=args.tolerance / 100)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "budget_change.json").write_text(json.dumps(changes, indent=2) + "\n")
@@ -664,6 +668,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--rounds", type=int, default=0, help="averaging rounds of the topologies that average (default: 10)"
     )
+    compare.add_argument(
+        "--curve-every",
+        type=int,
+        default=0,
+        help="also score every run every this many steps (a multiple of steps/rounds): learning curves, and whether "
+        "each row stopped moving between half the budget and the end (default: only at the end)",
+    )
     compare.add_argument("--topologies", nargs="+", help="rows to run, the first the reference (default: all)")
     compare.add_argument("--quick", action="store_true", help="tiny sizes, 4 steps (checks the pipeline)")
     compare.add_argument(
@@ -681,6 +692,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budgets.add_argument("--shorter", required=True, type=Path, help="compare.json of the shorter budget")
     budgets.add_argument("--longer", required=True, type=Path, help="compare.json of the longer budget")
+    budgets.add_argument(
+        "--shorter-at",
+        type=int,
+        help="read the shorter report at this step of its runs' learning curves (a study run with --curve-every; "
+        "--shorter and --longer may then be the same file)",
+    )
     budgets.add_argument("--out", required=True, type=Path, help="folder for budget_change.json and .md")
     budgets.add_argument(
         "--tolerance", type=float, default=2.0, help="Dice points within which a whole interval counts as settled"

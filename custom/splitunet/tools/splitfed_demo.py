@@ -203,6 +203,7 @@ def run_splitfed_demo(
         "activation_bytes_per_iteration": results.get("activation_bytes_per_iteration"),
         "cohorts": results.get("cohorts"),
         "encoder_averaging": results.get("encoder_averaging"),
+        "history": results.get("history"),
         "checkpoints": results.get("checkpoints"),
         "server_results": str(results_path),
         "simulator_log": str(log_file),
