@@ -65,7 +65,10 @@ def test_compare_passes_seeds_budget_and_earlier_files_to_the_study(tmp_path, mo
     calls = []
 
     def fake_run_compare(out_dir, settings, reuse=None):
-        calls.append((settings.seeds, settings.topologies, reuse, settings.steps, settings.rounds))
+        calls.append(
+            (settings.seeds, settings.topologies, reuse, settings.steps, settings.rounds, settings.curve_every)
+            + (settings.timeout_s,)
+        )
         (out_dir / "compare.md").parent.mkdir(parents=True, exist_ok=True)
         (out_dir / "compare.md").write_text("the table\n")
 
@@ -73,11 +76,12 @@ def test_compare_passes_seeds_budget_and_earlier_files_to_the_study(tmp_path, mo
     argv = ["compare", "--out", str(tmp_path / "c"), "--quick", "--topologies", "fedavg", "fedavg_dp_eps1"]
     assert main([*argv, "--only-seeds", "2", "--reuse", "a.json", "b.json"]) == 0
     assert main(argv) == 0
-    assert main([*argv, "--steps", "8", "--rounds", "4"]) == 0
+    assert main([*argv, "--steps", "8", "--rounds", "4", "--curve-every", "4", "--timeout-min", "90"]) == 0
     assert calls[0][0] == (2,) and calls[0][1] == ("fedavg", "fedavg_dp_eps1")
     assert [str(path) for path in calls[0][2]] == ["a.json", "b.json"]
     assert calls[1][0] == (0, 1, 2) and calls[1][2] is None
-    assert calls[1][3:] == (4, 2) and calls[2][3:] == (8, 4)  # the quick budget, then the one asked for
+    # The quick budget, no curve, the quick limit; then what was asked for.
+    assert calls[1][3:] == (4, 2, 0, 600.0) and calls[2][3:] == (8, 4, 4, 5400.0)
     assert "the table" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse: one way of naming the seeds
         main([*argv, "--seeds", "2", "--only-seeds", "1"])

@@ -211,6 +211,8 @@ def _compare(args) -> int:
         chosen["rounds"] = args.rounds
     if args.curve_every:
         chosen["curve_every"] = args.curve_every
+    if args.timeout_min:
+        chosen["timeout_s"] = 60.0 * args.timeout_min
     settings = CompareSettings.quick(**chosen) if args.quick else CompareSettings(**chosen)
     run_compare(args.out, settings, reuse=args.reuse)
     print((Path(args.out) / "compare.md").read_text())
@@ -674,6 +676,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="also score every run every this many steps (a multiple of steps/rounds): learning curves, and whether "
         "each row stopped moving between half the budget and the end (default: only at the end)",
+    )
+    compare.add_argument(
+        "--timeout-min",
+        type=float,
+        default=0,
+        help="each simulator run's limit in minutes (default: 60; a longer budget on a slow machine needs more)",
     )
     compare.add_argument("--topologies", nargs="+", help="rows to run, the first the reference (default: all)")
     compare.add_argument("--quick", action="store_true", help="tiny sizes, 4 steps (checks the pipeline)")
