@@ -221,8 +221,9 @@ class CompareSettings:
         fedprox_mu: FedProx's proximal weight of the ``fedprox`` and ``splitfed_fedprox`` rows (finite, >= 0).
         curve_every: also score every run on the held-out cases every this many steps (0: only at the end), so
             that each run records its learning curve and one study answers for every shorter budget on it (a
-            multiple of ``steps / rounds`` that divides ``steps``). Scoring does not change training: a run with a
-            curve ends with the figures of the same run without one.
+            multiple of ``steps / rounds`` that divides ``steps``). Scoring draws no random numbers and changes no
+            weight, so a run's first ``n`` steps are the run of ``n`` steps (checked end to end on the seeded
+            topologies: FedAvg, the U-shape, centralized).
         seeds: paired seeds: phantom data, held-out split and training seed of every run of that seed.
         topologies: keys of :data:`TOPOLOGIES` to run, in row order (the first is the reference).
         threads_per_party: torch threads of each data holder.
