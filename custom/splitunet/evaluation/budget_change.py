@@ -18,9 +18,11 @@ a row can keep improving while its gap to the reference has settled.
 
 The shorter budget need not be a study of its own: a study run with ``curve_every`` scores every run at those steps
 on the way, and :func:`budget_at` reads the report as if it had stopped at one of them. Under a constant learning
-rate (the study's), the first ``n`` steps of a longer run are the run of ``n`` steps, rounds of the same length
-included, so its curve stands for the shorter study (``tests/e2e/test_compare_topologies.py`` checks that scoring on
-the way changes no figure). Whether a study scored on the way is not what is compared: ``curve_every`` may differ.
+rate (the study's), the first ``n`` steps of a longer run are a run of ``n`` steps, rounds of the same length
+included (bit for bit where the run is deterministic; with three or more hospitals FLARE sums their results in
+arrival order, so two runs of a seed differ in rounding), so its curve stands for the shorter study
+(``tests/e2e/test_compare_topologies.py`` checks that scoring on the way changes no figure). Whether a study
+scored on the way is not what is compared: ``curve_every`` may differ.
 DP-SGD rows are the exception: their noise is calibrated for the whole budget, so their curve is not the shorter
 run, and they are left out of such a reading.
 

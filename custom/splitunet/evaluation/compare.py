@@ -222,8 +222,8 @@ class CompareSettings:
         curve_every: also score every run on the held-out cases every this many steps (0: only at the end), so
             that each run records its learning curve and one study answers for every shorter budget on it (a
             multiple of ``steps / rounds`` that divides ``steps``). Scoring draws no random numbers and changes no
-            weight, so a run's first ``n`` steps are the run of ``n`` steps (checked end to end on the seeded
-            topologies: FedAvg, the U-shape, centralized).
+            weight, so a run's first ``n`` steps are a run of ``n`` steps (checked end to end, to 1e-6, on the
+            seeded topologies at two hospitals; with more, FLARE's arrival-order sums make runs differ in rounding).
         seeds: paired seeds: phantom data, held-out split and training seed of every run of that seed.
         topologies: keys of :data:`TOPOLOGIES` to run, in row order (the first is the reference).
         threads_per_party: torch threads of each data holder.
