@@ -4,7 +4,8 @@ as soon as FLARE deems it disconnected, long before the task timeout.
 One consortium (a server and four sites, as the main job's ``min_clients`` needs) serves both jobs: the abort goes
 first, while every site is alive. The lost site is killed outright (its own process and its job process, SIGKILL),
 so it never logs out: the server learns of it only from its missing heartbeat. FLARE's kits wait 600 s for that;
-the consortium here waits 30 s (``heart_beat_timeout_s``), and FLARE's dead-client grace period (60 s) comes on top.
+the consortium here waits 30 s (``heart_beat_timeout_s``). FLARE's dead-client grace period comes on top: 60 s unless
+the job's server config sets ``dead_client_grace_period``; the job here sets 5 s, so the test waits half as long.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ SERVER_ARGS = tiny_server_args(
     task_timeout=TASK_TIMEOUT_S,
 )
 HEART_BEAT_TIMEOUT_S = 30
+DEAD_CLIENT_GRACE_S = 5  # FLARE's default is 60 s; a top-level key of the job's config_fed_server.json
 LOST_SITE = "site-2"
 RUNNING_ITERATION = 3  # the run has trained this many iterations when the fault is injected
-DETECTION_BOUND_S = 180  # heartbeat timeout + heartbeat period + FLARE's 60 s grace, with room for two slow cores
+DETECTION_BOUND_S = 120  # heartbeat timeout + heartbeat period + the job's grace, with room for two slow cores
 JOB_START_S = 120
 JOB_END_S = 120
 
@@ -68,6 +70,15 @@ def _wait_for_iteration(poc: PocConsortium, job_id: str, iteration: int, timeout
     raise AssertionError(f"job {job_id} did not reach iteration {iteration} within {timeout_s}s")
 
 
+def _with_dead_client_grace(job: Path, grace_s: float) -> Path:
+    """``job`` with FLARE's dead-client grace period (read by the server's workflow) set to ``grace_s``."""
+    config_path = job / "app" / "config" / "config_fed_server.json"
+    config = json.loads(config_path.read_text())
+    config["dead_client_grace_period"] = grace_s
+    config_path.write_text(json.dumps(config, indent=2))
+    return job
+
+
 def _server_log(run_dir: Path) -> str:
     return "\n".join(path.read_text(errors="replace") for path in sorted(run_dir.rglob("log*.txt")))
 
@@ -77,6 +88,7 @@ def consortium(tmp_path_factory):
     root = tmp_path_factory.mktemp("poc_faults")
     parties = ensure_partitioned_phantom(root / "data", cases=4, shape=(32, 32, 32), seed=5)
     job = copy_job_with_overrides(find_job(), root / "job" / "split_unet", SERVER_ARGS)
+    job = _with_dead_client_grace(job, DEAD_CLIENT_GRACE_S)
     poc = PocConsortium(
         root / "ws",
         SITES,
@@ -121,7 +133,8 @@ def test_a_lost_site_fails_the_run_once_flare_deems_it_disconnected(consortium):
     results = json.loads((poc.run_dir(job_id, "server") / "results.json").read_text())
     print(
         f"{LOST_SITE} killed at iteration >= {RUNNING_ITERATION}; job ended {status} {elapsed:.0f}s later "
-        f"(task_timeout {TASK_TIMEOUT_S}s); error: {results.get('error')}"
+        f"(heart_beat_timeout {HEART_BEAT_TIMEOUT_S}s, dead_client_grace_period {DEAD_CLIENT_GRACE_S}s, task_timeout "
+        f"{TASK_TIMEOUT_S}s); error: {results.get('error')}"
     )
     assert results["status"] == "failed"
     assert f"site {LOST_SITE} disconnected" in results["error"]
