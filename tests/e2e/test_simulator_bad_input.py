@@ -1,7 +1,8 @@
 """End to end: bad site input is named instead of crashing deep in training.
 
 What the server keeps names the site and the case by key; the file or folder is named in the log of the party that
-holds it (the site's log, the label holder's private details file).
+holds it (the site's log, the label holder's private details file). A volume not aligned with its label and a
+corrupt case are in ``test_simulator_keys_only.py``, which also searches what the server keeps for private strings.
 """
 
 from __future__ import annotations
@@ -9,14 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 
-import nibabel as nib
-import numpy as np
 import pytest
 from tiny_job import tiny_server_args
 
 from splitunet.data.case_keys import case_key
 from splitunet.data.party_settings import SETTINGS_FILE_NAME
-from splitunet.server.private_details import DETAILS_FILE
 from splitunet.tools.demo import ensure_partitioned_phantom
 from splitunet.tools.deployment import (
     copy_job_with_overrides,
@@ -77,18 +75,3 @@ def test_case_missing_at_one_site_is_named_and_left_out(tmp_path, parties):
     assert f"case key {key} is missing at site-3 (t1gd); left out of training" in log
     assert "BRATS_002" not in log  # the server's log names cases by key
     assert key not in results["val_cases"] and len(results["val_cases"][0]) == len(key)
-
-
-def test_modality_not_aligned_with_label_is_named(tmp_path, parties):
-    path = parties / "flair" / "BRATS_003.nii.gz"
-    image = nib.load(path)
-    shifted = image.affine.copy()
-    shifted[:3, 3] += 5.0
-    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), shifted, image.header), path)
-    workspace, results, _ = _run(tmp_path, parties)
-    assert results["status"] == "failed"
-    assert f"[party=site-1, case key={case_key('BRATS_003', 'k')}]" in results["error"]
-    assert "not voxel-aligned with the label" in results["error"] and "BRATS_003" not in results["error"]
-    # The case ID and the label file, for the label holder only: in its own local/ folder.
-    [details] = list(workspace.rglob(DETAILS_FILE))
-    assert str(parties / "labels" / "BRATS_003.nii.gz") in details.read_text()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from audited_run import AUDITED_ITERATIONS
 from tiny_job import TINY_SERVER_ARGS
 
 from splitunet.errors import SplitUNetConfigError
@@ -73,16 +74,16 @@ def test_blocked_level_with_a_decoder_that_expects_it_stops_at_setup_naming_the_
     assert results["status"] == "failed" and results["iterations"] == 0
 
 
-def test_blocked_level_with_a_matching_decoder_trains_without_it(tmp_path):
-    settings = DemoSettings(cases=4, shape=(36, 36, 36), seed=5, server_args={**TINY, "num_iterations": 8})
-    summary = run_demo(tmp_path, settings, job_dir=find_job("split_unet_no_x0"))
+def test_blocked_level_with_a_matching_decoder_trains_without_it(audited_no_x0_run):
+    summary = json.loads((audited_no_x0_run / "results.json").read_text())
     server_results = json.loads(Path(summary["server_results"]).read_text())
+    assert server_results["status"] == "completed" and server_results["iterations"] == AUDITED_ITERATIONS
     assert server_results["model"]["skip_levels"] == [1, 2, 3]
     for site in summary["sites"]:
         # The job asks for no x0, so the policy had nothing to withhold; it still ran on every step.
         record = server_results["filters"][site][f"BlockSkipLevels@{site}"]
         assert record["last"]["blocks"] == ["x0"] and record["last"]["withheld"] == []
-        assert record["calls"] >= 8
+        assert record["calls"] >= AUDITED_ITERATIONS
 
 
 def test_a_guard_that_refuses_a_release_stops_the_run_with_its_reason(tmp_path):

@@ -9,17 +9,12 @@ import numpy as np
 import pytest
 from tiny_job import TINY_SERVER_ARGS
 
-from splitunet.tools.demo import DemoSettings, run_demo
-
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    workspace = tmp_path_factory.mktemp("demo")
-    settings = DemoSettings(cases=6, shape=(40, 40, 40), seed=3, server_args=TINY_SERVER_ARGS, timeout_s=600)
-    summary = run_demo(workspace, settings)
-    return workspace, summary
+def demo_run(tiny_demo_run):
+    return tiny_demo_run  # one run of the main job, shared with the keys-only test (tests/e2e/conftest.py)
 
 
 def test_results_hold_dice_and_iterations(demo_run):

@@ -19,12 +19,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 from private_grep import corrupt_voxels, find_private, private_strings
-from tiny_job import tiny_server_args
+from tiny_job import TINY_DEMO_PHANTOM, TINY_SERVER_ARGS, tiny_server_args
 
 from splitunet.data.case_keys import case_key
 from splitunet.data.party_settings import SETTINGS_FILE_NAME
 from splitunet.server.private_details import DETAILS_FILE
-from splitunet.tools.demo import DemoSettings, ensure_partitioned_phantom, run_demo
+from splitunet.tools.demo import ensure_partitioned_phantom
 from splitunet.tools.deployment import (
     copy_job_with_overrides,
     default_site_modalities,
@@ -82,16 +82,8 @@ def source_parties(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    workspace = tmp_path_factory.mktemp("demo")
-    settings = DemoSettings(
-        cases=4,
-        shape=(32, 32, 32),
-        seed=5,
-        server_args=tiny_server_args(num_iterations=4, val_every=4, num_val_cases=1),
-        timeout_s=300,
-    )
-    summary = run_demo(workspace, settings)
+def demo_run(tiny_demo_run):
+    workspace, summary = tiny_demo_run  # one run of the main job, shared with the demo test (tests/e2e/conftest.py)
     simulator = workspace / "simulator"
     return {
         "workspace": workspace,
@@ -106,10 +98,13 @@ def test_a_demo_run_keeps_no_case_id_path_or_secret_at_the_server(demo_run):
     results = json.loads((run_folder / "results.json").read_text())
     assert results["status"] == "completed"
     secret = (demo_run["workspace"] / "data" / "case_key_secret.txt").read_text().strip()
-    [key] = results["val_cases"]
-    assert results["predictions"] == {key: str(run_folder / "predictions" / f"{key}.nii.gz")}
-    assert key in {case_key(f"BRATS_{n:03d}", secret) for n in range(1, 5)}
-    assert (run_folder / "predictions" / f"{key}.nii.gz").is_file()
+    keys = results["val_cases"]
+    assert len(keys) == TINY_SERVER_ARGS["num_val_cases"]
+    assert set(keys) <= {case_key(f"BRATS_{n:03d}", secret) for n in range(1, TINY_DEMO_PHANTOM["cases"] + 1)}
+    # Previews of the first held-out cases, each filed under its key.
+    assert results["predictions"] and set(results["predictions"]) <= set(keys)
+    for key, path in results["predictions"].items():
+        assert path == str(run_folder / "predictions" / f"{key}.nii.gz") and Path(path).is_file()
     assert demo_run["summary"]["preview_png"]  # the demo maps the key back with the secret, as a data holder
     assert _server_leaks(run_folder, demo_run["private"]) == []
     # The search finds what is there: the server's own settings hold the secret and the data folders.
@@ -149,7 +144,8 @@ def test_a_volume_not_aligned_with_its_label_is_named_by_key_at_the_server(tmp_p
     run = _failed_run(tmp_path, source_parties, corrupt)
     error = run["results"]["error"]
     assert run["results"]["status"] == "failed"
-    assert f"[party=site-1, case key={case_key('BRATS_003', SECRET)}]" in error and "not voxel-aligned" in error
+    assert f"[party=site-1, case key={case_key('BRATS_003', SECRET)}]" in error
+    assert "not voxel-aligned with the label" in error
     assert f"details in the server's local/{DETAILS_FILE}" in error
     assert _server_leaks(run["run_folder"], run["private"]) == []
     [details] = list(run["workspace"].rglob(DETAILS_FILE))

@@ -1,10 +1,11 @@
 """Wire audit: every party records a digest of what it sends and receives; the records show what crossed.
 
 Two tiny simulator runs with ``WireAudit`` in all four chains and the server's capture filter on every
-iteration: one with x0 withheld (``split_unet_no_x0``), one with every level sent (``split_unet``). The digests
-sent and received must match, no plaintext case ID may cross, the server's workspace must hold no site image
-or encoder weight, and, with x0 withheld, no tensor may be a copy of (or correlate strongly with) the site's
-crop or the labels. With x0 sent the correlation is reported: it is the leak the paper studies.
+iteration (:mod:`audited_run`): one with x0 withheld (``split_unet_no_x0``, shared with the defended-job tests),
+one with every level sent (``split_unet``). The digests sent and received must match, no plaintext case ID may
+cross, the server's workspace must hold no site image or encoder weight, and, with x0 withheld, no tensor may be a
+copy of (or correlate strongly with) the site's crop or the labels. With x0 sent the correlation is reported: it
+is the leak the paper studies.
 """
 
 from __future__ import annotations
@@ -18,17 +19,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from audited_run import AUDITED_ITERATIONS, audited_run
 from tiny_job import tiny_server_args
 
 from splitunet.checkpoint import load_checkpoint
 from splitunet.evaluation.leakage import ACTIVATIONS, CapturedRun, GroundTruth
-from splitunet.tools.demo import DemoSettings, run_demo
-from splitunet.tools.deployment import add_wire_audit, copy_job_with_overrides, find_job
 from splitunet.wire.protocol import DataKind
 
 pytestmark = pytest.mark.e2e
 
-ITERATIONS = 6
+ITERATIONS = AUDITED_ITERATIONS
 # With x0 withheld, the finest level sent is x1 (half resolution, after two convolutions, instance norm and
 # max-pooling). Channels that pass intensities through stay correlated with the down-sampled crop: with this
 # test's secret the largest |r| over channels, sites and iterations was 0.89 (x1), 0.79 (x2), 0.79 (x3), against
@@ -44,33 +44,9 @@ X0_CORRELATION_FLOOR = 0.8
 MIN_VOXELS = 64
 
 
-def _run(tmp_path_factory, job_name: str):
-    workspace = tmp_path_factory.mktemp(job_name)
-    # A fixed case-key secret fixes which cases train and which crops are drawn, so the measured values repeat.
-    (workspace / "data").mkdir()
-    (workspace / "data" / "case_key_secret.txt").write_text("wire-audit-test-secret")
-    job = copy_job_with_overrides(find_job(job_name), workspace / "audited_job" / job_name)
-    add_wire_audit(job)
-    settings = DemoSettings(
-        cases=6,
-        shape=(40, 40, 40),
-        seed=3,
-        server_args=tiny_server_args(num_iterations=ITERATIONS, val_every=ITERATIONS),
-        capture_iterations=range(1, ITERATIONS + 1),
-        timeout_s=600,
-    )
-    run_demo(workspace, settings, job_dir=job)
-    return workspace
-
-
-@pytest.fixture(scope="module")
-def no_x0_run(tmp_path_factory):
-    return _run(tmp_path_factory, "split_unet_no_x0")
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    return _run(tmp_path_factory, "split_unet")
+    return audited_run(tmp_path_factory.mktemp("split_unet"), "split_unet")
 
 
 def _audit(workspace: Path) -> dict[str, list[dict]]:
@@ -90,8 +66,8 @@ def _digests(records, direction: str, kind: str, peer: str | None = None) -> Cou
     )
 
 
-def test_every_party_audits_both_directions_and_the_digests_match(no_x0_run):
-    audit = _audit(no_x0_run)
+def test_every_party_audits_both_directions_and_the_digests_match(audited_no_x0_run):
+    audit = _audit(audited_no_x0_run)
     sites = sorted(party for party in audit if party.startswith("site-"))
     assert sites == ["site-1", "site-2", "site-3", "site-4"] and len(audit) == 5
     server = next(records for party, records in audit.items() if not party.startswith("site-"))
@@ -105,18 +81,18 @@ def test_every_party_audits_both_directions_and_the_digests_match(no_x0_run):
         assert keys == {"x1", "x2", "x3", "x4"}
 
 
-def test_no_plaintext_case_id_crosses(no_x0_run):
-    audit_text = "".join(path.read_text() for path in (no_x0_run / "simulator").rglob("audit/wire_*.jsonl"))
-    case_ids = json.loads((no_x0_run / "data" / "phantom_msd" / "dataset.json").read_text())["training"]
+def test_no_plaintext_case_id_crosses(audited_no_x0_run):
+    audit_text = "".join(path.read_text() for path in (audited_no_x0_run / "simulator").rglob("audit/wire_*.jsonl"))
+    case_ids = json.loads((audited_no_x0_run / "data" / "phantom_msd" / "dataset.json").read_text())["training"]
     names = [Path(case["image"]).name.split(".")[0] for case in case_ids]
     assert names and not [name for name in names if name in audit_text]
-    run = CapturedRun(no_x0_run)
+    run = CapturedRun(audited_no_x0_run)
     plan_keys = run.capture(ACTIVATIONS, "site-1", 1).plan["keys"]
     assert all(key in audit_text for key in plan_keys)  # keyed hashes cross instead
 
 
-def test_server_workspace_holds_no_site_image_or_encoder_weight(no_x0_run):
-    simulator = no_x0_run / "simulator"
+def test_server_workspace_holds_no_site_image_or_encoder_weight(audited_no_x0_run):
+    simulator = audited_no_x0_run / "simulator"
     server_dir = simulator / "server"
     # The only volumes at the server are its own predicted segmentations, in the labels' values.
     for path in server_dir.rglob("*.nii*"):
@@ -124,7 +100,7 @@ def test_server_workspace_holds_no_site_image_or_encoder_weight(no_x0_run):
         values = set(np.unique(nib.load(path).get_fdata()).tolist())
         assert values <= {0.0, 1.0, 2.0, 3.0}, (path, values)
     site_weights = []
-    checkpoints = no_x0_run / "checkpoints"  # each party's checkpoint_dir, outside the simulator workspace
+    checkpoints = audited_no_x0_run / "checkpoints"  # each party's checkpoint_dir, outside the simulator workspace
     for checkpoint in checkpoints.glob("site-*/**/encoder_*.pt"):
         site_weights += [t for t in load_checkpoint(checkpoint)["encoder"].values() if t.numel() > 1]
     assert site_weights
@@ -176,8 +152,8 @@ def _correlations(workspace: Path) -> dict[str, float]:
     return worst
 
 
-def test_without_x0_nothing_sent_correlates_strongly_with_the_crop_or_labels(no_x0_run):
-    worst = _correlations(no_x0_run)
+def test_without_x0_nothing_sent_correlates_strongly_with_the_crop_or_labels(audited_no_x0_run):
+    worst = _correlations(audited_no_x0_run)
     print(f"largest |correlation| with the crop or WT mask, x0 withheld: {worst}")
     assert "x0" not in worst
     assert max(worst.values()) < MAX_CORRELATION_WITHOUT_X0
@@ -195,7 +171,7 @@ def test_with_x0_sent_the_correlation_is_reported(full_run):
 
 @pytest.fixture(scope="module")
 def protected_run(tmp_path_factory):
-    return _run(tmp_path_factory, "split_unet_protected")
+    return audited_run(tmp_path_factory.mktemp("split_unet_protected"), "split_unet_protected")
 
 
 def test_the_protected_preset_sends_no_gradient_and_the_encoders_stay_as_initialised(protected_run):

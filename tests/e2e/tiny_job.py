@@ -13,6 +13,9 @@ TINY_SERVER_ARGS = {
     "log_every": 4,
 }
 
+# The phantom of the shared tiny demo run (tests/e2e/conftest.py): cases, volume shape, phantom seed.
+TINY_DEMO_PHANTOM = {"cases": 6, "shape": (40, 40, 40), "seed": 3}
+
 
 def tiny_server_args(**overrides) -> dict:
     """:data:`TINY_SERVER_ARGS` with some settings changed, e.g. ``tiny_server_args(num_iterations=4)``."""
