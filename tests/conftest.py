@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny phantom split into party folders (made once per test session); a staging recorder; one
-torch thread for modules that ask for it."""
+torch thread for modules that ask for it; one quick ``splitunet leakage-splitfed`` run, whose SplitFed training run
+the SplitFed job's end-to-end test reads too."""
 
 from __future__ import annotations
 
@@ -27,6 +28,17 @@ def tiny_parties(tmp_path_factory):
     generate_phantom(root / "msd", 3, shape=(34, 36, 33), seed=11, progress=False)
     partition_msd(root / "msd", root / "parties", progress=False)
     return root / "parties"
+
+
+@pytest.fixture(scope="session")
+def splitfed_quick_leakage(tmp_path_factory):
+    """``splitunet leakage-splitfed --quick`` run once: its out folder (``report.json``, ``report.md``, and ``run/``,
+    the SplitFed job's simulator run: 8 sites, 6 iterations, averaging after 3 and 6, captures on)."""
+    from splitunet.tools.cli import main
+
+    out = tmp_path_factory.mktemp("leakage_splitfed")
+    assert main(["leakage-splitfed", "--out", str(out), "--quick"]) == 0
+    return out
 
 
 class RecordingStaging:

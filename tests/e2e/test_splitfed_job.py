@@ -2,7 +2,8 @@
 
 Eight phantom patients (40^3) are dealt to two groups; ``site-1`` .. ``site-4`` hold one modality each of the first
 group's patients, ``site-5`` .. ``site-8`` of the second's, and the label holder every label. Six iterations with the
-encoders of each modality's two sites averaged after iterations 3 and 6, then validation. After the run:
+encoders of each modality's two sites averaged after iterations 3 and 6, then validation: the training run of
+``splitunet leakage-splitfed --quick``, shared with that command's test. After the run:
 
 - the two sites of each modality end with the same encoder (the last average was the last thing they took) and had
   drifted apart before each average;
@@ -17,28 +18,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_job import tiny_server_args
 
 from splitunet.checkpoint import load_checkpoint
 from splitunet.data.case_keys import case_key
 from splitunet.data.nifti_io import nifti_case_id
-from splitunet.tools.splitfed_demo import SplitFedDemoSettings, run_splitfed_demo
+from splitunet.evaluation.leakage.splitfed_leakage import SplitFedLeakageSettings
 
 pytestmark = pytest.mark.e2e
 
-ITERATIONS, EVERY = 6, 3
+QUICK = SplitFedLeakageSettings.quick()
+ITERATIONS, EVERY = QUICK.num_iterations, QUICK.every
+assert (ITERATIONS, EVERY, QUICK.cases, QUICK.sites_per_modality) == (6, 3, 8, 2)  # what the checks below assume
 GROUP_OF = {f"site-{i}": (i - 1) // 4 for i in range(1, 9)}
 PAIRS = [("site-1", "site-5"), ("site-2", "site-6"), ("site-3", "site-7"), ("site-4", "site-8")]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    workspace = tmp_path_factory.mktemp("splitfed")
-    server_args = tiny_server_args(
-        num_iterations=ITERATIONS, encoder_averaging_every=EVERY, val_every=ITERATIONS, num_val_cases=1
-    )
-    settings = SplitFedDemoSettings(cases=8, shape=(40, 40, 40), seed=3, server_args=server_args, timeout_s=600)
-    summary = run_splitfed_demo(workspace, settings)
+def run(splitfed_quick_leakage):
+    # The training run of `splitunet leakage-splitfed --quick` (tests/conftest.py): the job as shipped, but for sizes,
+    # with the server's capture filter on; a run of its own would cost another minute of FLARE start-up.
+    workspace = splitfed_quick_leakage / "run"
+    summary = json.loads((workspace / "results.json").read_text())
     results = json.loads(Path(summary["server_results"]).read_text())
     encoders = {
         site: load_checkpoint(next((workspace / "checkpoints" / site).glob("**/encoder_*_last.pt")))

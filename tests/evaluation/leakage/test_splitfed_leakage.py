@@ -295,13 +295,11 @@ def test_the_markdown_has_the_pooled_table_the_checks_and_the_verdicts():
 
 
 @pytest.mark.e2e
-def test_quick_run_of_the_command_on_the_flare_simulator(tmp_path):
+def test_quick_run_of_the_command_on_the_flare_simulator(splitfed_quick_leakage):
     """``splitunet leakage-splitfed --quick``: a real SplitFed run, its server's captures, every attack scored."""
-    from splitunet.tools.cli import main
-
-    assert main(["leakage-splitfed", "--out", str(tmp_path), "--quick"]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert (tmp_path / "report.md").read_text().startswith("# Leakage in SplitFed")
+    out = splitfed_quick_leakage  # the command's run (tests/conftest.py), also read by tests/e2e/test_splitfed_job.py
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").read_text().startswith("# Leakage in SplitFed")
     settings = SplitFedLeakageSettings.quick()
     # What crossed: every averaging's copies and averages, and the job's levels (x0 among them).
     assert report["server_view"]["averagings"] == list(
