@@ -6,7 +6,13 @@ import math
 import pytest
 
 from splitunet.errors import SplitUNetConfigError
-from splitunet.evaluation.budget_change import budget_at, budget_changes, budget_markdown, settle_verdict
+from splitunet.evaluation.budget_change import (
+    DP_ROW_NOT_READ,
+    budget_at,
+    budget_changes,
+    budget_markdown,
+    settle_verdict,
+)
 from splitunet.tools.cli import main
 
 HELD_OUT = {"0": {"hospital-1": ["a"]}, "1": {"hospital-1": ["b"]}, "2": {"hospital-1": ["c"]}}
@@ -99,6 +105,14 @@ def test_markdown_shows_each_seed_and_the_verdicts():
     assert "still rising" in text and "| (reference) | - |" in text
 
 
+def test_rows_without_a_pair_are_named_with_the_reason():
+    changes = budget_changes(SHORT, LONG)
+    assert changes["unread"] == {"only short": "only in the shorter study", "only long": "only in the longer study"}
+    assert "Not read: only short (only in the shorter study); only long (only in the longer study)." in (
+        budget_markdown(changes)
+    )
+
+
 def test_the_command_writes_both_files_and_names_an_unreadable_report(tmp_path, capsys):
     (tmp_path / "short.json").write_text(json.dumps(SHORT))
     (tmp_path / "long.json").write_text(json.dumps(LONG))
@@ -143,6 +157,8 @@ def test_a_study_read_at_a_step_of_its_curves_is_that_budgets_report():
     assert "new" not in rows and shorter["left_out"] == ["only long"]
     changes = budget_changes(shorter, study)
     assert changes["shorter"] == {"steps": 400, "rounds": 10}
+    assert changes["unread"] == {"only long": DP_ROW_NOT_READ}  # said, not dropped silently
+    assert f"Not read: only long ({DP_ROW_NOT_READ})." in budget_markdown(changes)
     assert {row["key"]: row["change"]["mean"]["mean"] for row in changes["rows"]}["flat"] == pytest.approx(0.04)
 
 

@@ -698,3 +698,11 @@ def test_the_curve_table_and_the_half_budget_verdict_only_for_a_study_with_curve
     assert text in compare_markdown(report)
     bare = CompareSettings.quick(seeds=(0, 1, 2), topologies=KEYS[:2])
     assert curve_markdown(_curve_report(bare, {"split_unet_fp32": [0.8] * 3})) == ""
+
+
+def test_a_dp_row_of_a_curve_study_is_named_as_not_read_at_half_the_budget():
+    keys = ("split_unet_fp32", "fedavg_dp_eps3")
+    settings = CompareSettings.quick(steps=8, rounds=4, curve_every=2, seeds=(0, 1, 2), topologies=keys)
+    text = curve_markdown(_curve_report(settings, {"split_unet_fp32": [0.8, 0.82, 0.84], "fedavg_dp_eps3": [0.5] * 3}))
+    label = next(t.label for t in TOPOLOGIES if t.key == "fedavg_dp_eps3")
+    assert text.count(f"Not read: {label} (DP-SGD: its noise was set for the whole budget") == 1

@@ -38,7 +38,15 @@ from splitunet.errors import SplitUNetConfigError
 from splitunet.evaluation.intervals import interval_sign, t_interval
 from splitunet.evaluation.utility import REGIONS, _interval_cell, _mean_dice
 
-__all__ = ["BUDGET_FIELDS", "DEFAULT_TOLERANCE", "budget_at", "budget_changes", "budget_markdown", "settle_verdict"]
+__all__ = [
+    "BUDGET_FIELDS",
+    "DEFAULT_TOLERANCE",
+    "DP_ROW_NOT_READ",
+    "budget_at",
+    "budget_changes",
+    "budget_markdown",
+    "settle_verdict",
+]
 
 # The settings two reports may differ in; anything else differing makes the pairing meaningless.
 BUDGET_FIELDS = ("steps", "rounds")
@@ -46,6 +54,7 @@ BUDGET_FIELDS = ("steps", "rounds")
 _RECORDING_FIELDS = ("curve_every",)
 # 2 Dice points: below the seed-to-seed spread of a single run on the phantom, so "settled" is a real claim.
 DEFAULT_TOLERANCE = 0.02
+DP_ROW_NOT_READ = "DP-SGD: its noise was set for the whole budget, so its curve is not the shorter run"
 
 
 def _budget(report: Mapping) -> dict:
@@ -152,7 +161,8 @@ def budget_changes(shorter: Mapping, longer: Mapping, tolerance: float = DEFAULT
         row of ``longer`` that ``shorter`` also has, with ``key``, ``label``, ``seeds`` (those both studies ran),
         ``mean_dice`` (seed -> ``[shorter, longer]``), ``change`` (``mean`` and each region: ``t_interval`` of
         longer minus shorter), ``gap_change`` (the same for the row's mean-Dice gap to the reference row; absent
-        for the reference itself) and their verdicts.
+        for the reference itself) and their verdicts; ``unread``: label -> why a row of either study has no line
+        (a DP-SGD row that :func:`budget_at` left out, or a row that only one study ran).
 
     Raises:
         SplitUNetConfigError: the reports differ in more than the budget, in their reference row, or in a seed's
@@ -163,9 +173,15 @@ def budget_changes(shorter: Mapping, longer: Mapping, tolerance: float = DEFAULT
     after_rows = list(longer["rows"])
     reference_key = after_rows[0]["key"] if after_rows else None
     rows = []
+    unread = {label: DP_ROW_NOT_READ for label in shorter.get("left_out", [])}
+    after_keys = {row["key"] for row in after_rows}
+    for row in shorter["rows"]:
+        if row["key"] not in after_keys:
+            unread[row["label"]] = "only in the shorter study"
     for row in after_rows:
         key = row["key"]
         if key not in before:
+            unread.setdefault(row["label"], "only in the longer study")
             continue
         old, new = before[key], row["dice_by_seed"]
         seeds = sorted(set(old) & set(new), key=int)
@@ -198,6 +214,7 @@ def budget_changes(shorter: Mapping, longer: Mapping, tolerance: float = DEFAULT
         "tolerance": tolerance,
         "reference": longer.get("reference"),
         "rows": rows,
+        "unread": unread,
     }
 
 
@@ -236,4 +253,7 @@ def budget_markdown(changes: Mapping) -> str:
             row.get("gap_verdict", "-"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    unread = changes.get("unread") or {}
+    if unread:
+        lines += ["", "Not read: " + "; ".join(f"{label} ({why})" for label, why in unread.items()) + "."]
     return "\n".join(lines) + "\n"

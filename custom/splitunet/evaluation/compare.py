@@ -1236,14 +1236,8 @@ def curve_markdown(report: Mapping) -> str:
     half = max([step for step in steps[:-1] if step <= steps[-1] // 2] or [steps[0]])
     shorter = budget_at(report, half)
     lines += ["", "Has each row stopped moving? The end of every run against its own step " + str(half) + ".", ""]
+    # DP rows are named under the table with why they are not read (budget_markdown's "Not read").
     lines.append(budget_markdown(budget_changes(shorter, report)).rstrip("\n"))
-    if shorter["left_out"]:
-        lines += [
-            "",
-            "Left out (DP-SGD's noise is set for the whole budget, so a DP run's first steps are not a shorter run): "
-            + "; ".join(shorter["left_out"])
-            + ".",
-        ]
     return "\n".join(lines) + "\n"
 
 
