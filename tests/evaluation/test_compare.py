@@ -695,14 +695,18 @@ def test_the_curve_table_and_the_half_budget_verdict_only_for_a_study_with_curve
     assert f"| {_BY_KEY['fedavg'].label} | 0.175 | 0.350 | 0.525 | 0.700 |" in text
     # From step 4 to 8 every row doubled: still rising.
     assert "its own step 4" in text and "still rising" in text
+    # Steps 4, 6, 8 make a window: fedavg's level is the mean of t/8 over them (0.75 of its end), rising 50 %.
+    assert "from step 4 on" in text and "steps 4, 6, 8" in text
+    assert f"| {_BY_KEY['fedavg'].label} | 0, 1, 2 | 0.525 [" in text and "| +35.0 [" in text
     assert text in compare_markdown(report)
     bare = CompareSettings.quick(seeds=(0, 1, 2), topologies=KEYS[:2])
     assert curve_markdown(_curve_report(bare, {"split_unet_fp32": [0.8] * 3})) == ""
 
 
-def test_a_dp_row_of_a_curve_study_is_named_as_not_read_at_half_the_budget():
+def test_a_dp_row_of_a_curve_study_is_named_as_not_read_under_both_readings():
     keys = ("split_unet_fp32", "fedavg_dp_eps3")
     settings = CompareSettings.quick(steps=8, rounds=4, curve_every=2, seeds=(0, 1, 2), topologies=keys)
     text = curve_markdown(_curve_report(settings, {"split_unet_fp32": [0.8, 0.82, 0.84], "fedavg_dp_eps3": [0.5] * 3}))
     label = next(t.label for t in TOPOLOGIES if t.key == "fedavg_dp_eps3")
-    assert text.count(f"Not read: {label} (DP-SGD: its noise was set for the whole budget") == 1
+    # Under the half-budget table and under the window's.
+    assert text.count(f"Not read: {label} (DP-SGD: its noise was set for the whole budget") == 2

@@ -1206,9 +1206,11 @@ def curve_markdown(report: Mapping) -> str:
 
     Each row's mean Dice (mean over seeds) at every scored step; then each row at the end against the same row at
     half the budget (the last scored step at or before it), paired by seed, read by
-    :func:`splitunet.evaluation.budget_change.budget_changes`.
+    :func:`splitunet.evaluation.budget_change.budget_changes`; then, where the second half of the budget holds three
+    scorings or more, each row's level and trend over them (:mod:`splitunet.evaluation.plateau`).
     """
     from splitunet.evaluation.budget_change import budget_at, budget_changes, budget_markdown
+    from splitunet.evaluation.plateau import MIN_WINDOW_SCORINGS, plateau_markdown, plateau_reading
 
     steps = _curve_steps(report)
     if len(steps) < 2:
@@ -1238,6 +1240,15 @@ def curve_markdown(report: Mapping) -> str:
     lines += ["", "Has each row stopped moving? The end of every run against its own step " + str(half) + ".", ""]
     # DP rows are named under the table with why they are not read (budget_markdown's "Not read").
     lines.append(budget_markdown(budget_changes(shorter, report)).rstrip("\n"))
+    window = [step for step in steps if step >= half]
+    if len(window) >= MIN_WINDOW_SCORINGS:
+        lines += [
+            "",
+            f"Where has each row levelled off? A run's end point is one draw of its scorings; over the scorings from "
+            f"step {half} on, each run's mean (its level) and the change its own least-squares trend implies:",
+            "",
+            plateau_markdown(plateau_reading(report, start=half)).rstrip("\n"),
+        ]
     return "\n".join(lines) + "\n"
 
 
