@@ -82,3 +82,60 @@ def test_the_substitute_tracking_and_malicious_server_sections(report):
     assert malicious["bounds"]["max_dc_fraction"]["x0"] == 0.02
     assert "| level | hijacker ratio min / median / max | honest ratio min | ratio bound |" in markdown
     assert "| x0 | " in markdown and ">= -1.2 |" in markdown
+
+
+def _without_timing(value):
+    if isinstance(value, dict):
+        return {key: _without_timing(item) for key, item in value.items() if key != "seconds"}
+    if isinstance(value, list):
+        return [_without_timing(item) for item in value]
+    return value
+
+
+def test_a_report_stopped_after_a_site_resumes_at_the_next_with_the_same_figures(workspace, tmp_path, monkeypatch):
+    import shutil
+
+    import splitunet.evaluation.leakage.report as report_module
+
+    # Two captured sites: site-1's captures filed for site-2 as well (its own crops score them, as for any site).
+    original, workspace = workspace, shutil.copytree(workspace, tmp_path / "run", symlinks=True)
+    for record in workspace.rglob("results.json"):  # they name their files by absolute path
+        record.write_text(record.read_text().replace(str(original), str(workspace)))
+    for captures in workspace.glob("simulator/server/*/captures/*/site-1"):
+        shutil.copytree(captures, captures.with_name("site-2"))
+    aux = report_module.auxiliary_phantom(workspace / "data", tmp_path / "auxiliary")
+    kwargs = {"attacks": ["white_box", "label_inference"], "sites": ["site-1", "site-2"], "aux_dir": aux}
+    kwargs["budget"] = AttackBudget.quick()
+    whole = run_leakage(workspace, tmp_path / "whole", **kwargs)
+    assert not (tmp_path / "whole" / "finished_sites").exists()  # the report holds every site once written
+
+    attack_site, attacked = report_module._attack_site, []
+
+    def stopped_at_site_2(run, site, *args, **kwargs):
+        if site == "site-2":
+            raise KeyboardInterrupt  # the machine went away mid-report
+        attacked.append(site)
+        return attack_site(run, site, *args, **kwargs)
+
+    monkeypatch.setattr(report_module, "_attack_site", stopped_at_site_2)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run_leakage(workspace, out, **kwargs)
+    assert not (out / "report.json").exists()
+    # What was kept serves only a call with the same run, iteration, attacks and budget.
+    identity = json.loads((out / "finished_sites" / "site-1.json").read_text())["identity"]
+    assert report_module._finished_site(out, "site-1", identity) is not None
+    assert report_module._finished_site(out, "site-1", {**identity, "attacks": ["label_inference"]}) is None
+    assert report_module._finished_site(out, "site-1", {**identity, "iteration": 2}) is None
+
+    def counted(run, site, *args, **kwargs):
+        attacked.append(site)
+        return attack_site(run, site, *args, **kwargs)
+
+    monkeypatch.setattr(report_module, "_attack_site", counted)
+    resumed = run_leakage(workspace, out, **kwargs)
+    assert attacked == ["site-1", "site-2"]  # site-1 once, before the stop; site-2 only in the fresh call
+    # Site-2 attacked in a fresh call, without site-1 before it: the same figures, so no attack draws from the other's.
+    assert _without_timing(json.loads(json.dumps(resumed["sites"]))) == _without_timing(
+        json.loads(json.dumps(whole["sites"]))
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -244,7 +245,16 @@ def run_leakage(
         "modalities": dict(run.sites),
         "sites": {},
     }
+    # Each site's attacks are kept as they finish, so a report stopped part-way resumes at the next site: a sweep's
+    # site takes minutes to hours on CPU. Every attack seeds itself, so a site's figures do not depend on the others.
+    identity = {key: report[key] for key in ("workspace", "iteration", "attacks", "assume_known_init", "budget")}
     for site in chosen:
+        figures = figure_sites is None or site in figure_sites
+        finished = _finished_site(out_dir, site, {**identity, "figures": figures})
+        if finished is not None:
+            print(f"reusing the finished attacks on {site} at iteration {iteration}", flush=True)
+            report["sites"][site] = finished
+            continue
         print(f"attacking {site} ({run.sites.get(site)}) at iteration {iteration}", flush=True)
         report["sites"][site] = _attack_site(
             run,
@@ -256,7 +266,10 @@ def run_leakage(
             budget,
             out_dir,
             assume_known_init,
-            figures=figure_sites is None or site in figure_sites,
+            figures=figures,
+        )
+        write_json_atomic(
+            {"identity": {**identity, "figures": figures}, "site": report["sites"][site]}, _partial_file(out_dir, site)
         )
     if "label_inference" in attacks:
         # Cheap (no optimisation): every site that received gradients, each against its own image.
@@ -274,7 +287,27 @@ def run_leakage(
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     write_json_atomic(report, out_dir / "report.json")
     (out_dir / "report.md").write_text(leakage_markdown(report))
+    shutil.rmtree(out_dir / _PARTIAL_DIR, ignore_errors=True)  # report.json holds every site now
     return report
+
+
+_PARTIAL_DIR = "finished_sites"
+
+
+def _partial_file(out_dir: Path, site: str) -> Path:
+    return out_dir / _PARTIAL_DIR / f"{site}.json"
+
+
+def _finished_site(out_dir: Path, site: str, identity: Mapping) -> dict | None:
+    """A site's attacks kept by an earlier, interrupted call with the same run, iteration, attacks and budget."""
+    path = _partial_file(out_dir, site)
+    if not path.is_file():
+        return None
+    try:
+        kept = json.loads(path.read_text())
+    except ValueError:
+        return None  # written atomically, so only a foreign file: attack again
+    return kept["site"] if kept.get("identity") == json.loads(json.dumps(identity)) else None
 
 
 def refresh_label_inference(report_dir: str | Path, data_dir: str | Path | None = None) -> dict:
