@@ -11,7 +11,8 @@ otherwise.
 
 Presets (:data:`PRESETS`): ``quick`` checks the pipeline at a tiny size (tests); ``standard`` runs the eight settings
 that cover every shipped defense once, at 80 iterations; ``full`` runs every defense at two strengths and the
-protected preset at 300 iterations. Finished runs and reports are reused, so a stopped sweep continues where it was.
+protected preset at 300 iterations. Finished runs, reports and, within a report, each site's finished attacks are
+reused, so a stopped sweep continues where it was.
 The rows of an earlier summary (``--reuse``: its ``sweep.json``, same preset, attack budget and case keys) are
 taken over without their runs, so a sweep continues on another machine; a row whose label inference predates the
 current baselines is run again.
