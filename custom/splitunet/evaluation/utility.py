@@ -207,12 +207,13 @@ def summarise_utility(
     return {"iterations": iterations, "seeds": list(seeds), "reference": reference, "rows": rows}
 
 
-def _interval_cell(interval: Mapping, scale: float = 100.0) -> str:
+def _interval_cell(interval: Mapping, scale: float = 100.0, spec: str = "+.1f") -> str:
+    """``mean [low, high]`` of a :func:`t_interval`, scaled (default: a Dice difference in signed points)."""
     if not math.isfinite(interval.get("mean", math.nan)):
         return "-"
     if not math.isfinite(interval.get("low", math.nan)):
-        return f"{scale * interval['mean']:+.1f}"
-    return f"{scale * interval['mean']:+.1f} [{scale * interval['low']:+.1f}, {scale * interval['high']:+.1f}]"
+        return f"{scale * interval['mean']:{spec}}"
+    return f"{scale * interval['mean']:{spec}} [{scale * interval['low']:{spec}}, {scale * interval['high']:{spec}}]"
 
 
 def utility_markdown(report: Mapping) -> str:
