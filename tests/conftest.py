@@ -4,9 +4,12 @@ the SplitFed job's end-to-end test reads too."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from splitunet.compute.devices import THREADS_ENV_VAR
 from splitunet.data.partition import partition_msd
 from splitunet.data.phantom import generate_phantom
 
@@ -70,6 +73,48 @@ def _starts_a_poc_consortium(item) -> bool:
     return "/tests/tools/poc/" in path or "test_poc_" in path or "test_cli_poc" in path
 
 
+# Session fixtures that each make a FLARE run several modules read: a worker that runs one of those modules should run
+# them all, or the run is made once per worker.
+SHARED_RUNS = ("tiny_demo_run", "audited_no_x0_run", "splitfed_quick_leakage")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (the default, ``-n auto --dist loadgroup``) each worker and every process it starts uses one
+    torch thread: the workers already share the cores, and OpenMP threads spinning at barriers for a descheduled peer
+    stretched a one-minute run to several."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+        os.environ[THREADS_ENV_VAR] = "1"
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_xdist_auto_num_workers(config):
+    """At most 4 workers: each FLARE run starts up to ten processes of several hundred MB."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _group_for_parallel_workers(items) -> None:
+    """Give each test an ``xdist_group`` so that ``--dist loadgroup`` keeps together what must share a process.
+
+    A module's tests stay together (its module-scoped fixtures are made once); modules that read one of
+    :data:`SHARED_RUNS` join one group; every POC test joins one group, which comes first in the collection and so
+    runs first on its worker (see :func:`pytest_collection_modifyitems`).
+    """
+    group_of_module: dict[str, str] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        if _starts_a_poc_consortium(item):
+            group = "poc"
+        else:
+            group = next((name for name in SHARED_RUNS if name in item.fixturenames), None)
+        if group:
+            group_of_module[module] = group
+        group_of_module.setdefault(module, module)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group_of_module[item.nodeid.split("::")[0]]))
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Run the POC tests first.
 
@@ -79,3 +124,4 @@ def pytest_collection_modifyitems(config, items):
     the harness in a fresh process; in the test process, the POC tests simply go first.
     """
     items.sort(key=lambda item: not _starts_a_poc_consortium(item))  # stable: the order is kept otherwise
+    _group_for_parallel_workers(items)
