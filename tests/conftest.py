@@ -116,7 +116,7 @@ def _group_for_parallel_workers(items) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Run the POC tests first.
+    """Run the POC tests first, and group the tests for parallel workers (:func:`_group_for_parallel_workers`).
 
     Seen with FLARE 2.9.0: once FOBS has serialized torch tensors in a process (the filter and bench tests do),
     an admin API session opened later in that same process is refused by the POC server ("unauthenticated msg ...
