@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -74,3 +75,19 @@ def test_means_over_cases_and_shape_errors():
     with pytest.raises(ValueError, match=r"\(3, D, H, W\)"):
         scores.add(truth[:2], truth[:2])
     assert all(math.isnan(v) for v in RegionScores().aggregate()[1].values())
+
+
+def test_read_only_arrays_are_scored_without_a_warning_and_left_untouched():
+    """Masks read from NIfTI files can be read-only NumPy arrays; scoring copies them instead of viewing them."""
+    truth = np.zeros((3, 8, 8, 8), dtype=np.float32)
+    truth[:, 2:6, 2:6, 2:6] = 1
+    truth.flags.writeable = False
+    prediction = truth.copy()
+    prediction.flags.writeable = False
+    scores = RegionScores()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores.add(prediction, truth)
+    dice, _ = scores.aggregate()
+    assert dice["mean"] == pytest.approx(1.0)
+    assert not truth.flags.writeable and truth.sum() == 3 * 64

@@ -55,8 +55,8 @@ class RegionScores:
             prediction: binary masks ``(3, D, H, W)`` (TC, WT, ET), e.g. thresholded sigmoid probabilities.
             truth: the case's region masks, same shape.
         """
-        prediction = torch.as_tensor(prediction).float()
-        truth = torch.as_tensor(truth).float()
+        prediction = _float_tensor(prediction)
+        truth = _float_tensor(truth)
         if prediction.shape != truth.shape or prediction.ndim != 4 or prediction.shape[0] != len(REGIONS):
             raise ValueError(
                 f"prediction and truth must both be (3, D, H, W) region masks; got {tuple(prediction.shape)} and "
@@ -98,3 +98,11 @@ class RegionScores:
         hd95 = {region: float(value) for region, value in zip(REGIONS, hd95_per_region)}
         hd95["mean"] = float(hd95_per_region.mean())
         return dice, hd95
+
+
+def _float_tensor(values: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``values`` as a float32 tensor; NumPy arrays are copied, since masks read from NIfTI files may be read-only
+    (torch warns on, and must not write through, a view of a read-only array)."""
+    if isinstance(values, np.ndarray):
+        return torch.from_numpy(np.array(values, dtype=np.float32))
+    return torch.as_tensor(values).float()
