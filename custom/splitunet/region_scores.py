@@ -101,8 +101,9 @@ class RegionScores:
 
 
 def _float_tensor(values: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """``values`` as a float32 tensor; NumPy arrays are copied, since masks read from NIfTI files may be read-only
-    (torch warns on, and must not write through, a view of a read-only array)."""
+    """``values`` as a float32 tensor. A read-only NumPy array (masks read from NIfTI files can be) is copied once:
+    torch warns on, and must not write through, a view of one; others convert as before, copying only to change type."""
     if isinstance(values, np.ndarray):
-        return torch.from_numpy(np.array(values, dtype=np.float32))
+        array = np.asarray(values, dtype=np.float32)
+        return torch.from_numpy(array if array.flags.writeable else array.copy())
     return torch.as_tensor(values).float()
