@@ -30,10 +30,14 @@ def test_every_setting_makes_a_valid_job(setting, tmp_path):
 
 
 def _defense(job_name: str) -> str:
-    """The defense a job ships: its sites' filter classes, or its server's (gradient defenses), guards left out."""
+    """The defense a job ships: its sites' filter classes, or its server's (gradient defenses), guards left out, or
+    the sites' training-time defense (NoPeek)."""
     found = {}
     for config_path in find_job(job_name).glob("*/config/*.json"):
-        names = {entry["path"].rsplit(".", 1)[-1] for entry in job_filters(json.loads(config_path.read_text()))}
+        config = json.loads(config_path.read_text())
+        names = {entry["path"].rsplit(".", 1)[-1] for entry in job_filters(config)}
+        if any(executor["executor"]["args"].get("nopeek") for executor in config.get("executors", [])):
+            names.add("NoPeek")
         found[config_path.stem] = sorted(names - {"FeatureGuard"})
     sites, server = found["config_fed_client"], found["config_fed_server"]
     return "+".join(sites) if sites else "+".join(f"{name}@server" for name in server)
@@ -46,7 +50,8 @@ def test_full_sweeps_two_strengths_of_every_shipped_defense_and_the_standard_one
     assert defenses[0] == ""  # the baseline comes first
     for defense in set(defenses[1:]):
         assert defenses.count(defense) == 2, defense
-    assert len(set(defenses[1:])) == 6  # noise, gradient noise (server side), dropout, top-k, quantize, block
+    # noise, gradient noise (server side), dropout, top-k, quantize, block, NoPeek (site training)
+    assert len(set(defenses[1:])) == 7
     assert len({setting.label for setting in FULL_SWEEP}) == len(FULL_SWEEP)
     standard = [_defense(setting.job) for setting in STANDARD_SWEEP]
     assert sorted(set(standard)) == sorted(set(defenses + [_defense(protected.job)]))

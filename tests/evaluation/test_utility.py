@@ -100,3 +100,54 @@ def test_a_run_that_adams_coupled_decay_trained_is_trained_again(tmp_path, monke
     assert len(calls) == 2
     run_utility(tmp_path, (REFERENCE,), (0,), iterations=7)  # the retrained run records AdamW: reused
     assert len(calls) == 2
+
+
+def test_a_study_takes_over_the_seeds_of_an_earlier_report_and_trains_only_new_settings(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_demo(run_dir, settings, job_dir, data_dir):
+        calls.append((run_dir.parent.name, run_dir.name))
+        summary = _summary(0.4 + 0.1 * settings.seed, 0.6, 0.4, history=((100, 0.25 + settings.seed),))
+        summary["iterations"] = settings.server_args["num_iterations"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "results.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(utility, "run_demo", fake_run_demo)
+    run_utility(tmp_path / "first", (REFERENCE,), (0, 1, 2), iterations=7)
+    earlier = tmp_path / "first" / "utility.json"
+    calls.clear()
+    report = run_utility(tmp_path / "second", (REFERENCE, DEFENDED), (0, 1, 2), iterations=7, reuse=earlier)
+    # The reference's three runs come from the earlier report; only the new setting trains, paired by seed.
+    assert calls == [(f"seed{seed}", "split_unet_protected__defended") for seed in (0, 1, 2)]
+    reference, defended = report["rows"]
+    assert reference["dice_by_seed"] == json.loads(earlier.read_text())["rows"][0]["dice_by_seed"]
+    assert reference["curve_by_seed"] == {"0": {"100": 0.25}, "1": {"100": 1.25}, "2": {"100": 2.25}}
+    assert defended["difference_to_reference"]["TC"]["mean"] == pytest.approx(0)
+    assert report["optimizer"] == "AdamW"
+    # Reused again from the second report: the per-seed curves carry over.
+    again = run_utility(
+        tmp_path / "third", (REFERENCE,), (0, 1, 2), iterations=7, reuse=tmp_path / "second/utility.json"
+    )
+    assert again["rows"][0]["curve_by_seed"] == reference["curve_by_seed"] and len(calls) == 3
+    with pytest.raises(ValueError, match="made at 7 iterations with optimiser 'AdamW'; this study trains 8"):
+        run_utility(tmp_path / "fourth", (REFERENCE,), (0,), iterations=8, reuse=earlier)
+
+
+def test_a_settings_executor_arguments_reach_its_runs_and_name_its_row(tmp_path, monkeypatch):
+    received = []
+
+    def fake_run_demo(run_dir, settings, job_dir, data_dir):
+        received.append(settings.client_args)
+        summary = {**_summary(0.5, 0.6, 0.4), "iterations": settings.server_args["num_iterations"]}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "results.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(utility, "run_demo", fake_run_demo)
+    strong = SweepSetting("nopeek 1", "split_unet_nopeek", client_args={"nopeek": {"weight": 1.0}})
+    report = run_utility(tmp_path, (REFERENCE, strong), (0,), iterations=7)
+    assert received == [{}, {"nopeek": {"weight": 1.0}}]
+    assert "client_args" not in report["rows"][0]  # rows without them keep the keys they had
+    assert SweepSetting.from_row(report["rows"][1]) == strong
+    assert SweepSetting.from_row(report["rows"][1]).key() != SweepSetting("nopeek 1", "split_unet_nopeek").key()

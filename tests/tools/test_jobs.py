@@ -13,6 +13,7 @@ import pytest
 from splitunet.errors import SplitUNetConfigError
 from splitunet.evaluation.defense_table import DEFENSE_JOBS
 from splitunet.filters import FeatureGuard
+from splitunet.site.nopeek import NOPEEK_WEIGHT
 from splitunet.tools.cli import main
 from splitunet.tools.deployment import bundle_root
 from splitunet.tools.jobs import (
@@ -40,6 +41,8 @@ PROMISED = {
     "split_unet_noise": [("client", "ClippedGaussianNoise", {})],
     "split_unet_no_x0": [("client", "BlockSkipLevels", {"levels": [0]})],
     "split_unet_grad_noise": [("server", "ClippedGaussianNoise", {})],
+    # A training-time defense of the site trainer: no filter, the executor's nopeek (EXECUTOR_ARGS).
+    "split_unet_nopeek": [],
     "split_unet_protected": [
         ("client", "BlockSkipLevels", {"levels": [0]}),
         ("client", "QuantizeFeatures", {"precision": "int8"}),
@@ -51,6 +54,8 @@ FORCED_WORKFLOW_ARGS = {
     "split_unet_no_x0": {"skip_levels": [1, 2, 3]},
     "split_unet_protected": {"skip_levels": [1, 2, 3], "train_encoders": False},
 }
+# Site executor settings a defense job adds to the float32 reference's.
+EXECUTOR_ARGS = {"split_unet_nopeek": {"nopeek": {"weight": NOPEEK_WEIGHT, "positions": 256, "levels": None}}}
 # Jobs that differ from the main job in workflow settings only, not in filters.
 SETTING_VARIANTS = {
     "split_unet_missing_modality": {"fusion": "mean", "modality_dropout": 0.25, "on_site_failure": "continue"},
@@ -155,6 +160,10 @@ def test_the_description_loads_without_nvflare_or_torch():
             (*JOBS, Variant("dp_pipelined", base="split_unet_dp", workflow_args={"pipeline_delay": 1})),
             "'dp_pipelined': DP-SGD at the sites trains lock-step only",
         ),
+        (
+            (*JOBS, Variant("dp_nopeek", base="split_unet_dp", executor_args={"nopeek": {"weight": 0.01}})),
+            "'dp_nopeek': NoPeek and DP-SGD cannot be combined",
+        ),
     ],
 )
 def test_a_malformed_description_is_refused(entries, message):
@@ -231,7 +240,9 @@ def test_a_defense_job_is_the_float32_reference_plus_its_filters(variant):
     # The float32 reference itself differs from the main job only in its filters.
     reference = MAIN if variant == FP32 else FP32
     assert _meta(variant) == {**_meta(reference), "name": variant}
-    assert _without_filters(_config(variant, "client")) == _without_filters(_config(reference, "client"))
+    reference_client = _without_filters(_config(reference, "client"))
+    reference_client["executors"][0]["executor"]["args"].update(EXECUTOR_ARGS.get(variant, {}))
+    assert _without_filters(_config(variant, "client")) == reference_client
     server, reference_server = (
         _without_filters(_config(variant, "server")),
         _without_filters(_config(reference, "server")),

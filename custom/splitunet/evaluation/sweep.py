@@ -9,7 +9,7 @@ Dice: after its short training Dice still swings by tens of points between seeds
 ``splitunet utility`` study (300 iterations, paired seeds) when one is given (``--utility``), and is left empty
 otherwise.
 
-Presets (:data:`PRESETS`): ``quick`` checks the pipeline at a tiny size (tests); ``standard`` runs the eight settings
+Presets (:data:`PRESETS`): ``quick`` checks the pipeline at a tiny size (tests); ``standard`` runs the nine settings
 that cover every shipped defense once, at 80 iterations; ``full`` runs every defense at two strengths and the
 protected preset at 300 iterations. Finished runs, reports and, within a report, each site's finished attacks are
 reused, so a stopped sweep continues where it was.
@@ -67,16 +67,30 @@ class SweepSetting:
         job: job name under ``jobs/``.
         filter_args: filter class name -> arguments to set (``copy_job_with_overrides``).
         server_args: workflow arguments to set (e.g. ``skip_levels`` to match blocked levels).
+        client_args: site executor arguments to set (e.g. NoPeek's ``nopeek``).
     """
 
     label: str
     job: str
     filter_args: dict = field(default_factory=dict)
     server_args: dict = field(default_factory=dict)
+    client_args: dict = field(default_factory=dict)
 
     def key(self) -> str:
         """What identifies the run across studies (``splitunet utility`` rows carry the same fields)."""
-        return json.dumps([self.job, self.filter_args, self.server_args], sort_keys=True)
+        fields = [self.job, self.filter_args, self.server_args]
+        # Without client arguments the key stays what it was before they existed: earlier summaries still match.
+        return json.dumps(fields + [self.client_args] if self.client_args else fields, sort_keys=True)
+
+    @classmethod
+    def from_row(cls, row: Mapping) -> SweepSetting:
+        """The setting of a summary row (``sweep.json``, ``utility.json``)."""
+        return cls(row["label"], row["job"], row["filter_args"], row["server_args"], row.get("client_args") or {})
+
+    def to_row(self) -> dict:
+        """The fields a summary row carries to identify the setting (:meth:`from_row`)."""
+        row = {"label": self.label, "job": self.job, "filter_args": self.filter_args, "server_args": self.server_args}
+        return {**row, "client_args": self.client_args} if self.client_args else row
 
 
 # Every shipped defense at two strengths, then the protected preset.
@@ -98,6 +112,10 @@ FULL_SWEEP = (
     SweepSetting(
         "gradient noise σ 5e-3", "split_unet_grad_noise", {"ClippedGaussianNoise": {"noise_multiplier": 5e-3}}
     ),
+    SweepSetting("NoPeek 0.1", "split_unet_nopeek"),
+    SweepSetting(
+        "NoPeek 1", "split_unet_nopeek", client_args={"nopeek": {"weight": 1.0, "positions": 256, "levels": None}}
+    ),
     SweepSetting("protected preset", "split_unet_protected"),
 )
 
@@ -114,6 +132,7 @@ STANDARD_SWEEP = tuple(
         "int8 (the main job)",
         "x0 withheld",
         "gradient noise σ 5e-3",
+        "NoPeek 0.1",
         "protected preset",
     }
 )
@@ -251,10 +270,7 @@ def _reusable_rows(
             f"{reuse} was trained with optimiser {earlier.get('optimizer', 'Adam, coupled weight decay')!r}, this "
             f"sweep with {OPTIMIZER_NAME!r}: its rows cannot be reused"
         )
-    return {
-        SweepSetting(row["label"], row["job"], row["filter_args"], row["server_args"]).key(): row
-        for row in earlier["rows"]
-    }
+    return {SweepSetting.from_row(row).key(): row for row in earlier["rows"]}
 
 
 def _labels_summary_stale(row: Mapping) -> bool:
@@ -270,10 +286,7 @@ def _utility_rows(utility: str | Path | None) -> dict[str, Mapping]:
     if not utility:
         return {}
     report = json.loads(Path(utility).read_text())
-    return {
-        SweepSetting(row["label"], row["job"], row["filter_args"], row["server_args"]).key(): row
-        for row in report["rows"]
-    }
+    return {SweepSetting.from_row(row).key(): row for row in report["rows"]}
 
 
 def run_sweep(
@@ -343,6 +356,7 @@ def run_sweep(
                         **setting.server_args,
                     },
                     filter_args=setting.filter_args,
+                    client_args=setting.client_args,
                     capture_iterations=preset.capture_iterations(),
                     **preset.demo,
                 ),
@@ -365,10 +379,7 @@ def run_sweep(
         model = CapturedRun(run_dir).model
         summary["rows"].append(
             {
-                "label": setting.label,
-                "job": setting.job,
-                "filter_args": setting.filter_args,
-                "server_args": setting.server_args,
+                **setting.to_row(),
                 "train_encoders": model.train_encoders,
                 "activation_bytes_per_iteration": trained.get("activation_bytes_per_iteration"),
                 "utility": utility_rows.get(setting.key()),

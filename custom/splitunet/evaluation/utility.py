@@ -9,7 +9,9 @@ interval is Student's t over the per-seed differences. The validation
 Dice at every ``val_every`` shows whether the numbers had stopped moving by the end of the budget.
 
 Each run keeps its ``results.json``; a rerun with the same out folder and budget reuses finished runs, so a long
-study can be stopped and continued.
+study can be stopped and continued. The rows of an earlier ``utility.json`` (``--reuse``: same budget, same
+optimiser) are taken over per seed without their runs, so that a study adds a setting without training the others
+again: the pairing is by seed (the same data, split and crops), which the earlier runs share with new ones.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from splitunet.atomic_files import write_json_atomic
 from splitunet.evaluation.intervals import t_interval
 from splitunet.evaluation.sweep import SweepSetting
-from splitunet.networks.optimizer import trained_by_this_optimizer
+from splitunet.networks.optimizer import OPTIMIZER_NAME, trained_by_this_optimizer
 from splitunet.tools.demo import DemoSettings, run_demo
 from splitunet.tools.deployment import find_job
 
@@ -34,6 +36,7 @@ __all__ = [
     "UTILITY_SEEDS",
     "REGIONS",
     "run_utility",
+    "reusable_runs",
     "summarise_utility",
     "utility_markdown",
     "paired_interval",
@@ -58,6 +61,8 @@ UTILITY_SETTINGS = (
     ),
     # The main job with gradients applied one step late: its Dice against the int8 row is the pipelining's cost.
     SweepSetting("int8, pipelined (delay 1)", "split_unet_pipelined"),
+    # NoPeek's cost against the float32 reference it is built on.
+    SweepSetting("NoPeek 0.1", "split_unet_nopeek"),
 )
 
 # The tiny configuration of ``--quick`` (seconds a run): it checks the pipeline, its figures mean nothing.
@@ -97,6 +102,41 @@ def _finished(run_dir: Path, iterations: int) -> dict | None:
     return summary if same_run and summary.get("simulator_exit_code") == 0 else None
 
 
+def reusable_runs(reuse: str | Path | None, iterations: int) -> dict[str, dict[int, dict]]:
+    """The runs of an earlier ``utility.json``, by setting key and seed, as :func:`summarise_utility` reads them.
+
+    A reused run keeps its Dice, its validation curve (its own where the report kept one per seed, else its row's
+    mean curve), bytes and seconds; it is marked ``"reused_from"``.
+
+    Raises:
+        ValueError: the report was made with another budget or optimiser (named).
+    """
+    if not reuse:
+        return {}
+    earlier = json.loads(Path(reuse).read_text())
+    if earlier.get("iterations") != iterations or earlier.get("optimizer") != OPTIMIZER_NAME:
+        raise ValueError(
+            f"{reuse} was made at {earlier.get('iterations')} iterations with optimiser "
+            f"{earlier.get('optimizer', 'Adam, coupled weight decay')!r}; this study trains {iterations} with "
+            f"{OPTIMIZER_NAME!r}: its rows cannot be reused"
+        )
+    runs: dict[str, dict[int, dict]] = {}
+    for row in earlier["rows"]:
+        key = SweepSetting.from_row(row).key()
+        seconds = dict(zip(row["seeds"], row.get("seconds_per_run") or []))
+        curves = row.get("curve_by_seed") or {}
+        for seed_text, dice in row["dice_by_seed"].items():
+            curve = curves.get(seed_text, row.get("mean_dice_at_validation") or {})
+            runs.setdefault(key, {})[int(seed_text)] = {
+                "dice": dice,
+                "mean_dice_curve": {int(i): float(value) for i, value in curve.items()},
+                "activation_bytes_per_iteration": row.get("activation_bytes_per_iteration"),
+                "elapsed_s": seconds.get(int(seed_text)),
+                "reused_from": str(reuse),
+            }
+    return runs
+
+
 def run_utility(
     out_dir: str | Path,
     settings: Sequence[SweepSetting] = UTILITY_SETTINGS,
@@ -104,6 +144,7 @@ def run_utility(
     iterations: int = UTILITY_ITERATIONS,
     quick: bool = False,
     capture_iterations: Sequence[int] = (),
+    reuse: str | Path | None = None,
 ) -> dict:
     """Train every setting under every seed; write ``utility.json`` and ``utility.md``.
 
@@ -114,18 +155,21 @@ def run_utility(
         iterations: training iterations per run.
         quick: the tiny configuration (tests); its figures mean nothing.
         capture_iterations: iterations whose activations and gradients each run captures for ``splitunet leakage``.
+        reuse: an earlier ``utility.json`` whose runs are taken over (:func:`reusable_runs`); finished runs in
+            ``out_dir`` still come first.
 
     Returns:
         the summary written to ``utility.json``.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir).resolve()
+    earlier = reusable_runs(reuse, iterations)
     runs: dict[str, dict[int, dict]] = {setting.label: {} for setting in settings}
     for seed in seeds:
         data_dir = out_dir / f"data_seed{seed}"
         for setting in settings:
             run_dir = _run_dir(out_dir, seed, setting)
-            summary = _finished(run_dir, iterations)
+            summary = _finished(run_dir, iterations) or earlier.get(setting.key(), {}).get(seed)
             if summary is None:
                 print(f"\n=== seed {seed}: {setting.label} ({setting.job}), {iterations} iterations ===", flush=True)
                 server_args = {
@@ -140,6 +184,7 @@ def run_utility(
                         seed=seed,
                         server_args=server_args,
                         filter_args=setting.filter_args,
+                        client_args=setting.client_args,
                         capture_iterations=capture_iterations,
                         **(_QUICK_DEMO if quick else {}),
                     ),
@@ -157,6 +202,8 @@ def run_utility(
 
 def _history(summary: Mapping) -> dict[int, float]:
     """Mean Dice at each validation of a run: ``{iteration: mean of TC, WT, ET}``."""
+    if "mean_dice_curve" in summary:  # a run taken over from an earlier report
+        return dict(summary["mean_dice_curve"])
     points = {}
     for entry in summary.get("history") or []:
         dice = entry.get("dice") if isinstance(entry, Mapping) else None
@@ -176,10 +223,7 @@ def summarise_utility(
         mine = runs.get(setting.label, {})
         paired = [seed for seed in seeds if seed in mine and seed in runs.get(reference, {})]
         row = {
-            "label": setting.label,
-            "job": setting.job,
-            "filter_args": setting.filter_args,
-            "server_args": setting.server_args,
+            **setting.to_row(),
             "seeds": sorted(mine),
             "dice_by_seed": {str(seed): mine[seed]["dice"] for seed in sorted(mine)},
             "dice_mean": {
@@ -196,15 +240,23 @@ def summarise_utility(
         row["difference_to_reference"]["mean"] = paired_interval(
             [_mean_dice(mine[s]["dice"]) - _mean_dice(runs[reference][s]["dice"]) for s in paired]
         )
-        curves = [_history(mine[s]) for s in mine]
-        shared = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-        row["mean_dice_at_validation"] = {str(i): statistics.fmean(c[i] for c in curves) for i in shared}
+        curves = {s: _history(mine[s]) for s in sorted(mine)}
+        shared = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
+        row["mean_dice_at_validation"] = {str(i): statistics.fmean(c[i] for c in curves.values()) for i in shared}
+        # Each run's own curve, so that a later study that reuses this row keeps it.
+        row["curve_by_seed"] = {str(s): {str(i): value for i, value in sorted(c.items())} for s, c in curves.items()}
         byte_counts = [mine[s].get("activation_bytes_per_iteration") for s in mine]
         byte_counts = [b for b in byte_counts if b]
         row["activation_bytes_per_iteration"] = byte_counts[0] if byte_counts else None
         row["seconds_per_run"] = [mine[s].get("elapsed_s") for s in sorted(mine)]
         rows.append(row)
-    return {"iterations": iterations, "seeds": list(seeds), "reference": reference, "rows": rows}
+    return {
+        "iterations": iterations,
+        "seeds": list(seeds),
+        "reference": reference,
+        "optimizer": OPTIMIZER_NAME,
+        "rows": rows,
+    }
 
 
 def _interval_cell(interval: Mapping, scale: float = 100.0, spec: str = "+.1f") -> str:

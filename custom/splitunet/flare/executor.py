@@ -36,6 +36,7 @@ from splitunet.flare.site_minimum import PRIVACY_FILE, check_minimum_defense, re
 from splitunet.flare.workspace_paths import checkpoint_folder, run_dir, site_config_dir
 from splitunet.resume import CHECKPOINT_TAGS, encoder_checkpoint, load_for_resume
 from splitunet.site.encoder_release import check_share_encoder, read_share_encoder
+from splitunet.site.nopeek import NoPeekSettings
 from splitunet.site.trainer import SiteTrainer
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import DataKind, MetaKey, TaskName
@@ -107,13 +108,22 @@ class SplitSiteExecutor(GuardedTaskExecutor):
             false: docs/dp.md); ``None`` trains without.
         dp_steps: with ``dp``: the most training steps the job may take at this site (the workflow's
             ``num_iterations``); the epsilon is projected for them and a step beyond them is refused.
+        nopeek: NoPeek's distance-correlation penalty on the encoder's training
+            (:class:`~splitunet.site.nopeek.NoPeekSettings`: ``weight``, ``positions``, ``levels``); ``None`` trains
+            without. Not with ``dp``.
 
     Raises:
         SplitUNetConfigError: a malformed argument, when FLARE builds the executor (the message names it).
     """
 
     def __init__(
-        self, device: str = "auto", num_threads: int = 0, amp: bool = False, dp=None, dp_steps: int | None = None
+        self,
+        device: str = "auto",
+        num_threads: int = 0,
+        amp: bool = False,
+        dp=None,
+        dp_steps: int | None = None,
+        nopeek=None,
     ):
         super().__init__()
         if not isinstance(num_threads, int) or num_threads < 0:
@@ -124,6 +134,9 @@ class SplitSiteExecutor(GuardedTaskExecutor):
         if self.dp is not None and amp:
             raise SplitUNetConfigError("amp and dp cannot be combined: DP-SGD trains the encoder in float32 here")
         self.dp_steps = dp_steps
+        self.nopeek = NoPeekSettings.from_config(nopeek)
+        if self.nopeek is not None and self.dp is not None:
+            raise SplitUNetConfigError("nopeek and dp cannot be combined (splitunet.site.nopeek)")
         self.device_name = device
         self.amp = amp
         self.num_threads = num_threads
@@ -150,7 +163,7 @@ class SplitSiteExecutor(GuardedTaskExecutor):
     def _setup(self, dxo, party: str, fl_ctx: FLContext) -> Shareable:
         # Before anything is read or sent: this job must run the site's minimum defense on what it releases.
         config = SplitModelConfig.from_dict(dxo.get_meta_prop(MetaKey.CONFIG))
-        checked = check_minimum_defense(fl_ctx, party, config)
+        checked = check_minimum_defense(fl_ctx, party, config, self.nopeek)
         if checked:
             self.log_info(fl_ctx, f"{party}: {checked}")
         self.private = PrivateNames()
@@ -166,12 +179,17 @@ class SplitSiteExecutor(GuardedTaskExecutor):
         self.private.add_cases(folder.case_ids)
         self.trainer = SiteTrainer(folder, settings.case_key_secret, device, amp=self.amp)
         self.trainer.build(config, settings.encoder_seed)
+        if self.nopeek is not None:
+            self.trainer.plan_nopeek(self.nopeek)
         # Quantized on the device when every releasing chain starts with the same quantizer (it still checks them).
         self.trainer.wire_bits = common_sender_bits(released_chains(fl_ctx).values())
         self.checkpoints = checkpoint_folder(fl_ctx, settings.checkpoint_dir, dxo.get_meta_prop(MetaKey.EXPERIMENT))
         compute = f"device {device}" + _amp_note(self.amp, self.trainer.amp)
         if self.trainer.wire_bits is not None:
             compute += f", features quantized to {self.trainer.wire_bits}-bit codes on the device"
+        if self.nopeek is not None:
+            frozen = "" if config.train_encoders else " (no effect: the job freezes the encoders)"
+            compute += f", NoPeek weight {self.nopeek.weight:g}{frozen}"
         self.log_info(
             fl_ctx,
             f"{party}: modality {settings.modality}, {len(self.trainer.key_to_case)} cases from {data_dir} "
@@ -326,6 +344,9 @@ class SplitSiteExecutor(GuardedTaskExecutor):
         state[MetaKey.ITERATION] = dxo.get_meta_prop(MetaKey.ITERATION)
         path = save_checkpoint(state, encoder_checkpoint(self.checkpoints, trainer.modality, tag))
         self.log_info(fl_ctx, f"{party}: saved {tag} encoder checkpoint to {path}")
+        if trainer.nopeek is not None and trainer.nopeek.last:
+            levels = ", ".join(f"x{level} {value:.2f}" for level, value in trainer.nopeek.last.items())
+            self.log_info(fl_ctx, f"{party}: NoPeek distance correlation at the last step: {levels}")
         if tag == "last":
             self._record_privacy(party, state[MetaKey.ITERATION], fl_ctx)
         return control_dxo({MetaKey.SAVED_PATH: str(path)}).to_shareable()

@@ -21,6 +21,7 @@ from splitunet.site.minimum_defense import (
     MINIMUM_DEFENSE_KEY,
     describe_chain,
     model_shortfalls,
+    nopeek_shortfalls,
     parse_minimum_defense,
     shortfalls,
 )
@@ -67,7 +68,9 @@ def released_chains(fl_ctx: FLContext) -> dict[str, list]:
     return {task: released_chain(scope_filters, job_config, task) for task in RELEASING_TASKS}
 
 
-def check_minimum_defense(fl_ctx: FLContext, party: str, model_config: object | None = None) -> str | None:
+def check_minimum_defense(
+    fl_ctx: FLContext, party: str, model_config: object | None = None, nopeek: object | None = None
+) -> str | None:
     """Refuse this job if the chain on any releasing task, or the model settings it asks for, fall short of the
     site's minimum defense.
 
@@ -75,6 +78,7 @@ def check_minimum_defense(fl_ctx: FLContext, party: str, model_config: object | 
         fl_ctx: the setup task's context.
         party: this site.
         model_config: the model settings the server sent (checked against the minimum's ``SplitModelConfig``).
+        nopeek: the site executor's NoPeek settings, ``None`` without (checked against the minimum's ``NoPeek``).
 
     Returns:
         a line for the site's log saying what was checked, or ``None`` when the site states no minimum.
@@ -92,6 +96,9 @@ def check_minimum_defense(fl_ctx: FLContext, party: str, model_config: object | 
         missing = model_shortfalls(minimum, model_config)
         if missing:
             problems.append(f"the job's model settings: missing {'; '.join(missing)}")
+        missing = nopeek_shortfalls(minimum, nopeek, model_config)
+        if missing:
+            problems.append(f"the site's encoder training: missing {'; '.join(missing)}")
     for task in RELEASING_TASKS:
         chain = released_chain(scope_filters, job_config, task)
         missing = shortfalls(minimum, chain)

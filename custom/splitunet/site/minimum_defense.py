@@ -14,6 +14,11 @@ the same rules: ``{"SplitModelConfig": {"train_encoders": false}}`` refuses any 
 gradients (the protected preset's frozen encoders; a server that lies about it is refused again when the first
 gradient arrives, by :meth:`~splitunet.site.trainer.SiteTrainer.backward`).
 
+The entry :data:`NOPEEK_KEY` (``"NoPeek"``) binds the site trainer's NoPeek penalty (the executor's ``nopeek``,
+:mod:`splitunet.site.nopeek`): ``{"NoPeek": {"weight": 0.01}}`` refuses a job that trains this site's encoder with a
+smaller weight or without the penalty. A job that freezes the encoders meets it: the penalty bounds what training
+adds to the features, and such a job trains nothing.
+
 Each other entry names a filter class that must be in the chain a released payload goes through (the scope's filters
 and then the job's), with the settings it must at least have: a number must be at least as strong as the stated
 one (at least it; at most it for the settings in :data:`SMALLER_IS_STRONGER`, such as a clip norm, a top-k fraction
@@ -32,16 +37,20 @@ from splitunet.errors import SplitUNetConfigError
 __all__ = [
     "MINIMUM_DEFENSE_KEY",
     "MODEL_SETTINGS_KEY",
+    "NOPEEK_KEY",
     "SMALLER_IS_STRONGER",
     "parse_minimum_defense",
     "shortfalls",
     "model_shortfalls",
+    "nopeek_shortfalls",
     "describe_chain",
 ]
 
 MINIMUM_DEFENSE_KEY = "splitunet_minimum_defense"
 # The entry of the minimum that binds the job's model settings rather than a filter.
 MODEL_SETTINGS_KEY = "SplitModelConfig"
+# The entry that binds the site trainer's NoPeek penalty rather than a filter.
+NOPEEK_KEY = "NoPeek"
 # Filter settings whose smaller values protect more: clip norms, the fraction top-k keeps, a quantizer's bits,
 # the delta of (epsilon, delta).
 SMALLER_IS_STRONGER = frozenset({"clip_norm", "clip_rms", "fraction", "bits", "delta"})
@@ -100,8 +109,8 @@ def shortfalls(minimum: Mapping[str, Mapping[str, object]], chain: Iterable[obje
     chain = list(chain)
     missing = []
     for class_name, settings in minimum.items():
-        if class_name == MODEL_SETTINGS_KEY:
-            continue  # not a filter: model_shortfalls checks it against the job's model settings
+        if class_name in (MODEL_SETTINGS_KEY, NOPEEK_KEY):
+            continue  # not a filter: model_shortfalls and nopeek_shortfalls check them
         candidates = [f for f in chain if type(f).__name__ == class_name]
         if any(not _unmet(f, settings) for f in candidates):
             continue
@@ -121,6 +130,21 @@ def model_shortfalls(minimum: Mapping[str, Mapping[str, object]], model_config: 
     minimum's :data:`MODEL_SETTINGS_KEY` entry; empty when it meets it or states none."""
     settings = minimum.get(MODEL_SETTINGS_KEY) or {}
     return [f"{MODEL_SETTINGS_KEY} {unmet}" for unmet in _unmet(model_config, settings)]
+
+
+def nopeek_shortfalls(
+    minimum: Mapping[str, Mapping[str, object]], nopeek: object | None, model_config: object
+) -> list[str]:
+    """What the job's NoPeek settings (:class:`~splitunet.site.nopeek.NoPeekSettings` or ``None``) lack against the
+    minimum's :data:`NOPEEK_KEY` entry; empty when they meet it, the minimum states none, or the job's model settings
+    freeze the encoders (``train_encoders`` false: nothing is trained, so there is nothing to penalise)."""
+    if NOPEEK_KEY not in minimum or getattr(model_config, "train_encoders", True) is False:
+        return []
+    settings = minimum[NOPEEK_KEY] or {}
+    if nopeek is None:
+        wanted = ", ".join(f"{k} {_bound(k, v)} {v!r}" for k, v in settings.items())
+        return [f"{NOPEEK_KEY}({wanted}): the job trains the encoder without it"]
+    return [f"{NOPEEK_KEY} {unmet}" for unmet in _unmet(nopeek, settings)]
 
 
 def describe_chain(chain: Iterable[object]) -> str:

@@ -32,6 +32,7 @@ from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
 from splitunet.federated.drift_correction import proximal_term
 from splitunet.networks import SiteEncoder, seeded_encoder
 from splitunet.networks.optimizer import make_optimizer
+from splitunet.site.nopeek import NoPeekPenalty, NoPeekSettings
 from splitunet.wire.codec import EncodedLevel
 from splitunet.wire.model_config import SplitModelConfig
 from splitunet.wire.protocol import MODALITIES
@@ -46,6 +47,11 @@ __all__ = ["SiteTrainer", "initial_encoder", "check_fedprox_mu", "MAX_STEPS_IN_F
 # Forward passes whose gradients a site may await at once: two with pipeline_delay 1 (docs/design.md, "Pipelined
 # steps"); a server asking for more is refused rather than followed with ever more kept batches.
 MAX_STEPS_IN_FLIGHT = 2
+# NoPeek's distance correlation pools positions of every case of a batch, so no per-case gradient exists to clip.
+_NOPEEK_WITH_DP = (
+    "NoPeek and DP-SGD cannot be combined here: the distance-correlation penalty mixes the cases of a batch, so "
+    "DP-SGD's per-case gradients would not bound it"
+)
 
 
 def check_fedprox_mu(mu, party: str = "?") -> float:
@@ -87,6 +93,9 @@ class SiteTrainer:
     gradient; each case of the batch contributes one gradient, clipped, and the sum is noised
     (:class:`~splitunet.dp.private_split.PrivateSplitTraining`; what it covers: ``docs/dp.md``).
 
+    With NoPeek (:meth:`plan_nopeek`) each backward pass adds the gradient of a distance-correlation penalty between
+    the crops and the features sent (:mod:`splitunet.site.nopeek`) to the server's.
+
     Args:
         folder: this site's modality folder.
         case_key_secret: secret shared by the data holders for keyed case hashes.
@@ -103,6 +112,7 @@ class SiteTrainer:
         fedprox_anchor: the last average's trainable weights, on the encoder's device, while ``fedprox_mu`` > 0 (the
             proximal term's ``w_anchor``); ``None`` before the first average and at ``mu`` = 0.
         private: the encoder's DP-SGD, once :meth:`plan_privacy` made it (``None``: plain training).
+        nopeek: the NoPeek penalty, once :meth:`plan_nopeek` made it (``None``: none).
         dp_changes: what :func:`~splitunet.dp.prepare_for_dp` changed in the encoder (with DP-SGD).
         wire_bits: ``None``: features leave dense, in the job's ``transfer_dtype``. An int: they leave as affine
             codes of that many bits (:class:`~splitunet.wire.codec.EncodedLevel`, made on the encoder's device before
@@ -129,6 +139,7 @@ class SiteTrainer:
         self.fedprox_mu = 0.0
         self.fedprox_anchor: dict[str, torch.Tensor] | None = None
         self.private: PrivateSplitTraining | None = None
+        self.nopeek: NoPeekPenalty | None = None
         self.dp_changes = None
         self.wire_bits: int | None = None
         self._pending: dict[int, torch.Tensor] | None = None
@@ -155,6 +166,9 @@ class SiteTrainer:
         self.encoder = initial_encoder(config, self.modality, init_seed).to(self.device)
         self.optimizer = make_optimizer(self.encoder.parameters(), config.learning_rate, config.weight_decay)
         self.private = None
+        self.nopeek = None
+        # Where the NoPeek positions are drawn from: the site's own seed when it has one.
+        self._seed = config.seed + 1 + MODALITIES.index(self.modality) if init_seed is None else int(init_seed)
         self._pending = None
         self._pending_batch, self._stashed = None, []
         self.fedprox_mu, self.fedprox_anchor = 0.0, None
@@ -182,6 +196,8 @@ class SiteTrainer:
             raise SplitUNetConfigError(f"{self.party}: DP-SGD trains the encoder in float32 here; turn amp off")
         if self.steps_applied or self.steps_in_flight or self.private is not None:
             raise SplitUNetConfigError(f"{self.party}: DP-SGD must be planned before the encoder's first step")
+        if self.nopeek is not None:
+            raise SplitUNetConfigError(f"{self.party}: {_NOPEEK_WITH_DP}")
         budget_module, model_module, split_module = (
             dp_module(name, self.party) for name in ("epsilon_budget", "dp_model", "private_split")
         )
@@ -194,6 +210,25 @@ class SiteTrainer:
         budget = budget_module.plan_split_budget(settings, len(self.key_to_case), steps)
         self.private = split_module.PrivateSplitTraining([self.encoder], self.optimizer, budget)
         return budget
+
+    def plan_nopeek(self, settings: NoPeekSettings) -> None:
+        """Add NoPeek's distance-correlation penalty to every training step from now on (:mod:`splitunet.site.nopeek`).
+
+        With frozen encoders (``train_encoders`` false) nothing trains, so the penalty is kept but never computed.
+
+        Raises:
+            SplitUNetConfigError: the encoder trains by DP-SGD, or a penalised level is not sent.
+        """
+        self._require_built()
+        if self.private is not None:
+            raise SplitUNetConfigError(f"{self.party}: {_NOPEEK_WITH_DP}")
+        if settings.levels is not None and not set(settings.levels) <= set(self.config.sent_levels):
+            raise SplitUNetConfigError(
+                f"{self.party}: nopeek penalises levels {list(settings.levels)}, but the job sends "
+                f"{list(self.config.sent_levels)} only"
+            )
+        # Offset from the encoder's seed: the draws are not the initialisation's.
+        self.nopeek = NoPeekPenalty(settings, seed=self._seed + 7919)
 
     def epsilon(self) -> float | None:
         """Epsilon spent so far by the encoder's DP-SGD at its budget's delta (``None`` without DP-SGD)."""
@@ -321,6 +356,10 @@ class SiteTrainer:
             outputs.append(output)
             grad_tensors.append(grad)
         proximal = self.proximal_gradients()
+        if self.nopeek is not None:
+            # The penalty's own gradient joins the server's in the same backward pass (a scalar: no grad tensor).
+            outputs.append(self.nopeek(self._pending_batch, self._pending))
+            grad_tensors.append(None)
         if self.private is None:
             self.optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(outputs, grad_tensors)
@@ -347,6 +386,7 @@ class SiteTrainer:
         pass is the step's own but for those weights.
         """
         batch, self._pending_keys = self._stashed.pop(0)
+        self._pending_batch = batch
         self.encoder.train()
         with autocast(self.device, self.amp):
             features = self.encoder(batch)

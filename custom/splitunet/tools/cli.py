@@ -184,7 +184,7 @@ def _utility(args) -> int:
     iterations = args.iterations or (4 if args.quick else UTILITY_ITERATIONS)
     seeds = tuple(range(args.seeds))
     capture = tuple(args.capture or ())
-    run_utility(args.out, settings, seeds, iterations, quick=args.quick, capture_iterations=capture)
+    run_utility(args.out, settings, seeds, iterations, quick=args.quick, capture_iterations=capture, reuse=args.reuse)
     print((Path(args.out) / "utility.md").read_text())
     return 0
 
@@ -633,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     utility.add_argument("--seeds", type=int, default=3, help="paired seeds 0..N-1 (default: 3)")
     utility.add_argument("--capture", type=int, nargs="*", help="iterations whose features each run captures")
     utility.add_argument("--quick", action="store_true", help="2 tiny settings, 4 iterations (checks the pipeline)")
+    utility.add_argument(
+        "--reuse", type=Path, help="an earlier utility.json whose runs (same budget and optimiser) are taken over"
+    )
     utility.set_defaults(run=_utility)
 
     sweep = commands.add_parser(

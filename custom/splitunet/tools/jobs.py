@@ -5,8 +5,9 @@ Every shipped job is an entry of :data:`JOBS`. Four are written out in full (:cl
 horizontal FedAvg baseline ``fedavg_unet`` (FLARE's own workflows, no filters) and the three-part U-shape
 ``u_shape_unet``. Every other one is a :class:`Variant`: the job it starts from and what it changes. The float32
 reference ``split_unet_fp32`` is the main job without quantizers, each defense job is that reference plus one defense
-(and the workflow settings the defense forces), and ``split_unet_missing_modality`` and ``split_unet_splitfed`` (two
-sites per modality) change workflow settings and ``min_clients`` only. Adding a job is adding one entry.
+(filters, or for NoPeek a setting of the sites' executor, and the workflow settings the defense forces), and
+``split_unet_missing_modality`` and ``split_unet_splitfed`` (two sites per modality) change workflow settings and
+``min_clients`` only. Adding a job is adding one entry.
 
 The generated folders are checked in under ``jobs/`` as ordinary FLARE job folders (``meta.json`` and
 ``app/config/config_fed_{client,server}.json``), so ``nvflare simulator jobs/<name>`` and ``nvflare job submit`` read
@@ -133,6 +134,7 @@ class Variant:
         site_filters: replace the base's sites' filters (``None``: keep them; ``()``: none).
         server_filters: replace the base's server's filters (``None``: keep them; ``()``: none).
         workflow_args: workflow arguments set over the base's (new ones go last).
+        executor_args: the sites' executor arguments set over the base's (new ones go last).
         min_clients: replace the base's ``min_clients`` (``None``: keep it).
         defense: whether the job is a row of the defense table; not inherited from the base.
     """
@@ -142,6 +144,7 @@ class Variant:
     site_filters: tuple[Filter, ...] | None = None
     server_filters: tuple[Filter, ...] | None = None
     workflow_args: Mapping[str, Any] = field(default_factory=dict)
+    executor_args: Mapping[str, Any] = field(default_factory=dict)
     min_clients: int | None = None
     defense: bool = False
 
@@ -453,8 +456,15 @@ JOBS: tuple[Entry, ...] = (
         ),
         defense=True,
     ),
-    # Trains a decoder that takes any subset of the modalities (mean fusion, modalities dropped in training), and
-    # keeps training when a site fails.
+    # NoPeek (splitunet.site.nopeek; docs/privacy.md, "NoPeek"): the float32 reference whose sites also train their
+    # encoders to decorrelate the features they send from the crops they read. The weight is NoPeekSettings' default
+    # (this module loads no torch, so it is written out; a test checks the two agree).
+    Variant(
+        "split_unet_nopeek",
+        base=FP32,
+        executor_args={"nopeek": {"weight": 0.1, "positions": 256, "levels": None}},
+        defense=True,
+    ),
     # The protected preset (docs/privacy.md, "The protected preset"): no gradient leaves the server, so the encoders
     # stay at each site's private random initialisation; x0 never leaves a site; int8 codes on the wire.
     Variant(
@@ -464,6 +474,8 @@ JOBS: tuple[Entry, ...] = (
         workflow_args={"skip_levels": [1, 2, 3], "train_encoders": False},
         defense=True,
     ),
+    # Trains a decoder that takes any subset of the modalities (mean fusion, modalities dropped in training), and
+    # keeps training when a site fails.
     Variant(
         "split_unet_missing_modality",
         base="split_unet",
@@ -530,6 +542,7 @@ def resolve_jobs(entries: Sequence[Entry] = JOBS) -> dict[str, Job]:
                 base,
                 name=entry.name,
                 workflow=workflow,
+                executor_args={**base.executor_args, **entry.executor_args},
                 site_filters=base.site_filters if entry.site_filters is None else entry.site_filters,
                 server_filters=base.server_filters if entry.server_filters is None else entry.server_filters,
                 min_clients=base.min_clients if entry.min_clients is None else entry.min_clients,
@@ -550,6 +563,8 @@ def _check_combination(job: Job) -> None:
             f"job {job.name!r}: DP-SGD at the sites trains lock-step only (Opacus pairs each forward pass with its "
             "backward); set pipeline_delay 0"
         )
+    if job.executor_args.get("nopeek") is not None and job.executor_args.get("dp") is not None:
+        raise SplitUNetConfigError(f"job {job.name!r}: NoPeek and DP-SGD cannot be combined at a site")
 
 
 def defense_jobs(entries: Sequence[Entry] = JOBS) -> tuple[str, ...]:
