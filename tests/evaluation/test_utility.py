@@ -132,6 +132,18 @@ def test_a_study_takes_over_the_seeds_of_an_earlier_report_and_trains_only_new_s
     assert again["rows"][0]["curve_by_seed"] == reference["curve_by_seed"] and len(calls) == 3
     with pytest.raises(ValueError, match="made at 7 iterations with optimiser 'AdamW'; this study trains 8"):
         run_utility(tmp_path / "fourth", (REFERENCE,), (0,), iterations=8, reuse=earlier)
+    # Runs keyed with another secret (an older report's random one) were split and cropped otherwise: refused.
+    content = json.loads(earlier.read_text())
+    content["data_fingerprints"]["1"] = "0" * 16
+    del content["data_fingerprints"]["2"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=r"keyed the cases of seeds \[1, 2\] with another or an unrecorded secret"):
+        run_utility(tmp_path / "fifth", (REFERENCE,), (0, 1, 2), iterations=7, reuse=other)
+    # A seed's data is keyed the same way in every study: the secret derives from the seed.
+    assert (tmp_path / "first/data_seed1/case_key_secret.txt").read_text() == (
+        tmp_path / "second/data_seed1/case_key_secret.txt"
+    ).read_text()
 
 
 def test_a_settings_executor_arguments_reach_its_runs_and_name_its_row(tmp_path, monkeypatch):

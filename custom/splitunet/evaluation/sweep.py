@@ -49,6 +49,7 @@ __all__ = [
     "FIRST_ATTACKS",
     "LATER_ATTACKS",
     "run_sweep",
+    "seeded_secret",
     "sweep_markdown",
 ]
 
@@ -233,15 +234,20 @@ def _leakage(run_dir: Path, iteration: int, attacks: Sequence[str], budget: Atta
     )
 
 
-def _seeded_secret(data_dir: Path, seed: int) -> str:
-    """The phantom's case-key secret, derived from the seed when the sweep creates its data, and its fingerprint.
+def seeded_secret(data_dir: Path, seed: int, study: str = "sweep") -> str:
+    """The phantom's case-key secret, derived from the seed when a study creates its data, and its fingerprint.
 
-    The sweep plays both sides, so its secret protects nothing; derived from the seed, it keys the same cases into
-    the same crops on any machine, which lets a sweep continue elsewhere from its summary (``--reuse``).
+    A study plays both sides, so its secret protects nothing; derived from the seed, it keys the same cases into
+    the same split and crops on any machine, which lets a study continue elsewhere from its summary (``--reuse``).
+
+    Args:
+        data_dir: the study's data folder (the secret file goes there, if it is not there yet).
+        seed: the study's seed.
+        study: which study: ``"sweep"`` or ``"utility"`` (each derives its own secrets).
     """
-    secret_file = data_dir / "case_key_secret.txt"
+    secret_file = Path(data_dir) / "case_key_secret.txt"
     if not secret_file.is_file():
-        derived = hashlib.sha256(f"splitunet-sweep/{seed}".encode()).hexdigest()[:32]
+        derived = hashlib.sha256(f"splitunet-{study}/{seed}".encode()).hexdigest()[:32]
         write_text_atomic(derived, secret_file, mode=0o600)
     secret = read_or_create_secret(secret_file)
     return hashlib.sha256(f"{secret}/fingerprint".encode()).hexdigest()[:16]
@@ -317,7 +323,7 @@ def run_sweep(
     data_dir = out_dir / "data"
     budget = preset.attack_budget()
     utility_rows = _utility_rows(utility)
-    data_fingerprint = _seeded_secret(data_dir, seed)
+    data_fingerprint = seeded_secret(data_dir, seed)
     reusable = _reusable_rows(reuse, preset, budget, data_fingerprint)
     summary = {
         "preset": preset.name,

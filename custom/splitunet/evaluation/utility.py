@@ -2,16 +2,18 @@
 same budget on the same phantom split under several paired seeds, reported as the mean and a 95 % interval of the
 paired difference against the first setting (the float32 reference).
 
-Seed ``s`` draws the phantom cases and, in their data folder, the case-key secret, which sets the case split and
-the crop sequence: every setting of seed ``s`` trains on the same data, split and crops, so the settings differ
-only in what they do (the decoder starts from the job's seed, the sites from private seeds of their own). The
+Seed ``s`` draws the phantom cases and derives, in their data folder, the case-key secret, which sets the case split
+and the crop sequence (:func:`~splitunet.evaluation.sweep.seeded_secret`): every setting of seed ``s`` trains on the
+same data, split and crops, on any machine, so the settings differ only in what they do (the decoder starts from the
+job's seed, the sites from private seeds of their own). The
 interval is Student's t over the per-seed differences. The validation
 Dice at every ``val_every`` shows whether the numbers had stopped moving by the end of the budget.
 
 Each run keeps its ``results.json``; a rerun with the same out folder and budget reuses finished runs, so a long
 study can be stopped and continued. The rows of an earlier ``utility.json`` (``--reuse``: same budget, same
-optimiser) are taken over per seed without their runs, so that a study adds a setting without training the others
-again: the pairing is by seed (the same data, split and crops), which the earlier runs share with new ones.
+optimiser, same derived secrets) are taken over per seed without their runs, so that a study adds a setting without
+training the others again: the pairing is by seed, and the earlier runs of a seed trained on the same data, split
+and crops as the new ones.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from splitunet.atomic_files import write_json_atomic
 from splitunet.evaluation.intervals import t_interval
-from splitunet.evaluation.sweep import SweepSetting
+from splitunet.evaluation.sweep import SweepSetting, seeded_secret
 from splitunet.networks.optimizer import OPTIMIZER_NAME, trained_by_this_optimizer
 from splitunet.tools.demo import DemoSettings, run_demo
 from splitunet.tools.deployment import find_job
@@ -102,14 +104,23 @@ def _finished(run_dir: Path, iterations: int) -> dict | None:
     return summary if same_run and summary.get("simulator_exit_code") == 0 else None
 
 
-def reusable_runs(reuse: str | Path | None, iterations: int) -> dict[str, dict[int, dict]]:
+def reusable_runs(
+    reuse: str | Path | None, iterations: int, fingerprints: Mapping[int, str]
+) -> dict[str, dict[int, dict]]:
     """The runs of an earlier ``utility.json``, by setting key and seed, as :func:`summarise_utility` reads them.
 
     A reused run keeps its Dice, its validation curve (its own where the report kept one per seed, else its row's
-    mean curve), bytes and seconds; it is marked ``"reused_from"``.
+    mean curve), bytes and seconds; it is marked ``"reused_from"``. Only seeds whose data fingerprint (the derived
+    case-key secret's) is this study's are taken over: another secret split and cropped the cases otherwise.
+
+    Args:
+        reuse: the earlier ``utility.json`` (``None``: nothing is reused).
+        iterations: this study's budget.
+        fingerprints: this study's data fingerprint by seed.
 
     Raises:
-        ValueError: the report was made with another budget or optimiser (named).
+        ValueError: the report was made with another budget or optimiser, or keyed a seed's cases with another
+            secret (named).
     """
     if not reuse:
         return {}
@@ -120,12 +131,22 @@ def reusable_runs(reuse: str | Path | None, iterations: int) -> dict[str, dict[i
             f"{earlier.get('optimizer', 'Adam, coupled weight decay')!r}; this study trains {iterations} with "
             f"{OPTIMIZER_NAME!r}: its rows cannot be reused"
         )
+    theirs = earlier.get("data_fingerprints") or {}
+    mismatched = [seed for seed in fingerprints if str(seed) in theirs and theirs[str(seed)] != fingerprints[seed]]
+    unknown = [seed for seed in fingerprints if str(seed) not in theirs]
+    if mismatched or unknown:
+        raise ValueError(
+            f"{reuse} keyed the cases of seeds {sorted(mismatched + unknown)} with another or an unrecorded secret: "
+            "its runs were split and cropped otherwise than this study's, they cannot be paired with them"
+        )
     runs: dict[str, dict[int, dict]] = {}
     for row in earlier["rows"]:
         key = SweepSetting.from_row(row).key()
         seconds = dict(zip(row["seeds"], row.get("seconds_per_run") or []))
         curves = row.get("curve_by_seed") or {}
         for seed_text, dice in row["dice_by_seed"].items():
+            if int(seed_text) not in fingerprints:
+                continue
             curve = curves.get(seed_text, row.get("mean_dice_at_validation") or {})
             runs.setdefault(key, {})[int(seed_text)] = {
                 "dice": dice,
@@ -163,7 +184,11 @@ def run_utility(
     """
     started = time.perf_counter()
     out_dir = Path(out_dir).resolve()
-    earlier = reusable_runs(reuse, iterations)
+    fingerprints = {}
+    for seed in seeds:
+        (out_dir / f"data_seed{seed}").mkdir(parents=True, exist_ok=True)
+        fingerprints[seed] = seeded_secret(out_dir / f"data_seed{seed}", seed, study="utility")
+    earlier = reusable_runs(reuse, iterations, fingerprints)
     runs: dict[str, dict[int, dict]] = {setting.label: {} for setting in settings}
     for seed in seeds:
         data_dir = out_dir / f"data_seed{seed}"
@@ -192,8 +217,10 @@ def run_utility(
                     data_dir=data_dir,
                 )
             runs[setting.label][seed] = summary
-            write_json_atomic(summarise_utility(settings, runs, seeds, iterations), out_dir / "utility.json")
-    report = summarise_utility(settings, runs, seeds, iterations)
+            write_json_atomic(
+                summarise_utility(settings, runs, seeds, iterations, fingerprints), out_dir / "utility.json"
+            )
+    report = summarise_utility(settings, runs, seeds, iterations, fingerprints)
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     write_json_atomic(report, out_dir / "utility.json")
     (out_dir / "utility.md").write_text(utility_markdown(report))
@@ -213,10 +240,15 @@ def _history(summary: Mapping) -> dict[int, float]:
 
 
 def summarise_utility(
-    settings: Sequence[SweepSetting], runs: Mapping[str, Mapping[int, Mapping]], seeds: Sequence[int], iterations: int
+    settings: Sequence[SweepSetting],
+    runs: Mapping[str, Mapping[int, Mapping]],
+    seeds: Sequence[int],
+    iterations: int,
+    fingerprints: Mapping[int, str] | None = None,
 ) -> dict:
     """Per setting: Dice per seed, their mean, the paired difference to the first setting with its interval, the
-    validation curve (mean over seeds), bytes and seconds per iteration."""
+    validation curve (mean over seeds), bytes and seconds per iteration; and the data fingerprint of each seed (what
+    ``--reuse`` checks)."""
     reference = settings[0].label
     rows = []
     for setting in settings:
@@ -255,6 +287,7 @@ def summarise_utility(
         "seeds": list(seeds),
         "reference": reference,
         "optimizer": OPTIMIZER_NAME,
+        "data_fingerprints": {str(seed): value for seed, value in (fingerprints or {}).items()},
         "rows": rows,
     }
 

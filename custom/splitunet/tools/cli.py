@@ -181,6 +181,13 @@ def _utility(args) -> int:
     from splitunet.evaluation.utility import UTILITY_ITERATIONS, UTILITY_SETTINGS, run_utility
 
     settings = UTILITY_SETTINGS[:2] if args.quick else UTILITY_SETTINGS
+    if args.only:
+        labels = {setting.label for setting in UTILITY_SETTINGS}
+        unknown = sorted(set(args.only) - labels)
+        if unknown:
+            raise SystemExit(f"--only: no setting labelled {unknown}; the settings are {sorted(labels)}")
+        # The reference first, always: the differences are to it.
+        settings = (settings[0],) + tuple(s for s in settings[1:] if s.label in args.only)
     iterations = args.iterations or (4 if args.quick else UTILITY_ITERATIONS)
     seeds = tuple(range(args.seeds))
     capture = tuple(args.capture or ())
@@ -636,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     utility.add_argument(
         "--reuse", type=Path, help="an earlier utility.json whose runs (same budget and optimiser) are taken over"
     )
+    utility.add_argument("--only", nargs="+", metavar="LABEL", help="these settings only, with the reference")
     utility.set_defaults(run=_utility)
 
     sweep = commands.add_parser(
