@@ -50,6 +50,9 @@ UTILITY_ITERATIONS = 300
 UTILITY_SEEDS = (0, 1, 2)
 # Validations along the way: the curve that shows whether the budget was enough.
 _VAL_EVERY = 100
+# A 300-iteration run takes about 12 min alone on 2 CPU cores, but went past the demo's 30 min limit beside a sweep
+# and a test run: a study stops a run only when it is surely stuck.
+_RUN_TIMEOUT_S = 3 * 3600.0
 
 UTILITY_SETTINGS = (
     SweepSetting("float32 (reference)", "split_unet_fp32"),
@@ -211,6 +214,7 @@ def run_utility(
                         filter_args=setting.filter_args,
                         client_args=setting.client_args,
                         capture_iterations=capture_iterations,
+                        timeout_s=_RUN_TIMEOUT_S,
                         **(_QUICK_DEMO if quick else {}),
                     ),
                     job_dir=find_job(setting.job),
