@@ -65,3 +65,27 @@ def t1gd_site_context(tmp_path: Path, tiny_parties: Path, privacy: Mapping | Non
     fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-3", private=False, sticky=False)
     fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=False, sticky=False)
     return fl_ctx
+
+
+def one_training_step(executor, fl_ctx: FLContext, make_gradient) -> tuple:
+    """One training step of the ``t1gd_site_context`` site through ``executor``: a forward task on two crops of its
+    first case, then the gradients ``make_gradient(shape)`` for the levels x1-x4 of the executor tests' model
+    (features 4, 4, 8, 8, 16 without x0, 32³ crops).
+
+    Returns:
+        the replies to the forward and the gradient tasks.
+    """
+    from nvflare.apis.signal import Signal
+
+    from splitunet.wire.protocol import DataKind, MetaKey, TaskName
+    from splitunet.wire.transport import control_dxo, features_to_dxo
+
+    def run(meta, dxo=None):
+        return executor.execute(TaskName.STEP, (dxo or control_dxo(meta)).to_shareable(), fl_ctx, Signal())
+
+    key = sorted(executor.trainer.key_to_case)[0]
+    plan = {"keys": [key, key], "origins": [[0, 0, 0], [2, 4, 1]], "size": [32, 32, 32], "flips": [[False] * 3] * 2}
+    features = run({MetaKey.ITERATION: 1, MetaKey.PLAN: plan})
+    grads = {level: make_gradient((2, f, *(32 >> level,) * 3)) for level, f in zip((1, 2, 3, 4), (4, 8, 8, 16))}
+    meta = {MetaKey.ITERATION: 2, MetaKey.PLAN: None}
+    return features, run(meta, features_to_dxo(grads, DataKind.GRADIENTS, meta))

@@ -38,6 +38,20 @@ def _summary(tc, wt, et, history=((100, 0.1),)):
     }
 
 
+def _fake_runs(monkeypatch, record, dice=lambda settings: _summary(0.5, 0.6, 0.4)):
+    """Replace the study's training by a fake that calls ``record(run_dir, settings, data_dir)`` and writes the
+    ``results.json`` of ``dice(settings)`` at the run's budget."""
+
+    def fake_run_demo(run_dir, settings, job_dir, data_dir):
+        record(run_dir, settings, data_dir)
+        summary = {**dice(settings), "iterations": settings.server_args["num_iterations"]}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "results.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(utility, "run_demo", fake_run_demo)
+
+
 def test_differences_are_paired_by_seed():
     runs = {
         "reference": {0: _summary(0.8, 0.9, 0.7), 1: _summary(0.6, 0.7, 0.5), 2: _summary(0.7, 0.8, 0.6)},
@@ -57,16 +71,13 @@ def test_differences_are_paired_by_seed():
 
 def test_a_study_reuses_finished_runs_and_pairs_data_by_seed(tmp_path, monkeypatch):
     calls = []
-
-    def fake_run_demo(run_dir, settings, job_dir, data_dir):
-        calls.append((run_dir.name, settings.seed, data_dir.name, settings.server_args["num_iterations"]))
-        summary = _summary(0.5 + 0.1 * settings.seed, 0.6, 0.4)
-        summary["iterations"] = settings.server_args["num_iterations"]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "results.json").write_text(json.dumps(summary))
-        return summary
-
-    monkeypatch.setattr(utility, "run_demo", fake_run_demo)
+    _fake_runs(
+        monkeypatch,
+        lambda run_dir, settings, data_dir: calls.append(
+            (run_dir.name, settings.seed, data_dir.name, settings.server_args["num_iterations"])
+        ),
+        lambda settings: _summary(0.5 + 0.1 * settings.seed, 0.6, 0.4),
+    )
     run_utility(tmp_path, (REFERENCE,), (0, 1), iterations=7)
     assert [(seed, data) for _, seed, data, _ in calls] == [(0, "data_seed0"), (1, "data_seed1")]
     calls.clear()
@@ -83,15 +94,7 @@ def test_a_study_reuses_finished_runs_and_pairs_data_by_seed(tmp_path, monkeypat
 def test_a_run_that_adams_coupled_decay_trained_is_trained_again(tmp_path, monkeypatch):
     # A results.json without the optimiser's name comes from before AdamW: its deep blocks had collapsed.
     calls = []
-
-    def fake_run_demo(run_dir, settings, job_dir, data_dir):
-        calls.append(run_dir.name)
-        summary = {**_summary(0.5, 0.6, 0.4), "iterations": settings.server_args["num_iterations"]}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "results.json").write_text(json.dumps(summary))
-        return summary
-
-    monkeypatch.setattr(utility, "run_demo", fake_run_demo)
+    _fake_runs(monkeypatch, lambda run_dir, settings, data_dir: calls.append(run_dir.name))
     run_utility(tmp_path, (REFERENCE,), (0,), iterations=7)
     results = next(tmp_path.glob("seed0/*/results.json"))
     old = {key: value for key, value in json.loads(results.read_text()).items() if key != "optimizer"}
@@ -104,16 +107,11 @@ def test_a_run_that_adams_coupled_decay_trained_is_trained_again(tmp_path, monke
 
 def test_a_study_takes_over_the_seeds_of_an_earlier_report_and_trains_only_new_settings(tmp_path, monkeypatch):
     calls = []
-
-    def fake_run_demo(run_dir, settings, job_dir, data_dir):
-        calls.append((run_dir.parent.name, run_dir.name))
-        summary = _summary(0.4 + 0.1 * settings.seed, 0.6, 0.4, history=((100, 0.25 + settings.seed),))
-        summary["iterations"] = settings.server_args["num_iterations"]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "results.json").write_text(json.dumps(summary))
-        return summary
-
-    monkeypatch.setattr(utility, "run_demo", fake_run_demo)
+    _fake_runs(
+        monkeypatch,
+        lambda run_dir, settings, data_dir: calls.append((run_dir.parent.name, run_dir.name)),
+        lambda settings: _summary(0.4 + 0.1 * settings.seed, 0.6, 0.4, history=((100, 0.25 + settings.seed),)),
+    )
     run_utility(tmp_path / "first", (REFERENCE,), (0, 1, 2), iterations=7)
     earlier = tmp_path / "first" / "utility.json"
     calls.clear()
@@ -148,15 +146,7 @@ def test_a_study_takes_over_the_seeds_of_an_earlier_report_and_trains_only_new_s
 
 def test_a_settings_executor_arguments_reach_its_runs_and_name_its_row(tmp_path, monkeypatch):
     received = []
-
-    def fake_run_demo(run_dir, settings, job_dir, data_dir):
-        received.append(settings.client_args)
-        summary = {**_summary(0.5, 0.6, 0.4), "iterations": settings.server_args["num_iterations"]}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "results.json").write_text(json.dumps(summary))
-        return summary
-
-    monkeypatch.setattr(utility, "run_demo", fake_run_demo)
+    _fake_runs(monkeypatch, lambda run_dir, settings, data_dir: received.append(settings.client_args))
     strong = SweepSetting("nopeek 1", "split_unet_nopeek", client_args={"nopeek": {"weight": 1.0}})
     report = run_utility(tmp_path, (REFERENCE, strong), (0,), iterations=7)
     assert received == [{}, {"nopeek": {"weight": 1.0}}]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from fakes import t1gd_site_context
+from fakes import one_training_step, t1gd_site_context
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 
@@ -16,8 +16,8 @@ from splitunet.errors import SplitUNetConfigError
 from splitunet.flare.executor import RESULTS_FILE, SplitSiteExecutor
 from splitunet.flare.replies import reply_error_message
 from splitunet.wire.model_config import SplitModelConfig
-from splitunet.wire.protocol import DataKind, MetaKey, TaskName
-from splitunet.wire.transport import control_dxo, features_to_dxo
+from splitunet.wire.protocol import MetaKey, TaskName
+from splitunet.wire.transport import control_dxo
 
 CONFIG = SplitModelConfig(features=(4, 4, 8, 8, 16), skip_levels=(1, 2, 3))
 DP = {"noise_multiplier": 1.0, "max_grad_norm": 0.5, "poisson_sampling": False}
@@ -79,13 +79,8 @@ def test_a_job_within_the_cap_trains_and_records_the_epsilon_spent(tmp_path, tin
     budget = executor.trainer.private.budget
     assert admitted["budget"]["steps"] == STEPS and admitted["budget"]["sample_rate"] == 1.0
     assert admitted["epsilon"] == 0.0 and admitted["site_cap"] == {"max_epsilon": 1e6, "delta": None}
-    key = sorted(executor.trainer.key_to_case)[0]
-    plan = {"keys": [key, key], "origins": [[0, 0, 0], [2, 4, 1]], "size": [32, 32, 32], "flips": [[False] * 3] * 2}
-    features = _run(executor, TaskName.STEP, {MetaKey.ITERATION: 1, MetaKey.PLAN: plan}, fl_ctx)
+    features, stepped = one_training_step(executor, fl_ctx, lambda shape: torch.randn(*shape))
     assert reply_error_message(features) is None
-    grads = {level: torch.randn(2, f, *(32 >> level,) * 3) for level, f in zip((1, 2, 3, 4), (4, 8, 8, 16))}
-    meta = {MetaKey.ITERATION: 2, MetaKey.PLAN: None}
-    stepped = _run(executor, TaskName.STEP, meta, fl_ctx, features_to_dxo(grads, DataKind.GRADIENTS, meta))
     assert reply_error_message(stepped) is None and executor.trainer.private.steps_taken == 1
     saved = _run(executor, TaskName.SAVE, {MetaKey.TAG: "last", MetaKey.ITERATION: 1}, fl_ctx)
     assert reply_error_message(saved) is None

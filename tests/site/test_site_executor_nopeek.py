@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fakes import t1gd_site_context
+from fakes import one_training_step, t1gd_site_context
 from nvflare.apis.signal import Signal
 
 from splitunet.errors import SplitUNetConfigError
@@ -15,8 +15,8 @@ from splitunet.flare.replies import reply_error_message
 from splitunet.site.minimum_defense import MINIMUM_DEFENSE_KEY, nopeek_shortfalls
 from splitunet.site.nopeek import NoPeekSettings
 from splitunet.wire.model_config import SplitModelConfig
-from splitunet.wire.protocol import DataKind, MetaKey, TaskName
-from splitunet.wire.transport import control_dxo, features_to_dxo
+from splitunet.wire.protocol import MetaKey, TaskName
+from splitunet.wire.transport import control_dxo
 
 CONFIG = SplitModelConfig(features=(4, 4, 8, 8, 16), skip_levels=(1, 2, 3))
 FLOOR = {"scopes": [], MINIMUM_DEFENSE_KEY: {"NoPeek": {"weight": 0.01}}}
@@ -40,13 +40,8 @@ def test_the_site_trains_with_the_jobs_nopeek_and_logs_its_correlations(tmp_path
     executor = SplitSiteExecutor(nopeek={"weight": 0.02, "positions": 32})
     assert reply_error_message(_setup(executor, fl_ctx)) is None
     assert executor.trainer.nopeek.settings == NoPeekSettings(weight=0.02, positions=32)
-    key = sorted(executor.trainer.key_to_case)[0]
-    plan = {"keys": [key, key], "origins": [[0, 0, 0], [2, 4, 1]], "size": [32, 32, 32], "flips": [[False] * 3] * 2}
-    features = _run(executor, TaskName.STEP, {MetaKey.ITERATION: 1, MetaKey.PLAN: plan}, fl_ctx)
+    features, stepped = one_training_step(executor, fl_ctx, lambda shape: torch.zeros(*shape))
     assert reply_error_message(features) is None
-    grads = {level: torch.zeros(2, f, *(32 >> level,) * 3) for level, f in zip((1, 2, 3, 4), (4, 8, 8, 16))}
-    meta = {MetaKey.ITERATION: 2, MetaKey.PLAN: None}
-    stepped = _run(executor, TaskName.STEP, meta, fl_ctx, features_to_dxo(grads, DataKind.GRADIENTS, meta))
     assert reply_error_message(stepped) is None and executor.trainer.steps_applied == 1
     # Zero gradients from the server: the penalty alone moved the encoder, on every level the site sends.
     assert set(executor.trainer.nopeek.last) == {1, 2, 3, 4}
