@@ -74,8 +74,12 @@ def initial_encoder(config: SplitModelConfig, modality: str, init_seed: int | No
             different sites do not start identical.
         init_seed: the site's own seed (see :meth:`SiteTrainer.build`).
     """
-    seed = config.seed + 1 + MODALITIES.index(modality) if init_seed is None else int(init_seed)
-    return seeded_encoder(config.features, seed)
+    return seeded_encoder(config.features, _encoder_seed(config, modality, init_seed))
+
+
+def _encoder_seed(config: SplitModelConfig, modality: str, init_seed: int | None) -> int:
+    """The seed of a site's initial encoder: its own, or the job's offset by modality (:func:`initial_encoder`)."""
+    return config.seed + 1 + MODALITIES.index(modality) if init_seed is None else int(init_seed)
 
 
 class SiteTrainer:
@@ -168,7 +172,7 @@ class SiteTrainer:
         self.private = None
         self.nopeek = None
         # Where the NoPeek positions are drawn from: the site's own seed when it has one.
-        self._seed = config.seed + 1 + MODALITIES.index(self.modality) if init_seed is None else int(init_seed)
+        self._seed = _encoder_seed(config, self.modality, init_seed)
         self._pending = None
         self._pending_batch, self._stashed = None, []
         self.fedprox_mu, self.fedprox_anchor = 0.0, None
