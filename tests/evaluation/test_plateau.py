@@ -104,3 +104,27 @@ def test_markdown_gives_level_trend_verdict_and_gap():
     assert "| flat row | 0, 1, 2 | 0.918 [" in text and "| settled | +10.0 [+7.5, +12.5] |" in text
     assert "| ref row | 0, 1, 2 | 0.818 [" in text and "(reference)" in text
     assert f"Not read: dp row ({DP_ROW_NOT_READ})." in text
+
+
+def test_a_drift_treatment_is_read_on_the_levels_paired_by_seed():
+    # DWCS levels off 3 points above its plain row in every seed, but its last scoring dips below it: read at the
+    # end the treatment would look harmful, read over the window it helps.
+    def treated(level):
+        return lambda t: level + 0.03 - (0.08 if t == 1600 else 0.0)
+
+    study = _study(
+        {
+            "split_unet_fp32": [_flat(0.80), _flat(0.81), _flat(0.82)],
+            "u_shape": [_flat(0.85), _flat(0.87), _flat(0.86)],
+            "u_shape_dwcs": [treated(0.85), treated(0.87), treated(0.86)],
+        }
+    )
+    (entry,) = plateau_reading(study)["treatments"]
+    assert (entry["plain"], entry["treated"], entry["seeds"]) == ("u_shape", "u_shape_dwcs", [0, 1, 2])
+    # Per seed: (level + 0.03 - 0.08 / 5) minus (level + 0.008), the same in every seed.
+    assert entry["difference"]["mean"]["mean"] == pytest.approx(0.03 - 0.016 - 0.008)
+    assert entry["difference"]["ET"]["mean"] == pytest.approx(0.006)
+    text = plateau_markdown(plateau_reading(study))
+    assert "over the same window" in text and "| u_shape_dwcs row | u_shape row | 0, 1, 2 | +0.6 [" in text
+    assert text.rstrip().endswith("| helps |")
+    assert plateau_reading(STUDY)["treatments"] == []

@@ -13,6 +13,10 @@ end, or its end against its half-budget point, carries that noise once or twice.
   change (:func:`splitunet.evaluation.budget_change.settle_verdict`): *settled* when the whole interval lies within
   ``±tolerance``, *still rising*/*still falling* when it excludes 0, *not shown either way* otherwise.
 
+Each drift treatment (DWCS, FedProx) is read over the same window, paired with its plain row by seed
+(:func:`splitunet.evaluation.drift_treatments.treatment_differences` on the runs' levels): the treatment's effect on
+where the runs level off, with the end point's scoring noise averaged out.
+
 DP-SGD rows are not read: their noise is calibrated for the whole budget, so a window of their curve is not the
 level a longer budget at the same epsilon would reach.
 """
@@ -24,6 +28,7 @@ from collections.abc import Mapping
 
 from splitunet.errors import SplitUNetConfigError
 from splitunet.evaluation.budget_change import DEFAULT_TOLERANCE, DP_ROW_NOT_READ, settle_verdict
+from splitunet.evaluation.drift_treatments import treatment_differences, treatment_markdown
 from splitunet.evaluation.intervals import t_interval
 from splitunet.evaluation.utility import REGIONS, _interval_cell, _mean_dice
 
@@ -78,9 +83,12 @@ def plateau_reading(report: Mapping, start: int | None = None, tolerance: float 
     Returns:
         ``start``, ``steps`` (the window's scorings), ``tolerance``, ``reference`` (its label), ``rows``: per row read,
         ``key``, ``label``, ``seeds``, ``level`` (``t_interval`` over seeds of each run's window mean, for ``mean``
-        and each region), ``level_by_seed``, ``trend`` (``t_interval`` of the change each run's slope implies across
-        the window) and its ``verdict``, ``gap`` (paired window-mean difference to the reference; absent for the
-        reference itself); and ``unread``: label -> why a row has no line.
+        and each region), ``level_by_seed`` (mean Dice), ``levels_by_seed`` (mean Dice and each region), ``trend``
+        (``t_interval`` of the change each run's slope implies across the window) and its ``verdict``, ``gap``
+        (paired window-mean difference to the reference; absent for the reference itself); ``treatments``: each
+        drift treatment's paired difference of levels to its plain row (entries of
+        :func:`~splitunet.evaluation.drift_treatments.treatment_differences`); and ``unread``: label -> why a row
+        has no line.
 
     Raises:
         SplitUNetConfigError: the study scored no curves, or a run has fewer than three scorings in the window.
@@ -113,6 +121,7 @@ def plateau_reading(report: Mapping, start: int | None = None, tolerance: float 
             "seeds": [int(s) for s in seeds],
             "level": level,
             "level_by_seed": {s: by_seed[s]["level"]["mean"] for s in seeds},
+            "levels_by_seed": {s: dict(by_seed[s]["level"]) for s in seeds},
             "trend": trend,
             "verdict": settle_verdict(trend, tolerance),
         }
@@ -128,8 +137,19 @@ def plateau_reading(report: Mapping, start: int | None = None, tolerance: float 
         "tolerance": tolerance,
         "reference": report.get("reference"),
         "rows": rows,
+        # The window's levels stand in for the end points: the same pairing, a steadier figure per run.
+        "treatments": treatment_differences(
+            [{"key": row["key"], "label": row["label"], "dice_by_seed": row["levels_by_seed"]} for row in rows]
+        ),
         "unread": unread,
     }
+
+
+_WINDOW_TREATMENT_INTRO = (
+    "Each drift treatment against its own topology's plain averaging over the same window: each run's level, paired "
+    "by seed (treated minus plain, Dice points, mean over seeds [95 % t interval]); 'helps' or 'hurts' only where "
+    "the mean-Dice interval excludes 0."
+)
 
 
 def _level_cell(interval: Mapping) -> str:
@@ -163,4 +183,7 @@ def plateau_markdown(reading: Mapping) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if reading["unread"]:
         lines += ["", "Not read: " + "; ".join(f"{label} ({why})" for label, why in reading["unread"].items()) + "."]
+    treatments = treatment_markdown(reading.get("treatments") or [], _WINDOW_TREATMENT_INTRO)
+    if treatments:
+        lines += ["", treatments.rstrip("\n")]
     return "\n".join(lines) + "\n"
