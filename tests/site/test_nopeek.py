@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from splitunet.checkpoint import load_checkpoint, save_checkpoint
 from splitunet.data.party_data import ModalityFolder
 from splitunet.data.sampling import RandomCropPlanner
 from splitunet.dp import DPSettings
@@ -156,6 +157,31 @@ def test_without_nopeek_the_site_applies_the_servers_gradient_alone(tiny_parties
     trainer.backward(grads)
     for parameter, gradient in zip(params, expected):
         torch.testing.assert_close(parameter.grad, gradient)
+
+
+def _step(trainer, plan) -> dict[int, float]:
+    trainer.forward(plan)
+    trainer.backward({level: torch.full_like(f, 1e-3) for level, f in trainer._pending.items()})
+    return dict(trainer.nopeek.last)
+
+
+def test_a_resumed_site_draws_the_positions_the_interrupted_run_would_have(tiny_parties, tmp_path):
+    settings = NoPeekSettings(weight=0.3, positions=64)
+    interrupted = _trainer(tiny_parties, settings)
+    plans = RandomCropPlanner(
+        {key: info["shape"] for key, info in interrupted.describe_cases().items()}, (32, 32, 32), batch_size=2, seed=0
+    )
+    first, second = plans.next_plan(), plans.next_plan()
+    _step(interrupted, first)
+    save_checkpoint(interrupted.state_dict(), tmp_path / "site.pt")
+    resumed = _trainer(tiny_parties, settings)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "site.pt"))
+    restarted = _trainer(tiny_parties, settings)
+    restarted.load_state_dict({**load_checkpoint(tmp_path / "site.pt"), "nopeek_positions": None})
+    expected = _step(interrupted, second)
+    assert _step(resumed, second) == expected
+    # Without the saved draws the site would restart them from its seed: other positions, other correlations.
+    assert _step(restarted, second) != expected
 
 
 def test_nopeek_is_refused_with_dp_sgd_and_on_levels_not_sent(tiny_parties):

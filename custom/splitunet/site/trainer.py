@@ -506,11 +506,14 @@ class SiteTrainer:
                 "mu": self.fedprox_mu,
                 "anchor": {name: value.detach().cpu().clone() for name, value in self.fedprox_anchor.items()},
             },
+            # A resumed run draws NoPeek's next positions where the interrupted one would have.
+            "nopeek_positions": None if self.nopeek is None else self.nopeek.generator.get_state(),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict` output (the encoder must be built with the same config; with DP-SGD, planned
-        first: the checkpoint's DP-SGD steps count against this job's budget).
+        first: the checkpoint's DP-SGD steps count against this job's budget; with NoPeek, planned first too, so that
+        its position draws go on from the checkpoint's).
 
         Raises:
             ValueError: the checkpoint is of another modality.
@@ -536,6 +539,9 @@ class SiteTrainer:
             self._set_anchor(0.0, None)
         else:
             self._set_anchor(check_fedprox_mu(fedprox["mu"], self.party), fedprox["anchor"])
+        # A checkpoint trained without NoPeek leaves a planned penalty's draws at its seed.
+        if self.nopeek is not None and state.get("nopeek_positions") is not None:
+            self.nopeek.generator.set_state(state["nopeek_positions"])
 
     def timed(self, fn, *args):
         """Run ``fn(*args)`` and return ``(result, seconds)``; synchronises CUDA so the time is real."""
