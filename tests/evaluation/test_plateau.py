@@ -107,8 +107,8 @@ def test_markdown_gives_level_trend_verdict_and_gap():
 
 
 def test_a_drift_treatment_is_read_on_the_levels_paired_by_seed():
-    # DWCS levels off 3 points above its plain row in every seed, but its last scoring dips below it: read at the
-    # end the treatment would look harmful, read over the window it helps.
+    # DWCS scores 3 points above its plain row in every seed at every step but the last, where it dips 5 below: read
+    # at the end the treatment would look harmful, read over the window it helps.
     def treated(level):
         return lambda t: level + 0.03 - (0.08 if t == 1600 else 0.0)
 
