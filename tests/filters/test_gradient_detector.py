@@ -48,9 +48,26 @@ def _scaled_noise(rms: dict[int, float], seed: int = 0) -> dict[int, torch.Tenso
     }
 
 
-def _refusal(detector, grads) -> str | None:
+def _refusal(detector, grads, fl_ctx: FLContext | None = None) -> str | None:
     shareable = features_to_dxo(grads, DataKind.GRADIENTS, {"iteration": 1}).to_shareable()
-    return detector.process(shareable, FLContext()).get_header(SITE_ERROR_HEADER)
+    return detector.process(shareable, fl_ctx or FLContext()).get_header(SITE_ERROR_HEADER)
+
+
+def _site_context(root) -> FLContext:
+    """A site's filter context inside a FLARE workspace at ``root``."""
+    from fakes import WorkspaceEngine
+    from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.apis.workspace import Workspace
+
+    for folder in ("startup", "local"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.ENGINE, WorkspaceEngine(Workspace(str(root), "site-1")), private=True, sticky=False)
+    return fl_ctx
+
+
+_HONEST = {0: 100.0, 1: 30.0, 2: 10.0, 3: 3.0, 4: 1.0}
+_FALLEN = {**_HONEST, 0: 1.0}  # x0 ratio 2 -> 0, inside a wide absolute band
 
 
 def test_honest_gradients_pass_over_seeds_and_iterations(crops):
@@ -142,8 +159,7 @@ def test_statistics_of_constructed_gradients():
 
 
 def test_drift_refuses_a_sudden_fall_after_warmup_and_keeps_refused_calls_out_of_the_baseline():
-    honest = {0: 100.0, 1: 30.0, 2: 10.0, 3: 3.0, 4: 1.0}
-    fallen = {**honest, 0: 1.0}  # x0 ratio 2 -> 0, inside a wide absolute band
+    honest, fallen = _HONEST, _FALLEN
     detector = GradientDetector(level_ratio_bounds={}, drift_threshold=1.5, warmup=3)
     assert _refusal(detector, _scaled_noise(fallen)) is None  # no baseline yet: nothing to drift from
     for seed in range(3):
@@ -154,6 +170,62 @@ def test_drift_refuses_a_sudden_fall_after_warmup_and_keeps_refused_calls_out_of
     # The median of the accepted calls (2, 2, 2 and one 0) still refuses the fall: refusals never enter it.
     assert "drift" in _refusal(detector, _scaled_noise(fallen, 10))
     assert _refusal(GradientDetector(level_ratio_bounds={}, drift_threshold=None), _scaled_noise(fallen)) is None
+
+
+def _drift_detector(**kwargs) -> GradientDetector:
+    return GradientDetector(level_ratio_bounds={}, drift_threshold=1.5, warmup=3, **kwargs)
+
+
+def test_a_restarted_job_keeps_the_sites_drift_baseline(tmp_path):
+    # A server that stops and resumes the job gets a new filter instance; without the saved baseline its first
+    # `warmup` calls would meet only the absolute bounds (here none), and the fall below would pass.
+    fl_ctx = _site_context(tmp_path / "site-1")
+    first_job = _drift_detector()
+    for seed in range(3):
+        assert _refusal(first_job, _scaled_noise(_HONEST, seed), fl_ctx) is None
+    saved = tmp_path / "site-1" / GradientDetector.DEFAULT_BASELINE_FILE
+    assert saved.is_file() and len(json.loads(saved.read_text())["accepted"]) == 3
+
+    resumed = _drift_detector()
+    message = _refusal(resumed, _scaled_noise(_FALLEN, 9), _site_context(tmp_path / "site-1"))
+    assert "drift of level_ratio x0" in message and "median of 3 accepted calls" in message
+    assert resumed.baseline == first_job.baseline
+    # What the file closes: the same restart with the baseline in memory only lets the fall through.
+    assert _refusal(_drift_detector(baseline_file=None), _scaled_noise(_FALLEN, 9), fl_ctx) is None
+
+
+def test_the_saved_baseline_keeps_the_last_history_calls_and_an_absolute_path_needs_no_workspace(tmp_path):
+    path = tmp_path / "elsewhere" / "baseline.json"
+    detector = GradientDetector(level_ratio_bounds={}, warmup=2, history=3, baseline_file=str(path))
+    for seed in range(5):
+        assert _refusal(detector, _scaled_noise(_HONEST, seed)) is None
+    assert len(json.loads(path.read_text())["accepted"]) == 3
+    shorter = GradientDetector(level_ratio_bounds={}, warmup=2, history=2, baseline_file=str(path))
+    assert _refusal(shorter, _scaled_noise(_HONEST, 7)) is None
+    assert shorter.baseline[:1] == detector.baseline[-1:] and len(shorter.baseline) == 2
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", json.dumps({"version": 1, "accepted": [{"x0": "high"}]}), json.dumps({"accepted": []})],
+)
+def test_an_unreadable_baseline_refuses_every_gradient_naming_no_path_and_stays_as_it_was(tmp_path, content):
+    root = tmp_path / "site-1"
+    saved = root / GradientDetector.DEFAULT_BASELINE_FILE
+    saved.parent.mkdir(parents=True)
+    saved.write_text(content)
+    detector = _drift_detector()
+    for seed in range(2):
+        message = _refusal(detector, _scaled_noise(_HONEST, seed), _site_context(root))
+        assert "saved drift baseline cannot be read" in message and str(tmp_path) not in message
+    assert detector.refusals == 2 and saved.read_text() == content
+
+
+def test_outside_flare_a_relative_baseline_stays_in_memory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    detector = _drift_detector()
+    assert _refusal(detector, _scaled_noise(_HONEST)) is None
+    assert len(detector.baseline) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_activations_are_not_checked(run_filter):
@@ -177,6 +249,8 @@ def test_activations_are_not_checked(run_filter):
         {"drift_threshold": True},
         {"warmup": 0},
         {"warmup": 10, "history": 5},
+        {"baseline_file": ""},
+        {"baseline_file": 3},
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs):
@@ -195,7 +269,13 @@ def test_the_detector_imports_nothing_a_site_must_not_load():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     ours = sorted(name for name in imported if name.startswith("splitunet"))
-    assert ours == ["splitunet.errors", "splitunet.filters.base", "splitunet.wire.codec", "splitunet.wire.protocol"]
+    assert ours == [
+        "splitunet.atomic_files",
+        "splitunet.errors",
+        "splitunet.filters.base",
+        "splitunet.wire.codec",
+        "splitunet.wire.protocol",
+    ]
 
 
 def test_int8_gradients_of_the_main_job_are_judged_decoded_and_passed_on_encoded():

@@ -296,7 +296,8 @@ def run_malicious_server(
 
     start = time.perf_counter()
     config = config or SplitModelConfig()
-    options = dict(detector_options or {})
+    # Each measurement is one simulated site's fresh run: its drift baseline starts empty and is kept in memory.
+    options = {"baseline_file": None, **(detector_options or {})}
     say = progress or (lambda line: None)
     common = dict(
         iterations=iterations,

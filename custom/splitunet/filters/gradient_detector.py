@@ -21,6 +21,13 @@ Statistics, per received gradient DXO (levels ``x0..x4``; the bottleneck ``x4`` 
   calls). A sudden fall is a server that changed its objective mid-training, which this catches even with the
   absolute bounds off (an architecture whose honest profile the defaults do not fit).
 
+The drift baseline outlives the job: FLARE builds a site's filters anew for every job, so a baseline kept in memory
+would restart empty whenever the server stops and resumes a job, and the server could switch objective in the
+first ``warmup`` calls of each restart with only the absolute bounds in its way. The detector therefore keeps the
+baseline in a file of the site's own workspace (``baseline_file``), which no job controls, and reads it back on its
+first call; a file it cannot read refuses every gradient until the site's administrator removes or repairs it,
+because starting empty is exactly what a server that restarts jobs wants.
+
 The default bounds were measured on the shipped job's architecture (features 8/16/32/64/128, concat fusion of
 four sites, Dice + BCE, AdamW at 2e-3, batch 2, 48^3 crops of the demo's phantoms) with ``splitunet detector``:
 honest runs of 300 iterations, every site's detector observing, and the statistics of every call recorded. They
@@ -39,20 +46,23 @@ Only the data-independent settings go into the DXO meta; the statistics are logg
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_context import FLContext
 
+from splitunet.atomic_files import write_json_atomic
 from splitunet.errors import SplitUNetConfigError
 from splitunet.filters.base import FeatureFilter, FilterRejection
 from splitunet.wire.codec import ENCODING_META_KEY, decode_entry
 from splitunet.wire.protocol import NUM_LEVELS, DataKind, level_index, level_key
 
-__all__ = ["GradientDetector", "gradient_statistics"]
+__all__ = ["GradientDetector", "gradient_statistics", "read_baseline"]
 
 _BOTTLENECK = level_key(NUM_LEVELS - 1)
 # rms below this counts as zero: a level sent back as all zeros (a server that hijacks only some levels).
@@ -148,6 +158,10 @@ class GradientDetector(FeatureFilter):
             far; ``None``: no drift test.
         warmup: accepted calls before the drift test starts (its baseline needs them).
         history: accepted calls the drift baseline keeps (a window, so honest training may drift slowly).
+        baseline_file: where the drift baseline is kept between jobs: a path relative to the site's FLARE workspace
+            root, or absolute (default :attr:`DEFAULT_BASELINE_FILE`); ``None``: in memory only, so a restarted
+            job starts with an empty baseline. Outside FLARE (no workspace in the context) a relative path is
+            kept in memory only, with a warning.
         log_every: log one line every this many calls (refusals are always logged).
     """
 
@@ -167,6 +181,9 @@ class GradientDetector(FeatureFilter):
     # Largest honest fall of a ratio below the median of the last 50 accepted calls: 1.42 (x0; same runs). Twice that,
     # so that a server switching objective mid-run by several decades is still caught with the bounds off.
     DEFAULT_DRIFT_THRESHOLD = 3.0
+    # In the site's workspace root, beside startup/ and local/: the site's, not a job's (a job's run folder is gone
+    # with the job, and its name is the server's choice).
+    DEFAULT_BASELINE_FILE = "splitunet_state/gradient_detector_baseline.json"
 
     def __init__(
         self,
@@ -175,9 +192,12 @@ class GradientDetector(FeatureFilter):
         drift_threshold: float | None = DEFAULT_DRIFT_THRESHOLD,
         warmup: int = 5,
         history: int = 50,
+        baseline_file: str | None = DEFAULT_BASELINE_FILE,
         log_every: int = 1,
     ):
         super().__init__(levels=None, data_kinds=[DataKind.GRADIENTS], log_every=log_every)
+        if baseline_file is not None and (not isinstance(baseline_file, str) or not baseline_file.strip()):
+            raise SplitUNetConfigError(f"GradientDetector: baseline_file must be a path or null, got {baseline_file!r}")
         if level_ratio_bounds is None:
             level_ratio_bounds = self.DEFAULT_LEVEL_RATIO_BOUNDS
         self.level_ratio_bounds = _level_mapping("level_ratio_bounds", level_ratio_bounds, _bound_pair, False)
@@ -204,6 +224,10 @@ class GradientDetector(FeatureFilter):
         self.drift_threshold = None if drift_threshold is None else float(drift_threshold)
         self.warmup = warmup
         self.history = history
+        self.baseline_file = baseline_file
+        self._baseline_path: Path | None = None  # resolved on the first call, when the workspace is known
+        self._baseline_loaded = False
+        self._baseline_error: str | None = None  # the saved baseline could not be read: refuse until repaired
         self._accepted: list[dict[str, float]] = []  # level ratios of the accepted calls (the window)
         self.refusals = 0
 
@@ -262,7 +286,60 @@ class GradientDetector(FeatureFilter):
         self._accepted.append({key: v for key, v in stats["level_ratio"].items() if math.isfinite(v)})
         del self._accepted[: -self.history]
 
+    # ------------------------------------------------------------------------------------------ the saved baseline
+    @property
+    def baseline(self) -> list[dict[str, float]]:
+        """A copy of the drift baseline: the level ratios of the last ``history`` accepted calls, oldest first."""
+        return [dict(entry) for entry in self._accepted]
+
+    def _resolve_baseline_path(self, fl_ctx: FLContext) -> Path | None:
+        path = Path(self.baseline_file).expanduser()
+        if path.is_absolute():
+            return path
+        engine = fl_ctx.get_engine()
+        workspace = engine.get_workspace() if engine is not None else None
+        if workspace is None:
+            self.log_warning(
+                fl_ctx,
+                f"GradientDetector: no FLARE workspace to keep the drift baseline in ({self.baseline_file}); it is "
+                "kept in memory only and starts empty in a restarted job",
+                fire_event=False,
+            )
+            return None
+        return Path(workspace.get_root_dir()) / path
+
+    def _load_baseline(self, fl_ctx: FLContext) -> None:
+        """On the first call: find the baseline file and take over the accepted calls it holds."""
+        self._baseline_loaded = True
+        if self.baseline_file is None:
+            return
+        self._baseline_path = self._resolve_baseline_path(fl_ctx)
+        if self._baseline_path is None or not self._baseline_path.exists():
+            return
+        try:
+            saved = read_baseline(self._baseline_path)
+        except (OSError, ValueError) as error:
+            # The path stays in the site's log; the reason that reaches the server names no path.
+            self.log_error(
+                fl_ctx,
+                f"GradientDetector: cannot read the saved drift baseline {self._baseline_path}: {error}. Every "
+                "gradient is refused until it is repaired or removed (removing it restarts the baseline empty).",
+                fire_event=False,
+            )
+            self._baseline_error = "the site's saved drift baseline cannot be read; its administrator must repair it"
+            return
+        self._accepted = saved[-self.history :]
+
+    def _save_baseline(self) -> None:
+        if self._baseline_path is not None:
+            write_json_atomic({"version": _BASELINE_VERSION, "accepted": self._accepted}, self._baseline_path)
+
     def filter_features(self, features: dict[str, torch.Tensor], dxo: DXO, fl_ctx: FLContext):
+        if not self._baseline_loaded:
+            self._load_baseline(fl_ctx)
+        if self._baseline_error is not None:
+            self.refusals += 1
+            raise FilterRejection(self._baseline_error)
         # The server's gradients may arrive as int8 codes (the main job): judge what the site would apply.
         encodings = (dxo.meta or {}).get(ENCODING_META_KEY) or {}
         decoded = {key: decode_entry(value, encodings.get(key)) for key, value in features.items()}
@@ -271,6 +348,7 @@ class GradientDetector(FeatureFilter):
             self.refusals += 1
             raise FilterRejection(f"suspicious gradients (after {self.calls} accepted): {reason}")
         self.accept(stats)
+        self._save_baseline()
         facts = {
             "level_ratio_bounds": {
                 key: [_json(low), _json(high)] for key, (low, high) in self.level_ratio_bounds.items()
@@ -284,6 +362,36 @@ class GradientDetector(FeatureFilter):
         dc = ", ".join(f"{key} {value:.2g}" for key, value in sorted(stats["dc_fraction"].items()))
         message = f"passed: log10 rms ratios to {_BOTTLENECK} {ratios}; dc_fraction {dc}"
         return dict(features), facts, message
+
+
+_BASELINE_VERSION = 1
+
+
+def read_baseline(path: str | Path) -> list[dict[str, float]]:
+    """The accepted calls' level ratios saved in a detector's baseline file, oldest first.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: it is not a baseline this version wrote (not JSON, another layout, a key that is not a skip
+            level, a value that is not a finite number).
+    """
+    try:
+        saved = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not JSON ({error})") from None
+    if not isinstance(saved, dict) or saved.get("version") != _BASELINE_VERSION:
+        raise ValueError(f"expected {{'version': {_BASELINE_VERSION}, 'accepted': [...]}}")
+    accepted = saved.get("accepted")
+    if not isinstance(accepted, list):
+        raise ValueError("'accepted' must be a list of {level key: log10 ratio}")
+    skip_levels = {level_key(level) for level in range(NUM_LEVELS - 1)}
+    for entry in accepted:
+        if not isinstance(entry, dict) or not set(entry) <= skip_levels:
+            raise ValueError(f"an accepted call must map skip level keys to ratios, got {entry!r}")
+        for value in entry.values():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"a ratio must be a finite number, got {value!r}")
+    return [{key: float(value) for key, value in entry.items()} for entry in accepted]
 
 
 def _json(bound: float) -> float | None:
