@@ -4,7 +4,7 @@ import json
 import pytest
 
 from splitunet.evaluation.sweep import FULL_SWEEP, PRESETS, STANDARD_SWEEP, SweepPreset
-from splitunet.evaluation.sweep_report import label_summary, pool_inversions, sweep_markdown
+from splitunet.evaluation.sweep_report import label_summary, pool_inversions, sweep_markdown, tradeoff_points
 from splitunet.tools.deployment import copy_job_with_overrides, find_job, job_filters
 
 
@@ -104,6 +104,25 @@ def test_crops_are_pooled_over_sites_with_a_t_interval_and_a_per_crop_gain():
     assert entry["ssim_brain"]["high"] - entry["ssim_brain"]["mean"] == pytest.approx(4.303 * 0.2 / 3**0.5, abs=1e-6)
     assert entry["gain_brain"]["mean"] == pytest.approx((0.6 + 0.4 + 0.3) / 3)
     assert entry["ssim_prior_brain"] == pytest.approx((0.3 + 0.3 + 0.2) / 3)
+
+
+def test_tradeoff_points_carry_the_seeds_dice_interval_and_the_best_attacks_ssim_interval():
+    def inversion(mean, low, high):
+        return {"ssim_brain": {"mean": mean, "low": low, "high": high, "n": 8}, "ssim_prior_brain": 0.3}
+
+    seeds = {seed: dict.fromkeys(("TC", "WT", "ET"), dice) for seed, dice in (("0", 0.9), ("1", 0.7), ("2", 0.8))}
+    row = {
+        "label": "noise",
+        "attacks": {"100": {"inversion": [inversion(0.5, 0.4, 0.6), inversion(0.7, 0.65, 0.75)]}},
+        "utility": {"dice_by_seed": seeds, "dice_mean": {"TC": 0.8, "WT": 0.8, "ET": 0.8}},
+    }
+    untrained = {"label": "no utility", "attacks": row["attacks"], "utility": None}
+    (point,) = tradeoff_points([row, untrained], "100")
+    assert point["ssim"] == 0.7 and point["ssim_interval"]["low"] == 0.65  # the best attack, with its own interval
+    # Per-seed means 0.9, 0.7, 0.8: mean 0.8, t(2) 4.303 * 0.1 / sqrt(3) either side.
+    assert point["dice"] == pytest.approx(0.8)
+    assert point["dice_interval"]["high"] - 0.8 == pytest.approx(4.303 * 0.1 / 3**0.5)
+    assert tradeoff_points([row], "200") == []
 
 
 def test_label_summary_takes_the_better_attack_and_the_largest_gain():

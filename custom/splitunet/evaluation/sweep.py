@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from splitunet.data.case_keys import read_or_create_secret
 from splitunet.evaluation.leakage import AttackBudget, plot_tradeoff, run_leakage
 from splitunet.evaluation.leakage.captured_run import CapturedRun
 from splitunet.evaluation.leakage.report import auxiliary_phantom, refresh_label_inference
-from splitunet.evaluation.sweep_report import best_pooled, label_summary, pool_inversions, sweep_markdown
+from splitunet.evaluation.sweep_report import label_summary, pool_inversions, sweep_markdown, tradeoff_points
 from splitunet.networks.optimizer import OPTIMIZER_NAME, trained_by_this_optimizer
 from splitunet.tools.demo import DemoSettings, run_demo
 from splitunet.tools.deployment import find_job
@@ -395,19 +394,7 @@ def run_sweep(
             }
         )
         write_json_atomic(summary, out_dir / "sweep.json")
-    first = str(preset.attack_iterations()[0])
-    points = []
-    for row in summary["rows"]:
-        best = best_pooled(row["attacks"][first]["inversion"])
-        if best and row["utility"]:
-            points.append(
-                {
-                    "label": row["label"],
-                    "dice": statistics.fmean(row["utility"]["dice_mean"].values()),
-                    "ssim": best["ssim_brain"]["mean"],
-                    "ssim_prior": best["ssim_prior_brain"],
-                }
-            )
+    points = tradeoff_points(summary["rows"], str(preset.attack_iterations()[0]))
     if points:
         plot_tradeoff(points, out_dir / "tradeoff.png", "Mean Dice (utility study) against the best attack's SSIM")
     summary["elapsed_s"] = round(time.perf_counter() - started, 1)

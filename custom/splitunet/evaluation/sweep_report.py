@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from splitunet.evaluation.intervals import t_interval
 
-__all__ = ["pool_inversions", "best_pooled", "label_summary", "utility_cell", "sweep_markdown"]
+__all__ = ["pool_inversions", "best_pooled", "tradeoff_points", "label_summary", "utility_cell", "sweep_markdown"]
 
 # The attacks whose adaptive variant is listed beside them.
 _SIDE_BY_SIDE = ("white_box", "learned_inverse")
@@ -63,6 +63,36 @@ def pool_inversions(report: Mapping) -> list[dict]:
 def best_pooled(pooled: Sequence[Mapping]) -> Mapping | None:
     """The pooled entry with the highest mean brain-mask SSIM (``None`` when nothing was inverted)."""
     return max(pooled, key=lambda entry: entry["ssim_brain"]["mean"], default=None)
+
+
+def tradeoff_points(rows: Sequence[Mapping], iteration: str) -> list[dict]:
+    """The trade-off figure's points: per sweep row with a utility study and an inversion at ``iteration``, the mean
+    Dice (mean of TC/WT/ET) with its 95 % t interval over the utility study's seeds, and the best attack's mean
+    brain-mask SSIM with its interval over crops.
+
+    Returns:
+        ``{"label", "dice", "dice_interval", "ssim", "ssim_interval", "ssim_prior"}`` per row (an interval is a
+        :func:`t_interval` dict, its bounds NaN with one seed).
+    """
+    points = []
+    for row in rows:
+        best = best_pooled(row["attacks"][iteration]["inversion"]) if iteration in row.get("attacks", {}) else None
+        utility = row.get("utility")
+        if not best or not utility:
+            continue
+        per_seed = [sum(dice.values()) / len(dice) for dice in (utility.get("dice_by_seed") or {}).values() if dice]
+        dice = t_interval(per_seed or [sum(utility["dice_mean"].values()) / len(utility["dice_mean"])])
+        points.append(
+            {
+                "label": row["label"],
+                "dice": dice["mean"],
+                "dice_interval": dice,
+                "ssim": best["ssim_brain"]["mean"],
+                "ssim_interval": best["ssim_brain"],
+                "ssim_prior": best["ssim_prior_brain"],
+            }
+        )
+    return points
 
 
 _VARIANT_DICE = {"plain": "dice", "smoothed": "dice_smoothed", "adaptive": "dice_adaptive"}

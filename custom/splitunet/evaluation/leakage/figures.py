@@ -65,12 +65,23 @@ def plot_reconstruction_grid(
     return path
 
 
+def _error_bar(value: float, interval: Mapping | None) -> list[list[float]] | None:
+    """Matplotlib's ``[[below], [above]]`` for an interval around ``value``; ``None`` without finite bounds."""
+    if not interval:
+        return None
+    low, high = interval.get("low"), interval.get("high")
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
+        return None
+    return [[max(value - low, 0.0)], [max(high - value, 0.0)]]
+
+
 def plot_tradeoff(points: Sequence[Mapping], path: str | Path, title: str = "") -> Path:
     """Save a scatter of task Dice (mean of TC/WT/ET) against the best attack's SSIM, one labelled point per run.
 
     Args:
-        points: ``{"label", "dice", "ssim", "ssim_prior"}`` per run; the prior's SSIM is drawn as a line (an
-            attack at that line learned nothing beyond the mean image).
+        points: ``{"label", "dice", "ssim", "ssim_prior"}`` per run, optionally ``"dice_interval"`` and
+            ``"ssim_interval"`` (``{"low", "high"}``, drawn as error bars where finite); the prior's SSIM is drawn
+            as a line (an attack at that line learned nothing beyond the mean image).
         path: output PNG.
         title: figure title.
     """
@@ -78,7 +89,16 @@ def plot_tradeoff(points: Sequence[Mapping], path: str | Path, title: str = "") 
     path.parent.mkdir(parents=True, exist_ok=True)
     figure, axis = plt.subplots(figsize=(7, 5))
     for point in points:
-        axis.scatter(point["ssim"], point["dice"], s=30)
+        axis.errorbar(
+            point["ssim"],
+            point["dice"],
+            xerr=_error_bar(point["ssim"], point.get("ssim_interval")),
+            yerr=_error_bar(point["dice"], point.get("dice_interval")),
+            fmt="o",
+            markersize=5,
+            capsize=3,
+            elinewidth=1,
+        )
         axis.annotate(
             point["label"], (point["ssim"], point["dice"]), fontsize=7, xytext=(4, 3), textcoords="offset points"
         )
