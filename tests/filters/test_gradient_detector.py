@@ -221,6 +221,14 @@ def test_an_unreadable_baseline_refuses_every_gradient_naming_no_path_and_stays_
     assert detector.refusals == 2 and saved.read_text() == content
 
 
+def test_a_baseline_that_cannot_be_saved_refuses_the_gradient_naming_no_path(tmp_path):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    detector = _drift_detector(baseline_file=str(blocked / "baseline.json"))
+    message = _refusal(detector, _scaled_noise(_HONEST))
+    assert "cannot save its drift baseline" in message and str(tmp_path) not in message
+
+
 def test_outside_flare_a_relative_baseline_stays_in_memory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     detector = _drift_detector()

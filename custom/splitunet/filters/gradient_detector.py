@@ -330,9 +330,17 @@ class GradientDetector(FeatureFilter):
             return
         self._accepted = saved[-self.history :]
 
-    def _save_baseline(self) -> None:
-        if self._baseline_path is not None:
+    def _save_baseline(self, fl_ctx: FLContext) -> None:
+        if self._baseline_path is None:
+            return
+        try:
             write_json_atomic({"version": _BASELINE_VERSION, "accepted": self._accepted}, self._baseline_path)
+        except OSError as error:
+            # Refused, not trained on: a baseline that silently stops being saved is the restart gap again.
+            self.log_error(
+                fl_ctx, f"GradientDetector: cannot save the drift baseline {self._baseline_path}: {error}", False
+            )
+            raise FilterRejection("the site cannot save its drift baseline; its administrator must fix that") from None
 
     def filter_features(self, features: dict[str, torch.Tensor], dxo: DXO, fl_ctx: FLContext):
         if not self._baseline_loaded:
@@ -348,7 +356,7 @@ class GradientDetector(FeatureFilter):
             self.refusals += 1
             raise FilterRejection(f"suspicious gradients (after {self.calls} accepted): {reason}")
         self.accept(stats)
-        self._save_baseline()
+        self._save_baseline(fl_ctx)
         facts = {
             "level_ratio_bounds": {
                 key: [_json(low), _json(high)] for key, (low, high) in self.level_ratio_bounds.items()
