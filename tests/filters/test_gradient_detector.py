@@ -227,6 +227,7 @@ def test_a_baseline_that_cannot_be_saved_refuses_the_gradient_naming_no_path(tmp
     detector = _drift_detector(baseline_file=str(blocked / "baseline.json"))
     message = _refusal(detector, _scaled_noise(_HONEST))
     assert "cannot save its drift baseline" in message and str(tmp_path) not in message
+    assert detector.refusals == 1 and detector.baseline == []
 
 
 def test_outside_flare_a_relative_baseline_stays_in_memory(tmp_path, monkeypatch):

@@ -336,7 +336,10 @@ class GradientDetector(FeatureFilter):
         try:
             write_json_atomic({"version": _BASELINE_VERSION, "accepted": self._accepted}, self._baseline_path)
         except OSError as error:
-            # Refused, not trained on: a baseline that silently stops being saved is the restart gap again.
+            # Refused, not trained on: a baseline that silently stops being saved is the restart gap again. Like
+            # every refusal, it stays out of the baseline and is counted.
+            self._accepted.pop()
+            self.refusals += 1
             self.log_error(
                 fl_ctx, f"GradientDetector: cannot save the drift baseline {self._baseline_path}: {error}", False
             )
