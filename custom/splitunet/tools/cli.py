@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from splitunet.errors import SplitUNetConfigError, SplitUNetDataError
+from splitunet.tools.termination import exit_on_sigterm
 from splitunet.wire.protocol import MODALITIES
 
 __all__ = ["main", "build_parser", "ATTACKS"]
@@ -812,12 +813,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    as_program = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["simulator"]:  # every argument is FLARE's, so argparse must not read them
         from splitunet.flare.simulator_cli import main as simulator_main
 
         simulator_main(argv[1:])  # exits with the simulator's code
         return 0
+    if as_program:  # a `kill` must still stop the simulators and parties it started; a caller's signals stay its own
+        exit_on_sigterm()
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
