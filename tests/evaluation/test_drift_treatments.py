@@ -25,15 +25,57 @@ def _row(key, label, by_seed):
     }
 
 
+def _is_dwcs(key: str) -> bool:
+    from splitunet.evaluation.compare import _BY_KEY
+
+    # fedavg_dwcs carries DWCS in its job (fedavg_unet_dwcs), the others in their options.
+    return key == "fedavg_dwcs" or "dwcs" in _BY_KEY[key].options
+
+
 def test_every_treatment_is_paired_with_a_plain_row_of_its_own_topology():
     from splitunet.evaluation.compare import _BY_KEY
 
+    against_plain = [(plain, treated) for plain, treated in DRIFT_TREATMENTS if not _BY_KEY[plain].options]
     for plain, treated in DRIFT_TREATMENTS:
         assert _BY_KEY[plain].kind == _BY_KEY[treated].kind
-        assert not _BY_KEY[plain].options and _BY_KEY[treated].options.keys() <= {"dwcs", "fedprox"}
+        assert _BY_KEY[treated].options.keys() <= {"dwcs", "fedprox"}
     # Every DWCS and FedProx row of the comparison has its pair (fedavg_dwcs carries DWCS in its job, not options).
     treated = {key for key, topology in _BY_KEY.items() if {"dwcs", "fedprox"} & topology.options.keys()}
-    assert treated | {"fedavg_dwcs"} == {t for _, t in DRIFT_TREATMENTS}
+    assert treated | {"fedavg_dwcs"} == {t for _, t in against_plain}
+
+
+def test_dwcs_is_also_set_against_fedprox_wherever_both_rows_exist():
+    from splitunet.evaluation.compare import _BY_KEY
+
+    against_fedprox = {(plain, treated) for plain, treated in DRIFT_TREATMENTS if _BY_KEY[plain].options}
+    expected = {
+        (fedprox, dwcs)
+        for fedprox, fedprox_row in _BY_KEY.items()
+        if "fedprox" in fedprox_row.options
+        for dwcs, dwcs_row in _BY_KEY.items()
+        if _is_dwcs(dwcs) and dwcs_row.kind == fedprox_row.kind
+    }
+    assert against_fedprox == expected and len(expected) == 2
+    # After the treatments against plain rows, so each table reads "does it help?" before "which of the two?".
+    keys = list(DRIFT_TREATMENTS)
+    assert all(keys.index(pair) >= len(keys) - len(expected) for pair in expected)
+
+
+def test_dwcs_against_fedprox_is_dwcs_minus_fedprox_and_rendered_after_the_plain_pairs():
+    rows = [
+        _row("splitfed", "SplitFed", {0: (0.5, 0.5, 0.5), 1: (0.5, 0.5, 0.5), 2: (0.5, 0.5, 0.5)}),
+        _row("splitfed_dwcs", "SplitFed + DWCS", {0: (0.6, 0.6, 0.6), 1: (0.62, 0.62, 0.62), 2: (0.61, 0.61, 0.61)}),
+        _row("splitfed_fedprox", "SplitFed + FedProx", {0: (0.7, 0.7, 0.7), 1: (0.7, 0.7, 0.7), 2: (0.7, 0.7, 0.7)}),
+    ]
+    entries = treatment_differences(rows)
+    assert [(e["plain"], e["treated"]) for e in entries] == [
+        ("splitfed", "splitfed_dwcs"),
+        ("splitfed", "splitfed_fedprox"),
+        ("splitfed_fedprox", "splitfed_dwcs"),
+    ]
+    assert entries[-1]["difference"]["mean"] == pytest.approx(t_interval([-0.1, -0.08, -0.09]))
+    last = treatment_markdown(entries).splitlines()[-1]
+    assert last.startswith("| SplitFed + DWCS | SplitFed + FedProx | 0, 1, 2 |") and last.endswith("| hurts |")
 
 
 def test_the_difference_is_treated_minus_plain_over_the_seeds_both_ran():

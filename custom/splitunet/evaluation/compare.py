@@ -65,7 +65,8 @@ wall seconds per iteration (the whole run, simulator start-up and validation inc
 rounds, and HD95 per region (:mod:`splitunet.region_scores`, mean over seeds); for the DP rows the epsilon spent per
 data holder (each FedAvg hospital, each vertical site), the largest over holders and seeds, at the delta of the
 job's own rule (``min(1e-5, 1/(10 N))``, docs/dp.md), also reported. Below the table, each drift treatment (DWCS,
-FedProx) against its own topology's plain row, paired by seed (:mod:`splitunet.evaluation.drift_treatments`).
+FedProx) against its own topology's plain row, and DWCS against FedProx, paired by seed
+(:mod:`splitunet.evaluation.drift_treatments`).
 
 Each run keeps its folder, ``seed<s>/<topology>/``, with the runner's ``results.json`` and ``compare_run.json`` (the
 row's figures and the settings they were measured under); a rerun with the same out folder and settings reuses
@@ -1115,8 +1116,9 @@ def summarise_compare(
 ) -> dict:
     """Per topology: Dice per seed and their mean, the paired difference to the first topology with its 95 %
     interval, upload bytes and wall seconds per iteration, rounds; and each drift treatment's paired difference to
-    its own topology's plain row (``drift_treatments``, :mod:`splitunet.evaluation.drift_treatments`), and each
-    DP-SGD row's to the same topology without DP (``dp_costs``).
+    its own topology's plain row and DWCS's to FedProx (``drift_treatments``,
+    :mod:`splitunet.evaluation.drift_treatments`), and each DP-SGD row's to the same topology without DP
+    (``dp_costs``).
 
     Args:
         settings: the study's settings (rows in ``settings.topologies`` order; the first is the reference).

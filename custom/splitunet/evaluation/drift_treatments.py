@@ -1,6 +1,6 @@
 """Each drift treatment against its own topology's plain averaging, paired by seed: the comparison's answer to "does
-DWCS (or FedProx) help here?"; and, the same way, each DP-SGD row against its topology without DP ("what does DP-SGD
-cost?").
+DWCS (or FedProx) help here?", and DWCS against FedProx on the same topology ("which of the two?"); and, the same
+way, each DP-SGD row against its topology without DP ("what does DP-SGD cost?").
 
 The comparison's main table measures every row against the float32 vertical reference. That difference says how far
 a topology is from the reference, not whether a treatment helps the topology it treats: SplitFed + DWCS minus the
@@ -20,13 +20,16 @@ from splitunet.evaluation.utility import REGIONS, _interval_cell, _mean_dice
 
 __all__ = ["DRIFT_TREATMENTS", "DP_TREATMENTS", "treatment_differences", "treatment_markdown"]
 
-# (plain row, treated row): every averaging topology's treatments against its own plain FedAvg-weighted averaging.
+# (plain row, treated row): every averaging topology's treatments against its own plain FedAvg-weighted averaging,
+# then DWCS against FedProx on the same topology (the ablation DWCS is measured by: which of the two corrections).
 DRIFT_TREATMENTS: tuple[tuple[str, str], ...] = (
     ("splitfed", "splitfed_dwcs"),
     ("splitfed", "splitfed_fedprox"),
     ("fedavg", "fedavg_dwcs"),
     ("fedavg", "fedprox"),
     ("u_shape", "u_shape_dwcs"),
+    ("splitfed_fedprox", "splitfed_dwcs"),
+    ("fedprox", "fedavg_dwcs"),
 )
 # (row without DP, row with DP-SGD): the Dice cost of each epsilon, on the same patients and initialisation.
 DP_TREATMENTS: tuple[tuple[str, str], ...] = (
@@ -36,9 +39,9 @@ DP_TREATMENTS: tuple[tuple[str, str], ...] = (
     ("split_unet", "split_unet_dp_eps3"),
 )
 _DRIFT_INTRO = (
-    "Each drift treatment against its own topology's plain averaging, paired by seed (treated minus plain, Dice "
-    "points, mean over seeds [95 % t interval]); the verdict reads the mean-Dice interval: 'helps' or 'hurts' "
-    "only where it excludes 0."
+    "Each drift treatment against its own topology's plain averaging, then DWCS against FedProx on the same "
+    "topology, paired by seed (the treatment minus the row it is set against, Dice points, mean over seeds [95 % t "
+    "interval]); the verdict reads the mean-Dice interval: 'helps' or 'hurts' only where it excludes 0."
 )
 
 

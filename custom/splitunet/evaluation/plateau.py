@@ -13,9 +13,9 @@ end, or its end against its half-budget point, carries that noise once or twice.
   change (:func:`splitunet.evaluation.budget_change.settle_verdict`): *settled* when the whole interval lies within
   ``±tolerance``, *still rising*/*still falling* when it excludes 0, *not shown either way* otherwise.
 
-Each drift treatment (DWCS, FedProx) is read over the same window, paired with its plain row by seed
-(:func:`splitunet.evaluation.drift_treatments.treatment_differences` on the runs' levels): the treatment's effect on
-where the runs level off, with the end point's scoring noise averaged out.
+Each drift treatment (DWCS, FedProx) is read over the same window, paired with its plain row by seed, and DWCS
+with FedProx (:func:`splitunet.evaluation.drift_treatments.treatment_differences` on the runs' levels): the
+treatment's effect on where the runs level off, with the end point's scoring noise averaged out.
 
 DP-SGD rows are not read: their noise is calibrated for the whole budget, so a window of their curve is not the
 level a longer budget at the same epsilon would reach.
@@ -146,9 +146,10 @@ def plateau_reading(report: Mapping, start: int | None = None, tolerance: float 
 
 
 _WINDOW_TREATMENT_INTRO = (
-    "Each drift treatment against its own topology's plain averaging over the same window: each run's level, paired "
-    "by seed (treated minus plain, Dice points, mean over seeds [95 % t interval]); 'helps' or 'hurts' only where "
-    "the mean-Dice interval excludes 0."
+    "Each drift treatment against its own topology's plain averaging, then DWCS against FedProx on the same "
+    "topology, over the same window: each run's level, paired by seed (the treatment minus the row it is set "
+    "against, Dice points, mean over seeds [95 % t interval]); 'helps' or 'hurts' only where the mean-Dice interval "
+    "excludes 0."
 )
 
 
